@@ -1,0 +1,5 @@
+pub mod domain;
+pub mod ingest;
+pub mod sources;
+pub mod store;
+pub mod templates;

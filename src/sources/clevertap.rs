@@ -1,0 +1,127 @@
+//! CleverTap webhooks: the default body (`targetId`, `key_values`, `profiles`) in both key casings, with
+//! `profiles` as an array (broadcast) or one object (non-broadcast), and the creation ping (`"is_test": true`).
+//!
+//! Template variables mirror CleverTap's own Liquid: `Profile.<key>` (Email, Identity, Name, Phone, ObjectId and
+//! every profileData key as sent, spaces included), `Event.<key>` (event_properties), `Campaign.id` (targetId),
+//! `KeyValues.<key>` (campaign key_values), and `body` (the raw profile). `$D_<epoch seconds>` dates become ISO-8601.
+
+use super::{Item, Parsed, get_ci};
+use crate::domain::FieldError;
+use crate::domain::timestamp::from_epoch;
+use crate::templates::context::{Ctx, CtxObject};
+use chrono::SecondsFormat;
+use serde_json::{Map, Value, json};
+
+/// Top-level profile fields CleverTap sends, with the names its Liquid uses for them.
+const PROFILE_FIELDS: &[(&str, &str)] = &[
+    ("email", "Email"),
+    ("identity", "Identity"),
+    ("name", "Name"),
+    ("phone", "Phone"),
+    ("objectId", "ObjectId"),
+    ("all_identities", "All_identities"),
+    ("push_token", "Push_token"),
+];
+
+pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
+    let Value::Object(root) = body else {
+        return Err(FieldError::invalid("body", "a CleverTap webhook body must be a JSON object with `profiles`"));
+    };
+    if get_ci(root, "is_test").is_some_and(is_true) {
+        return Ok(Parsed::Ping);
+    }
+    let profiles: Vec<&Value> = match get_ci(root, "profiles") {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(obj @ Value::Object(_)) => vec![obj],
+        Some(_) => return Err(FieldError::invalid("profiles", "profiles must be an array or an object")),
+        None => return Err(FieldError::missing("profiles", "a CleverTap webhook body needs `profiles`")),
+    };
+    let target_id = get_ci(root, "targetId").cloned().unwrap_or(Value::Null);
+    let campaign_kv = get_ci(root, "key_values").cloned().unwrap_or(Value::Null);
+    let items = profiles
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| profile_item(p, &target_id, &campaign_kv).map_err(|e| e.under(&format!("profiles[{i}]"))))
+        .collect();
+    Ok(Parsed::Items(items))
+}
+
+fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value) -> Result<Item, FieldError> {
+    let Value::Object(p) = profile else {
+        return Err(FieldError::invalid("", "each profile must be a JSON object"));
+    };
+    let mut prof = CtxObject::new();
+    if let Some(Value::Object(data)) = get_ci(p, "profileData") {
+        insert_all(&mut prof, data);
+    }
+    for (sent, canonical) in PROFILE_FIELDS {
+        if let Some(v) = get_ci(p, sent) {
+            let v = Ctx::from_json_with(v, &ct_date);
+            prof.insert(*canonical, v.clone());
+            prof.insert_missing(sent, v);
+        }
+    }
+    if let Some(Value::Object(sys)) = get_ci(p, "systemProfileData") {
+        for (k, v) in sys {
+            prof.insert_missing(k, Ctx::from_json_with(v, &ct_date));
+        }
+    }
+    let event = match get_ci(p, "event_properties") {
+        Some(Value::Object(e)) => CtxObject::from_json_with(e, &ct_date),
+        _ => CtxObject::new(),
+    };
+    let kv = match get_ci(p, "key_values") {
+        Some(v @ Value::Object(_)) => v,
+        _ => campaign_kv,
+    };
+    let mut campaign = CtxObject::new();
+    campaign.insert("id", Ctx::from_json(target_id));
+    let mut ctx = CtxObject::new();
+    ctx.insert("Profile", Ctx::Object(prof));
+    ctx.insert("Event", Ctx::Object(event));
+    ctx.insert("Campaign", Ctx::Object(campaign));
+    ctx.insert("KeyValues", match kv {
+        Value::Object(o) => Ctx::Object(CtxObject::from_json(o)),
+        _ => Ctx::Object(CtxObject::new()),
+    });
+    ctx.insert("body", Ctx::from_json_with(profile, &ct_date));
+    ctx.insert("targetId", Ctx::from_json(target_id));
+    let seed = json!({"targetId": target_id, "profile": profile}).to_string();
+    Ok(Item { ctx, seed })
+}
+
+fn insert_all(obj: &mut CtxObject, data: &Map<String, Value>) {
+    for (k, v) in data {
+        obj.insert(k.clone(), Ctx::from_json_with(v, &ct_date));
+    }
+}
+
+/// CleverTap sends dates as `$D_<epoch seconds>`; templates and Heap get ISO-8601 UTC.
+pub fn ct_date(s: &str) -> Option<String> {
+    let secs: f64 = s.strip_prefix("$D_")?.parse().ok()?;
+    from_epoch(secs).map(|dt| dt.to_rfc3339_opts(SecondsFormat::Secs, true))
+}
+
+fn is_true(v: &Value) -> bool {
+    matches!(v, Value::Bool(true)) || matches!(v, Value::String(s) if s.eq_ignore_ascii_case("true"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_convert_and_other_strings_do_not() {
+        assert_eq!(ct_date("$D_1731956100").as_deref(), Some("2024-11-18T18:55:00Z"));
+        assert_eq!(ct_date("$D_x"), None);
+        assert_eq!(ct_date("D_1"), None);
+    }
+
+    #[test]
+    fn a_single_profile_object_is_one_item_and_the_ping_is_recognised() {
+        let body = json!({"targetId": 1, "profiles": {"Identity": "u"}});
+        assert!(matches!(parse(&body).unwrap(), Parsed::Items(v) if v.len() == 1));
+        assert!(matches!(parse(&json!({"Is_Test": true, "profiles": []})).unwrap(), Parsed::Ping));
+        assert_eq!(parse(&json!({"targetId": 1})).unwrap_err().field, "profiles");
+    }
+}

@@ -1,0 +1,93 @@
+//! Source adapters: turn one webhook body into items, each with the template context it renders against.
+//!
+//! An adapter knows its vendor's body shapes (both CleverTap casings, Segment's batch forms, ...) and nothing about
+//! Heap; the template decides what each item becomes.
+
+pub mod clevertap;
+pub mod heap;
+pub mod segment;
+pub mod userpilot;
+
+use crate::domain::FieldError;
+use crate::templates::context::CtxObject;
+use serde_json::Value;
+
+/// The routes under `/hooks/{source}`. Heap-compatible ingest (`/api/track`) is not templated and lives in `heap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    CleverTap,
+    Userpilot,
+    Segment,
+}
+
+impl Source {
+    pub const ALL: [Source; 3] = [Source::CleverTap, Source::Userpilot, Source::Segment];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::CleverTap => "clevertap",
+            Source::Userpilot => "userpilot",
+            Source::Segment => "segment",
+        }
+    }
+}
+
+/// Options an adapter reads from configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceOptions {
+    /// Segment: use `anonymousId` as the identity when `userId` is missing.
+    pub allow_anonymous: bool,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self { allow_anonymous: true }
+    }
+}
+
+/// One thing in a body that may become Heap calls: a CleverTap profile, a Segment message, a Userpilot event.
+#[derive(Debug)]
+pub struct Item {
+    /// What the template sees.
+    pub ctx: CtxObject,
+    /// The item's own body as canonical JSON; hashed into the idempotency key when the sender gives no message id.
+    pub seed: String,
+}
+
+/// What an adapter made of a body.
+#[derive(Debug)]
+pub enum Parsed {
+    /// A vendor's connection test (CleverTap's `"is_test": true`): answer 200, send nothing.
+    Ping,
+    /// The items, in order; an item that is unusable on its own is an `Err` naming its field.
+    Items(Vec<Result<Item, FieldError>>),
+}
+
+pub fn parse(source: Source, body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError> {
+    match source {
+        Source::CleverTap => clevertap::parse(body),
+        Source::Userpilot => userpilot::parse(body),
+        Source::Segment => segment::parse(body, options),
+    }
+}
+
+/// Looks a key up exactly, then ignoring ASCII case (vendors change key casing between versions).
+pub(crate) fn get_ci<'a>(obj: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).or_else(|| obj.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v))
+}
+
+/// One body or a list of bodies: a JSON array, or an object holding the array under `key`.
+pub(crate) fn as_list<'a>(body: &'a Value, key: &str) -> Option<Vec<&'a Value>> {
+    match body {
+        Value::Array(a) => Some(a.iter().collect()),
+        Value::Object(o) => match get_ci(o, key) {
+            Some(Value::Array(a)) => Some(a.iter().collect()),
+            _ => None,
+        },
+        _ => None,
+    }
+}

@@ -1,0 +1,203 @@
+//! The durable queue and delivery log. Ingest appends a raw body with the events rendered from it in one
+//! transaction; delivery workers claim ready events under a lease, and record every attempt.
+//!
+//! Schema and claim protocol are plain SQL (rows for events and attempts; a claim sets an owner, an expiry and a
+//! fencing token) so that a PostgreSQL backend can follow the same protocol with `FOR UPDATE SKIP LOCKED`.
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use crate::domain::CallKind;
+use serde::Serialize;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+pub fn now_ms() -> Millis {
+    chrono::Utc::now().timestamp_millis()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Accepted, waiting for its first attempt.
+    Pending,
+    /// At least one attempt failed; another is scheduled.
+    Retrying,
+    Delivered,
+    /// Heap refused it for good, or the retry window ran out. Kept with Heap's answer; replayable.
+    Dead,
+    /// Refused at ingest (validation or template); kept with the reason so a re-render can repair it.
+    Rejected,
+    /// Superseded by a re-rendered copy.
+    Replaced,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] =
+        [Status::Pending, Status::Retrying, Status::Delivered, Status::Dead, Status::Rejected, Status::Replaced];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Retrying => "retrying",
+            Status::Delivered => "delivered",
+            Status::Dead => "dead",
+            Status::Rejected => "rejected",
+            Status::Replaced => "replaced",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// One event to store, already validated and serialised as the element of Heap's bulk array.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_id: String,
+    pub item_index: i64,
+    pub kind: CallKind,
+    pub app_id: String,
+    pub identity: String,
+    pub idempotency_key: Option<String>,
+    pub payload: String,
+}
+
+/// An item refused at ingest, logged so the operator can find it and a re-render can repair it.
+#[derive(Debug, Clone)]
+pub struct NewRejection {
+    pub event_id: String,
+    pub item_index: i64,
+    pub field: String,
+    pub message: String,
+}
+
+/// One request's worth of work, written in one transaction.
+#[derive(Debug, Clone)]
+pub struct Ingested {
+    pub source: String,
+    pub template: String,
+    pub body: Vec<u8>,
+    pub received_at: Millis,
+    pub events: Vec<NewEvent>,
+    pub rejections: Vec<NewRejection>,
+    /// When this re-renders a stored body, the body's row id (no new raw row is written).
+    pub replay_of_raw: Option<i64>,
+}
+
+/// An event leased to a worker.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub event_id: String,
+    pub kind: CallKind,
+    pub app_id: String,
+    pub identity: String,
+    pub payload: String,
+    pub attempts: i64,
+    pub enqueued_at: Millis,
+    pub lease_token: i64,
+}
+
+/// What became of one event after an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    Delivered,
+    Retry { at: Millis },
+    Dead,
+    /// Not attempted (rate limit, shutdown): back to the queue at `at`, attempt count unchanged.
+    Release { at: Millis },
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub id: i64,
+    pub lease_token: i64,
+    pub at: Millis,
+    pub http_status: Option<u16>,
+    pub latency_ms: i64,
+    pub error: Option<String>,
+    pub batch_size: i64,
+    pub resolution: Resolution,
+}
+
+/// Filters for the delivery log.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub status: Option<Status>,
+    pub source: Option<String>,
+    pub since: Option<Millis>,
+    pub until: Option<Millis>,
+    pub limit: i64,
+}
+
+/// Which events a replay re-sends.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    Id(String),
+    Status(Status),
+    Range { from: Millis, to: Millis, status: Option<Status> },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptView {
+    pub at: String,
+    pub http_status: Option<u16>,
+    pub latency_ms: i64,
+    pub batch_size: i64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventView {
+    pub id: String,
+    pub status: &'static str,
+    pub source: String,
+    pub template: String,
+    pub kind: &'static str,
+    pub app_id: String,
+    pub identity: String,
+    pub idempotency_key: Option<String>,
+    pub item_index: i64,
+    pub attempts: i64,
+    pub received_at: String,
+    pub updated_at: String,
+    pub next_attempt_at: Option<String>,
+    pub last_error: Option<String>,
+    pub payload: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt_log: Option<Vec<AttemptView>>,
+}
+
+/// Queue figures for /metrics and /readyz.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueStats {
+    pub ready_or_waiting: i64,
+    pub oldest_pending_ms: Option<Millis>,
+    pub dead: i64,
+    pub db_bytes: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot take more: the configured size limit or the disk is full. Answer 503 with Retry-After.
+    #[error("the store is full: {0}")]
+    Full(String),
+    #[error("the store's writer has stopped")]
+    Closed,
+    #[error("not found")]
+    NotFound,
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub fn iso(ms: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
