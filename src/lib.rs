@@ -1,5 +1,29 @@
+//! heap-relay: takes webhooks from CleverTap, Userpilot and Segment-spec pipelines, turns them into Heap calls
+//! through user-editable Liquid templates, stores them durably and delivers them to Heap with retries.
+//!
+//! The path of an event, one module per step:
+//! - `routes`: HTTP in (`/hooks/{source}`, `/api/track`, admin, health, metrics); thin handlers.
+//! - `intake`: body → pipeline → one durable write → summary.
+//! - `ingest`: the pure pipeline: `sources` (vendor body shapes) → `templates` (Liquid, one leaf at a time) →
+//!   `domain` (types that only hold values Heap accepts).
+//! - `store`: the SQLite queue and delivery log (group commit, leases).
+//! - `delivery`: workers that batch, send, classify (`policy`) and rate-limit.
+//! - `replay`: re-send or re-render stored events.
+//! - `settings`, `telemetry`, `metrics`, `error`, `startup`, `cli`, `commands`: plumbing.
+
+pub mod cli;
+pub mod commands;
+pub mod delivery;
 pub mod domain;
+pub mod error;
 pub mod ingest;
+pub mod intake;
+pub mod metrics;
+pub mod replay;
+pub mod routes;
+pub mod settings;
 pub mod sources;
+pub mod startup;
 pub mod store;
+pub mod telemetry;
 pub mod templates;

@@ -17,13 +17,21 @@ pub fn parse(body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError
     let (messages, batch_context) = match body {
         Value::Object(o) if get_ci(o, "batch").is_some() => {
             let Some(list) = as_list(body, "batch") else {
-                return Err(FieldError::invalid("batch", "batch must be an array of messages"));
+                return Err(FieldError::invalid(
+                    "batch",
+                    "batch must be an array of messages",
+                ));
             };
             (list, get_ci(o, "context").and_then(Value::as_object))
         }
         Value::Object(_) => (vec![body], None),
         Value::Array(a) => (a.iter().collect(), None),
-        _ => return Err(FieldError::invalid("body", "a Segment-spec body must be a message, {\"batch\": [...]} or an array")),
+        _ => {
+            return Err(FieldError::invalid(
+                "body",
+                "a Segment-spec body must be a message, {\"batch\": [...]} or an array",
+            ));
+        }
     };
     let prefix = match body {
         Value::Object(o) if get_ci(o, "batch").is_some() => "batch",
@@ -33,29 +41,51 @@ pub fn parse(body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError
     let items = messages
         .into_iter()
         .enumerate()
-        .map(|(i, m)| message_item(m, batch_context, options).map_err(|e| e.under(&format!("{prefix}[{i}]"))))
+        .map(|(i, m)| {
+            message_item(m, batch_context, options).map_err(|e| e.under(&format!("{prefix}[{i}]")))
+        })
         .collect();
     Ok(Parsed::Items(items))
 }
 
-fn message_item(msg: &Value, batch_context: Option<&Map<String, Value>>, options: &SourceOptions) -> Result<Item, FieldError> {
+fn message_item(
+    msg: &Value,
+    batch_context: Option<&Map<String, Value>>,
+    options: &SourceOptions,
+) -> Result<Item, FieldError> {
     let Value::Object(m) = msg else {
-        return Err(FieldError::invalid("", "each message must be a JSON object"));
+        return Err(FieldError::invalid(
+            "",
+            "each message must be a JSON object",
+        ));
     };
     let kind = match get_ci(m, "type") {
         Some(Value::String(t)) if !t.trim().is_empty() => t.trim().to_ascii_lowercase(),
-        _ => return Err(FieldError::missing("type", "a Segment-spec message needs `type` (track, page, screen, identify, ...)")),
+        _ => {
+            return Err(FieldError::missing(
+                "type",
+                "a Segment-spec message needs `type` (track, page, screen, identify, ...)",
+            ));
+        }
     };
     let mut merged = m.clone();
     if let Some(bc) = batch_context {
-        let own = merged.get("context").and_then(Value::as_object).cloned().unwrap_or_default();
+        let own = merged
+            .get("context")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
         let mut context = bc.clone();
         context.extend(own);
         merged.insert("context".into(), Value::Object(context));
     }
-    let user_id = ["userId", "userID", "user_id"].iter().find_map(|k| non_empty(merged.get(*k)));
+    let user_id = ["userId", "userID", "user_id"]
+        .iter()
+        .find_map(|k| non_empty(merged.get(*k)));
     let anonymous_id = non_empty(get_ci(&merged, "anonymousId"));
-    let identity = user_id.clone().or_else(|| anonymous_id.clone().filter(|_| options.allow_anonymous));
+    let identity = user_id
+        .clone()
+        .or_else(|| anonymous_id.clone().filter(|_| options.allow_anonymous));
 
     let mut ctx = CtxObject::from_json(&merged);
     ctx.insert("type", Ctx::str(kind.clone()));
@@ -75,7 +105,10 @@ fn message_item(msg: &Value, batch_context: Option<&Map<String, Value>>, options
     if let Some(e) = heap_event {
         ctx.insert("heap_event", Ctx::from_json(&e));
     }
-    let mut props = get_ci(&merged, "properties").and_then(Value::as_object).cloned().unwrap_or_default();
+    let mut props = get_ci(&merged, "properties")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
     if kind == "page" || kind == "screen" {
         if let Some(n) = name {
             props.entry("name").or_insert(n);
@@ -86,7 +119,11 @@ fn message_item(msg: &Value, batch_context: Option<&Map<String, Value>>, options
     }
     ctx.insert("heap_properties", Ctx::Object(CtxObject::from_json(&props)));
     let mut traits = get_ci(&merged, "traits")
-        .or_else(|| get_ci(&merged, "context").and_then(Value::as_object).and_then(|c| get_ci(c, "traits")))
+        .or_else(|| {
+            get_ci(&merged, "context")
+                .and_then(Value::as_object)
+                .and_then(|c| get_ci(c, "traits"))
+        })
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
@@ -94,7 +131,10 @@ fn message_item(msg: &Value, batch_context: Option<&Map<String, Value>>, options
         traits.entry("anonymous_id").or_insert(Value::String(a));
     }
     ctx.insert("heap_traits", Ctx::Object(CtxObject::from_json(&traits)));
-    Ok(Item { ctx, seed: msg.to_string() })
+    Ok(Item {
+        ctx,
+        seed: msg.to_string(),
+    })
 }
 
 /// A user id counts when it is a non-empty string or a number.
@@ -128,7 +168,11 @@ mod tests {
 
     #[test]
     fn a_message_without_type_is_an_item_error_naming_its_index() {
-        let Parsed::Items(v) = parse(&json!({"batch": [{"event": "E"}]}), &SourceOptions::default()).unwrap() else {
+        let Parsed::Items(v) = parse(
+            &json!({"batch": [{"event": "E"}]}),
+            &SourceOptions::default(),
+        )
+        .unwrap() else {
             panic!("expected items")
         };
         assert_eq!(v[0].as_ref().unwrap_err().field, "batch[0].type");

@@ -35,8 +35,14 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 6] =
-        [Status::Pending, Status::Retrying, Status::Delivered, Status::Dead, Status::Rejected, Status::Replaced];
+    pub const ALL: [Status; 6] = [
+        Status::Pending,
+        Status::Retrying,
+        Status::Delivered,
+        Status::Dead,
+        Status::Rejected,
+        Status::Replaced,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -93,6 +99,7 @@ pub struct Ingested {
 pub struct Claimed {
     pub id: i64,
     pub event_id: String,
+    pub source: String,
     pub kind: CallKind,
     pub app_id: String,
     pub identity: String,
@@ -106,22 +113,36 @@ pub struct Claimed {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resolution {
     Delivered,
-    Retry { at: Millis },
+    Retry {
+        at: Millis,
+    },
     Dead,
     /// Not attempted (rate limit, shutdown): back to the queue at `at`, attempt count unchanged.
-    Release { at: Millis },
+    Release {
+        at: Millis,
+    },
 }
 
+/// One HTTP attempt that carried an event.
+#[derive(Debug, Clone)]
+pub struct AttemptLog {
+    pub at: Millis,
+    pub http_status: Option<u16>,
+    pub latency_ms: i64,
+    pub batch_size: i64,
+    pub error: Option<String>,
+}
+
+/// Everything one delivery round did to one event: its attempts (a batch split to isolate a bad event makes
+/// several) and where it ends up.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
     pub id: i64,
     pub lease_token: i64,
-    pub at: Millis,
-    pub http_status: Option<u16>,
-    pub latency_ms: i64,
-    pub error: Option<String>,
-    pub batch_size: i64,
+    pub attempts: Vec<AttemptLog>,
     pub resolution: Resolution,
+    /// Heap's answer or the transport error, kept as the event's `last_error`.
+    pub error: Option<String>,
 }
 
 /// Filters for the delivery log.
@@ -139,7 +160,11 @@ pub struct Query {
 pub enum Selector {
     Id(String),
     Status(Status),
-    Range { from: Millis, to: Millis, status: Option<Status> },
+    Range {
+        from: Millis,
+        to: Millis,
+        status: Option<Status>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -68,11 +68,27 @@ pub struct SqliteOptions {
 
 enum Cmd {
     Append(Ingested, oneshot::Sender<Result<(), StoreError>>),
-    Claim { owner: String, now: Millis, lease_ms: i64, limit: i64, paused: Vec<String>, reply: oneshot::Sender<Result<Vec<Claimed>, StoreError>> },
-    Record(Vec<AttemptRecord>, oneshot::Sender<Result<usize, StoreError>>),
+    Claim {
+        owner: String,
+        now: Millis,
+        lease_ms: i64,
+        limit: i64,
+        paused: Vec<String>,
+        reply: oneshot::Sender<Result<Vec<Claimed>, StoreError>>,
+    },
+    Record(
+        Vec<AttemptRecord>,
+        oneshot::Sender<Result<usize, StoreError>>,
+    ),
     Requeue(Selector, Millis, oneshot::Sender<Result<i64, StoreError>>),
-    Release { owner: String, reply: oneshot::Sender<Result<usize, StoreError>> },
-    Prune { before: Millis, reply: oneshot::Sender<Result<usize, StoreError>> },
+    Release {
+        owner: String,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
+    Prune {
+        before: Millis,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
 }
 
 /// The store handle; cheap to clone.
@@ -85,7 +101,9 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -110,20 +128,36 @@ impl SqliteStore {
         let (tx, rx) = mpsc::sync_channel::<Cmd>(4096);
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || Writer { conn: writer, options }.run(rx))?;
-        Ok(Self { tx, reader: Arc::new(Mutex::new(reader)), path: path.to_owned() })
+            .spawn(move || {
+                Writer {
+                    conn: writer,
+                    options,
+                }
+                .run(rx)
+            })?;
+        Ok(Self {
+            tx,
+            reader: Arc::new(Mutex::new(reader)),
+            path: path.to_owned(),
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Cmd) -> Result<T, StoreError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Cmd,
+    ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         let tx = self.tx.clone();
         let cmd = make(reply);
         // The channel is bounded; a full channel means the writer is far behind, and waiting is the right answer.
-        tokio::task::spawn_blocking(move || tx.send(cmd)).await.map_err(|_| StoreError::Closed)?.map_err(|_| StoreError::Closed)?;
+        tokio::task::spawn_blocking(move || tx.send(cmd))
+            .await
+            .map_err(|_| StoreError::Closed)?
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -134,9 +168,24 @@ impl SqliteStore {
 
     /// Leases up to `limit` ready events (oldest first) to `owner` until `now + lease_ms`. Events of `paused`
     /// app_ids are left alone.
-    pub async fn claim(&self, owner: &str, now: Millis, lease_ms: i64, limit: i64, paused: Vec<String>) -> Result<Vec<Claimed>, StoreError> {
+    pub async fn claim(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_ms: i64,
+        limit: i64,
+        paused: Vec<String>,
+    ) -> Result<Vec<Claimed>, StoreError> {
         let owner = owner.to_owned();
-        self.call(|reply| Cmd::Claim { owner, now, lease_ms, limit, paused, reply }).await
+        self.call(|reply| Cmd::Claim {
+            owner,
+            now,
+            lease_ms,
+            limit,
+            paused,
+            reply,
+        })
+        .await
     }
 
     /// Records attempts and their outcomes. A record whose lease token is stale (the lease expired and another
@@ -162,7 +211,10 @@ impl SqliteStore {
         self.call(|reply| Cmd::Prune { before, reply }).await
     }
 
-    async fn read<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
             let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
@@ -186,13 +238,17 @@ impl SqliteStore {
     }
 
     /// The raw bodies behind the selected events, for a re-render: (raw id, source, template, received_at, body).
-    pub async fn raw_bodies(&self, selector: Selector) -> Result<Vec<(i64, String, String, Millis, Vec<u8>)>, StoreError> {
+    pub async fn raw_bodies(
+        &self,
+        selector: Selector,
+    ) -> Result<Vec<(i64, String, String, Millis, Vec<u8>)>, StoreError> {
         self.read(move |c| raw_bodies(c, &selector)).await
     }
 
     /// Checks that the database answers (for /readyz).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?)).await
+        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
     }
 }
 
@@ -203,15 +259,30 @@ struct Writer {
 
 /// A command's answer, held until its transaction commits.
 enum Reply {
-    Unit(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
-    Claimed(oneshot::Sender<Result<Vec<Claimed>, StoreError>>, Result<Vec<Claimed>, StoreError>),
-    Count(oneshot::Sender<Result<usize, StoreError>>, Result<usize, StoreError>),
-    Long(oneshot::Sender<Result<i64, StoreError>>, Result<i64, StoreError>),
+    Unit(
+        oneshot::Sender<Result<(), StoreError>>,
+        Result<(), StoreError>,
+    ),
+    Claimed(
+        oneshot::Sender<Result<Vec<Claimed>, StoreError>>,
+        Result<Vec<Claimed>, StoreError>,
+    ),
+    Count(
+        oneshot::Sender<Result<usize, StoreError>>,
+        Result<usize, StoreError>,
+    ),
+    Long(
+        oneshot::Sender<Result<i64, StoreError>>,
+        Result<i64, StoreError>,
+    ),
 }
 
 impl Reply {
     fn send(self, commit: &Result<(), String>) {
-        fn after<T>(r: Result<T, StoreError>, commit: &Result<(), String>) -> Result<T, StoreError> {
+        fn after<T>(
+            r: Result<T, StoreError>,
+            commit: &Result<(), String>,
+        ) -> Result<T, StoreError> {
             match commit {
                 Ok(()) => r,
                 Err(e) if is_full_message(e) => Err(StoreError::Full(e.clone())),
@@ -270,13 +341,29 @@ impl Writer {
                         };
                         Reply::Unit(r, res)
                     }
-                    Cmd::Claim { owner, now, lease_ms, limit, paused, reply } => {
-                        Reply::Claimed(reply, in_savepoint(&tx, |t| claim(t, &owner, now, lease_ms, limit, &paused)))
+                    Cmd::Claim {
+                        owner,
+                        now,
+                        lease_ms,
+                        limit,
+                        paused,
+                        reply,
+                    } => Reply::Claimed(
+                        reply,
+                        in_savepoint(&tx, |t| claim(t, &owner, now, lease_ms, limit, &paused)),
+                    ),
+                    Cmd::Record(recs, r) => {
+                        Reply::Count(r, in_savepoint(&tx, |t| record(t, &recs)))
                     }
-                    Cmd::Record(recs, r) => Reply::Count(r, in_savepoint(&tx, |t| record(t, &recs))),
-                    Cmd::Requeue(sel, now, r) => Reply::Long(r, in_savepoint(&tx, |t| requeue(t, &sel, now))),
-                    Cmd::Release { owner, reply } => Reply::Count(reply, in_savepoint(&tx, |t| release(t, &owner))),
-                    Cmd::Prune { before, reply } => Reply::Count(reply, in_savepoint(&tx, |t| prune(t, before))),
+                    Cmd::Requeue(sel, now, r) => {
+                        Reply::Long(r, in_savepoint(&tx, |t| requeue(t, &sel, now)))
+                    }
+                    Cmd::Release { owner, reply } => {
+                        Reply::Count(reply, in_savepoint(&tx, |t| release(t, &owner)))
+                    }
+                    Cmd::Prune { before, reply } => {
+                        Reply::Count(reply, in_savepoint(&tx, |t| prune(t, before)))
+                    }
                 });
             }
             tx.commit().map_err(|e| e.to_string())
@@ -294,14 +381,25 @@ impl Writer {
         if self.options.max_bytes == 0 {
             return None;
         }
-        let q = |p: &str| self.conn.query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, i64>(0)).unwrap_or(0);
+        let q = |p: &str| {
+            self.conn
+                .query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, i64>(0))
+                .unwrap_or(0)
+        };
         let used = (q("page_count") - q("freelist_count")) * q("page_size");
-        (used as u64 >= self.options.max_bytes)
-            .then(|| format!("the database holds {used} bytes; store.max_bytes is {}", self.options.max_bytes))
+        (used as u64 >= self.options.max_bytes).then(|| {
+            format!(
+                "the database holds {used} bytes; store.max_bytes is {}",
+                self.options.max_bytes
+            )
+        })
     }
 }
 
-fn in_savepoint<T>(tx: &rusqlite::Transaction<'_>, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+fn in_savepoint<T>(
+    tx: &rusqlite::Transaction<'_>,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
     tx.execute_batch("SAVEPOINT cmd").map_err(full_or)?;
     match f(tx) {
         Ok(v) => {
@@ -344,22 +442,53 @@ fn append(c: &Connection, ing: &Ingested) -> Result<(), StoreError> {
         .map_err(full_or)?;
     for e in &ing.events {
         ins.execute(params![
-            e.event_id, raw_id, e.item_index, ing.source, ing.template, e.kind.as_str(), e.app_id, e.identity,
-            e.idempotency_key, e.payload, "pending", now, ing.received_at, Option::<String>::None
+            e.event_id,
+            raw_id,
+            e.item_index,
+            ing.source,
+            ing.template,
+            e.kind.as_str(),
+            e.app_id,
+            e.identity,
+            e.idempotency_key,
+            e.payload,
+            "pending",
+            now,
+            ing.received_at,
+            Option::<String>::None
         ])
         .map_err(full_or)?;
     }
     for r in &ing.rejections {
         ins.execute(params![
-            r.event_id, raw_id, r.item_index, ing.source, ing.template, "track", "", "", Option::<String>::None,
-            Option::<String>::None, "rejected", now, ing.received_at, format!("{}: {}", r.field, r.message)
+            r.event_id,
+            raw_id,
+            r.item_index,
+            ing.source,
+            ing.template,
+            "track",
+            "",
+            "",
+            Option::<String>::None,
+            Option::<String>::None,
+            "rejected",
+            now,
+            ing.received_at,
+            format!("{}: {}", r.field, r.message)
         ])
         .map_err(full_or)?;
     }
     Ok(())
 }
 
-fn claim(c: &Connection, owner: &str, now: Millis, lease_ms: i64, limit: i64, paused: &[String]) -> Result<Vec<Claimed>, StoreError> {
+fn claim(
+    c: &Connection,
+    owner: &str,
+    now: Millis,
+    lease_ms: i64,
+    limit: i64,
+    paused: &[String],
+) -> Result<Vec<Claimed>, StoreError> {
     let paused = serde_json::to_string(paused).unwrap_or_else(|_| "[]".into());
     let mut stmt = c.prepare_cached(
         "UPDATE events SET lease_owner = ?1, lease_expires_at = ?2, lease_token = lease_token + 1
@@ -369,7 +498,7 @@ fn claim(c: &Connection, owner: &str, now: Millis, lease_ms: i64, limit: i64, pa
                AND (lease_expires_at IS NULL OR lease_expires_at < ?3)
                AND app_id NOT IN (SELECT value FROM json_each(?5))
              ORDER BY id LIMIT ?4)
-         RETURNING id, event_id, kind, app_id, identity, payload, attempts, enqueued_at, lease_token",
+         RETURNING id, event_id, kind, app_id, identity, payload, attempts, enqueued_at, lease_token, source",
     )?;
     let mut rows: Vec<Claimed> = stmt
         .query_map(params![owner, now + lease_ms, now, limit, paused], |r| {
@@ -383,6 +512,7 @@ fn claim(c: &Connection, owner: &str, now: Millis, lease_ms: i64, limit: i64, pa
                 attempts: r.get(6)?,
                 enqueued_at: r.get(7)?,
                 lease_token: r.get(8)?,
+                source: r.get(9)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -391,36 +521,46 @@ fn claim(c: &Connection, owner: &str, now: Millis, lease_ms: i64, limit: i64, pa
 }
 
 fn record(c: &Connection, recs: &[AttemptRecord]) -> Result<usize, StoreError> {
-    let mut upd = c.prepare_cached(
-        "UPDATE events SET status = ?3, attempts = attempts + ?4, next_attempt_at = ?5, last_error = coalesce(?6, last_error),
-                           lease_owner = NULL, lease_expires_at = NULL, updated_at = ?7
-         WHERE id = ?1 AND lease_token = ?2 AND status IN ('pending', 'retrying')",
-    )?;
-    let mut att = c.prepare_cached(
-        "INSERT INTO attempts (event_row, at, http_status, latency_ms, batch_size, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
     let now = now_ms();
     let mut applied = 0;
     for r in recs {
-        let (status, counted, next, error) = match &r.resolution {
-            Resolution::Delivered => ("delivered", 1, r.at, None),
-            Resolution::Retry { at } => ("retrying", 1, *at, r.error.clone()),
-            Resolution::Dead => ("dead", 1, r.at, r.error.clone()),
-            Resolution::Release { at } => ("__keep", 0, *at, None),
+        let n = match &r.resolution {
+            Resolution::Release { at } => c
+                .prepare_cached(
+                    "UPDATE events SET next_attempt_at = ?3, lease_owner = NULL, lease_expires_at = NULL
+                     WHERE id = ?1 AND lease_token = ?2 AND status IN ('pending', 'retrying')",
+                )?
+                .execute(params![r.id, r.lease_token, at])?,
+            resolution => {
+                let (status, next) = match resolution {
+                    Resolution::Delivered => ("delivered", now),
+                    Resolution::Retry { at } => ("retrying", *at),
+                    _ => ("dead", now),
+                };
+                c.prepare_cached(
+                    "UPDATE events SET status = ?3, attempts = attempts + ?4, next_attempt_at = ?5,
+                                       last_error = coalesce(?6, last_error), lease_owner = NULL, lease_expires_at = NULL,
+                                       updated_at = ?7
+                     WHERE id = ?1 AND lease_token = ?2 AND status IN ('pending', 'retrying')",
+                )?
+                .execute(params![r.id, r.lease_token, status, r.attempts.len() as i64, next, r.error, now])?
+            }
         };
-        let n = if status == "__keep" {
-            c.prepare_cached(
-                "UPDATE events SET next_attempt_at = ?3, lease_owner = NULL, lease_expires_at = NULL
-                 WHERE id = ?1 AND lease_token = ?2 AND status IN ('pending', 'retrying')",
-            )?
-            .execute(params![r.id, r.lease_token, next])?
-        } else {
-            upd.execute(params![r.id, r.lease_token, status, counted, next, error, now])?
-        };
+        // A stale lease token means another worker owns the event now: its attempts are its own to record.
         if n == 1 {
             applied += 1;
-            if counted == 1 {
-                att.execute(params![r.id, r.at, r.http_status, r.latency_ms, r.batch_size, r.error])?;
+            let mut att = c.prepare_cached(
+                "INSERT INTO attempts (event_row, at, http_status, latency_ms, batch_size, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for a in &r.attempts {
+                att.execute(params![
+                    r.id,
+                    a.at,
+                    a.http_status,
+                    a.latency_ms,
+                    a.batch_size,
+                    a.error
+                ])?;
             }
         }
     }
@@ -486,7 +626,8 @@ fn prune(c: &Connection, before: Millis) -> Result<usize, StoreError> {
     Ok(n)
 }
 
-const VIEW_COLUMNS: &str = "id, event_id, status, source, template, kind, app_id, identity, idempotency_key, item_index,
+const VIEW_COLUMNS: &str =
+    "id, event_id, status, source, template, kind, app_id, identity, idempotency_key, item_index,
      attempts, received_at, updated_at, next_attempt_at, last_error, payload";
 
 fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, EventView)> {
@@ -539,15 +680,25 @@ fn list(c: &Connection, q: &Query) -> Result<Vec<EventView>, StoreError> {
         args.push(V::Integer(t));
     }
     args.push(V::Integer(if q.limit > 0 { q.limit } else { 100 }));
-    let sql = format!("SELECT {VIEW_COLUMNS} FROM events WHERE {} ORDER BY id DESC LIMIT ?", cond.join(" AND "));
+    let sql = format!(
+        "SELECT {VIEW_COLUMNS} FROM events WHERE {} ORDER BY id DESC LIMIT ?",
+        cond.join(" AND ")
+    );
     let mut stmt = c.prepare(&sql)?;
-    let rows = stmt.query_map(rusqlite::params_from_iter(args), view)?.map(|r| r.map(|(_, v)| v)).collect::<Result<_, _>>()?;
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(args), view)?
+        .map(|r| r.map(|(_, v)| v))
+        .collect::<Result<_, _>>()?;
     Ok(rows)
 }
 
 fn get(c: &Connection, event_id: &str) -> Result<EventView, StoreError> {
     let found = c
-        .query_row(&format!("SELECT {VIEW_COLUMNS} FROM events WHERE event_id = ?1"), params![event_id], view)
+        .query_row(
+            &format!("SELECT {VIEW_COLUMNS} FROM events WHERE event_id = ?1"),
+            params![event_id],
+            view,
+        )
         .optional()?;
     let (row, mut v) = found.ok_or(StoreError::NotFound)?;
     let mut stmt = c.prepare("SELECT at, http_status, latency_ms, batch_size, error FROM attempts WHERE event_row = ?1 ORDER BY id")?;
@@ -572,12 +723,27 @@ fn stats(c: &Connection) -> Result<QueueStats, StoreError> {
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let dead: i64 = c.query_row("SELECT count(*) FROM events WHERE status = 'dead'", [], |r| r.get(0))?;
-    let q = |p: &str| c.query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, i64>(0)).unwrap_or(0);
-    Ok(QueueStats { ready_or_waiting: ready, oldest_pending_ms: oldest, dead, db_bytes: q("page_count") * q("page_size") })
+    let dead: i64 = c.query_row(
+        "SELECT count(*) FROM events WHERE status = 'dead'",
+        [],
+        |r| r.get(0),
+    )?;
+    let q = |p: &str| {
+        c.query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+    };
+    Ok(QueueStats {
+        ready_or_waiting: ready,
+        oldest_pending_ms: oldest,
+        dead,
+        db_bytes: q("page_count") * q("page_size"),
+    })
 }
 
-fn raw_bodies(c: &Connection, sel: &Selector) -> Result<Vec<(i64, String, String, Millis, Vec<u8>)>, StoreError> {
+fn raw_bodies(
+    c: &Connection,
+    sel: &Selector,
+) -> Result<Vec<(i64, String, String, Millis, Vec<u8>)>, StoreError> {
     let (cond, args) = selector_sql(sel);
     let sql = format!(
         "SELECT r.id, r.source, r.template, r.received_at, r.body FROM raw_bodies r
@@ -585,7 +751,9 @@ fn raw_bodies(c: &Connection, sel: &Selector) -> Result<Vec<(i64, String, String
     );
     let mut stmt = c.prepare(&sql)?;
     let rows = stmt
-        .query_map(rusqlite::params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .query_map(rusqlite::params_from_iter(args), |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
         .collect::<Result<_, _>>()?;
     Ok(rows)
 }

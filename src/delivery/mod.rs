@@ -1,0 +1,400 @@
+//! Delivery: workers drain the store into Heap's bulk endpoints.
+//!
+//! A round claims ready events under a lease, holds back what the rate budgets do not allow, groups the rest into
+//! bulk calls, sends them, and records every attempt with the event's next state, all decided by `policy`. Tests
+//! drive one round with [`Worker::try_deliver_once`]; `run` repeats rounds until shutdown.
+
+pub mod batcher;
+pub mod heap_client;
+pub mod policy;
+pub mod rate_limit;
+
+use crate::metrics::Metrics;
+use crate::store::{
+    AttemptLog, AttemptRecord, Claimed, Millis, Resolution, SqliteStore, StoreError, now_ms,
+};
+use batcher::{Batch, batches};
+use heap_client::HeapClient;
+use policy::{Decision, backoff, classify};
+use rand::Rng;
+use rate_limit::RateLimiter;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, watch};
+use tracing::Instrument;
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// Events per Heap call (Heap allows 1000).
+    pub max_batch: usize,
+    /// How long a worker waits after being woken, so that events arriving together share a call.
+    pub linger: Duration,
+    /// How often an idle worker looks for due retries.
+    pub poll_interval: Duration,
+    /// How long a claim lasts; a crashed worker's events are taken over after this.
+    pub lease: Duration,
+    /// Retry failures for this long after an event was queued, then dead-letter it.
+    pub max_retry_age: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 1000,
+            linger: Duration::from_millis(50),
+            poll_interval: Duration::from_millis(500),
+            lease: Duration::from_secs(60),
+            max_retry_age: Duration::from_secs(72 * 3600),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What the workers share.
+pub struct Delivery {
+    pub store: SqliteStore,
+    pub client: HeapClient,
+    pub config: DeliveryConfig,
+    pub limiter: RateLimiter,
+    pub metrics: Arc<Metrics>,
+    /// Signalled by ingest after a commit, so an idle worker starts at once instead of at its next poll.
+    pub wake: Notify,
+    /// app_id → time until which Heap asked us (429) to leave it alone.
+    paused: Mutex<HashMap<String, Millis>>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    pub fn new(
+        store: SqliteStore,
+        client: HeapClient,
+        config: DeliveryConfig,
+        limiter: RateLimiter,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            store,
+            client,
+            config,
+            limiter,
+            metrics,
+            wake: Notify::new(),
+            paused: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn paused_apps(&self, now: Millis) -> Vec<String> {
+        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|_, until| *until > now);
+        p.keys().cloned().collect()
+    }
+
+    fn pause(&self, app_id: &str, until: Millis) {
+        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.entry(app_id.to_owned()).or_insert(until);
+        *e = (*e).max(until);
+    }
+}
+
+/// What one round did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RoundOutcome {
+    pub claimed: usize,
+    pub delivered: usize,
+    pub retrying: usize,
+    pub dead: usize,
+    /// Held back by a rate budget or a 429 pause, not attempted.
+    pub held: usize,
+    pub requests: usize,
+}
+
+pub struct Worker {
+    shared: Arc<Delivery>,
+    owner: String,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Delivery>, owner: String) -> Self {
+        Self { shared, owner }
+    }
+
+    /// Repeats rounds until `shutdown` turns true; then gives back its leases.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let cfg = self.shared.config.clone();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let round = self.try_deliver_once().await;
+            let busy = match &round {
+                Ok(r) => r.claimed > 0,
+                Err(e) => {
+                    tracing::error!(error = %e, worker = %self.owner, "delivery round failed");
+                    false
+                }
+            };
+            if busy && round.as_ref().is_ok_and(|r| r.claimed >= cfg.max_batch) {
+                continue;
+            }
+            if !busy {
+                tokio::select! {
+                    _ = self.shared.wake.notified() => {}
+                    _ = tokio::time::sleep(cfg.poll_interval) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+            // Let events that arrive together share one call.
+            tokio::select! {
+                _ = tokio::time::sleep(cfg.linger) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        match self.shared.store.release_owner(&self.owner).await {
+            Ok(n) if n > 0 => {
+                tracing::info!(worker = %self.owner, released = n, "released leases at shutdown")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(worker = %self.owner, error = %e, "could not release leases; they expire on their own")
+            }
+        }
+    }
+
+    /// One round: claim, hold back what the budgets do not allow, send the rest in bulk calls, record everything.
+    pub async fn try_deliver_once(&self) -> Result<RoundOutcome, StoreError> {
+        let d = &self.shared;
+        let now = now_ms();
+        let limit = (d.config.max_batch * 4) as i64;
+        let claimed = d
+            .store
+            .claim(
+                &self.owner,
+                now,
+                d.config.lease.as_millis() as i64,
+                limit,
+                d.paused_apps(now),
+            )
+            .await?;
+        let mut out = RoundOutcome {
+            claimed: claimed.len(),
+            ..Default::default()
+        };
+        if claimed.is_empty() {
+            return Ok(out);
+        }
+        let mut records = Vec::with_capacity(claimed.len());
+        let mut go = Vec::with_capacity(claimed.len());
+        let instant = Instant::now();
+        for c in claimed {
+            match d.limiter.try_take(&c.app_id, &c.identity, instant) {
+                Ok(()) => go.push(c),
+                Err(wait) => records.push(release(&c, now + wait.as_millis() as i64)),
+            }
+        }
+        for batch in batches(go, d.config.max_batch) {
+            let (recs, requests) = self.deliver(batch).await;
+            out.requests += requests;
+            records.extend(recs);
+        }
+        for r in &records {
+            match r.resolution {
+                Resolution::Delivered => out.delivered += 1,
+                Resolution::Retry { .. } => out.retrying += 1,
+                Resolution::Dead => out.dead += 1,
+                Resolution::Release { .. } => out.held += 1,
+            }
+        }
+        d.store.record(records).await?;
+        Ok(out)
+    }
+
+    /// Sends one batch, splitting it when Heap refuses it as a whole, and returns each event's record.
+    async fn deliver(&self, batch: Batch) -> (Vec<AttemptRecord>, usize) {
+        let d = &self.shared;
+        let Batch {
+            app_id,
+            kind,
+            events,
+        } = batch;
+        let mut logs: HashMap<i64, Vec<AttemptLog>> = HashMap::new();
+        let mut records = Vec::with_capacity(events.len());
+        let mut work = vec![events];
+        let mut requests = 0;
+        while let Some(events) = work.pop() {
+            let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
+            let span = tracing::info_span!(
+                "delivery",
+                app_id = %app_id,
+                endpoint = kind.path(),
+                batch_size = events.len(),
+                first_event_id = %events[0].event_id,
+                source = %events[0].source,
+                status = tracing::field::Empty,
+                latency_ms = tracing::field::Empty,
+            );
+            let (outcome, latency) = d
+                .client
+                .send(kind, &app_id, &payloads)
+                .instrument(span.clone())
+                .await;
+            requests += 1;
+            let at = now_ms();
+            let http_status = match &outcome {
+                policy::HttpOutcome::Status { code, .. } => Some(*code),
+                _ => None,
+            };
+            span.record("status", http_status.unwrap_or(0));
+            span.record("latency_ms", latency.as_millis() as u64);
+            let decision = classify(&outcome, events.len());
+            let error = match &decision {
+                Decision::Delivered => None,
+                Decision::Retry { reason, .. }
+                | Decision::Split { reason }
+                | Decision::DeadLetter { reason }
+                | Decision::Throttled { reason, .. } => Some(reason.clone()),
+            };
+            d.metrics.batch_size.observe(events.len() as f64);
+            d.metrics.delivery_latency.observe(latency.as_secs_f64());
+            d.metrics.attempt(decision_name(&decision), events.len());
+            span.in_scope(|| {
+                for e in &events {
+                    tracing::debug!(event_id = %e.event_id, status = http_status, "delivery attempt");
+                }
+                match &error {
+                    None => tracing::info!(events = events.len(), "delivered to Heap"),
+                    Some(why) => tracing::warn!(events = events.len(), error = %why, "delivery attempt failed"),
+                }
+            });
+            for e in &events {
+                logs.entry(e.id).or_default().push(AttemptLog {
+                    at,
+                    http_status,
+                    latency_ms: latency.as_millis() as i64,
+                    batch_size: events.len() as i64,
+                    error: error.clone(),
+                });
+            }
+            let mut finish = |e: &Claimed, resolution: Resolution, error: Option<String>| {
+                records.push(AttemptRecord {
+                    id: e.id,
+                    lease_token: e.lease_token,
+                    attempts: logs.remove(&e.id).unwrap_or_default(),
+                    resolution,
+                    error,
+                });
+            };
+            match decision {
+                Decision::Delivered => events
+                    .iter()
+                    .for_each(|e| finish(e, Resolution::Delivered, None)),
+                Decision::DeadLetter { reason } => events
+                    .iter()
+                    .for_each(|e| finish(e, Resolution::Dead, Some(reason.clone()))),
+                Decision::Split { .. } => {
+                    let mut first = events;
+                    let second = first.split_off(first.len() / 2);
+                    work.push(second);
+                    work.push(first);
+                }
+                Decision::Retry { after, reason } => {
+                    for e in &events {
+                        let (res, err) = self.retry_or_give_up(e, at, after, &reason);
+                        finish(e, res, Some(err));
+                    }
+                }
+                Decision::Throttled { after, reason } => {
+                    let until = at + after.unwrap_or(d.config.backoff_base * 30).as_millis() as i64;
+                    d.pause(&app_id, until);
+                    tracing::warn!(app_id = %app_id, pause_ms = until - at, "Heap rate-limited this app_id; pausing it");
+                    events.iter().for_each(|e| {
+                        finish(e, Resolution::Retry { at: until }, Some(reason.clone()))
+                    });
+                    // Whatever is left of a split waits out the pause too, unattempted.
+                    for rest in work.drain(..) {
+                        for e in rest {
+                            let attempts = logs.remove(&e.id).unwrap_or_default();
+                            records.push(AttemptRecord {
+                                id: e.id,
+                                lease_token: e.lease_token,
+                                resolution: if attempts.is_empty() {
+                                    Resolution::Release { at: until }
+                                } else {
+                                    Resolution::Retry { at: until }
+                                },
+                                attempts,
+                                error: Some(reason.clone()),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        (records, requests)
+    }
+
+    fn retry_or_give_up(
+        &self,
+        e: &Claimed,
+        at: Millis,
+        after: Option<Duration>,
+        reason: &str,
+    ) -> (Resolution, String) {
+        let cfg = &self.shared.config;
+        let age = Duration::from_millis((at - e.enqueued_at).max(0) as u64);
+        if age >= cfg.max_retry_age {
+            return (
+                Resolution::Dead,
+                format!(
+                    "gave up after {}h of retries; last error: {reason}",
+                    cfg.max_retry_age.as_secs() / 3600
+                ),
+            );
+        }
+        let attempt = (e.attempts + 1).clamp(1, 64) as u32;
+        let wait = after.unwrap_or_else(|| {
+            backoff(
+                attempt,
+                cfg.backoff_base,
+                cfg.backoff_max,
+                rand::thread_rng().r#gen::<f64>(),
+            )
+        });
+        (
+            Resolution::Retry {
+                at: at + wait.as_millis() as i64,
+            },
+            reason.to_owned(),
+        )
+    }
+}
+
+fn release(c: &Claimed, at: Millis) -> AttemptRecord {
+    AttemptRecord {
+        id: c.id,
+        lease_token: c.lease_token,
+        attempts: Vec::new(),
+        resolution: Resolution::Release { at },
+        error: None,
+    }
+}
+
+fn decision_name(d: &Decision) -> &'static str {
+    match d {
+        Decision::Delivered => "delivered",
+        Decision::Retry { .. } => "retry",
+        Decision::Split { .. } => "split",
+        Decision::DeadLetter { .. } => "dead",
+        Decision::Throttled { .. } => "throttled",
+    }
+}

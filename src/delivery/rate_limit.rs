@@ -1,0 +1,117 @@
+//! Client-side budgets that keep the relay under Heap's documented bulk-track limits: events per minute per app_id
+//! (15,000) and per identity within an app_id (1,000). Token buckets that start full and refill continuously.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+#[derive(Debug)]
+pub struct RateLimiter {
+    app_per_min: u32,
+    identity_per_min: u32,
+    buckets: Mutex<HashMap<(String, String), Bucket>>,
+}
+
+/// Identity buckets kept before full ones are forgotten.
+const MAX_BUCKETS: usize = 100_000;
+
+impl RateLimiter {
+    /// A rate of 0 turns that budget off.
+    pub fn new(app_per_min: u32, identity_per_min: u32) -> Self {
+        Self {
+            app_per_min,
+            identity_per_min,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one event's worth from the app's and the identity's budgets, or says how long until both have it.
+    pub fn try_take(&self, app_id: &str, identity: &str, now: Instant) -> Result<(), Duration> {
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if b.len() > MAX_BUCKETS {
+            let (app, ident) = (self.app_per_min as f64, self.identity_per_min as f64);
+            b.retain(|(_, who), bucket| bucket.tokens < if who.is_empty() { app } else { ident });
+        }
+        let app_wait = wait(&mut b, (app_id, ""), self.app_per_min, now);
+        let id_wait = wait(&mut b, (app_id, identity), self.identity_per_min, now);
+        let longest = app_wait.max(id_wait);
+        if longest > Duration::ZERO {
+            return Err(longest);
+        }
+        for (key, rate) in [
+            ((app_id, ""), self.app_per_min),
+            ((app_id, identity), self.identity_per_min),
+        ] {
+            if rate > 0 {
+                if let Some(bucket) = b.get_mut(&(key.0.to_owned(), key.1.to_owned())) {
+                    bucket.tokens -= 1.0;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn wait(
+    b: &mut HashMap<(String, String), Bucket>,
+    key: (&str, &str),
+    per_min: u32,
+    now: Instant,
+) -> Duration {
+    if per_min == 0 {
+        return Duration::ZERO;
+    }
+    let cap = per_min as f64;
+    let bucket = b
+        .entry((key.0.to_owned(), key.1.to_owned()))
+        .or_insert(Bucket {
+            tokens: cap,
+            at: now,
+        });
+    let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * cap / 60.0;
+    bucket.tokens = (bucket.tokens + refill).min(cap);
+    bucket.at = now;
+    if bucket.tokens >= 1.0 {
+        Duration::ZERO
+    } else {
+        Duration::from_secs_f64((1.0 - bucket.tokens) * 60.0 / cap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_identity_over_its_budget_waits_while_others_go_on() {
+        let rl = RateLimiter::new(100, 2);
+        let t = Instant::now();
+        assert!(rl.try_take("1", "a", t).is_ok());
+        assert!(rl.try_take("1", "a", t).is_ok());
+        let wait = rl.try_take("1", "a", t).unwrap_err();
+        assert!(
+            wait > Duration::from_secs(29) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+        assert!(rl.try_take("1", "b", t).is_ok());
+        assert!(
+            rl.try_take("1", "a", t + Duration::from_secs(30)).is_ok(),
+            "refills over time"
+        );
+    }
+
+    #[test]
+    fn zero_turns_a_budget_off() {
+        let rl = RateLimiter::new(0, 0);
+        let t = Instant::now();
+        for _ in 0..10_000 {
+            assert!(rl.try_take("1", "a", t).is_ok());
+        }
+    }
+}

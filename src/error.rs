@@ -1,0 +1,105 @@
+//! One table of error codes and one HTTP body for every error: `{"error": {"code", "message", "field"}}`.
+//! 4xx bodies say exactly what is wrong; 5xx bodies say little and the log says everything.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use serde_json::json;
+
+macro_rules! error_codes {
+    ($($variant:ident => ($code:literal, $status:ident)),* $(,)?) => {
+        /// Every error the HTTP API answers with.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ErrorCode { $($variant),* }
+
+        impl ErrorCode {
+            pub fn as_str(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $code),* }
+            }
+            pub fn status(self) -> StatusCode {
+                match self { $(ErrorCode::$variant => StatusCode::$status),* }
+            }
+        }
+    };
+}
+
+error_codes! {
+    MalformedJson => ("malformed_json", BAD_REQUEST),
+    InvalidBody => ("invalid_body", BAD_REQUEST),
+    Unauthorized => ("unauthorized", UNAUTHORIZED),
+    NotFound => ("not_found", NOT_FOUND),
+    UnknownSource => ("unknown_source", NOT_FOUND),
+    UnknownTemplate => ("unknown_template", NOT_FOUND),
+    MethodNotAllowed => ("method_not_allowed", METHOD_NOT_ALLOWED),
+    BodyTooLarge => ("body_too_large", PAYLOAD_TOO_LARGE),
+    TooManyItems => ("too_many_items", PAYLOAD_TOO_LARGE),
+    UnsupportedMediaType => ("unsupported_media_type", UNSUPPORTED_MEDIA_TYPE),
+    NothingAccepted => ("nothing_accepted", UNPROCESSABLE_ENTITY),
+    InvalidQuery => ("invalid_query", BAD_REQUEST),
+    StoreFull => ("store_full", SERVICE_UNAVAILABLE),
+    NotReady => ("not_ready", SERVICE_UNAVAILABLE),
+    Internal => ("internal", INTERNAL_SERVER_ERROR),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub field: Option<String>,
+    /// Seconds, sent as Retry-After (503 store_full).
+    pub retry_after: Option<u64>,
+    /// Per-item reasons for 422 nothing_accepted.
+    pub rejected: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            field: None,
+            retry_after: None,
+            rejected: None,
+        }
+    }
+
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    /// A 500 whose cause goes to the log, not to the client.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(ErrorCode::Internal, "internal error; see the relay's log")
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    code: &'static str,
+    message: &'a str,
+    field: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rejected: Option<&'a serde_json::Value>,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.code.status()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut resp = HttpResponse::build(self.status_code());
+        if let Some(secs) = self.retry_after {
+            resp.insert_header(("Retry-After", secs.to_string()));
+        }
+        resp.json(json!({ "error": Body {
+            code: self.code.as_str(),
+            message: &self.message,
+            field: self.field.as_deref(),
+            rejected: self.rejected.as_ref(),
+        }}))
+    }
+}

@@ -1,0 +1,149 @@
+//! From a request body to durable rows: run the ingest pipeline, write the raw body, the accepted events and the
+//! rejections in one transaction, wake the delivery workers, and say what happened. No HTTP types here.
+
+use crate::delivery::Delivery;
+use crate::domain::Timestamp;
+use crate::ingest::{IngestError, Outcome, Pipeline, Rejection, Route};
+use crate::metrics::Metrics;
+use crate::store::{Ingested, NewEvent, NewRejection, SqliteStore, StoreError, now_ms};
+use serde::Serialize;
+use std::sync::Arc;
+
+/// What the relay answers for a body it took.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// Items found in the body (profiles, messages, events).
+    pub items: usize,
+    /// Heap calls stored for delivery.
+    pub accepted: usize,
+    /// Their ids in the delivery log (`/admin/deliveries/{id}`), in order.
+    pub event_ids: Vec<String>,
+    pub rejected: Vec<Rejection>,
+    /// Indexes of items the template sends nothing for.
+    pub ignored: Vec<usize>,
+    pub template: String,
+}
+
+#[derive(Debug)]
+pub enum Intake {
+    /// A vendor connection test; nothing stored.
+    Ping,
+    /// Stored; `nothing_accepted` when every item was rejected.
+    Stored {
+        summary: Summary,
+        nothing_accepted: bool,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Shared by the HTTP handlers: pipeline, store, delivery wake-up, metrics.
+#[derive(Debug, Clone)]
+pub struct Intaker {
+    pub pipeline: Arc<Pipeline>,
+    pub store: SqliteStore,
+    pub delivery: Arc<Delivery>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Intaker {
+    pub async fn accept(&self, route: Route, body: Vec<u8>) -> Result<Intake, IntakeError> {
+        let received_at = now_ms();
+        let ts = chrono::DateTime::from_timestamp_millis(received_at)
+            .map(Timestamp::from_datetime)
+            .unwrap_or_else(Timestamp::now);
+        let pipeline = self.pipeline.clone();
+        // Large bodies render for a while; keep that off the HTTP threads.
+        let (outcome, body) = if body.len() > 64 * 1024 {
+            let r = route.clone();
+            tokio::task::spawn_blocking(move || (pipeline.ingest(&r, &body, &ts), body))
+                .await
+                .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
+        } else {
+            (pipeline.ingest(&route, &body, &ts), body)
+        };
+        let outcome = outcome?;
+        if outcome.ping {
+            return Ok(Intake::Ping);
+        }
+        let source = route.source_name();
+        self.metrics
+            .item(source, "accepted", outcome.accepted.len());
+        self.metrics
+            .item(source, "rejected", outcome.rejected.len());
+        self.metrics.item(source, "ignored", outcome.ignored.len());
+        let (ingested, summary) = to_rows(source, outcome, body, received_at, None);
+        let nothing_accepted = summary.accepted == 0 && !summary.rejected.is_empty();
+        if !ingested.events.is_empty() || !ingested.rejections.is_empty() {
+            self.store.append(ingested).await?;
+            if summary.accepted > 0 {
+                self.delivery.wake.notify_waiters();
+                self.delivery.wake.notify_one();
+            }
+        }
+        for (id, r) in summary.event_ids.iter().zip(0..) {
+            tracing::debug!(event_id = %id, n = r, source, "accepted");
+        }
+        Ok(Intake::Stored {
+            summary,
+            nothing_accepted,
+        })
+    }
+}
+
+/// The rows to write for an outcome, and the summary to answer with.
+pub fn to_rows(
+    source: &str,
+    outcome: Outcome,
+    body: Vec<u8>,
+    received_at: i64,
+    replay_of_raw: Option<i64>,
+) -> (Ingested, Summary) {
+    let events: Vec<NewEvent> = outcome
+        .accepted
+        .iter()
+        .map(|a| NewEvent {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            item_index: a.index as i64,
+            kind: a.call.kind(),
+            app_id: a.call.app_id().as_str().to_owned(),
+            identity: a.call.identity().to_owned(),
+            idempotency_key: a.call.idempotency_key().map(|k| k.as_str().to_owned()),
+            payload: a.call.bulk_item().to_string(),
+        })
+        .collect();
+    let rejections = outcome
+        .rejected
+        .iter()
+        .map(|r| NewRejection {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            item_index: r.index as i64,
+            field: r.field.clone(),
+            message: r.message.clone(),
+        })
+        .collect();
+    let summary = Summary {
+        items: outcome.items,
+        accepted: events.len(),
+        event_ids: events.iter().map(|e| e.event_id.clone()).collect(),
+        rejected: outcome.rejected,
+        ignored: outcome.ignored,
+        template: outcome.template.clone(),
+    };
+    let ingested = Ingested {
+        source: source.to_owned(),
+        template: outcome.template,
+        body,
+        received_at,
+        events,
+        rejections,
+        replay_of_raw,
+    };
+    (ingested, summary)
+}

@@ -1,0 +1,181 @@
+//! `/admin/deliveries[/{id}]` and `/admin/replay`, behind the admin bearer token. Without a configured token the
+//! admin endpoints do not exist (404).
+
+use super::AppState;
+use crate::error::{ApiError, ErrorCode};
+use crate::replay::{replay as run_replay, selector};
+use crate::store::{Query, Status, StoreError};
+use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::json;
+use std::future::{Ready, ready};
+
+/// Proof that the request carried the admin token.
+pub struct Admin;
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let token = req
+            .app_data::<web::Data<AppState>>()
+            .and_then(|s| s.admin_token.clone());
+        let Some(token) = token else {
+            return ready(Err(ApiError::new(
+                ErrorCode::NotFound,
+                "the admin endpoints are off: set admin.token to turn them on",
+            )));
+        };
+        let given = req
+            .headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), token.expose_secret().as_bytes()) {
+            ready(Ok(Admin))
+        } else {
+            ready(Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing or wrong admin token (Authorization: Bearer <admin.token>)",
+            )
+            .with_field("Authorization")))
+        }
+    }
+}
+
+/// Compares without stopping at the first difference, so timing does not reveal how much of a guess was right.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= (a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff)) as usize;
+    }
+    diff == 0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    status: Option<String>,
+    source: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<i64>,
+}
+
+pub async fn list(
+    _: Admin,
+    params: web::Query<ListParams>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let p = params.into_inner();
+    let bad = |field: &str, m: String| ApiError::new(ErrorCode::InvalidQuery, m).with_field(field);
+    let status = p
+        .status
+        .as_deref()
+        .map(|s| Status::parse(s).ok_or_else(|| bad("status", format!("unknown status {s:?}"))))
+        .transpose()?;
+    let range = match (&p.since, &p.until) {
+        (None, None) => None,
+        (s, u) => {
+            match selector(None, None, s.as_deref(), u.as_deref()).map_err(|m| bad("since", m))? {
+                crate::store::Selector::Range { from, to, .. } => Some((from, to)),
+                _ => None,
+            }
+        }
+    };
+    let q = Query {
+        status,
+        source: p.source,
+        since: range.map(|r| r.0),
+        until: range.map(|r| r.1),
+        limit: p.limit.unwrap_or(100).clamp(1, 10_000),
+    };
+    let events = state
+        .intake
+        .store
+        .list(q)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(HttpResponse::Ok().json(json!({ "count": events.len(), "events": events })))
+}
+
+pub async fn get(
+    _: Admin,
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    match state.intake.store.get(&id).await {
+        Ok(v) => Ok(HttpResponse::Ok().json(v)),
+        Err(StoreError::NotFound) => Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no event {:?}", id.as_str()),
+        )
+        .with_field("id")),
+        Err(e) => Err(ApiError::internal(&e)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayBody {
+    id: Option<String>,
+    status: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    #[serde(default)]
+    rerender: bool,
+}
+
+pub async fn replay(
+    _: Admin,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let b: ReplayBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidBody,
+            format!(
+                "replay body: {e}; expected {{\"id\"|\"status\"|\"since\"/\"until\", \"rerender\"}}"
+            ),
+        )
+    })?;
+    let sel = selector(
+        b.id.as_deref(),
+        b.status.as_deref(),
+        b.since.as_deref(),
+        b.until.as_deref(),
+    )
+    .map_err(|m| ApiError::new(ErrorCode::InvalidBody, m))?;
+    let i = &state.intake;
+    let report = run_replay(
+        &i.store,
+        &i.pipeline,
+        sel,
+        b.rerender,
+        &mut |done, total| {
+            if done % 1000 == 0 || done == total {
+                tracing::info!(done, total, "replay progress");
+            }
+        },
+    )
+    .await
+    .map_err(|e| ApiError::internal(&e))?;
+    i.delivery.wake.notify_waiters();
+    Ok(HttpResponse::Ok().json(report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn equal_only_when_bytes_and_length_match() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+}

@@ -1,0 +1,107 @@
+//! `POST /hooks/{source}` and `POST /hooks/{source}/{template}`: a vendor webhook in, a 202 summary out.
+
+use super::AppState;
+use super::body::read_limited;
+use crate::error::{ApiError, ErrorCode};
+use crate::ingest::{IngestError, Route};
+use crate::intake::{Intake, IntakeError};
+use crate::sources::Source;
+use crate::store::StoreError;
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::json;
+
+pub async fn hook(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    take(&req, &path.into_inner(), None, payload, &state).await
+}
+
+pub async fn hook_with_template(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (source, template) = path.into_inner();
+    take(&req, &source, Some(template), payload, &state).await
+}
+
+async fn take(
+    req: &HttpRequest,
+    source: &str,
+    template: Option<String>,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    let Some(source) = Source::parse(source) else {
+        return Err(ApiError::new(
+            ErrorCode::UnknownSource,
+            format!("no source {source:?}; sources are clevertap, userpilot, segment"),
+        )
+        .with_field("source"));
+    };
+    let body = read_limited(req, payload, state.max_body_bytes).await?;
+    let result = state
+        .intake
+        .accept(Route::Hook { source, template }, body)
+        .await;
+    respond(source.as_str(), result, state)
+}
+
+/// Maps an intake result to HTTP; shared with the Heap-compatible routes.
+pub fn respond(
+    source: &str,
+    result: Result<Intake, IntakeError>,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    let response = match result {
+        Ok(Intake::Ping) => Ok(HttpResponse::Ok().json(json!({"ok": true, "test": true, "message": "test ping received; nothing sent to Heap"}))),
+        Ok(Intake::Stored { summary, nothing_accepted: false }) => Ok(HttpResponse::Accepted().json(summary)),
+        Ok(Intake::Stored { summary, nothing_accepted: true }) => {
+            let first = summary.rejected.first().map(|r| r.field.clone());
+            let mut e = ApiError::new(
+                ErrorCode::NothingAccepted,
+                format!("none of the {} items could be accepted; see `rejected` for each reason", summary.items),
+            );
+            e.field = first;
+            e.rejected = serde_json::to_value(&summary.rejected).ok();
+            Err(e)
+        }
+        Err(IntakeError::Ingest(e)) => Err(ingest_error(e)),
+        Err(IntakeError::Store(StoreError::Full(why))) => {
+            tracing::warn!(reason = %why, "refusing a body: the store is full");
+            let mut e = ApiError::new(ErrorCode::StoreFull, "the relay's store is full; retry later");
+            e.retry_after = Some(state.retry_after_secs);
+            Err(e)
+        }
+        Err(IntakeError::Store(e)) => Err(ApiError::internal(&e)),
+    };
+    let status = match &response {
+        Ok(r) => r.status().as_u16(),
+        Err(e) => e.code.status().as_u16(),
+    };
+    state.intake.metrics.request(source, status);
+    response
+}
+
+fn ingest_error(e: IngestError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        IngestError::MalformedJson { .. } => {
+            ApiError::new(ErrorCode::MalformedJson, message).with_field("body")
+        }
+        IngestError::SourceDisabled(_) => {
+            ApiError::new(ErrorCode::UnknownSource, message).with_field("source")
+        }
+        IngestError::UnknownTemplate { .. } => {
+            ApiError::new(ErrorCode::UnknownTemplate, message).with_field("template")
+        }
+        IngestError::Body(f) => {
+            ApiError::new(ErrorCode::InvalidBody, f.message).with_field(f.field)
+        }
+        IngestError::TooManyItems { .. } => ApiError::new(ErrorCode::TooManyItems, message),
+    }
+}

@@ -1,0 +1,67 @@
+//! The route table, and the state handlers share. Handlers stay thin: read the body, call `intake`, `store` or
+//! `replay`, map the result to HTTP.
+
+pub mod admin;
+pub mod body;
+pub mod health;
+pub mod heap_compat;
+pub mod hooks;
+pub mod metrics;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::intake::Intaker;
+use actix_web::{HttpResponse, web};
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub intake: Intaker,
+    pub max_body_bytes: usize,
+    pub retry_after_secs: u64,
+    /// None: the admin endpoints are off.
+    pub admin_token: Option<secrecy::SecretString>,
+    pub workers_running: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(health::healthz))
+        .route("/readyz", web::get().to(health::readyz))
+        .route("/metrics", web::get().to(metrics::metrics))
+        .route("/hooks/{source}", web::post().to(hooks::hook))
+        .route(
+            "/hooks/{source}/{template}",
+            web::post().to(hooks::hook_with_template),
+        )
+        .route("/api/track", web::post().to(heap_compat::track))
+        .route(
+            "/api/add_user_properties",
+            web::post().to(heap_compat::add_user_properties),
+        )
+        .route("/admin/deliveries", web::get().to(admin::list))
+        .route("/admin/deliveries/{id}", web::get().to(admin::get))
+        .route("/admin/replay", web::post().to(admin::replay))
+        .default_service(web::to(not_found));
+}
+
+async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    let known_path = [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/api/track",
+        "/api/add_user_properties",
+        "/admin/replay",
+    ]
+    .contains(&req.path())
+        || req.path().starts_with("/hooks/")
+        || req.path().starts_with("/admin/deliveries");
+    if known_path {
+        return Err(ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            format!("{} is not allowed on {}", req.method(), req.path()),
+        ));
+    }
+    Err(ApiError::new(
+        ErrorCode::NotFound,
+        format!("no route {} {}", req.method(), req.path()),
+    ))
+}

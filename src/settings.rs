@@ -1,0 +1,398 @@
+//! Settings: the embedded defaults (`config.toml` as built), then the config file, then `HEAP_RELAY__SECTION__KEY`
+//! environment variables. `load` takes the environment as a map so tests never touch the process environment.
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The committed `config.toml`, the lowest layer.
+pub const DEFAULT_CONFIG: &str = include_str!("../config.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read config file {path}: {source}")]
+    Unreadable {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub heap: HeapSettings,
+    pub templates: TemplateSettings,
+    pub store: StoreSettings,
+    pub delivery: DeliverySettings,
+    pub limits: LimitSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+    pub sources: SourcesSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub bind: String,
+    pub max_body_bytes: usize,
+    pub workers: usize,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeapSettings {
+    pub base_url: String,
+    pub app_id: String,
+    #[serde(deserialize_with = "string_or_list")]
+    pub allowed_app_ids: Vec<String>,
+    pub request_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSettings {
+    pub dir: PathBuf,
+    pub reload_interval_secs: u64,
+    pub max_leaf_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    pub path: PathBuf,
+    pub max_bytes: u64,
+    pub retention_hours: u64,
+    pub retry_after_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySettings {
+    pub workers: usize,
+    pub max_batch: usize,
+    pub linger_ms: u64,
+    pub poll_interval_ms: u64,
+    pub lease_secs: u64,
+    pub max_retry_hours: u64,
+    pub backoff_base_ms: u64,
+    pub backoff_max_secs: u64,
+    pub app_events_per_minute: u32,
+    pub identity_events_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    pub max_items: usize,
+    pub max_properties: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Redacted in Debug output; never logged.
+    pub token: SecretString,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourcesSettings {
+    pub clevertap: SourceSettings,
+    pub userpilot: SourceSettings,
+    pub segment: SourceSettings,
+    pub heap: HeapCompatSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    pub enabled: bool,
+    pub template: String,
+    pub app_id: String,
+    #[serde(default = "yes")]
+    pub allow_anonymous: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeapCompatSettings {
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Accepts a TOML list, or a comma-separated string (how a list arrives from the environment).
+fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Either::Many(v) => v
+            .into_iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+    })
+}
+
+/// Where the config file comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigPath {
+    /// Named on the command line: it must be readable.
+    Explicit(PathBuf),
+    /// `./config.toml` if it is there; the built-in defaults otherwise.
+    Default(PathBuf),
+}
+
+impl Settings {
+    /// Layers the defaults, the file and `env` (variables named `HEAP_RELAY__SECTION__KEY`), then validates.
+    pub fn load(path: &ConfigPath, env: HashMap<String, String>) -> Result<Self, SettingsError> {
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml));
+        let file = match path {
+            ConfigPath::Explicit(p) => Some(p),
+            ConfigPath::Default(p) if p.exists() => Some(p),
+            ConfigPath::Default(_) => None,
+        };
+        if let Some(p) = file {
+            let text = std::fs::read_to_string(p).map_err(|source| SettingsError::Unreadable {
+                path: p.display().to_string(),
+                source,
+            })?;
+            builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
+        }
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("HEAP_RELAY__"))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("HEAP_RELAY")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(false)
+                .source(Some(env)),
+        );
+        let cfg = builder
+            .build()
+            .map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        let settings: Settings = cfg
+            .try_deserialize()
+            .map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The built-in defaults alone (what a fresh checkout runs with).
+    pub fn defaults() -> Self {
+        Self::load(
+            &ConfigPath::Default(PathBuf::from("/nonexistent/heap-relay.toml")),
+            HashMap::new(),
+        )
+        .expect("the committed config.toml is valid") // a unit test holds this
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |m: String| Err(SettingsError::Invalid(m));
+        if self.server.bind.parse::<SocketAddr>().is_err() {
+            return bad(format!(
+                "server.bind {:?} is not an address:port such as 127.0.0.1:8080",
+                self.server.bind
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            return bad("server.max_body_bytes must be above 0".into());
+        }
+        match reqwest::Url::parse(&self.heap.base_url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => {
+                return bad(format!(
+                    "heap.base_url {:?} is not an http(s) URL",
+                    self.heap.base_url
+                ));
+            }
+        }
+        for (key, id) in self.configured_app_ids() {
+            if let Err(e) = crate::domain::AppId::parse(id) {
+                return bad(format!("{key}: {}", e.message));
+            }
+        }
+        for id in &self.heap.allowed_app_ids {
+            if crate::domain::AppId::parse(id).is_err() {
+                return bad(format!(
+                    "heap.allowed_app_ids: {id:?} is not a Heap app_id (digits only)"
+                ));
+            }
+        }
+        if !self.heap.allowed_app_ids.is_empty() {
+            for (key, id) in self.configured_app_ids() {
+                if !self.heap.allowed_app_ids.iter().any(|a| a == id) {
+                    return bad(format!("{key} = {id} is not in heap.allowed_app_ids"));
+                }
+            }
+        }
+        if !(1..=1000).contains(&self.delivery.max_batch) {
+            return bad("delivery.max_batch must be 1 to 1000 (Heap's bulk limit)".into());
+        }
+        if self.delivery.workers == 0 {
+            return bad("delivery.workers must be at least 1".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad(format!(
+                "log.format must be \"text\" or \"json\", got {:?}",
+                self.log.format
+            ));
+        }
+        for (name, s) in self.hook_sources() {
+            if !crate::templates::valid_name(&s.template) {
+                return bad(format!(
+                    "sources.{name}.template {:?}: names hold only letters, digits, _ and -",
+                    s.template
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every non-empty app_id in the configuration, with its key.
+    pub fn configured_app_ids(&self) -> Vec<(String, &str)> {
+        let mut v = Vec::new();
+        if !self.heap.app_id.trim().is_empty() {
+            v.push(("heap.app_id".to_owned(), self.heap.app_id.trim()));
+        }
+        for (name, s) in self.hook_sources() {
+            if !s.app_id.trim().is_empty() {
+                v.push((format!("sources.{name}.app_id"), s.app_id.trim()));
+            }
+        }
+        v
+    }
+
+    pub fn hook_sources(&self) -> [(&'static str, &SourceSettings); 3] {
+        [
+            ("clevertap", &self.sources.clevertap),
+            ("userpilot", &self.sources.userpilot),
+            ("segment", &self.sources.segment),
+        ]
+    }
+
+    /// The admin token, when one is set.
+    pub fn admin_token(&self) -> Option<&str> {
+        let t = self.admin.token.expose_secret();
+        (!t.trim().is_empty()).then_some(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn committed_defaults_load_and_validate() {
+        let s = Settings::defaults();
+        assert_eq!(s.server.bind, "127.0.0.1:8080");
+        assert_eq!(s.heap.base_url, "https://heapanalytics.com");
+        assert_eq!(s.templates.dir, PathBuf::from("templates"));
+        assert!(s.admin_token().is_none());
+    }
+
+    #[test]
+    fn environment_overrides_file_with_double_underscores_and_keeps_leading_zeros() {
+        let s = Settings::load(
+            &ConfigPath::Default(PathBuf::from("/nonexistent")),
+            env(&[
+                ("HEAP_RELAY__HEAP__APP_ID", "0123"),
+                ("HEAP_RELAY__SERVER__BIND", "127.0.0.1:9999"),
+                ("HEAP_RELAY__HEAP__ALLOWED_APP_IDS", "0123, 456"),
+                ("HEAP_RELAY__SOURCES__CLEVERTAP__APP_ID", "456"),
+                ("HEAP_RELAY__DELIVERY__MAX_BATCH", "10"),
+                ("HEAP_RELAY__SOURCES__SEGMENT__ALLOW_ANONYMOUS", "false"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.heap.app_id, "0123");
+        assert_eq!(s.server.bind, "127.0.0.1:9999");
+        assert_eq!(s.heap.allowed_app_ids, vec!["0123", "456"]);
+        assert_eq!(s.sources.clevertap.app_id, "456");
+        assert_eq!(s.delivery.max_batch, 10);
+        assert!(!s.sources.segment.allow_anonymous);
+    }
+
+    #[test]
+    fn a_named_but_missing_config_file_is_fatal_and_unknown_keys_are_refused() {
+        let err = Settings::load(
+            &ConfigPath::Explicit(PathBuf::from("/nonexistent/x.toml")),
+            HashMap::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/x.toml"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[heap]\napp_idd = \"1\"\n").unwrap();
+        let err = Settings::load(&ConfigPath::Explicit(p), HashMap::new()).unwrap_err();
+        assert!(err.to_string().contains("app_idd"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        for (k, v, want) in [
+            ("HEAP_RELAY__HEAP__APP_ID", "abc", "heap.app_id"),
+            ("HEAP_RELAY__SERVER__BIND", "nowhere", "server.bind"),
+            ("HEAP_RELAY__HEAP__BASE_URL", "ftp://x", "heap.base_url"),
+            (
+                "HEAP_RELAY__DELIVERY__MAX_BATCH",
+                "1001",
+                "delivery.max_batch",
+            ),
+        ] {
+            let err = Settings::load(
+                &ConfigPath::Default(PathBuf::from("/nonexistent")),
+                env(&[(k, v)]),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(want), "{k}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_admin_token_never_shows_in_debug_output() {
+        let s = Settings::load(
+            &ConfigPath::Default(PathBuf::from("/nonexistent")),
+            env(&[("HEAP_RELAY__ADMIN__TOKEN", "s3cr3t-token-value")]),
+        )
+        .unwrap();
+        assert_eq!(s.admin_token(), Some("s3cr3t-token-value"));
+        assert!(!format!("{s:?}").contains("s3cr3t"));
+    }
+}

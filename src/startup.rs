@@ -1,0 +1,298 @@
+//! Builds the application from settings: templates, store, delivery workers, background tasks and the HTTP
+//! server on a bound listener. Tests and `main` share this path; tests bind port 0 and read `port()`.
+
+use crate::delivery::heap_client::HeapClient;
+use crate::delivery::rate_limit::RateLimiter;
+use crate::delivery::{Delivery, DeliveryConfig, Worker};
+use crate::domain::{AppId, AppIdPolicy, PropertyLimits};
+use crate::ingest::{Pipeline, SourceConfig};
+use crate::intake::Intaker;
+use crate::metrics::Metrics;
+use crate::routes::{self, AppState};
+use crate::settings::Settings;
+use crate::sources::{Source, SourceOptions};
+use crate::store::sqlite::SqliteOptions;
+use crate::store::{SqliteStore, now_ms};
+use crate::templates::TemplateStore;
+use crate::templates::render::RenderLimits;
+use actix_web::{App, HttpServer, web};
+use anyhow::{Context, anyhow};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Loads the template directory, failing with every problem (file:line: message) when any template is broken.
+pub fn load_templates(settings: &Settings) -> anyhow::Result<Arc<TemplateStore>> {
+    let store = TemplateStore::load(&settings.templates.dir).map_err(|errors| {
+        let list: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
+        anyhow!("{} template problem(s):\n{}", errors.len(), list.join("\n"))
+    })?;
+    for (name, s) in settings.hook_sources() {
+        if s.enabled && store.get(name, &s.template).is_none() {
+            return Err(anyhow!(
+                "source {name} is enabled but its template {}/{name}/{}.json is missing",
+                settings.templates.dir.display(),
+                s.template
+            ));
+        }
+    }
+    Ok(Arc::new(store))
+}
+
+/// The ingest pipeline as configured.
+pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pipeline {
+    let allowed = settings
+        .heap
+        .allowed_app_ids
+        .iter()
+        .filter_map(|a| AppId::parse(a).ok())
+        .collect();
+    let non_empty = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
+    let sources: HashMap<Source, SourceConfig> = Source::ALL
+        .into_iter()
+        .map(|src| {
+            let s = match src {
+                Source::CleverTap => &settings.sources.clevertap,
+                Source::Userpilot => &settings.sources.userpilot,
+                Source::Segment => &settings.sources.segment,
+            };
+            let cfg = SourceConfig {
+                enabled: s.enabled,
+                template: s.template.clone(),
+                app_id: non_empty(&s.app_id),
+                options: SourceOptions {
+                    allow_anonymous: s.allow_anonymous,
+                },
+            };
+            (src, cfg)
+        })
+        .collect();
+    Pipeline {
+        templates,
+        policy: AppIdPolicy::new(allowed),
+        default_app_id: non_empty(&settings.heap.app_id),
+        limits: PropertyLimits {
+            max_count: settings.limits.max_properties,
+            ..PropertyLimits::default()
+        },
+        render_limits: RenderLimits {
+            max_leaf_bytes: settings.templates.max_leaf_bytes,
+        },
+        sources,
+        heap_compat_enabled: settings.sources.heap.enabled,
+        max_items: settings.limits.max_items,
+    }
+}
+
+pub fn open_store(settings: &Settings) -> anyhow::Result<SqliteStore> {
+    SqliteStore::open(
+        &settings.store.path,
+        SqliteOptions {
+            max_bytes: settings.store.max_bytes,
+        },
+    )
+    .with_context(|| format!("cannot open the store at {}", settings.store.path.display()))
+}
+
+pub fn delivery_config(settings: &Settings) -> DeliveryConfig {
+    let d = &settings.delivery;
+    DeliveryConfig {
+        max_batch: d.max_batch,
+        linger: Duration::from_millis(d.linger_ms),
+        poll_interval: Duration::from_millis(d.poll_interval_ms.max(10)),
+        lease: Duration::from_secs(d.lease_secs.max(1)),
+        max_retry_age: Duration::from_secs(d.max_retry_hours * 3600),
+        backoff_base: Duration::from_millis(d.backoff_base_ms.max(1)),
+        backoff_max: Duration::from_secs(d.backoff_max_secs.max(1)),
+    }
+}
+
+pub struct Application {
+    port: u16,
+    server: actix_web::dev::Server,
+    state: AppState,
+    shutdown: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    grace: Duration,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let templates = load_templates(&settings)?;
+        let store = open_store(&settings)?;
+        let metrics = Arc::new(Metrics::new());
+        let client = HeapClient::new(
+            &settings.heap.base_url,
+            Duration::from_secs(settings.heap.request_timeout_secs.max(1)),
+        )
+        .context("cannot build the HTTP client")?;
+        let limiter = RateLimiter::new(
+            settings.delivery.app_events_per_minute,
+            settings.delivery.identity_events_per_minute,
+        );
+        let delivery = Arc::new(Delivery::new(
+            store.clone(),
+            client,
+            delivery_config(&settings),
+            limiter,
+            metrics.clone(),
+        ));
+        let pipeline = Arc::new(build_pipeline(&settings, templates.clone()));
+
+        if settings.configured_app_ids().is_empty() {
+            tracing::warn!(
+                "no Heap app_id is configured (heap.app_id or HEAP_RELAY__HEAP__APP_ID): events whose template or body \
+                 gives none will be rejected with field app_id"
+            );
+        }
+        let listener = TcpListener::bind(&settings.server.bind)
+            .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
+        let addr = listener.local_addr()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let workers_running = Arc::new(AtomicUsize::new(0));
+        let instance = uuid::Uuid::now_v7().simple().to_string();
+        let workers = (0..settings.delivery.workers)
+            .map(|i| {
+                let worker = Worker::new(delivery.clone(), format!("{instance}-{i}"));
+                let rx = shutdown_rx.clone();
+                let running = workers_running.clone();
+                running.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    worker.run(rx).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        let mut background = Vec::new();
+        if settings.templates.reload_interval_secs > 0 {
+            background.push(spawn_template_reload(
+                templates.clone(),
+                Duration::from_secs(settings.templates.reload_interval_secs),
+            ));
+        }
+        background.push(spawn_retention(
+            store.clone(),
+            Duration::from_secs(settings.store.retention_hours * 3600),
+        ));
+
+        let state = AppState {
+            intake: Intaker {
+                pipeline,
+                store,
+                delivery,
+                metrics,
+            },
+            max_body_bytes: settings.server.max_body_bytes,
+            retry_after_secs: settings.store.retry_after_secs,
+            admin_token: settings
+                .admin_token()
+                .map(|t| secrecy::SecretString::from(t.to_owned())),
+            workers_running,
+        };
+        let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
+        let data = web::Data::new(state.clone());
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .wrap(tracing_actix_web::TracingLogger::default())
+                .app_data(data.clone())
+                .configure(routes::configure)
+        })
+        .listen(listener)?
+        .shutdown_timeout(grace.as_secs())
+        .client_request_timeout(Duration::from_secs(10))
+        .client_disconnect_timeout(Duration::from_secs(5));
+        if settings.server.workers > 0 {
+            server = server.workers(settings.server.workers);
+        }
+        tracing::info!(%addr, heap = %settings.heap.base_url, store = %settings.store.path.display(), "heap-relay listening");
+        Ok(Self {
+            port: addr.port(),
+            server: server.run(),
+            state,
+            shutdown,
+            workers,
+            background,
+            grace,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// A handle to stop the server (tests; SIGTERM and SIGINT stop it on their own).
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until stopped (SIGTERM, SIGINT, or a handle), then lets the delivery workers finish their round and
+    /// release their leases, within the grace period.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.server.await?;
+        tracing::info!("HTTP server stopped; finishing deliveries in flight");
+        let _ = self.shutdown.send(true);
+        let all = futures_util::future::join_all(self.workers);
+        if tokio::time::timeout(self.grace, all).await.is_err() {
+            tracing::warn!(
+                grace_secs = self.grace.as_secs(),
+                "delivery workers did not finish in time; their leases will expire"
+            );
+        }
+        for b in self.background {
+            b.abort();
+        }
+        tracing::info!("heap-relay stopped");
+        Ok(())
+    }
+}
+
+fn spawn_template_reload(templates: Arc<TemplateStore>, every: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let t = templates.clone();
+            match tokio::task::spawn_blocking(move || t.reload_if_changed()).await {
+                Ok(Ok(true)) => tracing::info!("templates reloaded"),
+                Ok(Ok(false)) => {}
+                Ok(Err(errors)) => {
+                    for e in errors {
+                        tracing::error!(problem = %e, "template reload failed; the previous templates stay in use");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "template reload task failed"),
+            }
+        }
+    })
+}
+
+fn spawn_retention(store: SqliteStore, keep: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            let before = now_ms() - keep.as_millis() as i64;
+            loop {
+                match store.prune(before).await {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(deleted = n, "pruned delivered events past retention")
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention prune failed");
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
