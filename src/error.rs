@@ -55,13 +55,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-            field: None,
-            retry_after: None,
-            rejected: None,
-        }
+        Self { code, message: message.into(), field: None, retry_after: None, rejected: None }
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {

@@ -3,8 +3,7 @@
 
 use crate::domain::heap_call::BuildContext;
 use crate::domain::{
-    AppIdPolicy, CallKind, FieldError, HeapCall, PropertyLimits, Timestamp, TrackEvent,
-    UserProperties,
+    AppIdPolicy, CallKind, FieldError, HeapCall, PropertyLimits, Timestamp, TrackEvent, UserProperties,
 };
 use crate::sources::{self, Parsed, Source, SourceOptions};
 use crate::templates::render::RenderLimits;
@@ -18,10 +17,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// `/hooks/{source}[/{template}]`; `None` uses the source's configured template.
-    Hook {
-        source: Source,
-        template: Option<String>,
-    },
+    Hook { source: Source, template: Option<String> },
     /// Heap-compatible `/api/track` or `/api/add_user_properties`.
     Heap(CallKind),
 }
@@ -40,10 +36,7 @@ impl Route {
         if source == "heap" {
             return CallKind::parse(template).map(Route::Heap);
         }
-        Some(Route::Hook {
-            source: Source::parse(source)?,
-            template: Some(template.to_owned()),
-        })
+        Some(Route::Hook { source: Source::parse(source)?, template: Some(template.to_owned()) })
     }
 }
 
@@ -86,20 +79,11 @@ pub struct Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("malformed JSON at line {line}, column {column}: {message}")]
-    MalformedJson {
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    MalformedJson { line: usize, column: usize, message: String },
     #[error("source {0:?} is disabled in config.toml")]
     SourceDisabled(&'static str),
-    #[error(
-        "no template {name:?} for source {source_name} (looked for templates/{source_name}/{name}.json)"
-    )]
-    UnknownTemplate {
-        source_name: &'static str,
-        name: String,
-    },
+    #[error("no template {name:?} for source {source_name} (looked for templates/{source_name}/{name}.json)")]
+    UnknownTemplate { source_name: &'static str, name: String },
     #[error("{0}")]
     Body(FieldError),
     #[error("{items} items in one body; the limit is {limit} (limits.max_items)")]
@@ -120,27 +104,15 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn ingest(
-        &self,
-        route: &Route,
-        body: &[u8],
-        received_at: &Timestamp,
-    ) -> Result<Outcome, IngestError> {
+    pub fn ingest(&self, route: &Route, body: &[u8], received_at: &Timestamp) -> Result<Outcome, IngestError> {
         let value = parse_json(body)?;
         self.ingest_value(route, &value, received_at)
     }
 
-    pub fn ingest_value(
-        &self,
-        route: &Route,
-        value: &Value,
-        received_at: &Timestamp,
-    ) -> Result<Outcome, IngestError> {
+    pub fn ingest_value(&self, route: &Route, value: &Value, received_at: &Timestamp) -> Result<Outcome, IngestError> {
         match route {
             Route::Heap(kind) => self.ingest_heap(*kind, value, received_at),
-            Route::Hook { source, template } => {
-                self.ingest_hook(*source, template.as_deref(), value, received_at)
-            }
+            Route::Hook { source, template } => self.ingest_hook(*source, template.as_deref(), value, received_at),
         }
     }
 
@@ -151,49 +123,31 @@ impl Pipeline {
         value: &Value,
         received_at: &Timestamp,
     ) -> Result<Outcome, IngestError> {
-        let cfg = self
-            .sources
-            .get(&source)
-            .cloned()
-            .unwrap_or_else(|| SourceConfig {
-                enabled: true,
-                template: "default".into(),
-                app_id: None,
-                options: SourceOptions::default(),
-            });
+        let cfg = self.sources.get(&source).cloned().unwrap_or_else(|| SourceConfig {
+            enabled: true,
+            template: "default".into(),
+            app_id: None,
+            options: SourceOptions::default(),
+        });
         if !cfg.enabled {
             return Err(IngestError::SourceDisabled(source.as_str()));
         }
         let name = template.unwrap_or(&cfg.template);
-        let unknown = || IngestError::UnknownTemplate {
-            source_name: source.as_str(),
-            name: name.to_owned(),
-        };
+        let unknown = || IngestError::UnknownTemplate { source_name: source.as_str(), name: name.to_owned() };
         if !valid_name(name) {
             return Err(unknown());
         }
-        let tpl = self
-            .templates
-            .get(source.as_str(), name)
-            .ok_or_else(unknown)?;
+        let tpl = self.templates.get(source.as_str(), name).ok_or_else(unknown)?;
         let parsed = sources::parse(source, value, &cfg.options).map_err(IngestError::Body)?;
         let items = match parsed {
             Parsed::Ping => {
-                return Ok(Outcome {
-                    ping: true,
-                    template: name.to_owned(),
-                    ..Default::default()
-                });
+                return Ok(Outcome { ping: true, template: name.to_owned(), ..Default::default() });
             }
             Parsed::Items(items) => items,
         };
         self.check_count(items.len())?;
         let app_id = cfg.app_id.as_deref().or(self.default_app_id.as_deref());
-        let mut out = Outcome {
-            template: name.to_owned(),
-            items: items.len(),
-            ..Default::default()
-        };
+        let mut out = Outcome { template: name.to_owned(), items: items.len(), ..Default::default() };
         for (index, item) in items.into_iter().enumerate() {
             let item = match item {
                 Ok(i) => i,
@@ -227,46 +181,24 @@ impl Pipeline {
                 key_seed: &seed,
             };
             // All of an item's calls are accepted, or none: half an item in Heap is harder to repair than none.
-            match drafts
-                .iter()
-                .map(|d| build(d, &cx))
-                .collect::<Result<Vec<_>, _>>()
-            {
-                Ok(calls) => out
-                    .accepted
-                    .extend(calls.into_iter().map(|call| Accepted { index, call })),
+            match drafts.iter().map(|d| build(d, &cx)).collect::<Result<Vec<_>, _>>() {
+                Ok(calls) => out.accepted.extend(calls.into_iter().map(|call| Accepted { index, call })),
                 Err(e) => out.rejected.push(rejection(index, e)),
             }
         }
         Ok(out)
     }
 
-    fn ingest_heap(
-        &self,
-        kind: CallKind,
-        value: &Value,
-        received_at: &Timestamp,
-    ) -> Result<Outcome, IngestError> {
+    fn ingest_heap(&self, kind: CallKind, value: &Value, received_at: &Timestamp) -> Result<Outcome, IngestError> {
         if !self.heap_compat_enabled {
             return Err(IngestError::SourceDisabled("heap"));
         }
         let items = sources::heap::items(kind, value).map_err(IngestError::Body)?;
         self.check_count(items.len())?;
-        let prefix = if value.get(kind.bulk_field()).is_some() {
-            kind.bulk_field()
-        } else {
-            ""
-        };
-        let mut out = Outcome {
-            template: kind.as_str().to_owned(),
-            items: items.len(),
-            ..Default::default()
-        };
+        let prefix = if value.get(kind.bulk_field()).is_some() { kind.bulk_field() } else { "" };
+        let mut out = Outcome { template: kind.as_str().to_owned(), items: items.len(), ..Default::default() };
         for (index, item) in items.into_iter().enumerate() {
-            let seed_text = item
-                .as_ref()
-                .map(|o| Value::Object(o.clone()).to_string())
-                .unwrap_or_default();
+            let seed_text = item.as_ref().map(|o| Value::Object(o.clone()).to_string()).unwrap_or_default();
             let seed = ["heap", kind.as_str(), seed_text.as_str()];
             let cx = BuildContext {
                 policy: &self.policy,
@@ -275,15 +207,13 @@ impl Pipeline {
                 received_at,
                 key_seed: &seed,
             };
-            let built = item
-                .and_then(|body| build(&Draft { kind, body }, &cx))
-                .map_err(|e| {
-                    if prefix.is_empty() || e.field.starts_with(prefix) {
-                        e
-                    } else {
-                        e.under(&format!("{prefix}[{index}]"))
-                    }
-                });
+            let built = item.and_then(|body| build(&Draft { kind, body }, &cx)).map_err(|e| {
+                if prefix.is_empty() || e.field.starts_with(prefix) {
+                    e
+                } else {
+                    e.under(&format!("{prefix}[{index}]"))
+                }
+            });
             match built {
                 Ok(call) => out.accepted.push(Accepted { index, call }),
                 Err(e) => out.rejected.push(rejection(index, e)),
@@ -294,10 +224,7 @@ impl Pipeline {
 
     fn check_count(&self, items: usize) -> Result<(), IngestError> {
         if items > self.max_items {
-            return Err(IngestError::TooManyItems {
-                items,
-                limit: self.max_items,
-            });
+            return Err(IngestError::TooManyItems { items, limit: self.max_items });
         }
         Ok(())
     }
@@ -306,19 +233,12 @@ impl Pipeline {
 fn build(draft: &Draft, cx: &BuildContext<'_>) -> Result<HeapCall, FieldError> {
     Ok(match draft.kind {
         CallKind::Track => HeapCall::Track(TrackEvent::build(&draft.body, cx)?),
-        CallKind::UserProperties => {
-            HeapCall::UserProperties(UserProperties::build(&draft.body, cx)?)
-        }
+        CallKind::UserProperties => HeapCall::UserProperties(UserProperties::build(&draft.body, cx)?),
     })
 }
 
 fn rejection(index: usize, e: FieldError) -> Rejection {
-    Rejection {
-        index,
-        field: e.field,
-        code: e.code,
-        message: e.message,
-    }
+    Rejection { index, field: e.field, code: e.code, message: e.message }
 }
 
 /// Parses a body as JSON, with line and column on failure.
@@ -326,11 +246,6 @@ pub fn parse_json(body: &[u8]) -> Result<Value, IngestError> {
     serde_json::from_slice(body).map_err(|e| IngestError::MalformedJson {
         line: e.line(),
         column: e.column(),
-        message: e
-            .to_string()
-            .split(" at line ")
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
+        message: e.to_string().split(" at line ").next().unwrap_or_default().to_owned(),
     })
 }

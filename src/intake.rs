@@ -29,10 +29,7 @@ pub enum Intake {
     /// A vendor connection test; nothing stored.
     Ping,
     /// Stored; `nothing_accepted` when every item was rejected.
-    Stored {
-        summary: Summary,
-        nothing_accepted: bool,
-    },
+    Stored { summary: Summary, nothing_accepted: bool },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,10 +70,8 @@ impl Intaker {
             return Ok(Intake::Ping);
         }
         let source = route.source_name();
-        self.metrics
-            .item(source, "accepted", outcome.accepted.len());
-        self.metrics
-            .item(source, "rejected", outcome.rejected.len());
+        self.metrics.item(source, "accepted", outcome.accepted.len());
+        self.metrics.item(source, "rejected", outcome.rejected.len());
         self.metrics.item(source, "ignored", outcome.ignored.len());
         let (ingested, summary) = to_rows(source, outcome, body, received_at, None);
         let nothing_accepted = summary.accepted == 0 && !summary.rejected.is_empty();
@@ -90,10 +85,7 @@ impl Intaker {
         for (id, r) in summary.event_ids.iter().zip(0..) {
             tracing::debug!(event_id = %id, n = r, source, "accepted");
         }
-        Ok(Intake::Stored {
-            summary,
-            nothing_accepted,
-        })
+        Ok(Intake::Stored { summary, nothing_accepted })
     }
 }
 

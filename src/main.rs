@@ -38,40 +38,18 @@ async fn main() {
                 }
             }
         }
-        Command::Render {
-            source,
-            file,
-            template,
-        } => commands::render::run(&settings, &source, &file, template),
+        Command::Render { source, file, template } => commands::render::run(&settings, &source, &file, template),
         Command::Check => commands::check::run(&settings),
-        Command::Deliveries {
-            status,
-            source,
-            since,
-            until,
-            limit,
-            json,
-        } => {
+        Command::Deliveries { status, source, since, until, limit, json } => {
             commands::deliveries::run(
                 &settings,
-                commands::deliveries::Filters {
-                    status,
-                    source,
-                    since,
-                    until,
-                    limit,
-                    json,
-                },
+                commands::deliveries::Filters { status, source, since, until, limit, json },
             )
             .await
         }
-        Command::Replay {
-            id,
-            status,
-            since,
-            until,
-            rerender,
-        } => commands::replay::run(&settings, id, status, since, until, rerender).await,
+        Command::Replay { id, status, since, until, rerender } => {
+            commands::replay::run(&settings, id, status, since, until, rerender).await
+        }
     };
     std::process::exit(code);
 }

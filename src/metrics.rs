@@ -41,6 +41,7 @@ pub struct Metrics {
     pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
     pub dead_events: Gauge,
     pub store_bytes: Gauge,
+    pub template_reloads: Family<AttemptLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -70,86 +71,46 @@ impl Metrics {
             oldest_pending_seconds: Gauge::default(),
             dead_events: Gauge::default(),
             store_bytes: Gauge::default(),
+            template_reloads: Family::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "ingest_items",
-            "Items received, by source and outcome",
-            m.ingest_items.clone(),
-        );
-        registry.register(
-            "ingest_requests",
-            "Ingest requests, by source and HTTP status",
-            m.ingest_requests.clone(),
-        );
-        registry.register(
-            "ingest_latency_seconds",
-            "Time from request to durable answer",
-            m.ingest_latency.clone(),
-        );
-        registry.register(
-            "delivery_attempts",
-            "HTTP calls to Heap, by result",
-            m.delivery_attempts.clone(),
-        );
-        registry.register(
-            "delivery_events",
-            "Events carried by calls to Heap, by result",
-            m.delivery_events.clone(),
-        );
-        registry.register(
-            "delivery_batch_size",
-            "Events per call to Heap",
-            m.batch_size.clone(),
-        );
-        registry.register(
-            "delivery_latency_seconds",
-            "Latency of calls to Heap",
-            m.delivery_latency.clone(),
-        );
-        registry.register(
-            "queue_depth",
-            "Events pending or retrying",
-            m.queue_depth.clone(),
-        );
+        registry.register("ingest_items", "Items received, by source and outcome", m.ingest_items.clone());
+        registry.register("ingest_requests", "Ingest requests, by source and HTTP status", m.ingest_requests.clone());
+        registry.register("ingest_latency_seconds", "Time from request to durable answer", m.ingest_latency.clone());
+        registry.register("delivery_attempts", "HTTP calls to Heap, by result", m.delivery_attempts.clone());
+        registry.register("delivery_events", "Events carried by calls to Heap, by result", m.delivery_events.clone());
+        registry.register("delivery_batch_size", "Events per call to Heap", m.batch_size.clone());
+        registry.register("delivery_latency_seconds", "Latency of calls to Heap", m.delivery_latency.clone());
+        registry.register("queue_depth", "Events pending or retrying", m.queue_depth.clone());
         registry.register(
             "oldest_pending_age_seconds",
             "Age of the oldest event not yet delivered",
             m.oldest_pending_seconds.clone(),
         );
-        registry.register(
-            "dead_events",
-            "Events in dead letters",
-            m.dead_events.clone(),
-        );
+        registry.register("dead_events", "Events in dead letters", m.dead_events.clone());
         registry.register("store_bytes", "Size of the store", m.store_bytes.clone());
+        registry.register(
+            "template_reloads",
+            "Template reloads after an edit, by result (ok, failed)",
+            m.template_reloads.clone(),
+        );
         Self { registry, ..m }
     }
 
     pub fn item(&self, source: &str, outcome: &str, n: usize) {
         if n > 0 {
             self.ingest_items
-                .get_or_create(&IngestLabels {
-                    source: source.into(),
-                    outcome: outcome.into(),
-                })
+                .get_or_create(&IngestLabels { source: source.into(), outcome: outcome.into() })
                 .inc_by(n as u64);
         }
     }
 
     pub fn request(&self, source: &str, status: u16) {
-        self.ingest_requests
-            .get_or_create(&RequestLabels {
-                source: source.into(),
-                status,
-            })
-            .inc();
+        self.ingest_requests.get_or_create(&RequestLabels { source: source.into(), status }).inc();
     }
 
     pub fn attempt(&self, result: &str, events: usize) {
-        let l = AttemptLabels {
-            result: result.into(),
-        };
+        let l = AttemptLabels { result: result.into() };
         self.delivery_attempts.get_or_create(&l).inc();
         self.delivery_events.get_or_create(&l).inc_by(events as u64);
     }

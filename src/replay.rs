@@ -31,9 +31,8 @@ pub fn selector(
 ) -> Result<Selector, String> {
     let status = status
         .map(|s| {
-            Status::parse(s).ok_or_else(|| {
-                format!("unknown status {s:?}; one of pending, retrying, delivered, dead, rejected")
-            })
+            Status::parse(s)
+                .ok_or_else(|| format!("unknown status {s:?}; one of pending, retrying, delivered, dead, rejected"))
         })
         .transpose()?;
     if let Some(id) = id {
@@ -49,9 +48,9 @@ pub fn selector(
             })
     };
     match (since, until) {
-        (None, None) => status.map(Selector::Status).ok_or_else(|| {
-            "say which events: an id, a status, or a time range (since/until)".to_owned()
-        }),
+        (None, None) => status
+            .map(Selector::Status)
+            .ok_or_else(|| "say which events: an id, a status, or a time range (since/until)".to_owned()),
         (s, u) => Ok(Selector::Range {
             from: s.map(time).transpose()?.unwrap_or(0),
             to: u.map(time).transpose()?.unwrap_or(i64::MAX),
@@ -85,13 +84,7 @@ pub async fn replay(
             .unwrap_or_else(Timestamp::now);
         match pipeline.ingest(&route, &body, &ts) {
             Ok(outcome) => {
-                let (ingested, summary) = to_rows(
-                    route.source_name(),
-                    outcome,
-                    Vec::new(),
-                    received_at,
-                    Some(raw_id),
-                );
+                let (ingested, summary) = to_rows(route.source_name(), outcome, Vec::new(), received_at, Some(raw_id));
                 report.accepted += summary.accepted;
                 report.rejected += summary.rejected.len();
                 report.bodies += 1;

@@ -14,10 +14,7 @@ pub const DEFAULT_CONFIG: &str = include_str!("../config.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("cannot read config file {path}: {source}")]
-    Unreadable {
-        path: String,
-        source: std::io::Error,
-    },
+    Unreadable { path: String, source: std::io::Error },
     #[error("configuration: {0}")]
     Invalid(String),
 }
@@ -146,17 +143,8 @@ fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
         Many(Vec<String>),
     }
     Ok(match Either::deserialize(d)? {
-        Either::One(s) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        Either::Many(v) => v
-            .into_iter()
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect(),
+        Either::One(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+        Either::Many(v) => v.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
     })
 }
 
@@ -172,24 +160,18 @@ pub enum ConfigPath {
 impl Settings {
     /// Layers the defaults, the file and `env` (variables named `HEAP_RELAY__SECTION__KEY`), then validates.
     pub fn load(path: &ConfigPath, env: HashMap<String, String>) -> Result<Self, SettingsError> {
-        let mut builder =
-            Config::builder().add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml));
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml));
         let file = match path {
             ConfigPath::Explicit(p) => Some(p),
             ConfigPath::Default(p) if p.exists() => Some(p),
             ConfigPath::Default(_) => None,
         };
         if let Some(p) = file {
-            let text = std::fs::read_to_string(p).map_err(|source| SettingsError::Unreadable {
-                path: p.display().to_string(),
-                source,
-            })?;
+            let text = std::fs::read_to_string(p)
+                .map_err(|source| SettingsError::Unreadable { path: p.display().to_string(), source })?;
             builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
         }
-        let env: HashMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("HEAP_RELAY__"))
-            .collect();
+        let env: HashMap<String, String> = env.into_iter().filter(|(k, _)| k.starts_with("HEAP_RELAY__")).collect();
         builder = builder.add_source(
             Environment::with_prefix("HEAP_RELAY")
                 .prefix_separator("__")
@@ -197,32 +179,22 @@ impl Settings {
                 .try_parsing(false)
                 .source(Some(env)),
         );
-        let cfg = builder
-            .build()
-            .map_err(|e| SettingsError::Invalid(e.to_string()))?;
-        let settings: Settings = cfg
-            .try_deserialize()
-            .map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        let cfg = builder.build().map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        let settings: Settings = cfg.try_deserialize().map_err(|e| SettingsError::Invalid(e.to_string()))?;
         settings.validate()?;
         Ok(settings)
     }
 
     /// The built-in defaults alone (what a fresh checkout runs with).
     pub fn defaults() -> Self {
-        Self::load(
-            &ConfigPath::Default(PathBuf::from("/nonexistent/heap-relay.toml")),
-            HashMap::new(),
-        )
-        .expect("the committed config.toml is valid") // a unit test holds this
+        Self::load(&ConfigPath::Default(PathBuf::from("/nonexistent/heap-relay.toml")), HashMap::new())
+            .expect("the committed config.toml is valid") // a unit test holds this
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
         let bad = |m: String| Err(SettingsError::Invalid(m));
         if self.server.bind.parse::<SocketAddr>().is_err() {
-            return bad(format!(
-                "server.bind {:?} is not an address:port such as 127.0.0.1:8080",
-                self.server.bind
-            ));
+            return bad(format!("server.bind {:?} is not an address:port such as 127.0.0.1:8080", self.server.bind));
         }
         if self.server.max_body_bytes == 0 {
             return bad("server.max_body_bytes must be above 0".into());
@@ -230,10 +202,7 @@ impl Settings {
         match reqwest::Url::parse(&self.heap.base_url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
             _ => {
-                return bad(format!(
-                    "heap.base_url {:?} is not an http(s) URL",
-                    self.heap.base_url
-                ));
+                return bad(format!("heap.base_url {:?} is not an http(s) URL", self.heap.base_url));
             }
         }
         for (key, id) in self.configured_app_ids() {
@@ -243,9 +212,7 @@ impl Settings {
         }
         for id in &self.heap.allowed_app_ids {
             if crate::domain::AppId::parse(id).is_err() {
-                return bad(format!(
-                    "heap.allowed_app_ids: {id:?} is not a Heap app_id (digits only)"
-                ));
+                return bad(format!("heap.allowed_app_ids: {id:?} is not a Heap app_id (digits only)"));
             }
         }
         if !self.heap.allowed_app_ids.is_empty() {
@@ -262,10 +229,7 @@ impl Settings {
             return bad("delivery.workers must be at least 1".into());
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            return bad(format!(
-                "log.format must be \"text\" or \"json\", got {:?}",
-                self.log.format
-            ));
+            return bad(format!("log.format must be \"text\" or \"json\", got {:?}", self.log.format));
         }
         for (name, s) in self.hook_sources() {
             if !crate::templates::valid_name(&s.template) {
@@ -312,10 +276,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -351,11 +312,8 @@ mod tests {
 
     #[test]
     fn a_named_but_missing_config_file_is_fatal_and_unknown_keys_are_refused() {
-        let err = Settings::load(
-            &ConfigPath::Explicit(PathBuf::from("/nonexistent/x.toml")),
-            HashMap::new(),
-        )
-        .unwrap_err();
+        let err =
+            Settings::load(&ConfigPath::Explicit(PathBuf::from("/nonexistent/x.toml")), HashMap::new()).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/x.toml"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
@@ -370,17 +328,9 @@ mod tests {
             ("HEAP_RELAY__HEAP__APP_ID", "abc", "heap.app_id"),
             ("HEAP_RELAY__SERVER__BIND", "nowhere", "server.bind"),
             ("HEAP_RELAY__HEAP__BASE_URL", "ftp://x", "heap.base_url"),
-            (
-                "HEAP_RELAY__DELIVERY__MAX_BATCH",
-                "1001",
-                "delivery.max_batch",
-            ),
+            ("HEAP_RELAY__DELIVERY__MAX_BATCH", "1001", "delivery.max_batch"),
         ] {
-            let err = Settings::load(
-                &ConfigPath::Default(PathBuf::from("/nonexistent")),
-                env(&[(k, v)]),
-            )
-            .unwrap_err();
+            let err = Settings::load(&ConfigPath::Default(PathBuf::from("/nonexistent")), env(&[(k, v)])).unwrap_err();
             assert!(err.to_string().contains(want), "{k}: {err}");
         }
     }

@@ -45,12 +45,7 @@ pub fn load_templates(settings: &Settings) -> anyhow::Result<Arc<TemplateStore>>
 
 /// The ingest pipeline as configured.
 pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pipeline {
-    let allowed = settings
-        .heap
-        .allowed_app_ids
-        .iter()
-        .filter_map(|a| AppId::parse(a).ok())
-        .collect();
+    let allowed = settings.heap.allowed_app_ids.iter().filter_map(|a| AppId::parse(a).ok()).collect();
     let non_empty = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
     let sources: HashMap<Source, SourceConfig> = Source::ALL
         .into_iter()
@@ -64,9 +59,7 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
                 enabled: s.enabled,
                 template: s.template.clone(),
                 app_id: non_empty(&s.app_id),
-                options: SourceOptions {
-                    allow_anonymous: s.allow_anonymous,
-                },
+                options: SourceOptions { allow_anonymous: s.allow_anonymous },
             };
             (src, cfg)
         })
@@ -75,13 +68,8 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
         templates,
         policy: AppIdPolicy::new(allowed),
         default_app_id: non_empty(&settings.heap.app_id),
-        limits: PropertyLimits {
-            max_count: settings.limits.max_properties,
-            ..PropertyLimits::default()
-        },
-        render_limits: RenderLimits {
-            max_leaf_bytes: settings.templates.max_leaf_bytes,
-        },
+        limits: PropertyLimits { max_count: settings.limits.max_properties, ..PropertyLimits::default() },
+        render_limits: RenderLimits { max_leaf_bytes: settings.templates.max_leaf_bytes },
         sources,
         heap_compat_enabled: settings.sources.heap.enabled,
         max_items: settings.limits.max_items,
@@ -89,13 +77,8 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
 }
 
 pub fn open_store(settings: &Settings) -> anyhow::Result<SqliteStore> {
-    SqliteStore::open(
-        &settings.store.path,
-        SqliteOptions {
-            max_bytes: settings.store.max_bytes,
-        },
-    )
-    .with_context(|| format!("cannot open the store at {}", settings.store.path.display()))
+    SqliteStore::open(&settings.store.path, SqliteOptions { max_bytes: settings.store.max_bytes })
+        .with_context(|| format!("cannot open the store at {}", settings.store.path.display()))
 }
 
 pub fn delivery_config(settings: &Settings) -> DeliveryConfig {
@@ -126,22 +109,13 @@ impl Application {
         let templates = load_templates(&settings)?;
         let store = open_store(&settings)?;
         let metrics = Arc::new(Metrics::new());
-        let client = HeapClient::new(
-            &settings.heap.base_url,
-            Duration::from_secs(settings.heap.request_timeout_secs.max(1)),
-        )
-        .context("cannot build the HTTP client")?;
-        let limiter = RateLimiter::new(
-            settings.delivery.app_events_per_minute,
-            settings.delivery.identity_events_per_minute,
-        );
-        let delivery = Arc::new(Delivery::new(
-            store.clone(),
-            client,
-            delivery_config(&settings),
-            limiter,
-            metrics.clone(),
-        ));
+        let client =
+            HeapClient::new(&settings.heap.base_url, Duration::from_secs(settings.heap.request_timeout_secs.max(1)))
+                .context("cannot build the HTTP client")?;
+        let limiter =
+            RateLimiter::new(settings.delivery.app_events_per_minute, settings.delivery.identity_events_per_minute);
+        let delivery =
+            Arc::new(Delivery::new(store.clone(), client, delivery_config(&settings), limiter, metrics.clone()));
         let pipeline = Arc::new(build_pipeline(&settings, templates.clone()));
 
         if settings.configured_app_ids().is_empty() {
@@ -173,25 +147,16 @@ impl Application {
             background.push(spawn_template_reload(
                 templates.clone(),
                 Duration::from_secs(settings.templates.reload_interval_secs),
+                metrics.clone(),
             ));
         }
-        background.push(spawn_retention(
-            store.clone(),
-            Duration::from_secs(settings.store.retention_hours * 3600),
-        ));
+        background.push(spawn_retention(store.clone(), Duration::from_secs(settings.store.retention_hours * 3600)));
 
         let state = AppState {
-            intake: Intaker {
-                pipeline,
-                store,
-                delivery,
-                metrics,
-            },
+            intake: Intaker { pipeline, store, delivery, metrics },
             max_body_bytes: settings.server.max_body_bytes,
             retry_after_secs: settings.store.retry_after_secs,
-            admin_token: settings
-                .admin_token()
-                .map(|t| secrecy::SecretString::from(t.to_owned())),
+            admin_token: settings.admin_token().map(|t| secrecy::SecretString::from(t.to_owned())),
             workers_running,
         };
         let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
@@ -210,15 +175,7 @@ impl Application {
             server = server.workers(settings.server.workers);
         }
         tracing::info!(%addr, heap = %settings.heap.base_url, store = %settings.store.path.display(), "heap-relay listening");
-        Ok(Self {
-            port: addr.port(),
-            server: server.run(),
-            state,
-            shutdown,
-            workers,
-            background,
-            grace,
-        })
+        Ok(Self { port: addr.port(), server: server.run(), state, shutdown, workers, background, grace })
     }
 
     pub fn port(&self) -> u16 {
@@ -255,16 +212,23 @@ impl Application {
     }
 }
 
-fn spawn_template_reload(templates: Arc<TemplateStore>, every: Duration) -> JoinHandle<()> {
+fn spawn_template_reload(templates: Arc<TemplateStore>, every: Duration, metrics: Arc<Metrics>) -> JoinHandle<()> {
+    let count = move |result: &str| {
+        metrics.template_reloads.get_or_create(&crate::metrics::AttemptLabels { result: result.into() }).inc()
+    };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
             let t = templates.clone();
             match tokio::task::spawn_blocking(move || t.reload_if_changed()).await {
-                Ok(Ok(true)) => tracing::info!("templates reloaded"),
+                Ok(Ok(true)) => {
+                    count("ok");
+                    tracing::info!("templates reloaded");
+                }
                 Ok(Ok(false)) => {}
                 Ok(Err(errors)) => {
+                    count("failed");
                     for e in errors {
                         tracing::error!(problem = %e, "template reload failed; the previous templates stay in use");
                     }

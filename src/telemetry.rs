@@ -4,15 +4,9 @@ use tracing_subscriber::EnvFilter;
 
 pub fn init(level: &str, format: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     // A second init (tests) keeps the first subscriber.
-    let _ = if format == "json" {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.try_init()
-    };
+    let _ = if format == "json" { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
 }
 
 /// For tests: logs only when TEST_LOG is set, so a failing test can be rerun with its log.

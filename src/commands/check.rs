@@ -10,9 +10,7 @@ pub fn run(settings: &Settings) -> i32 {
     for (name, s) in settings.hook_sources() {
         if s.enabled
             && set.get(name, &s.template).is_none()
-            && !errors
-                .iter()
-                .any(|e| e.file.contains(&format!("{name}/{}.json", s.template)))
+            && !errors.iter().any(|e| e.file.contains(&format!("{name}/{}.json", s.template)))
         {
             problems.push(format!(
                 "source {name}: template {}/{name}/{}.json is missing",
@@ -22,9 +20,7 @@ pub fn run(settings: &Settings) -> i32 {
         }
     }
     if settings.configured_app_ids().is_empty() {
-        println!(
-            "note: no Heap app_id is configured (heap.app_id); templates and bodies must give one"
-        );
+        println!("note: no Heap app_id is configured (heap.app_id); templates and bodies must give one");
     }
     if problems.is_empty() {
         println!("ok: configuration and {} templates load", set.names().len());

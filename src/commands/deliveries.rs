@@ -15,17 +15,10 @@ pub struct Filters {
 }
 
 pub async fn run(settings: &Settings, f: Filters) -> i32 {
-    let status = match f
-        .status
-        .as_deref()
-        .map(|s| Status::parse(s).ok_or(s))
-        .transpose()
-    {
+    let status = match f.status.as_deref().map(|s| Status::parse(s).ok_or(s)).transpose() {
         Ok(s) => s,
         Err(s) => {
-            eprintln!(
-                "error: unknown status {s:?}; one of pending, retrying, delivered, dead, rejected, replaced"
-            );
+            eprintln!("error: unknown status {s:?}; one of pending, retrying, delivered, dead, rejected, replaced");
             return 2;
         }
     };
@@ -47,16 +40,7 @@ pub async fn run(settings: &Settings, f: Filters) -> i32 {
             return 1;
         }
     };
-    let events = match store
-        .list(Query {
-            status,
-            source: f.source,
-            since,
-            until,
-            limit: f.limit,
-        })
-        .await
-    {
+    let events = match store.list(Query { status, source: f.source, since, until, limit: f.limit }).await {
         Ok(v) => v,
         Err(e) => {
             eprintln!("error: {e}");
@@ -64,10 +48,7 @@ pub async fn run(settings: &Settings, f: Filters) -> i32 {
         }
     };
     if f.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&events).unwrap_or_default()
-        );
+        println!("{}", serde_json::to_string_pretty(&events).unwrap_or_default());
         return 0;
     }
     println!(

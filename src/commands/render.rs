@@ -28,14 +28,7 @@ pub fn run(settings: &Settings, source: &str, file: &Path, template: Option<Stri
         }
     };
     let pipeline = build_pipeline(settings, templates);
-    match pipeline.ingest(
-        &Route::Hook {
-            source: src,
-            template,
-        },
-        &body,
-        &Timestamp::now(),
-    ) {
+    match pipeline.ingest(&Route::Hook { source: src, template }, &body, &Timestamp::now()) {
         Err(e) => {
             eprintln!("error: {}: {e}", file.display());
             1
@@ -50,7 +43,8 @@ pub fn run(settings: &Settings, source: &str, file: &Path, template: Option<Stri
                 .iter()
                 .map(|a| json!({"item": a.index, "endpoint": a.call.kind().path(), "body": a.call.single_body()}))
                 .collect();
-            let doc = json!({"template": out.template, "calls": calls, "rejected": out.rejected, "ignored": out.ignored});
+            let doc =
+                json!({"template": out.template, "calls": calls, "rejected": out.rejected, "ignored": out.ignored});
             println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             if out.rejected.is_empty() { 0 } else { 1 }
         }

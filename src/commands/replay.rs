@@ -12,12 +12,7 @@ pub async fn run(
     until: Option<String>,
     rerender: bool,
 ) -> i32 {
-    let sel = match selector(
-        id.as_deref(),
-        status.as_deref(),
-        since.as_deref(),
-        until.as_deref(),
-    ) {
+    let sel = match selector(id.as_deref(), status.as_deref(), since.as_deref(), until.as_deref()) {
         Ok(s) => s,
         Err(m) => {
             eprintln!("error: {m}");
@@ -46,10 +41,7 @@ pub async fn run(
     };
     match replay(&store, &pipeline, sel, rerender, &mut progress).await {
         Ok(report) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&report).unwrap_or_default()
-            );
+            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
             0
         }
         Err(e) => {

@@ -15,17 +15,10 @@ pub fn batches(claimed: Vec<Claimed>, max: usize) -> Vec<Batch> {
     let max = max.max(1);
     let mut out: Vec<Batch> = Vec::new();
     for c in claimed {
-        let open = out
-            .iter_mut()
-            .rev()
-            .find(|b| b.app_id == c.app_id && b.kind == c.kind && b.events.len() < max);
+        let open = out.iter_mut().rev().find(|b| b.app_id == c.app_id && b.kind == c.kind && b.events.len() < max);
         match open {
             Some(b) => b.events.push(c),
-            None => out.push(Batch {
-                app_id: c.app_id.clone(),
-                kind: c.kind,
-                events: vec![c],
-            }),
+            None => out.push(Batch { app_id: c.app_id.clone(), kind: c.kind, events: vec![c] }),
         }
     }
     out
@@ -62,12 +55,7 @@ mod tests {
         let b = batches(claimed, 2);
         let shape: Vec<(String, Vec<i64>)> = b
             .iter()
-            .map(|b| {
-                (
-                    format!("{}:{}", b.app_id, b.kind.as_str()),
-                    b.events.iter().map(|e| e.id).collect(),
-                )
-            })
+            .map(|b| (format!("{}:{}", b.app_id, b.kind.as_str()), b.events.iter().map(|e| e.id).collect()))
             .collect();
         assert_eq!(
             shape,

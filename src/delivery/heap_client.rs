@@ -19,10 +19,7 @@ impl HeapClient {
             .user_agent(concat!("heap-relay/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(16)
             .build()?;
-        Ok(Self {
-            client,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-        })
+        Ok(Self { client, base_url: base_url.trim_end_matches('/').to_owned() })
     }
 
     pub fn base_url(&self) -> &str {
@@ -31,12 +28,7 @@ impl HeapClient {
 
     /// Sends one bulk call: `{"app_id": .., "events"|"users": [payloads]}`. Payloads are the JSON text stored at
     /// ingest (already validated), joined without re-parsing.
-    pub async fn send(
-        &self,
-        kind: CallKind,
-        app_id: &str,
-        payloads: &[&str],
-    ) -> (HttpOutcome, Duration) {
+    pub async fn send(&self, kind: CallKind, app_id: &str, payloads: &[&str]) -> (HttpOutcome, Duration) {
         let body = bulk_body(kind, app_id, payloads);
         let started = Instant::now();
         let result = self
@@ -55,11 +47,7 @@ impl HeapClient {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, chrono::Utc::now().timestamp()));
                 let body = resp.text().await.unwrap_or_default();
-                HttpOutcome::Status {
-                    code,
-                    retry_after,
-                    body,
-                }
+                HttpOutcome::Status { code, retry_after, body }
             }
             Err(e) if e.is_timeout() => HttpOutcome::Timeout,
             Err(e) if e.is_connect() => HttpOutcome::Connect(error_chain(&e)),
@@ -103,15 +91,8 @@ mod tests {
 
     #[test]
     fn bulk_body_is_valid_json_with_app_id_once() {
-        let b = bulk_body(
-            CallKind::Track,
-            "12",
-            &[r#"{"identity":"a"}"#, r#"{"identity":"b"}"#],
-        );
+        let b = bulk_body(CallKind::Track, "12", &[r#"{"identity":"a"}"#, r#"{"identity":"b"}"#]);
         let v: serde_json::Value = serde_json::from_str(&b).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"app_id": "12", "events": [{"identity": "a"}, {"identity": "b"}]})
-        );
+        assert_eq!(v, serde_json::json!({"app_id": "12", "events": [{"identity": "a"}, {"identity": "b"}]}));
     }
 }

@@ -10,9 +10,7 @@ pub mod policy;
 pub mod rate_limit;
 
 use crate::metrics::Metrics;
-use crate::store::{
-    AttemptLog, AttemptRecord, Claimed, Millis, Resolution, SqliteStore, StoreError, now_ms,
-};
+use crate::store::{AttemptLog, AttemptRecord, Claimed, Millis, Resolution, SqliteStore, StoreError, now_ms};
 use batcher::{Batch, batches};
 use heap_client::HeapClient;
 use policy::{Decision, backoff, classify};
@@ -69,9 +67,7 @@ pub struct Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Delivery").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
@@ -83,15 +79,7 @@ impl Delivery {
         limiter: RateLimiter,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self {
-            store,
-            client,
-            config,
-            limiter,
-            metrics,
-            wake: Notify::new(),
-            paused: Mutex::new(HashMap::new()),
-        }
+        Self { store, client, config, limiter, metrics, wake: Notify::new(), paused: Mutex::new(HashMap::new()) }
     }
 
     fn paused_apps(&self, now: Millis) -> Vec<String> {
@@ -176,20 +164,9 @@ impl Worker {
         let d = &self.shared;
         let now = now_ms();
         let limit = (d.config.max_batch * 4) as i64;
-        let claimed = d
-            .store
-            .claim(
-                &self.owner,
-                now,
-                d.config.lease.as_millis() as i64,
-                limit,
-                d.paused_apps(now),
-            )
-            .await?;
-        let mut out = RoundOutcome {
-            claimed: claimed.len(),
-            ..Default::default()
-        };
+        let claimed =
+            d.store.claim(&self.owner, now, d.config.lease.as_millis() as i64, limit, d.paused_apps(now)).await?;
+        let mut out = RoundOutcome { claimed: claimed.len(), ..Default::default() };
         if claimed.is_empty() {
             return Ok(out);
         }
@@ -222,11 +199,7 @@ impl Worker {
     /// Sends one batch, splitting it when Heap refuses it as a whole, and returns each event's record.
     async fn deliver(&self, batch: Batch) -> (Vec<AttemptRecord>, usize) {
         let d = &self.shared;
-        let Batch {
-            app_id,
-            kind,
-            events,
-        } = batch;
+        let Batch { app_id, kind, events } = batch;
         let mut logs: HashMap<i64, Vec<AttemptLog>> = HashMap::new();
         let mut records = Vec::with_capacity(events.len());
         let mut work = vec![events];
@@ -243,11 +216,7 @@ impl Worker {
                 status = tracing::field::Empty,
                 latency_ms = tracing::field::Empty,
             );
-            let (outcome, latency) = d
-                .client
-                .send(kind, &app_id, &payloads)
-                .instrument(span.clone())
-                .await;
+            let (outcome, latency) = d.client.send(kind, &app_id, &payloads).instrument(span.clone()).await;
             requests += 1;
             let at = now_ms();
             let http_status = match &outcome {
@@ -295,12 +264,10 @@ impl Worker {
                 });
             };
             match decision {
-                Decision::Delivered => events
-                    .iter()
-                    .for_each(|e| finish(e, Resolution::Delivered, None)),
-                Decision::DeadLetter { reason } => events
-                    .iter()
-                    .for_each(|e| finish(e, Resolution::Dead, Some(reason.clone()))),
+                Decision::Delivered => events.iter().for_each(|e| finish(e, Resolution::Delivered, None)),
+                Decision::DeadLetter { reason } => {
+                    events.iter().for_each(|e| finish(e, Resolution::Dead, Some(reason.clone())))
+                }
                 Decision::Split { .. } => {
                     let mut first = events;
                     let second = first.split_off(first.len() / 2);
@@ -317,9 +284,7 @@ impl Worker {
                     let until = at + after.unwrap_or(d.config.backoff_base * 30).as_millis() as i64;
                     d.pause(&app_id, until);
                     tracing::warn!(app_id = %app_id, pause_ms = until - at, "Heap rate-limited this app_id; pausing it");
-                    events.iter().for_each(|e| {
-                        finish(e, Resolution::Retry { at: until }, Some(reason.clone()))
-                    });
+                    events.iter().for_each(|e| finish(e, Resolution::Retry { at: until }, Some(reason.clone())));
                     // Whatever is left of a split waits out the pause too, unattempted.
                     for rest in work.drain(..) {
                         for e in rest {
@@ -343,39 +308,19 @@ impl Worker {
         (records, requests)
     }
 
-    fn retry_or_give_up(
-        &self,
-        e: &Claimed,
-        at: Millis,
-        after: Option<Duration>,
-        reason: &str,
-    ) -> (Resolution, String) {
+    fn retry_or_give_up(&self, e: &Claimed, at: Millis, after: Option<Duration>, reason: &str) -> (Resolution, String) {
         let cfg = &self.shared.config;
         let age = Duration::from_millis((at - e.enqueued_at).max(0) as u64);
         if age >= cfg.max_retry_age {
             return (
                 Resolution::Dead,
-                format!(
-                    "gave up after {}h of retries; last error: {reason}",
-                    cfg.max_retry_age.as_secs() / 3600
-                ),
+                format!("gave up after {}h of retries; last error: {reason}", cfg.max_retry_age.as_secs() / 3600),
             );
         }
         let attempt = (e.attempts + 1).clamp(1, 64) as u32;
-        let wait = after.unwrap_or_else(|| {
-            backoff(
-                attempt,
-                cfg.backoff_base,
-                cfg.backoff_max,
-                rand::thread_rng().r#gen::<f64>(),
-            )
-        });
-        (
-            Resolution::Retry {
-                at: at + wait.as_millis() as i64,
-            },
-            reason.to_owned(),
-        )
+        let wait = after
+            .unwrap_or_else(|| backoff(attempt, cfg.backoff_base, cfg.backoff_max, rand::thread_rng().r#gen::<f64>()));
+        (Resolution::Retry { at: at + wait.as_millis() as i64 }, reason.to_owned())
     }
 }
 

@@ -9,11 +9,7 @@ use std::time::Duration;
 /// What an attempt came back with.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HttpOutcome {
-    Status {
-        code: u16,
-        retry_after: Option<Duration>,
-        body: String,
-    },
+    Status { code: u16, retry_after: Option<Duration>, body: String },
     Timeout,
     Connect(String),
     Other(String),
@@ -44,53 +40,28 @@ pub enum Decision {
 
 pub fn classify(outcome: &HttpOutcome, batch_len: usize) -> Decision {
     match outcome {
-        HttpOutcome::Status {
-            code,
-            retry_after,
-            body,
-        } => {
+        HttpOutcome::Status { code, retry_after, body } => {
             let reason = format!("Heap answered {code}: {}", summarize(body));
             match *code {
                 200..=299 => Decision::Delivered,
                 400 | 413 | 422 if batch_len > 1 => Decision::Split { reason },
-                429 => Decision::Throttled {
-                    after: *retry_after,
-                    reason,
-                },
-                408 | 423 => Decision::Retry {
-                    after: *retry_after,
-                    reason,
-                },
+                429 => Decision::Throttled { after: *retry_after, reason },
+                408 | 423 => Decision::Retry { after: *retry_after, reason },
                 501 => Decision::DeadLetter { reason },
-                500..=599 => Decision::Retry {
-                    after: *retry_after,
-                    reason,
-                },
+                500..=599 => Decision::Retry { after: *retry_after, reason },
                 _ => Decision::DeadLetter { reason },
             }
         }
-        HttpOutcome::Timeout => Decision::Retry {
-            after: None,
-            reason: "timed out waiting for Heap".into(),
-        },
-        HttpOutcome::Connect(e) => Decision::Retry {
-            after: None,
-            reason: format!("could not connect to Heap: {e}"),
-        },
-        HttpOutcome::Other(e) => Decision::Retry {
-            after: None,
-            reason: format!("request to Heap failed: {e}"),
-        },
+        HttpOutcome::Timeout => Decision::Retry { after: None, reason: "timed out waiting for Heap".into() },
+        HttpOutcome::Connect(e) => Decision::Retry { after: None, reason: format!("could not connect to Heap: {e}") },
+        HttpOutcome::Other(e) => Decision::Retry { after: None, reason: format!("request to Heap failed: {e}") },
     }
 }
 
 /// Exponential backoff with jitter: attempt `n` (1-based) waits a random time between half and all of
 /// `base * 2^(n-1)`, never more than `max`. `unit` is a random number in [0, 1).
 pub fn backoff(attempt: u32, base: Duration, max: Duration, unit: f64) -> Duration {
-    let exp = base.saturating_mul(
-        1u32.checked_shl(attempt.saturating_sub(1).min(30))
-            .unwrap_or(u32::MAX),
-    );
+    let exp = base.saturating_mul(1u32.checked_shl(attempt.saturating_sub(1).min(30)).unwrap_or(u32::MAX));
     let ceiling = exp.min(max);
     ceiling.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
 }
@@ -102,9 +73,7 @@ pub fn parse_retry_after(value: &str, now_unix: i64) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let when = chrono::DateTime::parse_from_rfc2822(v).ok()?.timestamp();
-    Some(Duration::from_secs(
-        when.saturating_sub(now_unix).max(0) as u64
-    ))
+    Some(Duration::from_secs(when.saturating_sub(now_unix).max(0) as u64))
 }
 
 fn summarize(body: &str) -> String {
@@ -113,11 +82,7 @@ fn summarize(body: &str) -> String {
         return "(empty body)".into();
     }
     let cut: String = b.chars().take(500).collect();
-    if cut.len() < b.len() {
-        format!("{cut}…")
-    } else {
-        cut
-    }
+    if cut.len() < b.len() { format!("{cut}…") } else { cut }
 }
 
 #[cfg(test)]
@@ -125,47 +90,23 @@ mod tests {
     use super::*;
 
     fn status(code: u16) -> HttpOutcome {
-        HttpOutcome::Status {
-            code,
-            retry_after: None,
-            body: "bad".into(),
-        }
+        HttpOutcome::Status { code, retry_after: None, body: "bad".into() }
     }
 
     #[test]
     fn success_retry_split_and_dead_letter_follow_the_table() {
         assert_eq!(classify(&status(200), 10), Decision::Delivered);
         assert!(matches!(classify(&status(400), 10), Decision::Split { .. }));
-        assert!(
-            matches!(classify(&status(400), 1), Decision::DeadLetter { reason } if reason.contains("400: bad"))
-        );
+        assert!(matches!(classify(&status(400), 1), Decision::DeadLetter { reason } if reason.contains("400: bad")));
         assert!(matches!(classify(&status(413), 2), Decision::Split { .. }));
-        assert!(matches!(
-            classify(&status(404), 5),
-            Decision::DeadLetter { .. }
-        ));
-        assert!(matches!(
-            classify(&status(401), 5),
-            Decision::DeadLetter { .. }
-        ));
+        assert!(matches!(classify(&status(404), 5), Decision::DeadLetter { .. }));
+        assert!(matches!(classify(&status(401), 5), Decision::DeadLetter { .. }));
         for code in [408, 423, 500, 502, 503, 504] {
-            assert!(
-                matches!(classify(&status(code), 5), Decision::Retry { .. }),
-                "{code}"
-            );
+            assert!(matches!(classify(&status(code), 5), Decision::Retry { .. }), "{code}");
         }
-        assert!(matches!(
-            classify(&status(501), 5),
-            Decision::DeadLetter { .. }
-        ));
-        assert!(matches!(
-            classify(&status(429), 5),
-            Decision::Throttled { .. }
-        ));
-        assert!(matches!(
-            classify(&HttpOutcome::Timeout, 1),
-            Decision::Retry { .. }
-        ));
+        assert!(matches!(classify(&status(501), 5), Decision::DeadLetter { .. }));
+        assert!(matches!(classify(&status(429), 5), Decision::Throttled { .. }));
+        assert!(matches!(classify(&HttpOutcome::Timeout, 1), Decision::Retry { .. }));
     }
 
     #[test]
@@ -181,13 +122,8 @@ mod tests {
     #[test]
     fn retry_after_reads_seconds_and_http_dates() {
         assert_eq!(parse_retry_after("7", 0), Some(Duration::from_secs(7)));
-        let now = chrono::DateTime::parse_from_rfc2822("Wed, 21 Oct 2015 07:28:00 GMT")
-            .unwrap()
-            .timestamp();
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
-            Some(Duration::from_secs(30))
-        );
+        let now = chrono::DateTime::parse_from_rfc2822("Wed, 21 Oct 2015 07:28:00 GMT").unwrap().timestamp();
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now), Some(Duration::from_secs(30)));
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }

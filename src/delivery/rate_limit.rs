@@ -24,11 +24,7 @@ const MAX_BUCKETS: usize = 100_000;
 impl RateLimiter {
     /// A rate of 0 turns that budget off.
     pub fn new(app_per_min: u32, identity_per_min: u32) -> Self {
-        Self {
-            app_per_min,
-            identity_per_min,
-            buckets: Mutex::new(HashMap::new()),
-        }
+        Self { app_per_min, identity_per_min, buckets: Mutex::new(HashMap::new()) }
     }
 
     /// Takes one event's worth from the app's and the identity's budgets, or says how long until both have it.
@@ -44,10 +40,7 @@ impl RateLimiter {
         if longest > Duration::ZERO {
             return Err(longest);
         }
-        for (key, rate) in [
-            ((app_id, ""), self.app_per_min),
-            ((app_id, identity), self.identity_per_min),
-        ] {
+        for (key, rate) in [((app_id, ""), self.app_per_min), ((app_id, identity), self.identity_per_min)] {
             if rate > 0 {
                 if let Some(bucket) = b.get_mut(&(key.0.to_owned(), key.1.to_owned())) {
                     bucket.tokens -= 1.0;
@@ -58,30 +51,16 @@ impl RateLimiter {
     }
 }
 
-fn wait(
-    b: &mut HashMap<(String, String), Bucket>,
-    key: (&str, &str),
-    per_min: u32,
-    now: Instant,
-) -> Duration {
+fn wait(b: &mut HashMap<(String, String), Bucket>, key: (&str, &str), per_min: u32, now: Instant) -> Duration {
     if per_min == 0 {
         return Duration::ZERO;
     }
     let cap = per_min as f64;
-    let bucket = b
-        .entry((key.0.to_owned(), key.1.to_owned()))
-        .or_insert(Bucket {
-            tokens: cap,
-            at: now,
-        });
+    let bucket = b.entry((key.0.to_owned(), key.1.to_owned())).or_insert(Bucket { tokens: cap, at: now });
     let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * cap / 60.0;
     bucket.tokens = (bucket.tokens + refill).min(cap);
     bucket.at = now;
-    if bucket.tokens >= 1.0 {
-        Duration::ZERO
-    } else {
-        Duration::from_secs_f64((1.0 - bucket.tokens) * 60.0 / cap)
-    }
+    if bucket.tokens >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - bucket.tokens) * 60.0 / cap) }
 }
 
 #[cfg(test)]
@@ -95,15 +74,9 @@ mod tests {
         assert!(rl.try_take("1", "a", t).is_ok());
         assert!(rl.try_take("1", "a", t).is_ok());
         let wait = rl.try_take("1", "a", t).unwrap_err();
-        assert!(
-            wait > Duration::from_secs(29) && wait <= Duration::from_secs(30),
-            "{wait:?}"
-        );
+        assert!(wait > Duration::from_secs(29) && wait <= Duration::from_secs(30), "{wait:?}");
         assert!(rl.try_take("1", "b", t).is_ok());
-        assert!(
-            rl.try_take("1", "a", t + Duration::from_secs(30)).is_ok(),
-            "refills over time"
-        );
+        assert!(rl.try_take("1", "a", t + Duration::from_secs(30)).is_ok(), "refills over time");
     }
 
     #[test]

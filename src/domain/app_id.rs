@@ -69,11 +69,7 @@ impl AppIdPolicy {
 
 pub(crate) fn truncate_for_message(s: &str) -> String {
     const MAX: usize = 64;
-    if s.chars().count() <= MAX {
-        s.to_owned()
-    } else {
-        format!("{}…", s.chars().take(MAX).collect::<String>())
-    }
+    if s.chars().count() <= MAX { s.to_owned() } else { format!("{}…", s.chars().take(MAX).collect::<String>()) }
 }
 
 #[cfg(test)]
@@ -87,15 +83,7 @@ mod tests {
 
     #[test]
     fn empty_non_digit_and_overlong_app_ids_are_rejected_naming_the_field() {
-        for bad in [
-            "",
-            "  ",
-            "12a4",
-            "1\",\"app_id\":\"1",
-            "-1",
-            "1.5",
-            &"9".repeat(33),
-        ] {
+        for bad in ["", "  ", "12a4", "1\",\"app_id\":\"1", "-1", "1.5", &"9".repeat(33)] {
             let err = AppId::parse(bad).unwrap_err();
             assert_eq!(err.field, "app_id", "{bad:?}");
         }

@@ -13,10 +13,7 @@ impl EventName {
     pub fn parse(raw: &str) -> Result<Self, FieldError> {
         let s = raw.trim();
         if s.is_empty() {
-            return Err(FieldError::missing(
-                "event",
-                "event name is missing or empty",
-            ));
+            return Err(FieldError::missing("event", "event name is missing or empty"));
         }
         let n = s.chars().count();
         if n > MAX_EVENT_CHARS {
@@ -40,15 +37,9 @@ mod tests {
 
     #[test]
     fn names_are_trimmed_and_bounded() {
-        assert_eq!(
-            EventName::parse(" Order Completed ").unwrap().as_str(),
-            "Order Completed"
-        );
+        assert_eq!(EventName::parse(" Order Completed ").unwrap().as_str(), "Order Completed");
         assert_eq!(EventName::parse(" ").unwrap_err().field, "event");
         assert!(EventName::parse(&"e".repeat(1024)).is_ok());
-        assert_eq!(
-            EventName::parse(&"e".repeat(1025)).unwrap_err().code,
-            "too_long"
-        );
+        assert_eq!(EventName::parse(&"e".repeat(1025)).unwrap_err().code, "too_long");
     }
 }

@@ -16,11 +16,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            code,
-            message: message.into(),
-        }
+        Self { field: field.into(), code, message: message.into() }
     }
 
     pub fn missing(field: impl Into<String>, message: impl Into<String>) -> Self {
@@ -33,11 +29,7 @@ impl FieldError {
 
     /// The same error, with its field nested under `prefix` (`properties` + `a.b` → `properties.a.b`).
     pub fn under(mut self, prefix: &str) -> Self {
-        self.field = if self.field.is_empty() {
-            prefix.to_owned()
-        } else {
-            format!("{prefix}.{}", self.field)
-        };
+        self.field = if self.field.is_empty() { prefix.to_owned() } else { format!("{prefix}.{}", self.field) };
         self
     }
 }

@@ -3,8 +3,7 @@
 
 use super::identity::json_type;
 use super::{
-    AppId, AppIdPolicy, EventName, FieldError, IdempotencyKey, Identity, Properties,
-    PropertyLimits, Timestamp, UserId,
+    AppId, AppIdPolicy, EventName, FieldError, IdempotencyKey, Identity, Properties, PropertyLimits, Timestamp, UserId,
 };
 use serde_json::{Map, Value, json};
 
@@ -102,16 +101,8 @@ pub struct BuildContext<'a> {
     pub key_seed: &'a [&'a str],
 }
 
-const TRACK_FIELDS: &[&str] = &[
-    "app_id",
-    "identity",
-    "user_id",
-    "event",
-    "timestamp",
-    "idempotency_key",
-    "session_id",
-    "properties",
-];
+const TRACK_FIELDS: &[&str] =
+    &["app_id", "identity", "user_id", "event", "timestamp", "idempotency_key", "session_id", "properties"];
 const USER_FIELDS: &[&str] = &["app_id", "identity", "properties"];
 
 impl TrackEvent {
@@ -120,39 +111,25 @@ impl TrackEvent {
         let app_id = admit_app_id(obj, cx)?;
         let who = match (present(obj, "identity"), present(obj, "user_id")) {
             (Some(_), Some(_)) => {
-                return Err(FieldError::invalid(
-                    "identity",
-                    "send identity or user_id, not both (Heap refuses both)",
-                ));
+                return Err(FieldError::invalid("identity", "send identity or user_id, not both (Heap refuses both)"));
             }
             (Some(i), None) => Who::Identity(Identity::parse(i)?),
             (None, Some(u)) => Who::UserId(UserId::parse(u)?),
             (None, None) => {
-                return Err(FieldError::missing(
-                    "identity",
-                    "identity is missing or empty",
-                ));
+                return Err(FieldError::missing("identity", "identity is missing or empty"));
             }
         };
         let event = match present(obj, "event") {
             Some(Value::String(s)) => EventName::parse(s)?,
             Some(Value::Number(n)) => EventName::parse(&n.to_string())?,
             Some(other) => {
-                return Err(FieldError::invalid(
-                    "event",
-                    format!("event must be a string, got {}", json_type(other)),
-                ));
+                return Err(FieldError::invalid("event", format!("event must be a string, got {}", json_type(other))));
             }
             None => {
-                return Err(FieldError::missing(
-                    "event",
-                    "event name is missing or empty",
-                ));
+                return Err(FieldError::missing("event", "event name is missing or empty"));
             }
         };
-        let sender_time = present(obj, "timestamp")
-            .map(Timestamp::parse)
-            .transpose()?;
+        let sender_time = present(obj, "timestamp").map(Timestamp::parse).transpose()?;
         let session_id = match present(obj, "session_id") {
             None => None,
             Some(Value::String(s)) => Some(s.trim().to_owned()),
@@ -177,16 +154,11 @@ impl TrackEvent {
         }
         .unwrap_or_else(|| {
             let mut parts: Vec<&str> = cx.key_seed.to_vec();
-            parts.extend([
-                who.as_str(),
-                event.as_str(),
-                sender_time.as_ref().map_or("", |t| t.as_str()),
-            ]);
+            parts.extend([who.as_str(), event.as_str(), sender_time.as_ref().map_or("", |t| t.as_str())]);
             IdempotencyKey::derive(&parts)
         });
-        let properties =
-            Properties::flatten(obj.get("properties").unwrap_or(&Value::Null), cx.limits)
-                .map_err(|e| nest(e, "properties"))?;
+        let properties = Properties::flatten(obj.get("properties").unwrap_or(&Value::Null), cx.limits)
+            .map_err(|e| nest(e, "properties"))?;
         Ok(Self {
             app_id,
             who,
@@ -225,27 +197,16 @@ impl UserProperties {
         let identity = match present(obj, "identity") {
             Some(v) => Identity::parse(v)?,
             None => {
-                return Err(FieldError::missing(
-                    "identity",
-                    "identity is missing or empty",
-                ));
+                return Err(FieldError::missing("identity", "identity is missing or empty"));
             }
         };
-        let properties =
-            Properties::flatten(obj.get("properties").unwrap_or(&Value::Null), cx.limits)
-                .map_err(|e| nest(e, "properties"))?
-                .for_user();
+        let properties = Properties::flatten(obj.get("properties").unwrap_or(&Value::Null), cx.limits)
+            .map_err(|e| nest(e, "properties"))?
+            .for_user();
         if properties.is_empty() {
-            return Err(FieldError::missing(
-                "properties",
-                "add_user_properties needs at least one property",
-            ));
+            return Err(FieldError::missing("properties", "add_user_properties needs at least one property"));
         }
-        Ok(Self {
-            app_id,
-            identity,
-            properties,
-        })
+        Ok(Self { app_id, identity, properties })
     }
 
     /// One element of the bulk body's `users` array.
@@ -318,10 +279,7 @@ fn admit_app_id(obj: &Map<String, Value>, cx: &BuildContext<'_>) -> Result<AppId
         Some(other) => {
             return Err(FieldError::invalid(
                 "app_id",
-                format!(
-                    "app_id must be a string of digits, got {}",
-                    json_type(other)
-                ),
+                format!("app_id must be a string of digits, got {}", json_type(other)),
             ));
         }
         None => cx.default_app_id.unwrap_or_default().to_owned(),
@@ -335,38 +293,21 @@ fn check_fields(obj: &Map<String, Value>, allowed: &[&str]) -> Result<(), FieldE
         Some(k) => Err(FieldError::new(
             k.clone(),
             "unknown_field",
-            format!(
-                "unknown field {k:?}; expected one of {}",
-                allowed.join(", ")
-            ),
+            format!("unknown field {k:?}; expected one of {}", allowed.join(", ")),
         )),
     }
 }
 
 fn nest(e: FieldError, prefix: &str) -> FieldError {
-    if e.field == prefix || e.field.starts_with(&format!("{prefix}.")) {
-        e
-    } else {
-        e.under(prefix)
-    }
+    if e.field == prefix || e.field.starts_with(&format!("{prefix}.")) { e } else { e.under(prefix) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn cx<'a>(
-        policy: &'a AppIdPolicy,
-        limits: &'a PropertyLimits,
-        now: &'a Timestamp,
-    ) -> BuildContext<'a> {
-        BuildContext {
-            policy,
-            default_app_id: Some("11"),
-            limits,
-            received_at: now,
-            key_seed: &["test"],
-        }
+    fn cx<'a>(policy: &'a AppIdPolicy, limits: &'a PropertyLimits, now: &'a Timestamp) -> BuildContext<'a> {
+        BuildContext { policy, default_app_id: Some("11"), limits, received_at: now, key_seed: &["test"] }
     }
 
     fn obj(v: Value) -> Map<String, Value> {
@@ -375,31 +316,19 @@ mod tests {
 
     #[test]
     fn track_without_timestamp_gets_received_time_and_a_stable_derived_key() {
-        let (p, l, now) = (
-            AppIdPolicy::default(),
-            PropertyLimits::default(),
-            Timestamp::now(),
-        );
+        let (p, l, now) = (AppIdPolicy::default(), PropertyLimits::default(), Timestamp::now());
         let body = obj(json!({"identity": "u1", "event": "E", "properties": {"a": {"b": 1}}}));
         let a = TrackEvent::build(&body, &cx(&p, &l, &now)).unwrap();
-        let b =
-            TrackEvent::build(&body, &cx(&p, &l, &Timestamp::parse(&json!(1)).unwrap())).unwrap();
+        let b = TrackEvent::build(&body, &cx(&p, &l, &Timestamp::parse(&json!(1)).unwrap())).unwrap();
         assert_eq!(a.app_id.as_str(), "11");
         assert_eq!(a.timestamp, now);
-        assert_eq!(
-            a.idempotency_key, b.idempotency_key,
-            "receive time must not change the key"
-        );
+        assert_eq!(a.idempotency_key, b.idempotency_key, "receive time must not change the key");
         assert_eq!(a.bulk_item()["properties"], json!({"a.b": 1}));
     }
 
     #[test]
     fn identity_and_user_id_together_unknown_fields_and_bad_nested_keys_are_named() {
-        let (p, l, now) = (
-            AppIdPolicy::default(),
-            PropertyLimits::default(),
-            Timestamp::now(),
-        );
+        let (p, l, now) = (AppIdPolicy::default(), PropertyLimits::default(), Timestamp::now());
         let c = cx(&p, &l, &now);
         let both = obj(json!({"identity": "u", "user_id": "1", "event": "E"}));
         assert_eq!(TrackEvent::build(&both, &c).unwrap_err().field, "identity");
@@ -408,37 +337,19 @@ mod tests {
         let no_event = obj(json!({"identity": "u", "event": ""}));
         assert_eq!(TrackEvent::build(&no_event, &c).unwrap_err().field, "event");
         let bad_props = obj(json!({"identity": "u", "event": "E", "properties": "x"}));
-        assert_eq!(
-            TrackEvent::build(&bad_props, &c).unwrap_err().field,
-            "properties"
-        );
+        assert_eq!(TrackEvent::build(&bad_props, &c).unwrap_err().field, "properties");
     }
 
     #[test]
     fn user_properties_need_identity_and_something_to_set() {
-        let (p, l, now) = (
-            AppIdPolicy::default(),
-            PropertyLimits::default(),
-            Timestamp::now(),
-        );
+        let (p, l, now) = (AppIdPolicy::default(), PropertyLimits::default(), Timestamp::now());
         let c = cx(&p, &l, &now);
+        assert_eq!(UserProperties::build(&obj(json!({"properties": {"a": 1}})), &c).unwrap_err().field, "identity");
         assert_eq!(
-            UserProperties::build(&obj(json!({"properties": {"a": 1}})), &c)
-                .unwrap_err()
-                .field,
-            "identity"
-        );
-        assert_eq!(
-            UserProperties::build(&obj(json!({"identity": "u", "properties": {}})), &c)
-                .unwrap_err()
-                .field,
+            UserProperties::build(&obj(json!({"identity": "u", "properties": {}})), &c).unwrap_err().field,
             "properties"
         );
-        let ok = UserProperties::build(
-            &obj(json!({"identity": "u", "properties": {"plan": "pro"}})),
-            &c,
-        )
-        .unwrap();
+        let ok = UserProperties::build(&obj(json!({"identity": "u", "properties": {"plan": "pro"}})), &c).unwrap();
         assert_eq!(
             HeapCall::UserProperties(ok).single_body(),
             json!({"app_id": "11", "identity": "u", "properties": {"plan": "pro"}})

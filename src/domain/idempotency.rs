@@ -46,28 +46,14 @@ mod tests {
 
     #[test]
     fn derived_keys_are_stable_and_part_boundaries_matter() {
-        assert_eq!(
-            IdempotencyKey::derive(&["a", "b"]),
-            IdempotencyKey::derive(&["a", "b"])
-        );
-        assert_ne!(
-            IdempotencyKey::derive(&["ab", ""]),
-            IdempotencyKey::derive(&["a", "b"])
-        );
+        assert_eq!(IdempotencyKey::derive(&["a", "b"]), IdempotencyKey::derive(&["a", "b"]));
+        assert_ne!(IdempotencyKey::derive(&["ab", ""]), IdempotencyKey::derive(&["a", "b"]));
     }
 
     #[test]
     fn message_ids_are_kept_and_overlong_ones_hashed() {
-        assert_eq!(
-            IdempotencyKey::from_message_id(" m-1 ").unwrap().as_str(),
-            "m-1"
-        );
+        assert_eq!(IdempotencyKey::from_message_id(" m-1 ").unwrap().as_str(), "m-1");
         assert!(IdempotencyKey::from_message_id("").is_none());
-        assert!(
-            IdempotencyKey::from_message_id(&"x".repeat(300))
-                .unwrap()
-                .as_str()
-                .starts_with("hr1-")
-        );
+        assert!(IdempotencyKey::from_message_id(&"x".repeat(300)).unwrap().as_str().starts_with("hr1-"));
     }
 }

@@ -26,10 +26,7 @@ impl Identity {
             other => {
                 return Err(FieldError::invalid(
                     "identity",
-                    format!(
-                        "identity must be a string or a number, got {}",
-                        json_type(other)
-                    ),
+                    format!("identity must be a string or a number, got {}", json_type(other)),
                 ));
             }
         };
@@ -39,17 +36,12 @@ impl Identity {
     pub fn parse_str(raw: &str) -> Result<Self, FieldError> {
         let s = raw.trim();
         if s.is_empty() {
-            return Err(FieldError::missing(
-                "identity",
-                "identity is missing or empty",
-            ));
+            return Err(FieldError::missing("identity", "identity is missing or empty"));
         }
         if PLACEHOLDERS.contains(&s.to_ascii_lowercase().as_str()) {
             return Err(FieldError::invalid(
                 "identity",
-                format!(
-                    "identity {s:?} is a placeholder, not a user id; Heap would merge every such user into one"
-                ),
+                format!("identity {s:?} is a placeholder, not a user id; Heap would merge every such user into one"),
             ));
         }
         let n = s.chars().count();
@@ -89,10 +81,7 @@ impl UserId {
             && digits.bytes().all(|b| b.is_ascii_digit())
             && digits.parse::<u64>().is_ok_and(|v| v < (1u64 << 53));
         if !ok {
-            return Err(FieldError::invalid(
-                "user_id",
-                "user_id must be Heap's numeric user id, 0 to 2^53-1",
-            ));
+            return Err(FieldError::invalid("user_id", "user_id must be Heap's numeric user id, 0 to 2^53-1"));
         }
         Ok(Self(digits))
     }
@@ -126,29 +115,13 @@ mod tests {
 
     #[test]
     fn empty_placeholder_structured_and_overlong_identities_are_rejected() {
-        for bad in [
-            json!(""),
-            json!("   "),
-            json!(null),
-            json!("undefined"),
-            json!("NULL"),
-            json!({"a": 1}),
-            json!(["x"]),
-        ] {
-            assert_eq!(
-                Identity::parse(&bad).unwrap_err().field,
-                "identity",
-                "{bad}"
-            );
+        for bad in
+            [json!(""), json!("   "), json!(null), json!("undefined"), json!("NULL"), json!({"a": 1}), json!(["x"])]
+        {
+            assert_eq!(Identity::parse(&bad).unwrap_err().field, "identity", "{bad}");
         }
-        assert_eq!(
-            Identity::parse(&json!("x".repeat(256))).unwrap_err().code,
-            "too_long"
-        );
-        assert!(
-            Identity::parse(&json!("é".repeat(255))).is_ok(),
-            "limit counts characters, not bytes"
-        );
+        assert_eq!(Identity::parse(&json!("x".repeat(256))).unwrap_err().code, "too_long");
+        assert!(Identity::parse(&json!("é".repeat(255))).is_ok(), "limit counts characters, not bytes");
     }
 
     #[test]

@@ -23,11 +23,7 @@ pub struct PropertyLimits {
 
 impl Default for PropertyLimits {
     fn default() -> Self {
-        Self {
-            max_count: 1000,
-            max_key_chars: MAX_KEY_CHARS,
-            max_value_chars: MAX_VALUE_CHARS,
-        }
+        Self { max_count: 1000, max_key_chars: MAX_KEY_CHARS, max_value_chars: MAX_VALUE_CHARS }
     }
 }
 
@@ -57,11 +53,7 @@ impl Properties {
             return Err(FieldError::new(
                 "properties",
                 "too_many",
-                format!(
-                    "{} properties after flattening; the limit is {}",
-                    out.len(),
-                    limits.max_count
-                ),
+                format!("{} properties after flattening; the limit is {}", out.len(), limits.max_count),
             ));
         }
         Ok(Self(out))
@@ -100,12 +92,7 @@ impl Properties {
     }
 }
 
-fn flatten_into(
-    out: &mut Map<String, Value>,
-    key: &str,
-    v: &Value,
-    limits: &PropertyLimits,
-) -> Result<(), FieldError> {
+fn flatten_into(out: &mut Map<String, Value>, key: &str, v: &Value, limits: &PropertyLimits) -> Result<(), FieldError> {
     match v {
         Value::Null => Ok(()),
         Value::Object(obj) => {
@@ -123,17 +110,12 @@ fn flatten_into(
                 return Err(FieldError::new(
                     format!("properties.{}", super::app_id::truncate_for_message(key)),
                     "too_long",
-                    format!(
-                        "property key is {key_chars} characters; Heap allows at most {}",
-                        limits.max_key_chars
-                    ),
+                    format!("property key is {key_chars} characters; Heap allows at most {}", limits.max_key_chars),
                 ));
             }
             let value = match scalar {
                 Value::String(s) => Value::String(truncate_chars(s, limits.max_value_chars)),
-                Value::Array(_) => {
-                    Value::String(truncate_chars(&scalar.to_string(), limits.max_value_chars))
-                }
+                Value::Array(_) => Value::String(truncate_chars(&scalar.to_string(), limits.max_value_chars)),
                 other => other.clone(),
             };
             out.insert(key.to_owned(), value);
@@ -155,68 +137,42 @@ mod tests {
     use serde_json::json;
 
     fn flat(v: Value) -> Map<String, Value> {
-        Properties::flatten(&v, &PropertyLimits::default())
-            .unwrap()
-            .0
+        Properties::flatten(&v, &PropertyLimits::default()).unwrap().0
     }
 
     #[test]
     fn nested_objects_become_dotted_keys_and_scalars_keep_their_types() {
         let out = flat(json!({"foo": {"bar": {"cheese": "yes"}}, "n": 1.5, "b": true, "s": "x"}));
-        assert_eq!(
-            Value::Object(out),
-            json!({"foo.bar.cheese": "yes", "n": 1.5, "b": true, "s": "x"})
-        );
+        assert_eq!(Value::Object(out), json!({"foo.bar.cheese": "yes", "n": 1.5, "b": true, "s": "x"}));
     }
 
     #[test]
     fn arrays_become_json_text_and_nulls_are_dropped() {
         let out = flat(json!({"tags": ["a", "b"], "gone": null, "objs": [{"a": 1}]}));
-        assert_eq!(
-            Value::Object(out),
-            json!({"tags": "[\"a\",\"b\"]", "objs": "[{\"a\":1}]"})
-        );
+        assert_eq!(Value::Object(out), json!({"tags": "[\"a\",\"b\"]", "objs": "[{\"a\":1}]"}));
     }
 
     #[test]
     fn long_values_are_truncated_on_a_character_boundary_and_long_keys_refused() {
         let out = flat(json!({"v": "é".repeat(2000)}));
         assert_eq!(out["v"].as_str().unwrap().chars().count(), MAX_VALUE_CHARS);
-        let err = Properties::flatten(&json!({"k".repeat(1024): 1}), &PropertyLimits::default())
-            .unwrap_err();
+        let err = Properties::flatten(&json!({"k".repeat(1024): 1}), &PropertyLimits::default()).unwrap_err();
         assert_eq!(err.code, "too_long");
         assert!(err.field.starts_with("properties.kkk"));
     }
 
     #[test]
     fn too_many_properties_are_refused_and_non_objects_named() {
-        let limits = PropertyLimits {
-            max_count: 2,
-            ..Default::default()
-        };
-        assert_eq!(
-            Properties::flatten(&json!({"a": 1, "b": {"c": 1, "d": 2}}), &limits)
-                .unwrap_err()
-                .code,
-            "too_many"
-        );
-        assert_eq!(
-            Properties::flatten(&json!([1]), &limits).unwrap_err().field,
-            "properties"
-        );
+        let limits = PropertyLimits { max_count: 2, ..Default::default() };
+        assert_eq!(Properties::flatten(&json!({"a": 1, "b": {"c": 1, "d": 2}}), &limits).unwrap_err().code, "too_many");
+        assert_eq!(Properties::flatten(&json!([1]), &limits).unwrap_err().field, "properties");
     }
 
     #[test]
     fn user_properties_drop_id_and_lowercase_email() {
-        let p = Properties::flatten(
-            &json!({"ID": 7, "Email": "a@b.co", "plan": "pro"}),
-            &PropertyLimits::default(),
-        )
-        .unwrap()
-        .for_user();
-        assert_eq!(
-            Value::Object(p.0),
-            json!({"email": "a@b.co", "plan": "pro"})
-        );
+        let p = Properties::flatten(&json!({"ID": 7, "Email": "a@b.co", "plan": "pro"}), &PropertyLimits::default())
+            .unwrap()
+            .for_user();
+        assert_eq!(Value::Object(p.0), json!({"email": "a@b.co", "plan": "pro"}));
     }
 }

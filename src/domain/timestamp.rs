@@ -70,10 +70,7 @@ fn parse_str(s: &str) -> Option<DateTime<Utc>> {
             return Some(dt.with_timezone(&Utc));
         }
     }
-    NaiveDate::parse_from_str(s, "%Y-%m-%d")
-        .ok()
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|n| n.and_utc())
+    NaiveDate::parse_from_str(s, "%Y-%m-%d").ok().and_then(|d| d.and_hms_opt(0, 0, 0)).map(|n| n.and_utc())
 }
 
 #[cfg(test)]
@@ -84,14 +81,8 @@ mod tests {
     #[test]
     fn accepted_forms_normalise_to_utc_millis() {
         let cases = [
-            (
-                json!("2024-11-18T19:10:00.123Z"),
-                "2024-11-18T19:10:00.123Z",
-            ),
-            (
-                json!("2024-11-18T21:10:00+02:00"),
-                "2024-11-18T19:10:00.000Z",
-            ),
+            (json!("2024-11-18T19:10:00.123Z"), "2024-11-18T19:10:00.123Z"),
+            (json!("2024-11-18T21:10:00+02:00"), "2024-11-18T19:10:00.000Z"),
             (json!("2024-11-18 19:10:00"), "2024-11-18T19:10:00.000Z"),
             (json!("2024-11-18"), "2024-11-18T00:00:00.000Z"),
             (json!(1731957000), "2024-11-18T19:10:00.000Z"),
@@ -105,18 +96,8 @@ mod tests {
 
     #[test]
     fn nonsense_is_rejected_naming_timestamp() {
-        for bad in [
-            json!("yesterday"),
-            json!(""),
-            json!(true),
-            json!(-5),
-            json!({"t": 1}),
-        ] {
-            assert_eq!(
-                Timestamp::parse(&bad).unwrap_err().field,
-                "timestamp",
-                "{bad}"
-            );
+        for bad in [json!("yesterday"), json!(""), json!(true), json!(-5), json!({"t": 1})] {
+            assert_eq!(Timestamp::parse(&bad).unwrap_err().field, "timestamp", "{bad}");
         }
     }
 }

@@ -19,9 +19,7 @@ impl FromRequest for Admin {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
-        let token = req
-            .app_data::<web::Data<AppState>>()
-            .and_then(|s| s.admin_token.clone());
+        let token = req.app_data::<web::Data<AppState>>().and_then(|s| s.admin_token.clone());
         let Some(token) = token else {
             return ready(Err(ApiError::new(
                 ErrorCode::NotFound,
@@ -79,12 +77,10 @@ pub async fn list(
         .transpose()?;
     let range = match (&p.since, &p.until) {
         (None, None) => None,
-        (s, u) => {
-            match selector(None, None, s.as_deref(), u.as_deref()).map_err(|m| bad("since", m))? {
-                crate::store::Selector::Range { from, to, .. } => Some((from, to)),
-                _ => None,
-            }
-        }
+        (s, u) => match selector(None, None, s.as_deref(), u.as_deref()).map_err(|m| bad("since", m))? {
+            crate::store::Selector::Range { from, to, .. } => Some((from, to)),
+            _ => None,
+        },
     };
     let q = Query {
         status,
@@ -93,27 +89,16 @@ pub async fn list(
         until: range.map(|r| r.1),
         limit: p.limit.unwrap_or(100).clamp(1, 10_000),
     };
-    let events = state
-        .intake
-        .store
-        .list(q)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let events = state.intake.store.list(q).await.map_err(|e| ApiError::internal(&e))?;
     Ok(HttpResponse::Ok().json(json!({ "count": events.len(), "events": events })))
 }
 
-pub async fn get(
-    _: Admin,
-    id: web::Path<String>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn get(_: Admin, id: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     match state.intake.store.get(&id).await {
         Ok(v) => Ok(HttpResponse::Ok().json(v)),
-        Err(StoreError::NotFound) => Err(ApiError::new(
-            ErrorCode::NotFound,
-            format!("no event {:?}", id.as_str()),
-        )
-        .with_field("id")),
+        Err(StoreError::NotFound) => {
+            Err(ApiError::new(ErrorCode::NotFound, format!("no event {:?}", id.as_str())).with_field("id"))
+        }
         Err(e) => Err(ApiError::internal(&e)),
     }
 }
@@ -129,38 +114,21 @@ pub struct ReplayBody {
     rerender: bool,
 }
 
-pub async fn replay(
-    _: Admin,
-    body: web::Bytes,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn replay(_: Admin, body: web::Bytes, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let b: ReplayBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             ErrorCode::InvalidBody,
-            format!(
-                "replay body: {e}; expected {{\"id\"|\"status\"|\"since\"/\"until\", \"rerender\"}}"
-            ),
+            format!("replay body: {e}; expected {{\"id\"|\"status\"|\"since\"/\"until\", \"rerender\"}}"),
         )
     })?;
-    let sel = selector(
-        b.id.as_deref(),
-        b.status.as_deref(),
-        b.since.as_deref(),
-        b.until.as_deref(),
-    )
-    .map_err(|m| ApiError::new(ErrorCode::InvalidBody, m))?;
+    let sel = selector(b.id.as_deref(), b.status.as_deref(), b.since.as_deref(), b.until.as_deref())
+        .map_err(|m| ApiError::new(ErrorCode::InvalidBody, m))?;
     let i = &state.intake;
-    let report = run_replay(
-        &i.store,
-        &i.pipeline,
-        sel,
-        b.rerender,
-        &mut |done, total| {
-            if done % 1000 == 0 || done == total {
-                tracing::info!(done, total, "replay progress");
-            }
-        },
-    )
+    let report = run_replay(&i.store, &i.pipeline, sel, b.rerender, &mut |done, total| {
+        if done % 1000 == 0 || done == total {
+            tracing::info!(done, total, "replay progress");
+        }
+    })
     .await
     .map_err(|e| ApiError::internal(&e))?;
     i.delivery.wake.notify_waiters();

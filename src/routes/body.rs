@@ -6,16 +6,9 @@ use actix_web::HttpRequest;
 use actix_web::web::Payload;
 use futures_util::StreamExt;
 
-pub async fn read_limited(
-    req: &HttpRequest,
-    mut payload: Payload,
-    limit: usize,
-) -> Result<Vec<u8>, ApiError> {
+pub async fn read_limited(req: &HttpRequest, mut payload: Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
     let too_large = || {
-        ApiError::new(
-            ErrorCode::BodyTooLarge,
-            format!("the body is larger than {limit} bytes (server.max_body_bytes)"),
-        )
+        ApiError::new(ErrorCode::BodyTooLarge, format!("the body is larger than {limit} bytes (server.max_body_bytes)"))
     };
     let declared = req
         .headers()
@@ -27,12 +20,8 @@ pub async fn read_limited(
     }
     let mut body = Vec::with_capacity(declared.unwrap_or(1024).min(limit));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(
-                ErrorCode::InvalidBody,
-                format!("could not read the body: {e}"),
-            )
-        })?;
+        let chunk =
+            chunk.map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("could not read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(too_large());
         }

@@ -13,17 +13,11 @@ pub async fn healthz() -> HttpResponse {
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     if let Err(e) = state.intake.store.ping().await {
         tracing::error!(error = %e, "readiness: the store does not answer");
-        return Err(ApiError::new(
-            ErrorCode::NotReady,
-            "the store does not answer",
-        ));
+        return Err(ApiError::new(ErrorCode::NotReady, "the store does not answer"));
     }
     let workers = state.workers_running.load(Ordering::SeqCst);
     if workers == 0 {
-        return Err(ApiError::new(
-            ErrorCode::NotReady,
-            "no delivery worker is running",
-        ));
+        return Err(ApiError::new(ErrorCode::NotReady, "no delivery worker is running"));
     }
     Ok(HttpResponse::Ok().json(json!({"status": "ready", "delivery_workers": workers})))
 }

@@ -44,21 +44,15 @@ async fn take(
         .with_field("source"));
     };
     let body = read_limited(req, payload, state.max_body_bytes).await?;
-    let result = state
-        .intake
-        .accept(Route::Hook { source, template }, body)
-        .await;
+    let result = state.intake.accept(Route::Hook { source, template }, body).await;
     respond(source.as_str(), result, state)
 }
 
 /// Maps an intake result to HTTP; shared with the Heap-compatible routes.
-pub fn respond(
-    source: &str,
-    result: Result<Intake, IntakeError>,
-    state: &AppState,
-) -> Result<HttpResponse, ApiError> {
+pub fn respond(source: &str, result: Result<Intake, IntakeError>, state: &AppState) -> Result<HttpResponse, ApiError> {
     let response = match result {
-        Ok(Intake::Ping) => Ok(HttpResponse::Ok().json(json!({"ok": true, "test": true, "message": "test ping received; nothing sent to Heap"}))),
+        Ok(Intake::Ping) => Ok(HttpResponse::Ok()
+            .json(json!({"ok": true, "test": true, "message": "test ping received; nothing sent to Heap"}))),
         Ok(Intake::Stored { summary, nothing_accepted: false }) => Ok(HttpResponse::Accepted().json(summary)),
         Ok(Intake::Stored { summary, nothing_accepted: true }) => {
             let first = summary.rejected.first().map(|r| r.field.clone());
@@ -90,18 +84,12 @@ pub fn respond(
 fn ingest_error(e: IngestError) -> ApiError {
     let message = e.to_string();
     match e {
-        IngestError::MalformedJson { .. } => {
-            ApiError::new(ErrorCode::MalformedJson, message).with_field("body")
-        }
-        IngestError::SourceDisabled(_) => {
-            ApiError::new(ErrorCode::UnknownSource, message).with_field("source")
-        }
+        IngestError::MalformedJson { .. } => ApiError::new(ErrorCode::MalformedJson, message).with_field("body"),
+        IngestError::SourceDisabled(_) => ApiError::new(ErrorCode::UnknownSource, message).with_field("source"),
         IngestError::UnknownTemplate { .. } => {
             ApiError::new(ErrorCode::UnknownTemplate, message).with_field("template")
         }
-        IngestError::Body(f) => {
-            ApiError::new(ErrorCode::InvalidBody, f.message).with_field(f.field)
-        }
+        IngestError::Body(f) => ApiError::new(ErrorCode::InvalidBody, f.message).with_field(f.field),
         IngestError::TooManyItems { .. } => ApiError::new(ErrorCode::TooManyItems, message),
     }
 }

@@ -10,14 +10,10 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             m.queue_depth.set(s.ready_or_waiting);
             m.dead_events.set(s.dead);
             m.store_bytes.set(s.db_bytes);
-            let age = s
-                .oldest_pending_ms
-                .map_or(0.0, |t| (crate::store::now_ms() - t).max(0) as f64 / 1000.0);
+            let age = s.oldest_pending_ms.map_or(0.0, |t| (crate::store::now_ms() - t).max(0) as f64 / 1000.0);
             m.oldest_pending_seconds.set(age);
         }
         Err(e) => tracing::warn!(error = %e, "metrics: could not read queue figures"),
     }
-    HttpResponse::Ok()
-        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
-        .body(m.encode())
+    HttpResponse::Ok().content_type("application/openmetrics-text; version=1.0.0; charset=utf-8").body(m.encode())
 }

@@ -27,15 +27,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(metrics::metrics))
         .route("/hooks/{source}", web::post().to(hooks::hook))
-        .route(
-            "/hooks/{source}/{template}",
-            web::post().to(hooks::hook_with_template),
-        )
+        .route("/hooks/{source}/{template}", web::post().to(hooks::hook_with_template))
         .route("/api/track", web::post().to(heap_compat::track))
-        .route(
-            "/api/add_user_properties",
-            web::post().to(heap_compat::add_user_properties),
-        )
+        .route("/api/add_user_properties", web::post().to(heap_compat::add_user_properties))
         .route("/admin/deliveries", web::get().to(admin::list))
         .route("/admin/deliveries/{id}", web::get().to(admin::get))
         .route("/admin/replay", web::post().to(admin::replay))
@@ -43,25 +37,22 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
-    let known_path = [
-        "/healthz",
-        "/readyz",
-        "/metrics",
-        "/api/track",
-        "/api/add_user_properties",
-        "/admin/replay",
-    ]
-    .contains(&req.path())
-        || req.path().starts_with("/hooks/")
-        || req.path().starts_with("/admin/deliveries");
-    if known_path {
+    let segments: Vec<&str> = req.path().trim_start_matches('/').split('/').collect();
+    let route_exists = !segments.iter().any(|s| s.is_empty())
+        && matches!(
+            segments.as_slice(),
+            ["healthz" | "readyz" | "metrics"]
+                | ["api", "track" | "add_user_properties"]
+                | ["admin", "replay" | "deliveries"]
+                | ["admin", "deliveries", _]
+                | ["hooks", _]
+                | ["hooks", _, _]
+        );
+    if route_exists {
         return Err(ApiError::new(
             ErrorCode::MethodNotAllowed,
             format!("{} is not allowed on {}", req.method(), req.path()),
         ));
     }
-    Err(ApiError::new(
-        ErrorCode::NotFound,
-        format!("no route {} {}", req.method(), req.path()),
-    ))
+    Err(ApiError::new(ErrorCode::NotFound, format!("no route {} {}", req.method(), req.path())))
 }

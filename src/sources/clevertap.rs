@@ -25,10 +25,7 @@ const PROFILE_FIELDS: &[(&str, &str)] = &[
 
 pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
     let Value::Object(root) = body else {
-        return Err(FieldError::invalid(
-            "body",
-            "a CleverTap webhook body must be a JSON object with `profiles`",
-        ));
+        return Err(FieldError::invalid("body", "a CleverTap webhook body must be a JSON object with `profiles`"));
     };
     if get_ci(root, "is_test").is_some_and(is_true) {
         return Ok(Parsed::Ping);
@@ -37,16 +34,10 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
         Some(Value::Array(a)) => a.iter().collect(),
         Some(obj @ Value::Object(_)) => vec![obj],
         Some(_) => {
-            return Err(FieldError::invalid(
-                "profiles",
-                "profiles must be an array or an object",
-            ));
+            return Err(FieldError::invalid("profiles", "profiles must be an array or an object"));
         }
         None => {
-            return Err(FieldError::missing(
-                "profiles",
-                "a CleverTap webhook body needs `profiles`",
-            ));
+            return Err(FieldError::missing("profiles", "a CleverTap webhook body needs `profiles`"));
         }
     };
     let target_id = get_ci(root, "targetId").cloned().unwrap_or(Value::Null);
@@ -54,24 +45,14 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
     let items = profiles
         .into_iter()
         .enumerate()
-        .map(|(i, p)| {
-            profile_item(p, &target_id, &campaign_kv)
-                .map_err(|e| e.under(&format!("profiles[{i}]")))
-        })
+        .map(|(i, p)| profile_item(p, &target_id, &campaign_kv).map_err(|e| e.under(&format!("profiles[{i}]"))))
         .collect();
     Ok(Parsed::Items(items))
 }
 
-fn profile_item(
-    profile: &Value,
-    target_id: &Value,
-    campaign_kv: &Value,
-) -> Result<Item, FieldError> {
+fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value) -> Result<Item, FieldError> {
     let Value::Object(p) = profile else {
-        return Err(FieldError::invalid(
-            "",
-            "each profile must be a JSON object",
-        ));
+        return Err(FieldError::invalid("", "each profile must be a JSON object"));
     };
     let mut prof = CtxObject::new();
     if let Some(Value::Object(data)) = get_ci(p, "profileData") {
@@ -129,8 +110,7 @@ pub fn ct_date(s: &str) -> Option<String> {
 }
 
 fn is_true(v: &Value) -> bool {
-    matches!(v, Value::Bool(true))
-        || matches!(v, Value::String(s) if s.eq_ignore_ascii_case("true"))
+    matches!(v, Value::Bool(true)) || matches!(v, Value::String(s) if s.eq_ignore_ascii_case("true"))
 }
 
 #[cfg(test)]
@@ -139,10 +119,7 @@ mod tests {
 
     #[test]
     fn dates_convert_and_other_strings_do_not() {
-        assert_eq!(
-            ct_date("$D_1731956100").as_deref(),
-            Some("2024-11-18T18:55:00Z")
-        );
+        assert_eq!(ct_date("$D_1731956100").as_deref(), Some("2024-11-18T18:55:00Z"));
         assert_eq!(ct_date("$D_x"), None);
         assert_eq!(ct_date("D_1"), None);
     }
@@ -151,13 +128,7 @@ mod tests {
     fn a_single_profile_object_is_one_item_and_the_ping_is_recognised() {
         let body = json!({"targetId": 1, "profiles": {"Identity": "u"}});
         assert!(matches!(parse(&body).unwrap(), Parsed::Items(v) if v.len() == 1));
-        assert!(matches!(
-            parse(&json!({"Is_Test": true, "profiles": []})).unwrap(),
-            Parsed::Ping
-        ));
-        assert_eq!(
-            parse(&json!({"targetId": 1})).unwrap_err().field,
-            "profiles"
-        );
+        assert!(matches!(parse(&json!({"Is_Test": true, "profiles": []})).unwrap(), Parsed::Ping));
+        assert_eq!(parse(&json!({"targetId": 1})).unwrap_err().field, "profiles");
     }
 }

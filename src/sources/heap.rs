@@ -7,25 +7,16 @@ use crate::domain::heap_call::CallKind;
 use serde_json::{Map, Value};
 
 /// The item bodies of a Heap call, each with `app_id` filled in from the bulk body's top level.
-pub fn items(
-    kind: CallKind,
-    body: &Value,
-) -> Result<Vec<Result<Map<String, Value>, FieldError>>, FieldError> {
+pub fn items(kind: CallKind, body: &Value) -> Result<Vec<Result<Map<String, Value>, FieldError>>, FieldError> {
     let Value::Object(root) = body else {
-        return Err(FieldError::invalid(
-            "body",
-            "a Heap API body must be a JSON object",
-        ));
+        return Err(FieldError::invalid("body", "a Heap API body must be a JSON object"));
     };
     let bulk_key = kind.bulk_field();
     let Some(list) = root.get(bulk_key) else {
         return Ok(vec![Ok(root.clone())]);
     };
     let Value::Array(list) = list else {
-        return Err(FieldError::invalid(
-            bulk_key,
-            format!("{bulk_key} must be an array"),
-        ));
+        return Err(FieldError::invalid(bulk_key, format!("{bulk_key} must be an array")));
     };
     if let Some(extra) = root.keys().find(|k| *k != bulk_key && *k != "app_id") {
         return Err(FieldError::new(
@@ -52,10 +43,7 @@ pub fn items(
                 }
                 Ok(o)
             }
-            _ => Err(FieldError::invalid(
-                format!("{bulk_key}[{i}]"),
-                "each item must be a JSON object",
-            )),
+            _ => Err(FieldError::invalid(format!("{bulk_key}[{i}]"), "each item must be a JSON object")),
         })
         .collect())
 }

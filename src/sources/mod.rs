@@ -45,9 +45,7 @@ pub struct SourceOptions {
 
 impl Default for SourceOptions {
     fn default() -> Self {
-        Self {
-            allow_anonymous: true,
-        }
+        Self { allow_anonymous: true }
     }
 }
 
@@ -79,11 +77,7 @@ pub fn parse(source: Source, body: &Value, options: &SourceOptions) -> Result<Pa
 
 /// Looks a key up exactly, then ignoring ASCII case (vendors change key casing between versions).
 pub(crate) fn get_ci<'a>(obj: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a Value> {
-    obj.get(key).or_else(|| {
-        obj.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
-    })
+    obj.get(key).or_else(|| obj.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v))
 }
 
 /// One body or a list of bodies: a JSON array, or an object holding the array under `key`.

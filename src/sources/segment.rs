@@ -17,10 +17,7 @@ pub fn parse(body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError
     let (messages, batch_context) = match body {
         Value::Object(o) if get_ci(o, "batch").is_some() => {
             let Some(list) = as_list(body, "batch") else {
-                return Err(FieldError::invalid(
-                    "batch",
-                    "batch must be an array of messages",
-                ));
+                return Err(FieldError::invalid("batch", "batch must be an array of messages"));
             };
             (list, get_ci(o, "context").and_then(Value::as_object))
         }
@@ -41,9 +38,7 @@ pub fn parse(body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError
     let items = messages
         .into_iter()
         .enumerate()
-        .map(|(i, m)| {
-            message_item(m, batch_context, options).map_err(|e| e.under(&format!("{prefix}[{i}]")))
-        })
+        .map(|(i, m)| message_item(m, batch_context, options).map_err(|e| e.under(&format!("{prefix}[{i}]"))))
         .collect();
     Ok(Parsed::Items(items))
 }
@@ -54,10 +49,7 @@ fn message_item(
     options: &SourceOptions,
 ) -> Result<Item, FieldError> {
     let Value::Object(m) = msg else {
-        return Err(FieldError::invalid(
-            "",
-            "each message must be a JSON object",
-        ));
+        return Err(FieldError::invalid("", "each message must be a JSON object"));
     };
     let kind = match get_ci(m, "type") {
         Some(Value::String(t)) if !t.trim().is_empty() => t.trim().to_ascii_lowercase(),
@@ -70,22 +62,14 @@ fn message_item(
     };
     let mut merged = m.clone();
     if let Some(bc) = batch_context {
-        let own = merged
-            .get("context")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
+        let own = merged.get("context").and_then(Value::as_object).cloned().unwrap_or_default();
         let mut context = bc.clone();
         context.extend(own);
         merged.insert("context".into(), Value::Object(context));
     }
-    let user_id = ["userId", "userID", "user_id"]
-        .iter()
-        .find_map(|k| non_empty(merged.get(*k)));
+    let user_id = ["userId", "userID", "user_id"].iter().find_map(|k| non_empty(merged.get(*k)));
     let anonymous_id = non_empty(get_ci(&merged, "anonymousId"));
-    let identity = user_id
-        .clone()
-        .or_else(|| anonymous_id.clone().filter(|_| options.allow_anonymous));
+    let identity = user_id.clone().or_else(|| anonymous_id.clone().filter(|_| options.allow_anonymous));
 
     let mut ctx = CtxObject::from_json(&merged);
     ctx.insert("type", Ctx::str(kind.clone()));
@@ -105,10 +89,7 @@ fn message_item(
     if let Some(e) = heap_event {
         ctx.insert("heap_event", Ctx::from_json(&e));
     }
-    let mut props = get_ci(&merged, "properties")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
+    let mut props = get_ci(&merged, "properties").and_then(Value::as_object).cloned().unwrap_or_default();
     if kind == "page" || kind == "screen" {
         if let Some(n) = name {
             props.entry("name").or_insert(n);
@@ -119,11 +100,7 @@ fn message_item(
     }
     ctx.insert("heap_properties", Ctx::Object(CtxObject::from_json(&props)));
     let mut traits = get_ci(&merged, "traits")
-        .or_else(|| {
-            get_ci(&merged, "context")
-                .and_then(Value::as_object)
-                .and_then(|c| get_ci(c, "traits"))
-        })
+        .or_else(|| get_ci(&merged, "context").and_then(Value::as_object).and_then(|c| get_ci(c, "traits")))
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
@@ -131,10 +108,7 @@ fn message_item(
         traits.entry("anonymous_id").or_insert(Value::String(a));
     }
     ctx.insert("heap_traits", Ctx::Object(CtxObject::from_json(&traits)));
-    Ok(Item {
-        ctx,
-        seed: msg.to_string(),
-    })
+    Ok(Item { ctx, seed: msg.to_string() })
 }
 
 /// A user id counts when it is a non-empty string or a number.
@@ -168,11 +142,7 @@ mod tests {
 
     #[test]
     fn a_message_without_type_is_an_item_error_naming_its_index() {
-        let Parsed::Items(v) = parse(
-            &json!({"batch": [{"event": "E"}]}),
-            &SourceOptions::default(),
-        )
-        .unwrap() else {
+        let Parsed::Items(v) = parse(&json!({"batch": [{"event": "E"}]}), &SourceOptions::default()).unwrap() else {
             panic!("expected items")
         };
         assert_eq!(v[0].as_ref().unwrap_err().field, "batch[0].type");

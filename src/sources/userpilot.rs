@@ -14,10 +14,7 @@ const NAMES: &[(&str, &str)] = &[
     ("flow_completed", "Userpilot Experience (completed)"),
     ("flow_dismissed", "Userpilot Experience (dismissed)"),
     ("checklist_started", "Userpilot Checklist (started)"),
-    (
-        "checklist_task_completed",
-        "Userpilot Checklist (task completed)",
-    ),
+    ("checklist_task_completed", "Userpilot Checklist (task completed)"),
     ("checklist_completed", "Userpilot Checklist (completed)"),
     ("checklist_dismissed", "Userpilot Checklist (dismissed)"),
     ("nps_ask_later", "Userpilot NPS (ask later)"),
@@ -50,41 +47,24 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
     let items = events
         .into_iter()
         .enumerate()
-        .map(|(i, e)| {
-            event_item(e).map_err(|err| {
-                if many {
-                    err.under(&format!("[{i}]"))
-                } else {
-                    err
-                }
-            })
-        })
+        .map(|(i, e)| event_item(e).map_err(|err| if many { err.under(&format!("[{i}]")) } else { err }))
         .collect();
     Ok(Parsed::Items(items))
 }
 
 fn event_item(event: &Value) -> Result<Item, FieldError> {
     let Value::Object(obj) = event else {
-        return Err(FieldError::invalid(
-            "",
-            "each Userpilot event must be a JSON object",
-        ));
+        return Err(FieldError::invalid("", "each Userpilot event must be a JSON object"));
     };
     let name = match get_ci(obj, "event") {
         Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_owned(),
         _ => {
-            return Err(FieldError::missing(
-                "event",
-                "a Userpilot event needs `event` (its type, e.g. flow_started)",
-            ));
+            return Err(FieldError::missing("event", "a Userpilot event needs `event` (its type, e.g. flow_started)"));
         }
     };
     let mut ctx = CtxObject::from_json(obj);
     ctx.insert("heap_event", Ctx::str(heap_event_name(&name)));
-    Ok(Item {
-        ctx,
-        seed: event.to_string(),
-    })
+    Ok(Item { ctx, seed: event.to_string() })
 }
 
 #[cfg(test)]
@@ -93,25 +73,10 @@ mod tests {
 
     #[test]
     fn known_types_get_heaps_names_and_others_a_prefix() {
-        assert_eq!(
-            heap_event_name("flow_started"),
-            "Userpilot Experience (started)"
-        );
-        assert_eq!(
-            heap_event_name("checklist_task_completed"),
-            "Userpilot Checklist (task completed)"
-        );
-        assert_eq!(
-            heap_event_name("nps_ask_later"),
-            "Userpilot NPS (ask later)"
-        );
-        assert_eq!(
-            heap_event_name("form_submitted"),
-            "Userpilot Form (submitted)"
-        );
-        assert_eq!(
-            heap_event_name("banner_clicked"),
-            "Userpilot banner_clicked"
-        );
+        assert_eq!(heap_event_name("flow_started"), "Userpilot Experience (started)");
+        assert_eq!(heap_event_name("checklist_task_completed"), "Userpilot Checklist (task completed)");
+        assert_eq!(heap_event_name("nps_ask_later"), "Userpilot NPS (ask later)");
+        assert_eq!(heap_event_name("form_submitted"), "Userpilot Form (submitted)");
+        assert_eq!(heap_event_name("banner_clicked"), "Userpilot banner_clicked");
     }
 }

@@ -35,14 +35,8 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 6] = [
-        Status::Pending,
-        Status::Retrying,
-        Status::Delivered,
-        Status::Dead,
-        Status::Rejected,
-        Status::Replaced,
-    ];
+    pub const ALL: [Status; 6] =
+        [Status::Pending, Status::Retrying, Status::Delivered, Status::Dead, Status::Rejected, Status::Replaced];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -160,11 +154,7 @@ pub struct Query {
 pub enum Selector {
     Id(String),
     Status(Status),
-    Range {
-        from: Millis,
-        to: Millis,
-        status: Option<Status>,
-    },
+    Range { from: Millis, to: Millis, status: Option<Status> },
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -76,10 +76,7 @@ enum Cmd {
         paused: Vec<String>,
         reply: oneshot::Sender<Result<Vec<Claimed>, StoreError>>,
     },
-    Record(
-        Vec<AttemptRecord>,
-        oneshot::Sender<Result<usize, StoreError>>,
-    ),
+    Record(Vec<AttemptRecord>, oneshot::Sender<Result<usize, StoreError>>),
     Requeue(Selector, Millis, oneshot::Sender<Result<i64, StoreError>>),
     Release {
         owner: String,
@@ -101,9 +98,7 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("path", &self.path)
-            .finish()
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
     }
 }
 
@@ -128,28 +123,15 @@ impl SqliteStore {
         let (tx, rx) = mpsc::sync_channel::<Cmd>(4096);
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || {
-                Writer {
-                    conn: writer,
-                    options,
-                }
-                .run(rx)
-            })?;
-        Ok(Self {
-            tx,
-            reader: Arc::new(Mutex::new(reader)),
-            path: path.to_owned(),
-        })
+            .spawn(move || Writer { conn: writer, options }.run(rx))?;
+        Ok(Self { tx, reader: Arc::new(Mutex::new(reader)), path: path.to_owned() })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    async fn call<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Cmd,
-    ) -> Result<T, StoreError> {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Cmd) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         let tx = self.tx.clone();
         let cmd = make(reply);
@@ -177,15 +159,7 @@ impl SqliteStore {
         paused: Vec<String>,
     ) -> Result<Vec<Claimed>, StoreError> {
         let owner = owner.to_owned();
-        self.call(|reply| Cmd::Claim {
-            owner,
-            now,
-            lease_ms,
-            limit,
-            paused,
-            reply,
-        })
-        .await
+        self.call(|reply| Cmd::Claim { owner, now, lease_ms, limit, paused, reply }).await
     }
 
     /// Records attempts and their outcomes. A record whose lease token is stale (the lease expired and another
@@ -247,8 +221,7 @@ impl SqliteStore {
 
     /// Checks that the database answers (for /readyz).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
-            .await
+        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?)).await
     }
 }
 
@@ -259,30 +232,15 @@ struct Writer {
 
 /// A command's answer, held until its transaction commits.
 enum Reply {
-    Unit(
-        oneshot::Sender<Result<(), StoreError>>,
-        Result<(), StoreError>,
-    ),
-    Claimed(
-        oneshot::Sender<Result<Vec<Claimed>, StoreError>>,
-        Result<Vec<Claimed>, StoreError>,
-    ),
-    Count(
-        oneshot::Sender<Result<usize, StoreError>>,
-        Result<usize, StoreError>,
-    ),
-    Long(
-        oneshot::Sender<Result<i64, StoreError>>,
-        Result<i64, StoreError>,
-    ),
+    Unit(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+    Claimed(oneshot::Sender<Result<Vec<Claimed>, StoreError>>, Result<Vec<Claimed>, StoreError>),
+    Count(oneshot::Sender<Result<usize, StoreError>>, Result<usize, StoreError>),
+    Long(oneshot::Sender<Result<i64, StoreError>>, Result<i64, StoreError>),
 }
 
 impl Reply {
     fn send(self, commit: &Result<(), String>) {
-        fn after<T>(
-            r: Result<T, StoreError>,
-            commit: &Result<(), String>,
-        ) -> Result<T, StoreError> {
+        fn after<T>(r: Result<T, StoreError>, commit: &Result<(), String>) -> Result<T, StoreError> {
             match commit {
                 Ok(()) => r,
                 Err(e) if is_full_message(e) => Err(StoreError::Full(e.clone())),
@@ -341,29 +299,13 @@ impl Writer {
                         };
                         Reply::Unit(r, res)
                     }
-                    Cmd::Claim {
-                        owner,
-                        now,
-                        lease_ms,
-                        limit,
-                        paused,
-                        reply,
-                    } => Reply::Claimed(
-                        reply,
-                        in_savepoint(&tx, |t| claim(t, &owner, now, lease_ms, limit, &paused)),
-                    ),
-                    Cmd::Record(recs, r) => {
-                        Reply::Count(r, in_savepoint(&tx, |t| record(t, &recs)))
+                    Cmd::Claim { owner, now, lease_ms, limit, paused, reply } => {
+                        Reply::Claimed(reply, in_savepoint(&tx, |t| claim(t, &owner, now, lease_ms, limit, &paused)))
                     }
-                    Cmd::Requeue(sel, now, r) => {
-                        Reply::Long(r, in_savepoint(&tx, |t| requeue(t, &sel, now)))
-                    }
-                    Cmd::Release { owner, reply } => {
-                        Reply::Count(reply, in_savepoint(&tx, |t| release(t, &owner)))
-                    }
-                    Cmd::Prune { before, reply } => {
-                        Reply::Count(reply, in_savepoint(&tx, |t| prune(t, before)))
-                    }
+                    Cmd::Record(recs, r) => Reply::Count(r, in_savepoint(&tx, |t| record(t, &recs))),
+                    Cmd::Requeue(sel, now, r) => Reply::Long(r, in_savepoint(&tx, |t| requeue(t, &sel, now))),
+                    Cmd::Release { owner, reply } => Reply::Count(reply, in_savepoint(&tx, |t| release(t, &owner))),
+                    Cmd::Prune { before, reply } => Reply::Count(reply, in_savepoint(&tx, |t| prune(t, before))),
                 });
             }
             tx.commit().map_err(|e| e.to_string())
@@ -381,18 +323,10 @@ impl Writer {
         if self.options.max_bytes == 0 {
             return None;
         }
-        let q = |p: &str| {
-            self.conn
-                .query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, i64>(0))
-                .unwrap_or(0)
-        };
+        let q = |p: &str| self.conn.query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, i64>(0)).unwrap_or(0);
         let used = (q("page_count") - q("freelist_count")) * q("page_size");
-        (used as u64 >= self.options.max_bytes).then(|| {
-            format!(
-                "the database holds {used} bytes; store.max_bytes is {}",
-                self.options.max_bytes
-            )
-        })
+        (used as u64 >= self.options.max_bytes)
+            .then(|| format!("the database holds {used} bytes; store.max_bytes is {}", self.options.max_bytes))
     }
 }
 
@@ -553,14 +487,7 @@ fn record(c: &Connection, recs: &[AttemptRecord]) -> Result<usize, StoreError> {
                 "INSERT INTO attempts (event_row, at, http_status, latency_ms, batch_size, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for a in &r.attempts {
-                att.execute(params![
-                    r.id,
-                    a.at,
-                    a.http_status,
-                    a.latency_ms,
-                    a.batch_size,
-                    a.error
-                ])?;
+                att.execute(params![r.id, a.at, a.http_status, a.latency_ms, a.batch_size, a.error])?;
             }
         }
     }
@@ -680,28 +607,21 @@ fn list(c: &Connection, q: &Query) -> Result<Vec<EventView>, StoreError> {
         args.push(V::Integer(t));
     }
     args.push(V::Integer(if q.limit > 0 { q.limit } else { 100 }));
-    let sql = format!(
-        "SELECT {VIEW_COLUMNS} FROM events WHERE {} ORDER BY id DESC LIMIT ?",
-        cond.join(" AND ")
-    );
+    let sql = format!("SELECT {VIEW_COLUMNS} FROM events WHERE {} ORDER BY id DESC LIMIT ?", cond.join(" AND "));
     let mut stmt = c.prepare(&sql)?;
-    let rows = stmt
-        .query_map(rusqlite::params_from_iter(args), view)?
-        .map(|r| r.map(|(_, v)| v))
-        .collect::<Result<_, _>>()?;
+    let rows =
+        stmt.query_map(rusqlite::params_from_iter(args), view)?.map(|r| r.map(|(_, v)| v)).collect::<Result<_, _>>()?;
     Ok(rows)
 }
 
 fn get(c: &Connection, event_id: &str) -> Result<EventView, StoreError> {
     let found = c
-        .query_row(
-            &format!("SELECT {VIEW_COLUMNS} FROM events WHERE event_id = ?1"),
-            params![event_id],
-            view,
-        )
+        .query_row(&format!("SELECT {VIEW_COLUMNS} FROM events WHERE event_id = ?1"), params![event_id], view)
         .optional()?;
     let (row, mut v) = found.ok_or(StoreError::NotFound)?;
-    let mut stmt = c.prepare("SELECT at, http_status, latency_ms, batch_size, error FROM attempts WHERE event_row = ?1 ORDER BY id")?;
+    let mut stmt = c.prepare(
+        "SELECT at, http_status, latency_ms, batch_size, error FROM attempts WHERE event_row = ?1 ORDER BY id",
+    )?;
     let log = stmt
         .query_map(params![row], |r| {
             Ok(AttemptView {
@@ -723,15 +643,8 @@ fn stats(c: &Connection) -> Result<QueueStats, StoreError> {
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let dead: i64 = c.query_row(
-        "SELECT count(*) FROM events WHERE status = 'dead'",
-        [],
-        |r| r.get(0),
-    )?;
-    let q = |p: &str| {
-        c.query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, i64>(0))
-            .unwrap_or(0)
-    };
+    let dead: i64 = c.query_row("SELECT count(*) FROM events WHERE status = 'dead'", [], |r| r.get(0))?;
+    let q = |p: &str| c.query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, i64>(0)).unwrap_or(0);
     Ok(QueueStats {
         ready_or_waiting: ready,
         oldest_pending_ms: oldest,
@@ -740,10 +653,7 @@ fn stats(c: &Connection) -> Result<QueueStats, StoreError> {
     })
 }
 
-fn raw_bodies(
-    c: &Connection,
-    sel: &Selector,
-) -> Result<Vec<(i64, String, String, Millis, Vec<u8>)>, StoreError> {
+fn raw_bodies(c: &Connection, sel: &Selector) -> Result<Vec<(i64, String, String, Millis, Vec<u8>)>, StoreError> {
     let (cond, args) = selector_sql(sel);
     let sql = format!(
         "SELECT r.id, r.source, r.template, r.received_at, r.body FROM raw_bodies r
@@ -751,9 +661,7 @@ fn raw_bodies(
     );
     let mut stmt = c.prepare(&sql)?;
     let rows = stmt
-        .query_map(rusqlite::params_from_iter(args), |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })?
+        .query_map(rusqlite::params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
         .collect::<Result<_, _>>()?;
     Ok(rows)
 }

@@ -29,9 +29,7 @@ pub struct CtxObject {
 }
 
 static NIL: Ctx = Ctx::Nil;
-static EMPTY: CtxObject = CtxObject {
-    entries: BTreeMap::new(),
-};
+static EMPTY: CtxObject = CtxObject { entries: BTreeMap::new() };
 
 impl Ctx {
     /// Converts JSON into template values. `map_str` rewrites string leaves (CleverTap's `$D_` dates).
@@ -44,9 +42,7 @@ impl Ctx {
                 None => Ctx::Scalar(Scalar::new(n.as_f64().unwrap_or(f64::NAN))),
             },
             Value::String(s) => Ctx::Scalar(Scalar::new(map_str(s).unwrap_or_else(|| s.clone()))),
-            Value::Array(a) => {
-                Ctx::Array(a.iter().map(|x| Ctx::from_json_with(x, map_str)).collect())
-            }
+            Value::Array(a) => Ctx::Array(a.iter().map(|x| Ctx::from_json_with(x, map_str)).collect()),
             Value::Object(o) => Ctx::Object(CtxObject::from_json_with(o, map_str)),
         }
     }
@@ -74,16 +70,8 @@ impl CtxObject {
         Self::default()
     }
 
-    pub fn from_json_with(
-        o: &serde_json::Map<String, Value>,
-        map_str: &dyn Fn(&str) -> Option<String>,
-    ) -> Self {
-        Self {
-            entries: o
-                .iter()
-                .map(|(k, v)| (k.clone(), Ctx::from_json_with(v, map_str)))
-                .collect(),
-        }
+    pub fn from_json_with(o: &serde_json::Map<String, Value>, map_str: &dyn Fn(&str) -> Option<String>) -> Self {
+        Self { entries: o.iter().map(|(k, v)| (k.clone(), Ctx::from_json_with(v, map_str))).collect() }
     }
 
     pub fn from_json(o: &serde_json::Map<String, Value>) -> Self {
@@ -102,12 +90,7 @@ impl CtxObject {
     }
 
     pub fn lookup(&self, key: &str) -> Option<&Ctx> {
-        self.entries.get(key).or_else(|| {
-            self.entries
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(key))
-                .map(|(_, v)| v)
-        })
+        self.entries.get(key).or_else(|| self.entries.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -150,12 +133,7 @@ impl ValueView for CtxObject {
         KStringCow::from_string(Glued(self).to_string())
     }
     fn to_value(&self) -> LiquidValue {
-        LiquidValue::Object(
-            self.entries
-                .iter()
-                .map(|(k, v)| (k.clone().into(), v.to_liquid()))
-                .collect(),
-        )
+        LiquidValue::Object(self.entries.iter().map(|(k, v)| (k.clone().into(), v.to_liquid())).collect())
     }
     fn as_object(&self) -> Option<&dyn ObjectView> {
         Some(self)
@@ -170,21 +148,13 @@ impl ObjectView for CtxObject {
         self.entries.len() as i64
     }
     fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
-        Box::new(
-            self.entries
-                .keys()
-                .map(|k| KStringCow::from_ref(k.as_str())),
-        )
+        Box::new(self.entries.keys().map(|k| KStringCow::from_ref(k.as_str())))
     }
     fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
         Box::new(self.entries.values().map(|v| v as &dyn ValueView))
     }
     fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
-        Box::new(
-            self.entries
-                .iter()
-                .map(|(k, v)| (KStringCow::from_ref(k.as_str()), v as &dyn ValueView)),
-        )
+        Box::new(self.entries.iter().map(|(k, v)| (KStringCow::from_ref(k.as_str()), v as &dyn ValueView)))
     }
     fn contains_key(&self, index: &str) -> bool {
         self.lookup(index).is_some()

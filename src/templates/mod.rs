@@ -24,10 +24,7 @@ pub const MAX_TEMPLATE_BYTES: u64 = 256 * 1024;
 /// Checks a template name taken from a URL or the command line: `[A-Za-z0-9_-]`, 1 to 64 characters, so that no
 /// name can reach outside `templates/<source>/`.
 pub fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// A template that could not be loaded, with where.
@@ -88,25 +85,11 @@ impl Template {
         file: &str,
         text: &str,
     ) -> Result<Self, LoadError> {
-        let err = |line, column, message: String| LoadError {
-            file: file.to_owned(),
-            line,
-            column,
-            message,
-        };
-        let root: Value = serde_json::from_str(text).map_err(|e| {
-            err(
-                Some(e.line()),
-                Some(e.column()),
-                format!("not valid JSON: {e}"),
-            )
-        })?;
+        let err = |line, column, message: String| LoadError { file: file.to_owned(), line, column, message };
+        let root: Value = serde_json::from_str(text)
+            .map_err(|e| err(Some(e.line()), Some(e.column()), format!("not valid JSON: {e}")))?;
         let Value::Object(root) = root else {
-            return Err(err(
-                Some(1),
-                None,
-                "a template must be a JSON object".into(),
-            ));
+            return Err(err(Some(1), None, "a template must be a JSON object".into()));
         };
         let compile_node = |v: &Value, path: &str| {
             compile_node(parser, v, path, text).map_err(|(pos, m)| {
@@ -114,9 +97,7 @@ impl Template {
                 err(line, column, m)
             })
         };
-        let sectioned = root
-            .keys()
-            .any(|k| k == "track" || k == "add_user_properties");
+        let sectioned = root.keys().any(|k| k == "track" || k == "add_user_properties");
         let mut sections = Vec::new();
         if sectioned {
             for (key, value) in root.iter().filter(|(k, _)| !k.starts_with('_')) {
@@ -134,11 +115,7 @@ impl Template {
                     }
                 };
                 let Value::Object(obj) = value else {
-                    return Err(err(
-                        None,
-                        None,
-                        format!("section {key:?} must be an object"),
-                    ));
+                    return Err(err(None, None, format!("section {key:?} must be an object")));
                 };
                 let when = match obj.get("when") {
                     None => None,
@@ -146,50 +123,28 @@ impl Template {
                         .map_err(|e| liquid_error(file, text, s, &format!("{key}.when"), e))?,
                     Some(_) => return Err(err(None, None, format!("{key}.when must be a string"))),
                 };
-                let body: Map<String, Value> = obj
-                    .iter()
-                    .filter(|(k, _)| *k != "when")
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                sections.push(Section {
-                    kind,
-                    when,
-                    body: compile_node(&Value::Object(body), key)?,
-                });
+                let body: Map<String, Value> =
+                    obj.iter().filter(|(k, _)| *k != "when").map(|(k, v)| (k.clone(), v.clone())).collect();
+                sections.push(Section { kind, when, body: compile_node(&Value::Object(body), key)? });
             }
         } else {
-            let body: Map<String, Value> = root
-                .into_iter()
-                .filter(|(k, _)| !k.starts_with('_'))
-                .collect();
+            let body: Map<String, Value> = root.into_iter().filter(|(k, _)| !k.starts_with('_')).collect();
             if !body.contains_key("event") {
-                return Err(err(None, None,
-                    "a template is a Heap track body (with `event`) or has `track` / `add_user_properties` sections".into()));
+                return Err(err(
+                    None,
+                    None,
+                    "a template is a Heap track body (with `event`) or has `track` / `add_user_properties` sections"
+                        .into(),
+                ));
             }
-            sections.push(Section {
-                kind: CallKind::Track,
-                when: None,
-                body: compile_node(&Value::Object(body), "")?,
-            });
+            sections.push(Section { kind: CallKind::Track, when: None, body: compile_node(&Value::Object(body), "")? });
         }
-        Ok(Self {
-            source: source.to_owned(),
-            name: name.to_owned(),
-            file: file.to_owned(),
-            sections,
-        })
+        Ok(Self { source: source.to_owned(), name: name.to_owned(), file: file.to_owned(), sections })
     }
 
     /// Renders every section whose `when` holds. An empty result means the template chose to send nothing.
-    pub fn render(
-        &self,
-        ctx: &CtxObject,
-        limits: &RenderLimits,
-    ) -> Result<Vec<Draft>, RenderError> {
-        let wrap = |source| RenderError {
-            file: self.file.clone(),
-            source,
-        };
+    pub fn render(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Vec<Draft>, RenderError> {
+        let wrap = |source| RenderError { file: self.file.clone(), source };
         let mut out = Vec::with_capacity(self.sections.len());
         for section in &self.sections {
             if let Some(when) = &section.when {
@@ -203,10 +158,7 @@ impl Template {
                 }
             }
             if let Some(Value::Object(body)) = section.body.render(ctx, limits).map_err(wrap)? {
-                out.push(Draft {
-                    kind: section.kind,
-                    body,
-                });
+                out.push(Draft { kind: section.kind, body });
             }
         }
         Ok(out)
@@ -215,18 +167,9 @@ impl Template {
 
 type CompileError = (Option<(usize, usize)>, String);
 
-fn compile_node(
-    parser: &liquid::Parser,
-    v: &Value,
-    path: &str,
-    file_text: &str,
-) -> Result<Node, CompileError> {
+fn compile_node(parser: &liquid::Parser, v: &Value, path: &str, file_text: &str) -> Result<Node, CompileError> {
     let join = |k: &str| {
-        if path.is_empty() {
-            k.to_owned()
-        } else {
-            format!("{path}.{k}")
-        }
+        if path.is_empty() { k.to_owned() } else { format!("{path}.{k}") }
     };
     Ok(match v {
         Value::String(s) => match compile_leaf(parser, s, path) {
@@ -252,13 +195,7 @@ fn compile_node(
     })
 }
 
-fn liquid_error(
-    file: &str,
-    file_text: &str,
-    leaf: &str,
-    path: &str,
-    e: liquid::Error,
-) -> LoadError {
+fn liquid_error(file: &str, file_text: &str, leaf: &str, path: &str, e: liquid::Error) -> LoadError {
     let pos = find_leaf(file_text, leaf);
     LoadError {
         file: file.to_owned(),
@@ -279,11 +216,7 @@ fn find_leaf(file_text: &str, leaf: &str) -> Option<(usize, usize)> {
 }
 
 fn one_line(s: &str) -> String {
-    s.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && *l != "|")
-        .collect::<Vec<_>>()
-        .join(" ")
+    s.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "|").collect::<Vec<_>>().join(" ")
 }
 
 /// Every template under a directory, by (source, name).
@@ -327,43 +260,26 @@ impl TemplateSet {
             if !entry.path().is_dir() || source.starts_with('.') {
                 continue;
             }
-            for f in std::fs::read_dir(entry.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
+            for f in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
                 let path = f.path();
                 if path.extension().and_then(|e| e.to_str()) != Some("json") {
                     continue;
                 }
-                let name = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
+                let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                 files.push((source.clone(), name, path));
             }
         }
         files.sort();
         for (source, name, path) in files {
             let shown = path.display().to_string();
-            let fail = |message: String| LoadError {
-                file: shown.clone(),
-                line: None,
-                column: None,
-                message,
-            };
+            let fail = |message: String| LoadError { file: shown.clone(), line: None, column: None, message };
             if !valid_name(&name) {
-                errors.push(fail(format!(
-                    "template names may hold only letters, digits, `_` and `-`: {name:?}"
-                )));
+                errors.push(fail(format!("template names may hold only letters, digits, `_` and `-`: {name:?}")));
                 continue;
             }
             let text = match std::fs::metadata(&path) {
                 Ok(m) if m.len() > MAX_TEMPLATE_BYTES => {
-                    errors.push(fail(format!(
-                        "template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}",
-                        m.len()
-                    )));
+                    errors.push(fail(format!("template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}", m.len())));
                     continue;
                 }
                 _ => match std::fs::read_to_string(&path) {
@@ -385,16 +301,11 @@ impl TemplateSet {
     }
 
     pub fn insert(&mut self, template: Template) {
-        self.by_name.insert(
-            (template.source.clone(), template.name.clone()),
-            Arc::new(template),
-        );
+        self.by_name.insert((template.source.clone(), template.name.clone()), Arc::new(template));
     }
 
     pub fn get(&self, source: &str, name: &str) -> Option<Arc<Template>> {
-        self.by_name
-            .get(&(source.to_owned(), name.to_owned()))
-            .cloned()
+        self.by_name.get(&(source.to_owned(), name.to_owned())).cloned()
     }
 
     pub fn names(&self) -> Vec<(String, String)> {
@@ -419,33 +330,19 @@ impl TemplateStore {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Self {
-            dir: dir.to_owned(),
-            current: RwLock::new(Arc::new(set)),
-            fingerprint: Mutex::new(fingerprint(dir)),
-        })
+        Ok(Self { dir: dir.to_owned(), current: RwLock::new(Arc::new(set)), fingerprint: Mutex::new(fingerprint(dir)) })
     }
 
     pub fn from_set(dir: &Path, set: TemplateSet) -> Self {
-        Self {
-            dir: dir.to_owned(),
-            current: RwLock::new(Arc::new(set)),
-            fingerprint: Mutex::new(fingerprint(dir)),
-        }
+        Self { dir: dir.to_owned(), current: RwLock::new(Arc::new(set)), fingerprint: Mutex::new(fingerprint(dir)) }
     }
 
     pub fn get(&self, source: &str, name: &str) -> Option<Arc<Template>> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(source, name)
+        self.current.read().unwrap_or_else(|p| p.into_inner()).get(source, name)
     }
 
     pub fn snapshot(&self) -> Arc<TemplateSet> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Reloads when any file under the directory changed. Returns the problems of a failed reload (the previous
@@ -469,11 +366,7 @@ impl TemplateStore {
 fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(entry.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+        for f in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
             if let Ok(m) = f.metadata() {
                 out.push((f.path(), m.modified().ok(), m.len()));
             }
@@ -488,27 +381,12 @@ mod tests {
     use super::*;
 
     fn compile(text: &str) -> Result<Template, LoadError> {
-        Template::compile(
-            &render::parser().unwrap(),
-            "s",
-            "t",
-            "templates/s/t.json",
-            text,
-        )
+        Template::compile(&render::parser().unwrap(), "s", "t", "templates/s/t.json", text)
     }
 
     #[test]
     fn names_that_could_escape_the_directory_are_refused() {
-        for bad in [
-            "",
-            "..",
-            "../x",
-            "a/b",
-            "a.b",
-            "a%2F",
-            "x y",
-            &"a".repeat(65),
-        ] {
+        for bad in ["", "..", "../x", "a/b", "a.b", "a%2F", "x y", &"a".repeat(65)] {
             assert!(!valid_name(bad), "{bad:?}");
         }
         assert!(valid_name("with_user-props2"));
@@ -516,15 +394,10 @@ mod tests {
 
     #[test]
     fn a_liquid_syntax_error_names_file_line_and_leaf() {
-        let text =
-            "{\n  \"event\": \"x\",\n  \"identity\": \"{{ Profile.Email | nosuchfilter }}\"\n}";
+        let text = "{\n  \"event\": \"x\",\n  \"identity\": \"{{ Profile.Email | nosuchfilter }}\"\n}";
         let err = compile(text).unwrap_err();
         assert_eq!(err.line, Some(3), "{err}");
-        assert!(
-            err.to_string()
-                .starts_with("templates/s/t.json:3:15: leaf identity:"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("templates/s/t.json:3:15: leaf identity:"), "{err}");
     }
 
     #[test]

@@ -33,10 +33,7 @@ pub struct Leaf {
 
 impl std::fmt::Debug for Leaf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Leaf")
-            .field("path", &self.path)
-            .field("typed", &self.typed)
-            .finish_non_exhaustive()
+        f.debug_struct("Leaf").field("path", &self.path).field("typed", &self.typed).finish_non_exhaustive()
     }
 }
 
@@ -49,9 +46,7 @@ pub struct RenderLimits {
 
 impl Default for RenderLimits {
     fn default() -> Self {
-        Self {
-            max_leaf_bytes: 256 * 1024,
-        }
+        Self { max_leaf_bytes: 256 * 1024 }
     }
 }
 
@@ -65,17 +60,11 @@ pub struct LeafError {
 
 /// Builds the parser every template uses: liquid's standard library plus the relay's `json` filter.
 pub fn parser() -> Result<liquid::Parser, liquid::Error> {
-    liquid::ParserBuilder::with_stdlib()
-        .filter(JsonFilterParser)
-        .build()
+    liquid::ParserBuilder::with_stdlib().filter(JsonFilterParser).build()
 }
 
 /// Parses one string leaf. Returns `Ok(None)` for a plain string with no Liquid in it.
-pub fn compile_leaf(
-    parser: &liquid::Parser,
-    text: &str,
-    path: &str,
-) -> Result<Option<Leaf>, liquid::Error> {
+pub fn compile_leaf(parser: &liquid::Parser, text: &str, path: &str) -> Result<Option<Leaf>, liquid::Error> {
     if !text.contains("{{") && !text.contains("{%") {
         return Ok(None);
     }
@@ -89,11 +78,7 @@ pub fn compile_leaf(
         Err(_) if typed => parser.parse(text)?,
         Err(e) => return Err(e),
     };
-    Ok(Some(Leaf {
-        path: path.to_owned(),
-        typed,
-        template,
-    }))
+    Ok(Some(Leaf { path: path.to_owned(), typed, template }))
 }
 
 /// `{{ expr }}` (with optional `-` trim markers) and nothing else → `expr`.
@@ -102,11 +87,7 @@ fn single_expression(text: &str) -> Option<&str> {
     let inner = t.strip_prefix("{{")?.strip_suffix("}}")?;
     let inner = inner.strip_prefix('-').unwrap_or(inner);
     let inner = inner.strip_suffix('-').unwrap_or(inner);
-    if inner.contains("{{")
-        || inner.contains("}}")
-        || inner.contains("{%")
-        || inner.trim().is_empty()
-    {
+    if inner.contains("{{") || inner.contains("}}") || inner.contains("{%") || inner.trim().is_empty() {
         return None;
     }
     Some(inner.trim())
@@ -114,11 +95,7 @@ fn single_expression(text: &str) -> Option<&str> {
 
 impl Node {
     /// Renders the tree against `ctx`. `None` means the node rendered to nothing and should be left out.
-    pub fn render(
-        &self,
-        ctx: &CtxObject,
-        limits: &RenderLimits,
-    ) -> Result<Option<Value>, LeafError> {
+    pub fn render(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Option<Value>, LeafError> {
         match self {
             Node::Literal(v) => Ok(Some(v.clone())),
             Node::Liquid(leaf) => leaf.render_value(ctx, limits),
@@ -143,9 +120,7 @@ impl Node {
                             other => {
                                 return Err(LeafError {
                                     path: key.clone(),
-                                    message: format!(
-                                        "a `...` key must render to an object, got {other}"
-                                    ),
+                                    message: format!("a `...` key must render to an object, got {other}"),
                                 });
                             }
                         }
@@ -161,29 +136,17 @@ impl Node {
 
 impl Leaf {
     /// Renders the leaf; `None` when it renders to nothing.
-    pub fn render_value(
-        &self,
-        ctx: &CtxObject,
-        limits: &RenderLimits,
-    ) -> Result<Option<Value>, LeafError> {
-        let mut buf = LimitedWriter {
-            buf: Vec::new(),
-            max: limits.max_leaf_bytes,
-        };
+    pub fn render_value(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Option<Value>, LeafError> {
+        let mut buf = LimitedWriter { buf: Vec::new(), max: limits.max_leaf_bytes };
         let mut patched: Option<CtxObject> = None;
         let mut tries = 0;
-        while let Err(e) = self
-            .template
-            .render_to(&mut buf, &Globals(patched.as_ref().unwrap_or(ctx)))
-        {
+        while let Err(e) = self.template.render_to(&mut buf, &Globals(patched.as_ref().unwrap_or(ctx))) {
             let message = e.to_string();
             // A strict copy (loop variable, `assign`) missed a key: render again with that key present as nil,
             // which is what a lenient lookup gives. Bounded, and only paid on this path.
             if let Some(key) = requested_index(&message).filter(|_| tries < MAX_FILL_RETRIES) {
                 tries += 1;
-                patched
-                    .get_or_insert_with(|| ctx.clone())
-                    .fill_missing_key(key);
+                patched.get_or_insert_with(|| ctx.clone()).fill_missing_key(key);
                 buf.buf.clear();
                 continue;
             }
@@ -192,17 +155,11 @@ impl Leaf {
                 return Ok(None);
             }
             let message = if buf.buf.len() >= buf.max {
-                format!(
-                    "renders to more than {} bytes (templates.max_leaf_bytes)",
-                    buf.max
-                )
+                format!("renders to more than {} bytes (templates.max_leaf_bytes)", buf.max)
             } else {
                 message.trim().replace('\n', " ")
             };
-            return Err(LeafError {
-                path: self.path.clone(),
-                message,
-            });
+            return Err(LeafError { path: self.path.clone(), message });
         }
         let text = String::from_utf8_lossy(&buf.buf);
         if self.typed {
@@ -216,11 +173,7 @@ impl Leaf {
                 other => Some(other),
             });
         }
-        if text.trim().is_empty() {
-            Ok(None)
-        } else {
-            Ok(Some(Value::String(text.into_owned())))
-        }
+        if text.trim().is_empty() { Ok(None) } else { Ok(Some(Value::String(text.into_owned()))) }
     }
 }
 
@@ -257,11 +210,7 @@ impl Write for LimitedWriter {
 
 /// `{{ value | json }}`: the value as JSON text. Used by typed leaves and available to template authors.
 #[derive(Clone, ParseFilter, FilterReflection)]
-#[filter(
-    name = "json",
-    description = "Writes the value as JSON.",
-    parsed(JsonFilter)
-)]
+#[filter(name = "json", description = "Writes the value as JSON.", parsed(JsonFilter))]
 pub struct JsonFilterParser;
 
 #[derive(Debug, Default, Display_filter)]
@@ -269,11 +218,7 @@ pub struct JsonFilterParser;
 struct JsonFilter;
 
 impl Filter for JsonFilter {
-    fn evaluate(
-        &self,
-        input: &dyn ValueView,
-        _runtime: &dyn Runtime,
-    ) -> liquid_core::Result<LiquidValue> {
+    fn evaluate(&self, input: &dyn ValueView, _runtime: &dyn Runtime) -> liquid_core::Result<LiquidValue> {
         let text = serde_json::to_string(&to_json(&input.to_value()))
             .map_err(|e| liquid_core::Error::with_msg(format!("json: {e}")))?;
         Ok(LiquidValue::scalar(text))
@@ -284,16 +229,13 @@ fn to_json(v: &LiquidValue) -> Value {
     match v {
         LiquidValue::Nil | LiquidValue::State(_) => Value::Null,
         LiquidValue::Array(a) => Value::Array(a.iter().map(to_json).collect()),
-        LiquidValue::Object(o) => {
-            Value::Object(o.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect())
-        }
+        LiquidValue::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect()),
         LiquidValue::Scalar(s) => match s.type_name() {
             "boolean" => s.to_bool().map_or(Value::Null, Value::Bool),
             "whole number" => s.to_integer().map_or(Value::Null, Value::from),
-            "fractional number" => s
-                .to_float()
-                .and_then(serde_json::Number::from_f64)
-                .map_or(Value::Null, Value::Number),
+            "fractional number" => {
+                s.to_float().and_then(serde_json::Number::from_f64).map_or(Value::Null, Value::Number)
+            }
             _ => Value::String(s.to_kstr().as_str().to_owned()),
         },
     }
@@ -318,29 +260,13 @@ mod tests {
     fn default_works_on_missing_keys_at_any_depth() {
         let ctx = json!({"Profile": {"Name": "Jane"}});
         assert_eq!(
-            render(
-                "{{ Profile.Email | default: 'user@example.com' }}",
-                ctx.clone()
-            ),
+            render("{{ Profile.Email | default: 'user@example.com' }}", ctx.clone()),
             Some(json!("user@example.com"))
         );
-        assert_eq!(
-            render("{{ Profile.address.city | default: 'x' }}", ctx.clone()),
-            Some(json!("x"))
-        );
-        assert_eq!(
-            render("{{ Nope.deep.er | default: 'y' }}", ctx.clone()),
-            Some(json!("y"))
-        );
-        assert_eq!(
-            render("{{ Profile.Email }}", ctx.clone()),
-            None,
-            "missing without default renders as nothing"
-        );
-        assert_eq!(
-            render("{% if Profile.Email %}has{% else %}none{% endif %}", ctx),
-            Some(json!("none"))
-        );
+        assert_eq!(render("{{ Profile.address.city | default: 'x' }}", ctx.clone()), Some(json!("x")));
+        assert_eq!(render("{{ Nope.deep.er | default: 'y' }}", ctx.clone()), Some(json!("y")));
+        assert_eq!(render("{{ Profile.Email }}", ctx.clone()), None, "missing without default renders as nothing");
+        assert_eq!(render("{% if Profile.Email %}has{% else %}none{% endif %}", ctx), Some(json!("none")));
     }
 
     #[test]
@@ -360,52 +286,24 @@ mod tests {
 
     #[test]
     fn keys_are_case_insensitive_when_no_exact_match() {
-        assert_eq!(
-            render(
-                "{{ Profile.Email }}",
-                json!({"profile": {"email": "a@b.co"}})
-            ),
-            Some(json!("a@b.co"))
-        );
+        assert_eq!(render("{{ Profile.Email }}", json!({"profile": {"email": "a@b.co"}})), Some(json!("a@b.co")));
     }
 
     #[test]
     fn loop_variables_missing_keys_render_as_nothing_not_an_error() {
         let ctx = json!({"items": [{"a": 1}, {"b": 2}]});
-        assert_eq!(
-            render("{% for i in items %}{{ i.a }}{% endfor %}", ctx.clone()),
-            Some(json!("1"))
-        );
-        assert_eq!(
-            render("{{ items[1].a | default: 'd' }}", ctx),
-            Some(json!("d"))
-        );
+        assert_eq!(render("{% for i in items %}{{ i.a }}{% endfor %}", ctx.clone()), Some(json!("1")));
+        assert_eq!(render("{{ items[1].a | default: 'd' }}", ctx), Some(json!("d")));
     }
 
     #[test]
     fn output_past_the_limit_is_an_error_naming_the_leaf() {
         let p = parser().unwrap();
-        let leaf = compile_leaf(
-            &p,
-            "{% for i in (1..100000) %}xxxxxxxxxx{% endfor %}",
-            "track.event",
-        )
-        .unwrap()
-        .unwrap();
-        let err = leaf
-            .render_value(
-                &CtxObject::new(),
-                &RenderLimits {
-                    max_leaf_bytes: 1000,
-                },
-            )
-            .unwrap_err();
+        let leaf =
+            compile_leaf(&p, "{% for i in (1..100000) %}xxxxxxxxxx{% endfor %}", "track.event").unwrap().unwrap();
+        let err = leaf.render_value(&CtxObject::new(), &RenderLimits { max_leaf_bytes: 1000 }).unwrap_err();
         assert_eq!(err.path, "track.event");
-        assert!(
-            err.message.contains("more than 1000 bytes"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains("more than 1000 bytes"), "{}", err.message);
         let _ = Ctx::Nil;
     }
 }

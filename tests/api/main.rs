@@ -1,0 +1,12 @@
+//! One integration test binary (saves linking on small machines). Each module is one area; names state promises.
+
+mod admin;
+mod clevertap;
+mod cli;
+mod delivery;
+mod errors;
+mod heap_compat;
+mod helpers;
+mod segment;
+mod templates;
+mod userpilot;

@@ -1,0 +1,71 @@
+//! Templates: broken ones are reported with file and line, edits are picked up without a restart.
+
+use crate::helpers::*;
+use heap_relay::startup::Application;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn a_broken_template_stops_startup_naming_its_file_and_line() {
+    let broken = "{\n  \"event\": \"E\",\n  \"identity\": \"{{ Profile.Email | no_such_filter }}\"\n}\n";
+    let templates = templates_with(&[("clevertap/broken.json", broken)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(dir.path(), "http://127.0.0.1:9");
+    settings.templates.dir = templates.path().to_owned();
+    let err = Application::build(settings).await.err().expect("startup fails");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("clevertap/broken.json:3:15: leaf identity:"), "{msg}");
+    assert!(msg.contains("no_such_filter"), "{msg}");
+}
+
+#[tokio::test]
+async fn an_edited_template_is_used_without_a_restart_and_a_broken_edit_keeps_the_old_one() {
+    let templates = templates_with(&[("segment/live.json", r#"{"event": "Before", "identity": "{{ userId }}"}"#)]);
+    let dir = templates.path().to_owned();
+    let app = spawn_app_with(|s| {
+        s.templates.dir = dir.clone();
+        s.templates.reload_interval_secs = 1;
+    })
+    .await;
+    let msg = json!({"type": "track", "event": "x", "userId": "u1"});
+    assert_eq!(app.post_hook_template("segment", "live", &msg).await.status(), 202);
+    std::fs::write(dir.join("segment/live.json"), r#"{"event": "After", "identity": "{{ userId }}"}"#).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(app.post_hook_template("segment", "live", &msg).await.status(), 202);
+        let items = app.wait_until_idle(Duration::from_secs(5)).await;
+        if items.iter().any(|(_, e)| e["event"] == "After") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edited template was not picked up: {items:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    std::fs::write(dir.join("segment/live.json"), r#"{"event": "{{ broken", "identity": "u"}"#).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = app.client.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
+        if metrics.contains("heap_relay_template_reloads_total{result=\"failed\"} 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the broken edit was never tried: {metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = json(app.post_hook_template("segment", "live", &msg).await).await;
+    assert_eq!(status, 202, "the last good template stays in use: {body}");
+}
+
+#[tokio::test]
+async fn a_render_error_rejects_only_that_item_naming_template_and_leaf() {
+    let tpl = r#"{"event": "E", "identity": "{{ identity }}", "properties": {"n": "{{ n | divided_by: 0 }}"}}"#;
+    let templates = templates_with(&[("userpilot/div.json", tpl)]);
+    let dir = templates.path().to_owned();
+    let app = spawn_app_with(|s| s.templates.dir = dir).await;
+    let (status, body) =
+        json(app.post_hook_template("userpilot", "div", &json!({"event": "e", "identity": "u", "n": 4})).await).await;
+    assert_eq!(status, 422, "{body}");
+    let r = &body["error"]["rejected"][0];
+    assert_eq!(r["field"], "template");
+    assert_eq!(r["code"], "template_error");
+    let m = r["message"].as_str().unwrap();
+    assert!(m.contains("userpilot/div.json") && m.contains("leaf properties.n"), "{m}");
+}
