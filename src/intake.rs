@@ -5,7 +5,7 @@ use crate::delivery::Delivery;
 use crate::domain::Timestamp;
 use crate::ingest::{IngestError, Outcome, Pipeline, Rejection, Route};
 use crate::metrics::Metrics;
-use crate::store::{Ingested, NewEvent, NewRejection, SqliteStore, StoreError, now_ms};
+use crate::store::{Ingested, NewEvent, NewRejection, Store, StoreError, now_ms};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -44,7 +44,7 @@ pub enum IntakeError {
 #[derive(Debug, Clone)]
 pub struct Intaker {
     pub pipeline: Arc<Pipeline>,
-    pub store: SqliteStore,
+    pub store: Store,
     pub delivery: Arc<Delivery>,
     pub metrics: Arc<Metrics>,
 }

@@ -5,7 +5,7 @@
 use crate::domain::Timestamp;
 use crate::ingest::{Pipeline, Route};
 use crate::intake::to_rows;
-use crate::store::{Selector, SqliteStore, Status, StoreError};
+use crate::store::{Selector, Status, Store, StoreError};
 use serde::Serialize;
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
@@ -60,7 +60,7 @@ pub fn selector(
 }
 
 pub async fn replay(
-    store: &SqliteStore,
+    store: &Store,
     pipeline: &Pipeline,
     selector: Selector,
     rerender: bool,

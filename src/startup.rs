@@ -12,7 +12,7 @@ use crate::routes::{self, AppState};
 use crate::settings::Settings;
 use crate::sources::{Source, SourceOptions};
 use crate::store::sqlite::SqliteOptions;
-use crate::store::{SqliteStore, now_ms};
+use crate::store::{SqliteStore, Store, now_ms};
 use crate::templates::TemplateStore;
 use crate::templates::render::RenderLimits;
 use actix_web::{App, HttpServer, web};
@@ -76,8 +76,9 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
     }
 }
 
-pub fn open_store(settings: &Settings) -> anyhow::Result<SqliteStore> {
+pub fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     SqliteStore::open(&settings.store.path, SqliteOptions { max_bytes: settings.store.max_bytes })
+        .map(Store::Sqlite)
         .with_context(|| format!("cannot open the store at {}", settings.store.path.display()))
 }
 
@@ -239,7 +240,7 @@ fn spawn_template_reload(templates: Arc<TemplateStore>, every: Duration, metrics
     })
 }
 
-fn spawn_retention(store: SqliteStore, keep: Duration) -> JoinHandle<()> {
+fn spawn_retention(store: Store, keep: Duration) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(600));
         loop {

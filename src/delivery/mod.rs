@@ -10,7 +10,7 @@ pub mod policy;
 pub mod rate_limit;
 
 use crate::metrics::Metrics;
-use crate::store::{AttemptLog, AttemptRecord, Claimed, Millis, Resolution, SqliteStore, StoreError, now_ms};
+use crate::store::{AttemptLog, AttemptRecord, Claimed, Millis, Resolution, Store, StoreError, now_ms};
 use batcher::{Batch, batches};
 use heap_client::HeapClient;
 use policy::{Decision, backoff, classify};
@@ -54,7 +54,7 @@ impl Default for DeliveryConfig {
 
 /// What the workers share.
 pub struct Delivery {
-    pub store: SqliteStore,
+    pub store: Store,
     pub client: HeapClient,
     pub config: DeliveryConfig,
     pub limiter: RateLimiter,
@@ -73,7 +73,7 @@ impl std::fmt::Debug for Delivery {
 
 impl Delivery {
     pub fn new(
-        store: SqliteStore,
+        store: Store,
         client: HeapClient,
         config: DeliveryConfig,
         limiter: RateLimiter,

@@ -216,3 +216,77 @@ pub fn iso(ms: Millis) -> String {
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_default()
 }
+
+/// The configured store. Every backend offers the same operations with the same meaning; callers hold this.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Sqlite($s) => $call,
+        }
+    };
+}
+
+impl Store {
+    /// Writes a body and everything rendered from it, durably, in one transaction.
+    pub async fn append(&self, ingested: Ingested) -> Result<(), StoreError> {
+        delegate!(self, s => s.append(ingested).await)
+    }
+
+    /// Leases up to `limit` ready events (oldest first) to `owner` until `now + lease_ms`, skipping `paused` app_ids.
+    pub async fn claim(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_ms: i64,
+        limit: i64,
+        paused: Vec<String>,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        delegate!(self, s => s.claim(owner, now, lease_ms, limit, paused).await)
+    }
+
+    /// Records attempts and outcomes; records with a stale lease token are ignored. Returns how many applied.
+    pub async fn record(&self, records: Vec<AttemptRecord>) -> Result<usize, StoreError> {
+        delegate!(self, s => s.record(records).await)
+    }
+
+    pub async fn requeue(&self, selector: Selector) -> Result<i64, StoreError> {
+        delegate!(self, s => s.requeue(selector).await)
+    }
+
+    pub async fn release_owner(&self, owner: &str) -> Result<usize, StoreError> {
+        delegate!(self, s => s.release_owner(owner).await)
+    }
+
+    pub async fn prune(&self, before: Millis) -> Result<usize, StoreError> {
+        delegate!(self, s => s.prune(before).await)
+    }
+
+    pub async fn list(&self, q: Query) -> Result<Vec<EventView>, StoreError> {
+        delegate!(self, s => s.list(q).await)
+    }
+
+    pub async fn get(&self, event_id: &str) -> Result<EventView, StoreError> {
+        delegate!(self, s => s.get(event_id).await)
+    }
+
+    pub async fn stats(&self) -> Result<QueueStats, StoreError> {
+        delegate!(self, s => s.stats().await)
+    }
+
+    /// The raw bodies behind the selected events: (raw id, source, template, received_at, body).
+    pub async fn raw_bodies(&self, selector: Selector) -> Result<Vec<RawBody>, StoreError> {
+        delegate!(self, s => s.raw_bodies(selector).await)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        delegate!(self, s => s.ping().await)
+    }
+}
+
+/// A stored request body: (raw id, source, template, received_at, body).
+pub type RawBody = (i64, String, String, Millis, Vec<u8>);

@@ -653,7 +653,7 @@ fn stats(c: &Connection) -> Result<QueueStats, StoreError> {
     })
 }
 
-fn raw_bodies(c: &Connection, sel: &Selector) -> Result<Vec<(i64, String, String, Millis, Vec<u8>)>, StoreError> {
+fn raw_bodies(c: &Connection, sel: &Selector) -> Result<Vec<RawBody>, StoreError> {
     let (cond, args) = selector_sql(sel);
     let sql = format!(
         "SELECT r.id, r.source, r.template, r.received_at, r.body FROM raw_bodies r
