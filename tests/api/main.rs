@@ -2,6 +2,7 @@
 
 mod admin;
 mod clevertap;
+mod crash;
 mod cli;
 mod delivery;
 mod errors;
