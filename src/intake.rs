@@ -51,6 +51,13 @@ pub struct Intaker {
 
 impl Intaker {
     pub async fn accept(&self, route: Route, body: Vec<u8>) -> Result<Intake, IntakeError> {
+        let started = std::time::Instant::now();
+        let result = self.accept_inner(route, body).await;
+        self.metrics.ingest_latency.observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn accept_inner(&self, route: Route, body: Vec<u8>) -> Result<Intake, IntakeError> {
         let received_at = now_ms();
         let ts = chrono::DateTime::from_timestamp_millis(received_at)
             .map(Timestamp::from_datetime)

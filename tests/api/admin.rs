@@ -97,3 +97,33 @@ async fn replaying_dead_events_sends_them_again() {
     assert_eq!(ev["status"], "delivered");
     assert_eq!(ev["attempts"], 2, "both attempts are in the log");
 }
+
+#[tokio::test]
+async fn retention_deletes_delivered_events_and_their_bodies_but_never_waiting_ones() {
+    let app = spawn_app().await;
+    assert_eq!(app.post_hook("segment", &fixture("segment-track.json")).await.status(), 202);
+    app.wait_until_idle(WAIT).await;
+    app.heap.reset().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(503))
+        .mount(&app.heap)
+        .await;
+    let (_, waiting) = json(app.post_hook("segment", &fixture("segment-identify.json")).await).await;
+    let waiting_id = waiting["event_ids"][0].as_str().unwrap().to_owned();
+
+    let store = &app.app.intake.store;
+    let mut deleted = 0;
+    loop {
+        let n = store.prune(heap_relay::store::now_ms() + 1).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        deleted += n;
+    }
+    assert_eq!(deleted, 1, "the delivered event is pruned");
+    let (_, delivered) = json(app.admin_get("/admin/deliveries?status=delivered").await).await;
+    assert_eq!(delivered["count"], 0);
+    let (status, ev) = json(app.admin_get(&format!("/admin/deliveries/{waiting_id}")).await).await;
+    assert_eq!(status, 200, "the undelivered event is kept: {ev}");
+    assert!(ev["status"] == "pending" || ev["status"] == "retrying", "{ev}");
+}

@@ -49,8 +49,10 @@ async fn wait_healthy(client: &reqwest::Client, port: u16) {
 
 fn body(first: usize, n: usize) -> Value {
     let events: Vec<Value> = (first..first + n)
-        .map(|i| json!({"identity": format!("user-{}", i % 97), "event": "Crash Load", "idempotency_key": format!("k-{i}"),
-                        "properties": {"i": i}}))
+        .map(|i| {
+            json!({"identity": format!("user-{}", i % 97), "event": "Crash Load", "idempotency_key": format!("k-{i}"),
+                        "properties": {"i": i}})
+        })
         .collect();
     json!({"app_id": APP_ID, "events": events})
 }
@@ -72,7 +74,10 @@ async fn received(heap: &MockServer) -> HashMap<String, Vec<Value>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acknowledged_event_survives_two_sigkills_mid_load() {
     let heap = MockServer::start().await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_delay(Duration::from_millis(30))).mount(&heap).await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_millis(30)))
+        .mount(&heap)
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
@@ -96,7 +101,8 @@ async fn every_acknowledged_event_survives_two_sigkills_mid_load() {
                         *n += 25;
                         *n - 25
                     };
-                    let resp = client.post(format!("http://127.0.0.1:{port}/api/track")).json(&body(first, 25)).send().await;
+                    let resp =
+                        client.post(format!("http://127.0.0.1:{port}/api/track")).json(&body(first, 25)).send().await;
                     match resp {
                         Ok(r) if r.status() == 202 => {
                             acked.lock().unwrap().extend((first..first + 25).map(|i| format!("k-{i}")));
@@ -142,7 +148,8 @@ async fn every_acknowledged_event_survives_two_sigkills_mid_load() {
     // Work the killed processes had claimed is taken over when their leases expire: the queue drains.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let metrics = client.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
+        let metrics =
+            client.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
         if metrics.lines().any(|l| l == "heap_relay_queue_depth 0") {
             break;
         }

@@ -2,8 +2,8 @@
 
 mod admin;
 mod clevertap;
-mod crash;
 mod cli;
+mod crash;
 mod delivery;
 mod errors;
 mod heap_compat;
