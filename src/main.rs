@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use heap_relay::cli::{Cli, Command};
-use heap_relay::commands;
+use heap_relay::commands::{self, CommandError};
 use heap_relay::settings::{ConfigPath, Settings};
 use heap_relay::startup::Application;
 use std::path::PathBuf;
@@ -21,35 +21,31 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let code = match cli.command.unwrap_or(Command::Serve) {
+    let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             heap_relay::telemetry::init(&settings.log.level, &settings.log.format);
-            match Application::build(settings).await {
-                Ok(app) => match app.run_until_stopped().await {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        tracing::error!(error = format!("{e:#}"), "heap-relay failed");
-                        1
-                    }
-                },
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    1
-                }
-            }
+            serve(settings).await
         }
         Command::Render { source, file, template } => commands::render::run(&settings, &source, &file, template),
         Command::Check => commands::check::run(&settings),
         Command::Deliveries { status, source, since, until, limit, json } => {
-            commands::deliveries::run(
-                &settings,
-                commands::deliveries::Filters { status, source, since, until, limit, json },
-            )
-            .await
+            let filters = commands::deliveries::Filters { status, source, since, until, limit, json };
+            commands::deliveries::run(&settings, filters).await
         }
         Command::Replay { id, status, since, until, rerender } => {
-            commands::replay::run(&settings, id, status, since, until, rerender).await
+            let selection = commands::replay::Selection { id, status, since, until };
+            commands::replay::run(&settings, selection, rerender).await
         }
     };
+    let code = result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        e.exit_code()
+    });
     std::process::exit(code);
+}
+
+async fn serve(settings: Settings) -> Result<i32, CommandError> {
+    let app = Application::build(settings).await?;
+    app.run_until_stopped().await?;
+    Ok(0)
 }

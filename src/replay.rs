@@ -5,7 +5,7 @@
 use crate::domain::Timestamp;
 use crate::ingest::{Pipeline, Route};
 use crate::intake::to_rows;
-use crate::store::{Selector, Status, Store, StoreError};
+use crate::store::{Millis, Selector, Status, Store, StoreError};
 use serde::Serialize;
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
@@ -38,25 +38,26 @@ pub fn selector(
     if let Some(id) = id {
         return Ok(Selector::Id(id.to_owned()));
     }
+    match (time_range(since, until)?, status) {
+        (Some((from, to)), status) => Ok(Selector::Range { from, to, status }),
+        (None, Some(status)) => Ok(Selector::Status(status)),
+        (None, None) => Err("say which events: an id, a status, or a time range (since/until)".to_owned()),
+    }
+}
+
+/// `since`/`until` (ISO-8601, either may be missing) as a millisecond range; `None` when both are missing.
+pub fn time_range(since: Option<&str>, until: Option<&str>) -> Result<Option<(Millis, Millis)>, String> {
     let time = |t: &str| {
         Timestamp::parse(&serde_json::Value::String(t.to_owned()))
-            .map_err(|_| format!("{t:?} is not a time; use ISO-8601 such as 2024-11-18T19:00:00Z"))
-            .and_then(|ts| {
-                chrono::DateTime::parse_from_rfc3339(ts.as_str())
-                    .map(|d| d.timestamp_millis())
-                    .map_err(|e| e.to_string())
-            })
+            .ok()
+            .and_then(|ts| chrono::DateTime::parse_from_rfc3339(ts.as_str()).ok())
+            .map(|d| d.timestamp_millis())
+            .ok_or_else(|| format!("{t:?} is not a time; use ISO-8601 such as 2024-11-18T19:00:00Z"))
     };
-    match (since, until) {
-        (None, None) => status
-            .map(Selector::Status)
-            .ok_or_else(|| "say which events: an id, a status, or a time range (since/until)".to_owned()),
-        (s, u) => Ok(Selector::Range {
-            from: s.map(time).transpose()?.unwrap_or(0),
-            to: u.map(time).transpose()?.unwrap_or(i64::MAX),
-            status,
-        }),
+    if since.is_none() && until.is_none() {
+        return Ok(None);
     }
+    Ok(Some((since.map(time).transpose()?.unwrap_or(0), until.map(time).transpose()?.unwrap_or(Millis::MAX))))
 }
 
 pub async fn replay(

@@ -3,7 +3,7 @@
 use crate::settings::Settings;
 use crate::templates::TemplateSet;
 
-pub fn run(settings: &Settings) -> i32 {
+pub fn run(settings: &Settings) -> Result<i32, super::CommandError> {
     let mut problems = Vec::new();
     let (set, errors) = TemplateSet::load_dir(&settings.templates.dir);
     problems.extend(errors.iter().map(|e| e.to_string()));
@@ -24,12 +24,12 @@ pub fn run(settings: &Settings) -> i32 {
     }
     if problems.is_empty() {
         println!("ok: configuration and {} templates load", set.names().len());
-        0
+        Ok(0)
     } else {
         for p in &problems {
             println!("error: {p}");
         }
         println!("{} problem(s)", problems.len());
-        1
+        Ok(1)
     }
 }

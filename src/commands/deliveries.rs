@@ -1,9 +1,11 @@
 //! `heap-relay deliveries [--status S] [--source S] [--since T] [--until T]`: the delivery log from the store.
 
-use crate::replay::selector;
+use super::CommandError;
+use crate::replay::time_range;
 use crate::settings::Settings;
 use crate::startup::open_store;
-use crate::store::{Query, Selector, Status};
+use crate::store::{Query, Status};
+use anyhow::Context;
 
 pub struct Filters {
     pub status: Option<String>,
@@ -14,42 +16,27 @@ pub struct Filters {
     pub json: bool,
 }
 
-pub async fn run(settings: &Settings, f: Filters) -> i32 {
-    let status = match f.status.as_deref().map(|s| Status::parse(s).ok_or(s)).transpose() {
-        Ok(s) => s,
-        Err(s) => {
-            eprintln!("error: unknown status {s:?}; one of pending, retrying, delivered, dead, rejected, replaced");
-            return 2;
-        }
-    };
-    let (since, until) = match (&f.since, &f.until) {
-        (None, None) => (None, None),
-        (s, u) => match selector(None, None, s.as_deref(), u.as_deref()) {
-            Ok(Selector::Range { from, to, .. }) => (Some(from), Some(to)),
-            Ok(_) => (None, None),
-            Err(m) => {
-                eprintln!("error: {m}");
-                return 2;
-            }
-        },
-    };
-    let store = match open_store(settings) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return 1;
-        }
-    };
-    let events = match store.list(Query { status, source: f.source, since, until, limit: f.limit }).await {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 1;
-        }
-    };
+pub async fn run(settings: &Settings, f: Filters) -> Result<i32, CommandError> {
+    let status = f
+        .status
+        .as_deref()
+        .map(|s| {
+            Status::parse(s).ok_or_else(|| {
+                CommandError::Usage(format!(
+                    "unknown status {s:?}; one of pending, retrying, delivered, dead, rejected, replaced"
+                ))
+            })
+        })
+        .transpose()?;
+    let range = time_range(f.since.as_deref(), f.until.as_deref()).map_err(CommandError::Usage)?;
+    let store = open_store(settings)?;
+    let events = store
+        .list(Query { status, source: f.source, since: range.map(|r| r.0), until: range.map(|r| r.1), limit: f.limit })
+        .await
+        .context("listing")?;
     if f.json {
-        println!("{}", serde_json::to_string_pretty(&events).unwrap_or_default());
-        return 0;
+        println!("{}", serde_json::to_string_pretty(&events).context("printing")?);
+        return Ok(0);
     }
     println!(
         "{:<36}  {:<9}  {:<9}  {:<24}  {:>3}  {:<24}  error",
@@ -68,5 +55,5 @@ pub async fn run(settings: &Settings, f: Filters) -> i32 {
         );
     }
     eprintln!("{} event(s)", events.len());
-    0
+    Ok(0)
 }

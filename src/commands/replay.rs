@@ -1,52 +1,29 @@
 //! `heap-relay replay (--id ID | --status S | --since T [--until T]) [--rerender]`.
 
+use super::CommandError;
 use crate::replay::{replay, selector};
 use crate::settings::Settings;
 use crate::startup::{build_pipeline, load_templates, open_store};
+use anyhow::Context;
 
-pub async fn run(
-    settings: &Settings,
-    id: Option<String>,
-    status: Option<String>,
-    since: Option<String>,
-    until: Option<String>,
-    rerender: bool,
-) -> i32 {
-    let sel = match selector(id.as_deref(), status.as_deref(), since.as_deref(), until.as_deref()) {
-        Ok(s) => s,
-        Err(m) => {
-            eprintln!("error: {m}");
-            return 2;
-        }
-    };
-    let templates = match load_templates(settings) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return 1;
-        }
-    };
-    let store = match open_store(settings) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return 1;
-        }
-    };
-    let pipeline = build_pipeline(settings, templates);
+pub struct Selection {
+    pub id: Option<String>,
+    pub status: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+}
+
+pub async fn run(settings: &Settings, s: Selection, rerender: bool) -> Result<i32, CommandError> {
+    let sel = selector(s.id.as_deref(), s.status.as_deref(), s.since.as_deref(), s.until.as_deref())
+        .map_err(CommandError::Usage)?;
+    let pipeline = build_pipeline(settings, load_templates(settings)?);
+    let store = open_store(settings)?;
     let mut progress = |done: usize, total: usize| {
         if done % 100 == 0 || done == total {
             eprintln!("re-rendered {done}/{total} bodies");
         }
     };
-    match replay(&store, &pipeline, sel, rerender, &mut progress).await {
-        Ok(report) => {
-            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-            0
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            1
-        }
-    }
+    let report = replay(&store, &pipeline, sel, rerender, &mut progress).await.context("replay")?;
+    println!("{}", serde_json::to_string_pretty(&report).context("printing the report")?);
+    Ok(0)
 }

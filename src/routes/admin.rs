@@ -3,7 +3,7 @@
 
 use super::AppState;
 use crate::error::{ApiError, ErrorCode};
-use crate::replay::{replay as run_replay, selector};
+use crate::replay::{replay as run_replay, selector, time_range};
 use crate::store::{Query, Status, StoreError};
 use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
 use secrecy::ExposeSecret;
@@ -75,13 +75,7 @@ pub async fn list(
         .as_deref()
         .map(|s| Status::parse(s).ok_or_else(|| bad("status", format!("unknown status {s:?}"))))
         .transpose()?;
-    let range = match (&p.since, &p.until) {
-        (None, None) => None,
-        (s, u) => match selector(None, None, s.as_deref(), u.as_deref()).map_err(|m| bad("since", m))? {
-            crate::store::Selector::Range { from, to, .. } => Some((from, to)),
-            _ => None,
-        },
-    };
+    let range = time_range(p.since.as_deref(), p.until.as_deref()).map_err(|m| bad("since", m))?;
     let q = Query {
         status,
         source: p.source,

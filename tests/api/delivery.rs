@@ -181,15 +181,7 @@ async fn replay_with_rerender_after_a_template_fix_delivers_the_corrected_payloa
     assert_eq!(body["error"]["field"], "event");
 
     std::fs::write(dir.join("segment/fixme.json"), typo.replace("evnt", "event")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = app.client.get(format!("{}/metrics", app.address)).send().await.unwrap().text().await.unwrap();
-        if metrics.contains("heap_relay_template_reloads_total{result=\"ok\"} 1") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the fixed template was not reloaded");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    app.wait_for_metric("heap_relay_template_reloads_total{result=\"ok\"} 1", Duration::from_secs(10)).await;
     let (status, report) =
         json(app.admin_post("/admin/replay", &json!({"status": "rejected", "rerender": true})).await).await;
     assert_eq!(status, 200, "{report}");

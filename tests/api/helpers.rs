@@ -49,8 +49,8 @@ pub struct TestApp {
     pub heap: MockServer,
     pub client: reqwest::Client,
     pub app: heap_relay::routes::AppState,
-    pub dir: TempDir,
-    handle: actix_web::dev::ServerHandle,
+    /// Holds the store; deleted when the test ends.
+    pub _dir: TempDir,
 }
 
 /// The relay on its defaults (test timings) against a mock Heap answering 200.
@@ -69,9 +69,8 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let app = Application::build(settings).await.expect("the relay starts");
     let address = format!("http://127.0.0.1:{}", app.port());
     let state = app.state().clone();
-    let handle = app.handle();
     tokio::spawn(app.run_until_stopped());
-    TestApp { address, heap, client: reqwest::Client::new(), app: state, dir, handle }
+    TestApp { address, heap, client: reqwest::Client::new(), app: state, _dir: dir }
 }
 
 /// A templates directory holding the shipped templates plus `extra` (path under templates/, content).
@@ -184,8 +183,18 @@ impl TestApp {
         }
     }
 
-    pub async fn stop(self) {
-        self.handle.stop(true).await;
+    /// Waits until `/metrics` holds `line` (e.g. a counter reaching a value).
+    pub async fn wait_for_metric(&self, line: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let text = self.client.get(format!("{}/metrics", self.address)).send().await.expect("metrics").text().await;
+            let text = text.unwrap_or_default();
+            if text.lines().any(|l| l == line) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "/metrics never showed {line:?} within {within:?}:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
