@@ -241,8 +241,9 @@ fn rejection(index: usize, e: FieldError) -> Rejection {
     Rejection { index, field: e.field, code: e.code, message: e.message }
 }
 
-/// Parses a body as JSON, with line and column on failure.
+/// Parses a body as JSON, with line and column on failure. A leading UTF-8 byte-order mark is skipped.
 pub fn parse_json(body: &[u8]) -> Result<Value, IngestError> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     serde_json::from_slice(body).map_err(|e| IngestError::MalformedJson {
         line: e.line(),
         column: e.column(),

@@ -1,12 +1,13 @@
 //! Reads a request body with a size limit enforced while streaming, so an oversized body is refused before it
-//! is buffered.
+//! is buffered. `Content-Encoding: gzip`, `br`, `zstd` and `deflate` bodies are decoded on the way; the limit
+//! counts decoded bytes, so a compression bomb stops at the limit too.
 
 use crate::error::{ApiError, ErrorCode};
 use actix_web::HttpRequest;
 use actix_web::web::Payload;
 use futures_util::StreamExt;
 
-pub async fn read_limited(req: &HttpRequest, mut payload: Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
+pub async fn read_limited(req: &HttpRequest, payload: Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
     let too_large = || {
         ApiError::new(ErrorCode::BodyTooLarge, format!("the body is larger than {limit} bytes (server.max_body_bytes)"))
     };
@@ -18,6 +19,7 @@ pub async fn read_limited(req: &HttpRequest, mut payload: Payload, limit: usize)
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
+    let mut payload = actix_web::dev::Decompress::from_headers(payload.into_inner(), req.headers());
     let mut body = Vec::with_capacity(declared.unwrap_or(1024).min(limit));
     while let Some(chunk) = payload.next().await {
         let chunk =

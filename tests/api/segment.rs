@@ -101,3 +101,28 @@ async fn a_segment_message_without_type_or_event_is_rejected_naming_the_field() 
     assert_eq!(rejected[0]["field"], "batch[0].type");
     assert_eq!(rejected[1]["field"], "event");
 }
+
+#[tokio::test]
+async fn gzip_encoded_and_byte_order_marked_bodies_are_accepted() {
+    use std::io::Write;
+    let app = spawn_app().await;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(fixture("segment-track.json").to_string().as_bytes()).unwrap();
+    let resp = app
+        .client
+        .post(format!("{}/hooks/segment", app.address))
+        .header("Content-Type", "application/json")
+        .header("Content-Encoding", "gzip")
+        .body(gz.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(resp).await;
+    assert_eq!(status, 202, "{body}");
+    let bom = [b"\xEF\xBB\xBF".as_slice(), br#"{"type": "track", "event": "BOM", "userId": "u"}"#].concat();
+    let (status, body) = json(app.post("/hooks/segment", bom).await).await;
+    assert_eq!(status, 202, "{body}");
+    let items = app.wait_for_heap(2, WAIT).await;
+    assert!(items.iter().any(|(_, e)| e["event"] == "Order Completed"));
+    assert!(items.iter().any(|(_, e)| e["event"] == "BOM"));
+}
