@@ -36,9 +36,7 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
         Some(_) => {
             return Err(FieldError::invalid("profiles", "profiles must be an array or an object"));
         }
-        None => {
-            return Err(FieldError::missing("profiles", "a CleverTap webhook body needs `profiles`"));
-        }
+        None => return Ok(Parsed::Items(vec![Ok(custom_item(root))])),
     };
     let target_id = get_ci(root, "targetId").cloned().unwrap_or(Value::Null);
     let campaign_kv = get_ci(root, "key_values").cloned().unwrap_or(Value::Null);
@@ -97,6 +95,23 @@ fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value) -> Resu
     Ok(Item { ctx, seed })
 }
 
+fn custom_item(root: &Map<String, Value>) -> Item {
+    let mut ctx = CtxObject::from_json_with(root, &ct_date);
+    let whole = Ctx::from_json_with(&Value::Object(root.clone()), &ct_date);
+    ctx.insert("body", whole.clone());
+    ctx.insert_missing("Profile", whole);
+    let nested = |key: &str| match get_ci(root, key) {
+        Some(Value::Object(o)) => Ctx::Object(CtxObject::from_json_with(o, &ct_date)),
+        _ => Ctx::Object(CtxObject::new()),
+    };
+    ctx.insert_missing("Event", nested("event_properties"));
+    ctx.insert_missing("KeyValues", nested("key_values"));
+    let mut campaign = CtxObject::new();
+    campaign.insert("id", Ctx::from_json(get_ci(root, "targetId").unwrap_or(&Value::Null)));
+    ctx.insert_missing("Campaign", Ctx::Object(campaign));
+    Item { ctx, seed: Value::Object(root.clone()).to_string() }
+}
+
 fn insert_all(obj: &mut CtxObject, data: &Map<String, Value>) {
     for (k, v) in data {
         obj.insert(k.clone(), Ctx::from_json_with(v, &ct_date));
@@ -129,6 +144,10 @@ mod tests {
         let body = json!({"targetId": 1, "profiles": {"Identity": "u"}});
         assert!(matches!(parse(&body).unwrap(), Parsed::Items(v) if v.len() == 1));
         assert!(matches!(parse(&json!({"Is_Test": true, "profiles": []})).unwrap(), Parsed::Ping));
-        assert_eq!(parse(&json!({"targetId": 1})).unwrap_err().field, "profiles");
+        assert_eq!(parse(&json!({"profiles": "x"})).unwrap_err().field, "profiles");
+        assert!(
+            matches!(parse(&json!({"email": "a@b.co"})).unwrap(), Parsed::Items(v) if v.len() == 1),
+            "a custom body"
+        );
     }
 }

@@ -198,3 +198,22 @@ async fn profile_keys_with_spaces_are_reachable_and_nested_values_flatten() {
     assert_eq!(jane["properties"]["raw.favorite_categories"], "[\"shoes\",\"bags\"]", "arrays become JSON text");
     drop(templates);
 }
+
+#[tokio::test]
+async fn a_custom_clevertap_body_is_one_item_readable_as_profile_and_body() {
+    let tpl =
+        r#"{"event": "{{ body.action }}", "identity": "{{ Profile.Email }}", "properties": {"sku": "{{ sku }}"}}"#;
+    let templates = templates_with(&[("clevertap/custom.json", tpl)]);
+    let dir = templates.path().to_owned();
+    let app = spawn_app_with(|s| s.templates.dir = dir).await;
+    let custom = json!({"email": "c@example.com", "action": "Viewed Offer", "sku": "A-1"});
+    let (status, body) = json(app.post_hook_template("clevertap", "custom", &custom).await).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = json(app.post_hook("clevertap", &json!({"Identity": "c-2", "targetId": 8})).await).await;
+    assert_eq!(status, 202, "the default template reads a custom body's Identity too: {body}");
+    let items = app.wait_for_heap(2, WAIT).await;
+    let first = by_identity(&items, "c@example.com");
+    assert_eq!(first["event"], "Viewed Offer");
+    assert_eq!(first["properties"], json!({"sku": "A-1"}));
+    assert_eq!(by_identity(&items, "c-2")["event"], "CleverTap Campaign 8");
+}
