@@ -89,9 +89,11 @@ impl Intaker {
                 self.delivery.wake.notify_one();
             }
         }
-        for (id, r) in summary.event_ids.iter().zip(0..) {
-            tracing::debug!(event_id = %id, n = r, source, "accepted");
+        // Inside the request's span: ties each event id to this request; delivery spans log it at every attempt.
+        for id in &summary.event_ids {
+            tracing::debug!(event_id = %id, source, "event accepted");
         }
+        tracing::info!(source, items = summary.items, accepted = summary.accepted, rejected = summary.rejected.len(), "body stored");
         Ok(Intake::Stored { summary, nothing_accepted })
     }
 }
