@@ -93,7 +93,13 @@ impl Intaker {
         for id in &summary.event_ids {
             tracing::debug!(event_id = %id, source, "event accepted");
         }
-        tracing::info!(source, items = summary.items, accepted = summary.accepted, rejected = summary.rejected.len(), "body stored");
+        tracing::info!(
+            source,
+            items = summary.items,
+            accepted = summary.accepted,
+            rejected = summary.rejected.len(),
+            "body stored"
+        );
         Ok(Intake::Stored { summary, nothing_accepted })
     }
 }

@@ -117,35 +117,38 @@ impl Worker {
         Self { shared, owner }
     }
 
-    /// Repeats rounds until `shutdown` turns true; then gives back its leases.
+    /// Repeats rounds until `shutdown` turns true (or its sender is gone); then gives back its leases.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let cfg = self.shared.config.clone();
-        loop {
-            if *shutdown.borrow() {
-                break;
-            }
-            let round = self.try_deliver_once().await;
-            let busy = match &round {
-                Ok(r) => r.claimed > 0,
+        while !*shutdown.borrow() {
+            let claimed = match self.try_deliver_once().await {
+                Ok(r) => r.claimed,
                 Err(e) => {
                     tracing::error!(error = %e, worker = %self.owner, "delivery round failed");
-                    false
+                    0
                 }
             };
-            if busy && round.as_ref().is_ok_and(|r| r.claimed >= cfg.max_batch) {
-                continue;
+            if claimed >= cfg.max_batch {
+                continue; // a backlog: go on at once
             }
-            if !busy {
-                tokio::select! {
-                    _ = self.shared.wake.notified() => {}
-                    _ = tokio::time::sleep(cfg.poll_interval) => {}
-                    _ = shutdown.changed() => {}
+            if claimed == 0 {
+                // Idle: wait for ingest to wake us, or for due retries at the next poll.
+                let stop = tokio::select! {
+                    _ = self.shared.wake.notified() => false,
+                    _ = tokio::time::sleep(cfg.poll_interval) => false,
+                    changed = shutdown.changed() => changed.is_err(),
+                };
+                if stop {
+                    break;
                 }
             }
             // Let events that arrive together share one call.
-            tokio::select! {
-                _ = tokio::time::sleep(cfg.linger) => {}
-                _ = shutdown.changed() => {}
+            let stop = tokio::select! {
+                _ = tokio::time::sleep(cfg.linger) => false,
+                changed = shutdown.changed() => changed.is_err(),
+            };
+            if stop {
+                break;
             }
         }
         match self.shared.store.release_owner(&self.owner).await {
