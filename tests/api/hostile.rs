@@ -536,3 +536,26 @@ async fn admin_endpoints_are_off_without_a_token() {
     let resp = app.client.post(format!("{}/admin/replay", app.address)).body("{}").send().await.expect("sent");
     assert_eq!(resp.status().as_u16(), 404);
 }
+
+#[tokio::test]
+async fn connections_past_max_connections_wait_until_a_slot_frees() {
+    // One HTTP worker with one connection: an idle client holds the only slot until the header timeout closes it.
+    let app = spawn_app_with(|s| {
+        s.server.workers = 1;
+        s.server.max_connections = 1;
+        s.server.header_read_timeout_secs = 1;
+    })
+    .await;
+    let port = app.address.rsplit(':').next().expect("port").to_owned();
+    let idle = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await.expect("connect");
+    let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+    let started = Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(10), fresh.get(format!("{}/healthz", app.address)).send())
+        .await
+        .expect("answered once the idle connection was closed")
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(500), "served after {waited:?}: the cap did not hold");
+    drop(idle);
+}

@@ -46,6 +46,10 @@ fn any_json() -> impl Strategy<Value = Value> {
     })
 }
 
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(128)
+}
+
 const FIXED_TEMPLATE: &str = r#"{
   "identity": "fixed-user",
   "event": "{{ Profile.name | default: 'Fallback' }}",
@@ -89,7 +93,8 @@ fn assert_calls(p: &Pipeline, template: Option<&str>, body: &Value, identity: &s
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+    // PROPTEST_CASES raises the count for a longer run (scripts/fuzz falls back to this when cargo-fuzz is missing).
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn flattening_any_value_gives_scalar_properties_or_an_error_naming_properties(v in any_json(), k in hostile_string()) {
