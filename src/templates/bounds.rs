@@ -5,6 +5,9 @@
 //! does, and `(1..n)` with `n` from a webhook body lets the sender choose. So ranges must have integer-literal
 //! bounds, and the spans of every range in a leaf, multiplied (a bound on nested loops), may not exceed
 //! `templates.max_loop_iterations`. Loops over arrays from the body stay allowed: the body's size bounds them.
+//!
+//! Also refused: integer literals beyond i64 inside `{{ }}` or `{% %}`. liquid-core's parser panics on them
+//! ("Grammar ensures matches are parseable as integers"; found by the `render` fuzz target).
 
 /// Limits applied while loading templates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,8 +24,17 @@ impl Default for LoadLimits {
     }
 }
 
-/// Checks the range loops of one leaf's Liquid text. The message says what to change.
+/// Checks the range loops and integer literals of one leaf's Liquid text. The message says what to change.
 pub fn check_loops(leaf: &str, limits: &LoadLimits) -> Result<(), String> {
+    for (open, close) in [("{{", "}}"), ("{%", "%}")] {
+        let mut rest = leaf;
+        while let Some(at) = rest.find(open) {
+            let after = &rest[at + 2..];
+            let end = after.find(close).unwrap_or(after.len());
+            check_integers(&after[..end])?;
+            rest = &after[end..];
+        }
+    }
     let mut product: u128 = 1;
     let mut rest = leaf;
     while let Some(open) = rest.find("{%") {
@@ -49,6 +61,45 @@ pub fn check_loops(leaf: &str, limits: &LoadLimits) -> Result<(), String> {
             }
         }
         rest = &after[close + 2..];
+    }
+    Ok(())
+}
+
+/// Integer literals (outside quotes) must fit i64.
+fn check_integers(code: &str) -> Result<(), String> {
+    let bytes = code.as_bytes();
+    let mut quote: Option<u8> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if let Some(q) = quote {
+            if c == q {
+                quote = None;
+            }
+            i += 1;
+            continue;
+        }
+        if c == b'"' || c == b'\'' {
+            quote = Some(c);
+            i += 1;
+            continue;
+        }
+        let starts_word = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if c.is_ascii_digit() && starts_word {
+            let start = if i > 0 && bytes[i - 1] == b'-' { i - 1 } else { i };
+            let mut end = i;
+            while end < bytes.len() && bytes[end].is_ascii_digit() {
+                end += 1;
+            }
+            let float = bytes.get(end) == Some(&b'.') && bytes.get(end + 1).is_some_and(u8::is_ascii_digit);
+            if !float && code[start..end].parse::<i64>().is_err() {
+                let shown: String = code[start..end].chars().take(24).collect();
+                return Err(format!("integer literal {shown}... is beyond the 64-bit range liquid can hold"));
+            }
+            i = end;
+            continue;
+        }
+        i += 1;
     }
     Ok(())
 }
@@ -104,6 +155,18 @@ mod tests {
         let err = check("{% for i in (1..profile.count) %}x{% endfor %}").unwrap_err();
         assert!(err.contains("integer literals"), "{err}");
         assert!(check("{% for i in (n..5) %}x{% endfor %}").is_err());
+    }
+
+    #[test]
+    fn integer_literals_beyond_i64_are_refused_before_liquid_can_panic_on_them() {
+        let err = check("{% for x in 44444444444444444444444nil %}{% endfor %}").unwrap_err();
+        assert!(err.contains("64-bit"), "{err}");
+        assert!(check("{{ 99999999999999999999 }}").is_err());
+        assert!(check("{{ x | plus: -9223372036854775809 }}").is_err());
+        assert!(check("{{ x | plus: 9223372036854775807 }}").is_ok());
+        assert!(check("{{ 99999999999999999999.5 }}").is_ok(), "a float literal is parsed as f64");
+        assert!(check("{{ '99999999999999999999' }} and 99999999999999999999 outside tags").is_ok());
+        assert!(check("{{ a99999999999999999999 }}").is_ok(), "part of a name");
     }
 
     #[test]

@@ -152,8 +152,8 @@ impl Template {
                             let pos = find_leaf(text, s);
                             err(pos.map(|p| p.0), pos.map(|p| p.1), format!("leaf {key}.when: {m}"))
                         })?;
-                        compile_leaf(parser, s, &format!("{key}.when"))
-                            .map_err(|e| liquid_error(file, text, s, &format!("{key}.when"), e))?
+                        compile_leaf_guarded(parser, s, &format!("{key}.when"))
+                            .map_err(|e| liquid_error(file, text, s, &format!("{key}.when"), &e))?
                     }
                     Some(_) => return Err(err(None, None, format!("{key}.when must be a string"))),
                 };
@@ -247,12 +247,12 @@ fn compile_node(
             if let Err(message) = bounds::check_loops(s, limits) {
                 return Err((find_leaf(file_text, s), format!("leaf {path}: {message}")));
             }
-            match compile_leaf(parser, s, path) {
+            match compile_leaf_guarded(parser, s, path) {
                 Ok(None) => Node::Literal(v.clone()),
                 Ok(Some(leaf)) => Node::Liquid(leaf),
                 Err(e) => {
                     let pos = find_leaf(file_text, s);
-                    return Err((pos, format!("leaf {path}: {}", one_line(&e.to_string()))));
+                    return Err((pos, format!("leaf {path}: {e}")));
                 }
             }
         }
@@ -271,13 +271,23 @@ fn compile_node(
     })
 }
 
-fn liquid_error(file: &str, file_text: &str, leaf: &str, path: &str, e: liquid::Error) -> LoadError {
+/// `compile_leaf`, with a panic inside liquid's parser turned into an error: liquid-core panics on some inputs
+/// (integer literals beyond i64, which `bounds` refuses first), and a template must never take the relay down.
+fn compile_leaf_guarded(parser: &liquid::Parser, text: &str, path: &str) -> Result<Option<Leaf>, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compile_leaf(parser, text, path))) {
+        Ok(Ok(leaf)) => Ok(leaf),
+        Ok(Err(e)) => Err(one_line(&e.to_string())),
+        Err(_) => Err("the Liquid parser failed on this leaf (a liquid-core panic)".into()),
+    }
+}
+
+fn liquid_error(file: &str, file_text: &str, leaf: &str, path: &str, e: &str) -> LoadError {
     let pos = find_leaf(file_text, leaf);
     LoadError {
         file: file.to_owned(),
         line: pos.map(|p| p.0),
         column: pos.map(|p| p.1),
-        message: format!("leaf {path}: {}", one_line(&e.to_string())),
+        message: format!("leaf {path}: {e}"),
     }
 }
 
@@ -536,6 +546,14 @@ mod tests {
         let err = t.render(&CtxObject::new(), &limits).unwrap_err();
         assert_eq!(err.code(), "render_timeout", "{err}");
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn an_integer_literal_beyond_i64_is_a_load_error_not_a_panic() {
+        // Found by the `render` fuzz target: liquid-core's parser panics on such literals.
+        let err =
+            compile(r#"{"event": "E", "identity": "{% for x in 44444444444444444444444 %}{% endfor %}"}"#).unwrap_err();
+        assert!(err.message.contains("leaf identity") && err.message.contains("64-bit"), "{err}");
     }
 
     #[test]
