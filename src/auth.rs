@@ -60,7 +60,6 @@ pub struct AuthSettings {
     /// `basic`: the password.
     pub password: SecretString,
     /// `bearer`: the token; `header`: the header's value; `hmac_*`: the signing secret.
-    #[serde(alias = "token")]
     pub secret: SecretString,
     /// `header`: the header holding the secret (empty: `X-Relay-Secret`); `hmac_*`: the header holding the
     /// signature (empty: `X-Signature`).

@@ -254,6 +254,9 @@ impl Settings {
                 crate::json::SERDE_DEPTH_LIMIT
             ));
         }
+        if self.limits.max_property_key_chars == 0 || self.limits.max_property_value_chars == 0 {
+            return bad("limits.max_property_key_chars and limits.max_property_value_chars must be above 0".into());
+        }
         if self.server.max_connections == 0 {
             return bad("server.max_connections must be above 0".into());
         }

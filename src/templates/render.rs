@@ -221,7 +221,7 @@ impl Write for LimitedWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         // The clock is read every 64 writes: cheap, and a loop that writes cannot outlive its deadline by much.
         self.writes = self.writes.wrapping_add(1);
-        if self.writes % 64 == 0 && self.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+        if self.writes.is_multiple_of(64) && self.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             return Err(std::io::Error::other("render deadline reached"));
         }
         if self.buf.len() + data.len() > self.max {
