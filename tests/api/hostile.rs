@@ -15,9 +15,12 @@ const CIO_SECRET: &str = "cio-signing-secret-3";
 const HEAP_TOKEN: &str = "heap-bearer-token-4";
 
 /// clevertap: a shared secret in a custom header; userpilot: Userpilot signatures; segment: Customer.io
-/// signatures; heap: a bearer token. Short read timeouts so slow-client cases finish quickly.
-async fn spawn_guarded_app() -> TestApp {
-    spawn_app_with(|s| {
+/// signatures; heap: a bearer token. Short read timeouts so slow-client cases finish quickly. The templates
+/// directory lives as long as the returned guard.
+async fn spawn_guarded_app() -> (TestApp, tempfile::TempDir) {
+    let templates = hostile_templates();
+    let dir = templates.path().to_owned();
+    let app = spawn_app_with(|s| {
         s.sources.clevertap.auth.mode = heap_relay::auth::AuthMode::Header;
         s.sources.clevertap.auth.header = CT_HEADER.into();
         s.sources.clevertap.auth.secret = CT_SECRET.into();
@@ -30,20 +33,19 @@ async fn spawn_guarded_app() -> TestApp {
         s.heap.allowed_app_ids = vec![APP_ID.into()];
         s.server.body_read_timeout_secs = 1;
         s.server.header_read_timeout_secs = 1;
-        s.templates.dir = hostile_templates();
+        s.templates.dir = dir;
     })
-    .await
+    .await;
+    (app, templates)
 }
 
 /// The shipped templates plus one that renders a large property from the body.
-fn hostile_templates() -> std::path::PathBuf {
-    let dir = templates_with(&[(
+fn hostile_templates() -> tempfile::TempDir {
+    templates_with(&[(
         "clevertap/wide.json",
         r#"{"event": "E", "identity": "{{ Profile.Identity }}",
             "properties": {"p": "{% for i in (1..2000) %}{{ Profile.pad }}{% endfor %}"}}"#,
-    )]);
-    // Kept for the life of the test process; the OS cleans the temp dir.
-    dir.keep()
+    )])
 }
 
 fn now() -> i64 {
@@ -316,7 +318,7 @@ fn assert_error_shape(kind: &str, body: &Value, code: &str) {
 
 #[tokio::test]
 async fn every_hostile_request_gets_its_documented_4xx_and_a_valid_event_is_still_delivered() {
-    let app = spawn_guarded_app().await;
+    let (app, _templates) = spawn_guarded_app().await;
     let cases = cases();
     assert!(cases.len() >= 40, "{} kinds", cases.len());
     let mut failures = Vec::new();
@@ -371,7 +373,7 @@ async fn every_hostile_request_gets_its_documented_4xx_and_a_valid_event_is_stil
 
 #[tokio::test]
 async fn correctly_authenticated_requests_pass_every_mode() {
-    let app = spawn_guarded_app().await;
+    let (app, _templates) = spawn_guarded_app().await;
     let ct = json!({"profiles": [{"identity": "u-ct"}]}).to_string();
     let resp = app.client.post(format!("{}/hooks/clevertap", app.address)).header(CT_HEADER, CT_SECRET).body(ct);
     assert_eq!(resp.send().await.expect("sent").status().as_u16(), 202, "clevertap");
@@ -474,7 +476,7 @@ async fn raw(app: &TestApp, parts: &[&[u8]], pause: Duration, within: Duration) 
 
 #[tokio::test]
 async fn slow_clients_get_408_and_the_server_stays_up() {
-    let app = spawn_guarded_app().await;
+    let (app, _templates) = spawn_guarded_app().await;
     // A body that trickles: Content-Length 100, 10 bytes, then nothing.
     let head = format!(
         "POST /hooks/clevertap HTTP/1.1\r\nHost: 127.0.0.1\r\n{CT_HEADER}: {CT_SECRET}\r\nContent-Length: 100\r\n\r\n"
@@ -496,7 +498,7 @@ async fn slow_clients_get_408_and_the_server_stays_up() {
 
 #[tokio::test]
 async fn a_chunked_body_past_the_limit_is_refused_while_streaming() {
-    let app = spawn_guarded_app().await;
+    let (app, _templates) = spawn_guarded_app().await;
     let head = format!(
         "POST /hooks/clevertap HTTP/1.1\r\nHost: 127.0.0.1\r\n{CT_HEADER}: {CT_SECRET}\r\nTransfer-Encoding: chunked\r\n\r\n"
     );
