@@ -25,16 +25,24 @@ macro_rules! error_codes {
 
 error_codes! {
     MalformedJson => ("malformed_json", BAD_REQUEST),
+    InvalidUtf8 => ("invalid_utf8", BAD_REQUEST),
+    NulCharacter => ("nul_character", BAD_REQUEST),
+    LoneSurrogate => ("lone_surrogate", BAD_REQUEST),
+    JsonTooDeep => ("json_too_deep", BAD_REQUEST),
+    NumberOutOfRange => ("number_out_of_range", BAD_REQUEST),
+    DuplicateKey => ("duplicate_key", BAD_REQUEST),
     InvalidBody => ("invalid_body", BAD_REQUEST),
     Unauthorized => ("unauthorized", UNAUTHORIZED),
     NotFound => ("not_found", NOT_FOUND),
     UnknownSource => ("unknown_source", NOT_FOUND),
     UnknownTemplate => ("unknown_template", NOT_FOUND),
     MethodNotAllowed => ("method_not_allowed", METHOD_NOT_ALLOWED),
+    RequestTimeout => ("request_timeout", REQUEST_TIMEOUT),
     BodyTooLarge => ("body_too_large", PAYLOAD_TOO_LARGE),
     TooManyItems => ("too_many_items", PAYLOAD_TOO_LARGE),
     UnsupportedMediaType => ("unsupported_media_type", UNSUPPORTED_MEDIA_TYPE),
     NothingAccepted => ("nothing_accepted", UNPROCESSABLE_ENTITY),
+    RateLimited => ("rate_limited", TOO_MANY_REQUESTS),
     InvalidQuery => ("invalid_query", BAD_REQUEST),
     StoreFull => ("store_full", SERVICE_UNAVAILABLE),
     NotReady => ("not_ready", SERVICE_UNAVAILABLE),
@@ -47,7 +55,7 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     pub field: Option<String>,
-    /// Seconds, sent as Retry-After (503 store_full).
+    /// Seconds, sent as Retry-After (503 store_full, 429 rate_limited).
     pub retry_after: Option<u64>,
     /// Per-item reasons for 422 nothing_accepted.
     pub rejected: Option<serde_json::Value>,

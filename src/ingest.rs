@@ -5,6 +5,7 @@ use crate::domain::heap_call::BuildContext;
 use crate::domain::{
     AppIdPolicy, CallKind, FieldError, HeapCall, PropertyLimits, Timestamp, TrackEvent, UserProperties,
 };
+use crate::json::{JsonError, JsonLimits};
 use crate::sources::{self, Parsed, Source, SourceOptions};
 use crate::templates::render::RenderLimits;
 use crate::templates::{Draft, TemplateStore, valid_name};
@@ -78,8 +79,8 @@ pub struct Outcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("malformed JSON at line {line}, column {column}: {message}")]
-    MalformedJson { line: usize, column: usize, message: String },
+    #[error(transparent)]
+    Json(#[from] JsonError),
     #[error("source {0:?} is disabled in config.toml")]
     SourceDisabled(&'static str),
     #[error("no template {name:?} for source {source_name} (looked for templates/{source_name}/{name}.json)")]
@@ -101,11 +102,13 @@ pub struct Pipeline {
     pub sources: HashMap<Source, SourceConfig>,
     pub heap_compat_enabled: bool,
     pub max_items: usize,
+    /// Bounds a body must meet before it is parsed (nesting depth).
+    pub json_limits: JsonLimits,
 }
 
 impl Pipeline {
     pub fn ingest(&self, route: &Route, body: &[u8], received_at: &Timestamp) -> Result<Outcome, IngestError> {
-        let value = parse_json(body)?;
+        let value = crate::json::parse(body, &self.json_limits)?;
         self.ingest_value(route, &value, received_at)
     }
 
@@ -162,7 +165,7 @@ impl Pipeline {
                     out.rejected.push(Rejection {
                         index,
                         field: "template".into(),
-                        code: "template_error",
+                        code: e.code(),
                         message: e.to_string(),
                     });
                     continue;
@@ -241,12 +244,7 @@ fn rejection(index: usize, e: FieldError) -> Rejection {
     Rejection { index, field: e.field, code: e.code, message: e.message }
 }
 
-/// Parses a body as JSON, with line and column on failure. A leading UTF-8 byte-order mark is skipped.
+/// Parses a body as strict JSON under the default limits (see `crate::json`), with line and column on failure.
 pub fn parse_json(body: &[u8]) -> Result<Value, IngestError> {
-    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    serde_json::from_slice(body).map_err(|e| IngestError::MalformedJson {
-        line: e.line(),
-        column: e.column(),
-        message: e.to_string().split(" at line ").next().unwrap_or_default().to_owned(),
-    })
+    Ok(crate::json::parse(body, &JsonLimits::default())?)
 }

@@ -2,15 +2,18 @@
 //! through user-editable Liquid templates, stores them durably and delivers them to Heap with retries.
 //!
 //! The path of an event, one module per step:
-//! - `routes`: HTTP in (`/hooks/{source}`, `/api/track`, admin, health, metrics); thin handlers.
+//! - `routes`: HTTP in (`/hooks/{source}`, `/api/track`, admin, health, metrics); thin handlers. Before a body
+//!   is used, `routes::gate` checks the source's authentication (`auth`) and request budget (`request_rate`).
 //! - `intake`: body → pipeline → one durable write → summary.
 //! - `ingest`: the pure pipeline: `sources` (vendor body shapes) → `templates` (Liquid, one leaf at a time) →
-//!   `domain` (types that only hold values Heap accepts).
+//!   `domain` (types that only hold values Heap accepts). `json` parses bodies strictly (depth, duplicate keys,
+//!   NULs, surrogates, number ranges), each refusal with its own error.
 //! - `store`: the SQLite queue and delivery log (group commit, leases).
 //! - `delivery`: workers that batch, send, classify (`policy`) and rate-limit.
 //! - `replay`: re-send or re-render stored events.
 //! - `settings`, `telemetry`, `metrics`, `error`, `startup`, `cli`, `commands`: plumbing.
 
+pub mod auth;
 pub mod cli;
 pub mod commands;
 pub mod delivery;
@@ -18,8 +21,10 @@ pub mod domain;
 pub mod error;
 pub mod ingest;
 pub mod intake;
+pub mod json;
 pub mod metrics;
 pub mod replay;
+pub mod request_rate;
 pub mod routes;
 pub mod settings;
 pub mod sources;

@@ -1,6 +1,7 @@
 //! Settings: the embedded defaults (`config.toml` as built), then the config file, then `HEAP_RELAY__SECTION__KEY`
 //! environment variables. `load` takes the environment as a map so tests never touch the process environment.
 
+use crate::auth::{AuthMode, AuthSettings, Verifier};
 use config::{Config, Environment, File, FileFormat};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
@@ -40,6 +41,12 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     pub workers: usize,
     pub shutdown_grace_secs: u64,
+    /// Most open connections across all HTTP workers; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// A client must send its request line and headers within this many seconds (408 and close otherwise).
+    pub header_read_timeout_secs: u64,
+    /// A client must send its whole body within this many seconds of the handler starting to read it (408).
+    pub body_read_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -58,6 +65,14 @@ pub struct TemplateSettings {
     pub dir: PathBuf,
     pub reload_interval_secs: u64,
     pub max_leaf_bytes: usize,
+    /// Largest template file accepted at load, in bytes.
+    pub max_template_bytes: u64,
+    /// Most iterations the range loops of one leaf may run (`(1..n)` ranges must be integer literals).
+    pub max_loop_iterations: u64,
+    /// Most milliseconds rendering one item may take.
+    pub render_timeout_ms: u64,
+    /// Most bytes one item's rendered Heap calls may hold, as JSON.
+    pub max_event_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +104,12 @@ pub struct DeliverySettings {
 pub struct LimitSettings {
     pub max_items: usize,
     pub max_properties: usize,
+    /// Most characters in one property key after flattening (Heap: fewer than 1024).
+    pub max_property_key_chars: usize,
+    /// String values longer than this are truncated (Heap: fewer than 1024).
+    pub max_property_value_chars: usize,
+    /// Most nested arrays and objects in a body (at most 127, serde_json's own limit).
+    pub max_json_depth: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,12 +143,17 @@ pub struct SourceSettings {
     pub app_id: String,
     #[serde(default = "yes")]
     pub allow_anonymous: bool,
+    /// Requests per minute this source may send (a token bucket holding one minute's budget); 0: no limit.
+    pub requests_per_minute: u32,
+    pub auth: AuthSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeapCompatSettings {
     pub enabled: bool,
+    pub requests_per_minute: u32,
+    pub auth: AuthSettings,
 }
 
 fn yes() -> bool {
@@ -222,6 +248,21 @@ impl Settings {
                 }
             }
         }
+        if !(1..=crate::json::SERDE_DEPTH_LIMIT).contains(&self.limits.max_json_depth) {
+            return bad(format!(
+                "limits.max_json_depth must be 1 to {} (serde_json's own limit)",
+                crate::json::SERDE_DEPTH_LIMIT
+            ));
+        }
+        if self.limits.max_property_key_chars == 0 || self.limits.max_property_value_chars == 0 {
+            return bad("limits.max_property_key_chars and limits.max_property_value_chars must be above 0".into());
+        }
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections must be above 0".into());
+        }
+        for (name, auth) in self.source_auth() {
+            Verifier::from_settings(name, auth).map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        }
         if !(1..=1000).contains(&self.delivery.max_batch) {
             return bad("delivery.max_batch must be 1 to 1000 (Heap's bulk limit)".into());
         }
@@ -262,6 +303,25 @@ impl Settings {
             ("userpilot", &self.sources.userpilot),
             ("segment", &self.sources.segment),
         ]
+    }
+
+    /// Every source's auth settings, with its name (the hook sources, then `heap`).
+    pub fn source_auth(&self) -> [(&'static str, &AuthSettings); 4] {
+        [
+            ("clevertap", &self.sources.clevertap.auth),
+            ("userpilot", &self.sources.userpilot.auth),
+            ("segment", &self.sources.segment.auth),
+            ("heap", &self.sources.heap.auth),
+        ]
+    }
+
+    /// Enabled sources that accept requests without authentication.
+    pub fn unauthenticated_sources(&self) -> Vec<&'static str> {
+        let enabled = |name: &str| match name {
+            "heap" => self.sources.heap.enabled,
+            n => self.hook_sources().iter().any(|(h, s)| *h == n && s.enabled),
+        };
+        self.source_auth().into_iter().filter(|(n, a)| a.mode == AuthMode::None && enabled(n)).map(|(n, _)| n).collect()
     }
 
     /// The admin token, when one is set.
@@ -329,6 +389,39 @@ mod tests {
             ("HEAP_RELAY__SERVER__BIND", "nowhere", "server.bind"),
             ("HEAP_RELAY__HEAP__BASE_URL", "ftp://x", "heap.base_url"),
             ("HEAP_RELAY__DELIVERY__MAX_BATCH", "1001", "delivery.max_batch"),
+        ] {
+            let err = Settings::load(&ConfigPath::Default(PathBuf::from("/nonexistent")), env(&[(k, v)])).unwrap_err();
+            assert!(err.to_string().contains(want), "{k}: {err}");
+        }
+    }
+
+    #[test]
+    fn source_auth_comes_from_the_environment_and_its_secret_never_shows_in_debug_output() {
+        let s = Settings::load(
+            &ConfigPath::Default(PathBuf::from("/nonexistent")),
+            env(&[
+                ("HEAP_RELAY__SOURCES__USERPILOT__AUTH__MODE", "hmac_userpilot"),
+                ("HEAP_RELAY__SOURCES__USERPILOT__AUTH__SECRET", "up-signing-secret-xyz"),
+                ("HEAP_RELAY__SOURCES__USERPILOT__AUTH__HASH", "sha512"),
+                ("HEAP_RELAY__SOURCES__USERPILOT__AUTH__TOLERANCE_SECS", "60"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.sources.userpilot.auth.mode, AuthMode::HmacUserpilot);
+        assert_eq!(s.sources.userpilot.auth.hash, crate::auth::HashAlg::Sha512);
+        assert_eq!(s.sources.userpilot.auth.tolerance_secs, 60);
+        assert_eq!(s.sources.userpilot.auth.secret.expose_secret(), "up-signing-secret-xyz");
+        assert!(!format!("{s:?}").contains("up-signing-secret-xyz"));
+        assert_eq!(s.unauthenticated_sources(), vec!["clevertap", "segment", "heap"]);
+    }
+
+    #[test]
+    fn an_auth_mode_without_its_secret_and_an_unknown_mode_are_refused() {
+        for (k, v, want) in [
+            ("HEAP_RELAY__SOURCES__CLEVERTAP__AUTH__MODE", "header", "sources.clevertap.auth"),
+            ("HEAP_RELAY__SOURCES__HEAP__AUTH__MODE", "bearer", "sources.heap.auth"),
+            ("HEAP_RELAY__SOURCES__SEGMENT__AUTH__MODE", "magic", "magic"),
+            ("HEAP_RELAY__LIMITS__MAX_JSON_DEPTH", "1000", "limits.max_json_depth"),
         ] {
             let err = Settings::load(&ConfigPath::Default(PathBuf::from("/nonexistent")), env(&[(k, v)])).unwrap_err();
             assert!(err.to_string().contains(want), "{k}: {err}");

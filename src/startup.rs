@@ -1,19 +1,24 @@
 //! Builds the application from settings: templates, store, delivery workers, background tasks and the HTTP
 //! server on a bound listener. Tests and `main` share this path; tests bind port 0 and read `port()`.
 
+use crate::auth::Verifier;
 use crate::delivery::heap_client::HeapClient;
 use crate::delivery::rate_limit::RateLimiter;
 use crate::delivery::{Delivery, DeliveryConfig, Worker};
 use crate::domain::{AppId, AppIdPolicy, PropertyLimits};
 use crate::ingest::{Pipeline, SourceConfig};
 use crate::intake::Intaker;
+use crate::json::JsonLimits;
 use crate::metrics::Metrics;
+use crate::request_rate::RequestRate;
+use crate::routes::gate::Gate;
 use crate::routes::{self, AppState};
 use crate::settings::Settings;
 use crate::sources::{Source, SourceOptions};
 use crate::store::sqlite::SqliteOptions;
 use crate::store::{SqliteStore, Store, now_ms};
 use crate::templates::TemplateStore;
+use crate::templates::bounds::LoadLimits;
 use crate::templates::render::RenderLimits;
 use actix_web::{App, HttpServer, web};
 use anyhow::{Context, anyhow};
@@ -27,7 +32,7 @@ use tokio::task::JoinHandle;
 
 /// Loads the template directory, failing with every problem (file:line: message) when any template is broken.
 pub fn load_templates(settings: &Settings) -> anyhow::Result<Arc<TemplateStore>> {
-    let store = TemplateStore::load(&settings.templates.dir).map_err(|errors| {
+    let store = TemplateStore::load_with(&settings.templates.dir, load_limits(settings)).map_err(|errors| {
         let list: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
         anyhow!("{} template problem(s):\n{}", errors.len(), list.join("\n"))
     })?;
@@ -41,6 +46,33 @@ pub fn load_templates(settings: &Settings) -> anyhow::Result<Arc<TemplateStore>>
         }
     }
     Ok(Arc::new(store))
+}
+
+/// The template load limits as configured.
+pub fn load_limits(settings: &Settings) -> LoadLimits {
+    LoadLimits {
+        max_template_bytes: settings.templates.max_template_bytes,
+        max_loop_iterations: settings.templates.max_loop_iterations,
+    }
+}
+
+/// Each source's authentication and request budget, for the HTTP handlers.
+pub fn build_gates(settings: &Settings) -> anyhow::Result<HashMap<&'static str, Gate>> {
+    let rates = [
+        settings.sources.clevertap.requests_per_minute,
+        settings.sources.userpilot.requests_per_minute,
+        settings.sources.segment.requests_per_minute,
+        settings.sources.heap.requests_per_minute,
+    ];
+    settings
+        .source_auth()
+        .into_iter()
+        .zip(rates)
+        .map(|((name, auth), per_minute)| {
+            let verifier = Verifier::from_settings(name, auth)?;
+            Ok((name, Gate { verifier, rate: RequestRate::new(per_minute) }))
+        })
+        .collect()
 }
 
 /// The ingest pipeline as configured.
@@ -68,11 +100,21 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
         templates,
         policy: AppIdPolicy::new(allowed),
         default_app_id: non_empty(&settings.heap.app_id),
-        limits: PropertyLimits { max_count: settings.limits.max_properties, ..PropertyLimits::default() },
-        render_limits: RenderLimits { max_leaf_bytes: settings.templates.max_leaf_bytes },
+        limits: PropertyLimits {
+            max_count: settings.limits.max_properties,
+            max_key_chars: settings.limits.max_property_key_chars,
+            max_value_chars: settings.limits.max_property_value_chars,
+        },
+        render_limits: RenderLimits {
+            max_leaf_bytes: settings.templates.max_leaf_bytes,
+            max_event_bytes: settings.templates.max_event_bytes,
+            timeout: Duration::from_millis(settings.templates.render_timeout_ms.max(1)),
+            deadline: None,
+        },
         sources,
         heap_compat_enabled: settings.sources.heap.enabled,
         max_items: settings.limits.max_items,
+        json_limits: JsonLimits { max_depth: settings.limits.max_json_depth },
     }
 }
 
@@ -128,6 +170,16 @@ impl Application {
         let listener = TcpListener::bind(&settings.server.bind)
             .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
         let addr = listener.local_addr()?;
+        let open = settings.unauthenticated_sources();
+        if !addr.ip().is_loopback() && !open.is_empty() {
+            tracing::warn!(
+                bind = %addr,
+                sources = %open.join(", "),
+                "these sources accept requests without authentication on a non-loopback address; set \
+                 [sources.<name>.auth] (docs/security.md)"
+            );
+        }
+        let gates = Arc::new(build_gates(&settings)?);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let workers_running = Arc::new(AtomicUsize::new(0));
         let instance = uuid::Uuid::now_v7().simple().to_string();
@@ -159,6 +211,8 @@ impl Application {
             retry_after_secs: settings.store.retry_after_secs,
             admin_token: settings.admin_token().map(|t| secrecy::SecretString::from(t.to_owned())),
             workers_running,
+            gates,
+            body_read_timeout: Duration::from_secs(settings.server.body_read_timeout_secs.max(1)),
         };
         let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
         let data = web::Data::new(state.clone());
@@ -170,11 +224,15 @@ impl Application {
         })
         .listen(listener)?
         .shutdown_timeout(grace.as_secs())
-        .client_request_timeout(Duration::from_secs(10))
+        .client_request_timeout(Duration::from_secs(settings.server.header_read_timeout_secs.max(1)))
         .client_disconnect_timeout(Duration::from_secs(5));
-        if settings.server.workers > 0 {
-            server = server.workers(settings.server.workers);
-        }
+        let http_workers = if settings.server.workers > 0 {
+            settings.server.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        };
+        // actix counts connections per worker; split the total so the cap holds for the whole process.
+        server = server.workers(http_workers).max_connections(settings.server.max_connections.div_ceil(http_workers));
         tracing::info!(%addr, heap = %settings.heap.base_url, store = %settings.store.path.display(), "heap-relay listening");
         Ok(Self { port: addr.port(), server: server.run(), state, shutdown, workers, background, grace })
     }

@@ -5,7 +5,7 @@ use crate::templates::TemplateSet;
 
 pub fn run(settings: &Settings) -> Result<i32, super::CommandError> {
     let mut problems = Vec::new();
-    let (set, errors) = TemplateSet::load_dir(&settings.templates.dir);
+    let (set, errors) = TemplateSet::load_dir_with(&settings.templates.dir, &crate::startup::load_limits(settings));
     problems.extend(errors.iter().map(|e| e.to_string()));
     for (name, s) in settings.hook_sources() {
         if s.enabled

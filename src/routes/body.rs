@@ -1,13 +1,29 @@
 //! Reads a request body with a size limit enforced while streaming, so an oversized body is refused before it
-//! is buffered. `Content-Encoding: gzip`, `br`, `zstd` and `deflate` bodies are decoded on the way; the limit
-//! counts decoded bytes, so a compression bomb stops at the limit too.
+//! is buffered, and a deadline, so a client that trickles its body cannot hold a connection (408).
+//! `Content-Encoding: gzip`, `br`, `zstd` and `deflate` bodies are decoded on the way; the limit counts decoded
+//! bytes, so a compression bomb stops at the limit too.
 
 use crate::error::{ApiError, ErrorCode};
 use actix_web::HttpRequest;
 use actix_web::web::Payload;
 use futures_util::StreamExt;
 
-pub async fn read_limited(req: &HttpRequest, payload: Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
+pub async fn read_limited(
+    req: &HttpRequest,
+    payload: Payload,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Vec<u8>, ApiError> {
+    match tokio::time::timeout(timeout, read(req, payload, limit)).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::new(
+            ErrorCode::RequestTimeout,
+            format!("the body was not received within {} seconds (server.body_read_timeout_secs)", timeout.as_secs()),
+        )),
+    }
+}
+
+async fn read(req: &HttpRequest, payload: Payload, limit: usize) -> Result<Vec<u8>, ApiError> {
     let too_large = || {
         ApiError::new(ErrorCode::BodyTooLarge, format!("the body is larger than {limit} bytes (server.max_body_bytes)"))
     };

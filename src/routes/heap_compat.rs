@@ -3,6 +3,7 @@
 
 use super::AppState;
 use super::body::read_limited;
+use super::gate;
 use super::hooks::respond;
 use crate::domain::CallKind;
 use crate::error::ApiError;
@@ -31,7 +32,9 @@ async fn take(
     payload: web::Payload,
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_limited(req, payload, state.max_body_bytes).await?;
+    let gate = gate::before_body(req, "heap", state)?;
+    let body = read_limited(req, payload, state.max_body_bytes, state.body_read_timeout).await?;
+    gate::after_body(req, gate, &body, state)?;
     let result = state.intake.accept(Route::Heap(kind), body).await;
     respond("heap", result, state)
 }

@@ -2,9 +2,11 @@
 
 use super::AppState;
 use super::body::read_limited;
+use super::gate;
 use crate::error::{ApiError, ErrorCode};
 use crate::ingest::{IngestError, Route};
 use crate::intake::{Intake, IntakeError};
+use crate::json::JsonError;
 use crate::sources::Source;
 use crate::store::StoreError;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -43,7 +45,9 @@ async fn take(
         )
         .with_field("source"));
     };
-    let body = read_limited(req, payload, state.max_body_bytes).await?;
+    let gate = gate::before_body(req, source.as_str(), state)?;
+    let body = read_limited(req, payload, state.max_body_bytes, state.body_read_timeout).await?;
+    gate::after_body(req, gate, &body, state)?;
     let result = state.intake.accept(Route::Hook { source, template }, body).await;
     respond(source.as_str(), result, state)
 }
@@ -84,7 +88,18 @@ pub fn respond(source: &str, result: Result<Intake, IntakeError>, state: &AppSta
 fn ingest_error(e: IngestError) -> ApiError {
     let message = e.to_string();
     match e {
-        IngestError::MalformedJson { .. } => ApiError::new(ErrorCode::MalformedJson, message).with_field("body"),
+        IngestError::Json(e) => {
+            let code = match &e {
+                JsonError::InvalidUtf8 { .. } => ErrorCode::InvalidUtf8,
+                JsonError::Nul { .. } => ErrorCode::NulCharacter,
+                JsonError::LoneSurrogate { .. } => ErrorCode::LoneSurrogate,
+                JsonError::TooDeep { .. } => ErrorCode::JsonTooDeep,
+                JsonError::NumberOutOfRange { .. } => ErrorCode::NumberOutOfRange,
+                JsonError::DuplicateKey { .. } => ErrorCode::DuplicateKey,
+                JsonError::Syntax { .. } => ErrorCode::MalformedJson,
+            };
+            ApiError::new(code, message).with_field(e.field())
+        }
         IngestError::SourceDisabled(_) => ApiError::new(ErrorCode::UnknownSource, message).with_field("source"),
         IngestError::UnknownTemplate { .. } => {
             ApiError::new(ErrorCode::UnknownTemplate, message).with_field("template")

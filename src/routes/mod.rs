@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod gate;
 pub mod health;
 pub mod heap_compat;
 pub mod hooks;
@@ -20,6 +21,10 @@ pub struct AppState {
     /// None: the admin endpoints are off.
     pub admin_token: Option<secrecy::SecretString>,
     pub workers_running: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Each source's authentication and request budget, by source name (`clevertap`, ..., `heap`).
+    pub gates: std::sync::Arc<std::collections::HashMap<&'static str, gate::Gate>>,
+    /// How long a client may take to send its body (408 after).
+    pub body_read_timeout: std::time::Duration,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {

@@ -6,10 +6,12 @@
 //! nothing or `false`. Root keys starting with `_` are comments. The set is parsed once at load and reloaded when a
 //! file changes; a reload that fails keeps the last good set and logs why.
 
+pub mod bounds;
 pub mod context;
 pub mod render;
 
 use crate::domain::CallKind;
+use bounds::LoadLimits;
 use context::CtxObject;
 use render::{Leaf, LeafError, Node, RenderLimits, compile_leaf};
 use serde_json::{Map, Value};
@@ -18,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
-/// Largest template file accepted, in bytes.
+/// Largest template file accepted by default, in bytes (`templates.max_template_bytes`).
 pub const MAX_TEMPLATE_BYTES: u64 = 256 * 1024;
 
 /// Checks a template name taken from a URL or the command line: `[A-Za-z0-9_-]`, 1 to 64 characters, so that no
@@ -53,6 +55,20 @@ pub struct RenderError {
     pub source: LeafError,
 }
 
+impl RenderError {
+    /// The rejection code: `render_timeout`, `render_too_large`, or `template_error`.
+    pub fn code(&self) -> &'static str {
+        let m = &self.source.message;
+        if m.contains("templates.render_timeout_ms") {
+            "render_timeout"
+        } else if m.contains("templates.max_event_bytes") || m.contains("templates.max_leaf_bytes") {
+            "render_too_large"
+        } else {
+            "template_error"
+        }
+    }
+}
+
 /// One Heap call a template produced, not yet validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Draft {
@@ -77,13 +93,25 @@ pub struct Template {
 }
 
 impl Template {
-    /// Parses template `text`. `file` is used in error messages.
+    /// Parses template `text` under the default load limits. `file` is used in error messages.
     pub fn compile(
         parser: &liquid::Parser,
         source: &str,
         name: &str,
         file: &str,
         text: &str,
+    ) -> Result<Self, LoadError> {
+        Self::compile_with(parser, source, name, file, text, &LoadLimits::default())
+    }
+
+    /// Parses template `text`, refusing range loops past `limits` (see `bounds`).
+    pub fn compile_with(
+        parser: &liquid::Parser,
+        source: &str,
+        name: &str,
+        file: &str,
+        text: &str,
+        limits: &LoadLimits,
     ) -> Result<Self, LoadError> {
         let err = |line, column, message: String| LoadError { file: file.to_owned(), line, column, message };
         let root: Value = serde_json::from_str(text)
@@ -92,7 +120,7 @@ impl Template {
             return Err(err(Some(1), None, "a template must be a JSON object".into()));
         };
         let compile_node = |v: &Value, path: &str| {
-            compile_node(parser, v, path, text).map_err(|(pos, m)| {
+            compile_node(parser, v, path, text, limits).map_err(|(pos, m)| {
                 let (line, column) = pos.map_or((None, None), |(l, c)| (Some(l), Some(c)));
                 err(line, column, m)
             })
@@ -119,8 +147,14 @@ impl Template {
                 };
                 let when = match obj.get("when") {
                     None => None,
-                    Some(Value::String(s)) => compile_leaf(parser, s, &format!("{key}.when"))
-                        .map_err(|e| liquid_error(file, text, s, &format!("{key}.when"), e))?,
+                    Some(Value::String(s)) => {
+                        bounds::check_loops(s, limits).map_err(|m| {
+                            let pos = find_leaf(text, s);
+                            err(pos.map(|p| p.0), pos.map(|p| p.1), format!("leaf {key}.when: {m}"))
+                        })?;
+                        compile_leaf_guarded(parser, s, &format!("{key}.when"))
+                            .map_err(|e| liquid_error(file, text, s, &format!("{key}.when"), &e))?
+                    }
                     Some(_) => return Err(err(None, None, format!("{key}.when must be a string"))),
                 };
                 let body: Map<String, Value> =
@@ -143,8 +177,11 @@ impl Template {
     }
 
     /// Renders every section whose `when` holds. An empty result means the template chose to send nothing.
+    /// The whole item shares one deadline (`limits.timeout`) and one output budget (`limits.max_event_bytes`).
     pub fn render(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Vec<Draft>, RenderError> {
         let wrap = |source| RenderError { file: self.file.clone(), source };
+        let limits = &limits.started(std::time::Instant::now());
+        let mut event_bytes = 0usize;
         let mut out = Vec::with_capacity(self.sections.len());
         for section in &self.sections {
             if let Some(when) = &section.when {
@@ -158,6 +195,16 @@ impl Template {
                 }
             }
             if let Some(Value::Object(body)) = section.body.render(ctx, limits).map_err(wrap)? {
+                event_bytes += json_len(&body);
+                if event_bytes > limits.max_event_bytes {
+                    return Err(wrap(LeafError {
+                        path: section.kind.as_str().to_owned(),
+                        message: format!(
+                            "the item renders to more than {} bytes (templates.max_event_bytes)",
+                            limits.max_event_bytes
+                        ),
+                    }));
+                }
                 out.push(Draft { kind: section.kind, body });
             }
         }
@@ -165,43 +212,82 @@ impl Template {
     }
 }
 
+/// Bytes `body` takes as JSON, counted without building the text.
+fn json_len(body: &Map<String, Value>) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Writing a Map to a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut c, body);
+    c.0
+}
+
 type CompileError = (Option<(usize, usize)>, String);
 
-fn compile_node(parser: &liquid::Parser, v: &Value, path: &str, file_text: &str) -> Result<Node, CompileError> {
+fn compile_node(
+    parser: &liquid::Parser,
+    v: &Value,
+    path: &str,
+    file_text: &str,
+    limits: &LoadLimits,
+) -> Result<Node, CompileError> {
     let join = |k: &str| {
         if path.is_empty() { k.to_owned() } else { format!("{path}.{k}") }
     };
     Ok(match v {
-        Value::String(s) => match compile_leaf(parser, s, path) {
-            Ok(None) => Node::Literal(v.clone()),
-            Ok(Some(leaf)) => Node::Liquid(leaf),
-            Err(e) => {
-                let pos = find_leaf(file_text, s);
-                return Err((pos, format!("leaf {path}: {}", one_line(&e.to_string()))));
+        Value::String(s) => {
+            if let Err(message) = bounds::check_loops(s, limits) {
+                return Err((find_leaf(file_text, s), format!("leaf {path}: {message}")));
             }
-        },
+            match compile_leaf_guarded(parser, s, path) {
+                Ok(None) => Node::Literal(v.clone()),
+                Ok(Some(leaf)) => Node::Liquid(leaf),
+                Err(e) => {
+                    let pos = find_leaf(file_text, s);
+                    return Err((pos, format!("leaf {path}: {e}")));
+                }
+            }
+        }
         Value::Object(m) => Node::Object(
             m.iter()
-                .map(|(k, v)| Ok((k.clone(), compile_node(parser, v, &join(k), file_text)?)))
+                .map(|(k, v)| Ok((k.clone(), compile_node(parser, v, &join(k), file_text, limits)?)))
                 .collect::<Result<_, _>>()?,
         ),
         Value::Array(a) => Node::Array(
             a.iter()
                 .enumerate()
-                .map(|(i, v)| compile_node(parser, v, &format!("{path}[{i}]"), file_text))
+                .map(|(i, v)| compile_node(parser, v, &format!("{path}[{i}]"), file_text, limits))
                 .collect::<Result<_, _>>()?,
         ),
         other => Node::Literal(other.clone()),
     })
 }
 
-fn liquid_error(file: &str, file_text: &str, leaf: &str, path: &str, e: liquid::Error) -> LoadError {
+/// `compile_leaf`, with a panic inside liquid's parser turned into an error: liquid-core panics on some inputs
+/// (integer literals beyond i64, which `bounds` refuses first), and a template must never take the relay down.
+fn compile_leaf_guarded(parser: &liquid::Parser, text: &str, path: &str) -> Result<Option<Leaf>, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compile_leaf(parser, text, path))) {
+        Ok(Ok(leaf)) => Ok(leaf),
+        Ok(Err(e)) => Err(one_line(&e.to_string())),
+        Err(_) => Err("the Liquid parser failed on this leaf (a liquid-core panic)".into()),
+    }
+}
+
+fn liquid_error(file: &str, file_text: &str, leaf: &str, path: &str, e: &str) -> LoadError {
     let pos = find_leaf(file_text, leaf);
     LoadError {
         file: file.to_owned(),
         line: pos.map(|p| p.0),
         column: pos.map(|p| p.1),
-        message: format!("leaf {path}: {}", one_line(&e.to_string())),
+        message: format!("leaf {path}: {e}"),
     }
 }
 
@@ -226,8 +312,13 @@ pub struct TemplateSet {
 }
 
 impl TemplateSet {
-    /// Loads `dir/<source>/<name>.json` for every source directory. Returns what loaded and every problem found.
+    /// Loads `dir/<source>/<name>.json` for every source directory under the default load limits.
     pub fn load_dir(dir: &Path) -> (Self, Vec<LoadError>) {
+        Self::load_dir_with(dir, &LoadLimits::default())
+    }
+
+    /// Loads `dir/<source>/<name>.json` for every source directory. Returns what loaded and every problem found.
+    pub fn load_dir_with(dir: &Path, limits: &LoadLimits) -> (Self, Vec<LoadError>) {
         let mut set = Self::default();
         let mut errors = Vec::new();
         let parser = match render::parser() {
@@ -278,8 +369,12 @@ impl TemplateSet {
                 continue;
             }
             let text = match std::fs::metadata(&path) {
-                Ok(m) if m.len() > MAX_TEMPLATE_BYTES => {
-                    errors.push(fail(format!("template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}", m.len())));
+                Ok(m) if m.len() > limits.max_template_bytes => {
+                    errors.push(fail(format!(
+                        "template is {} bytes; the limit is {} (templates.max_template_bytes)",
+                        m.len(),
+                        limits.max_template_bytes
+                    )));
                     continue;
                 }
                 _ => match std::fs::read_to_string(&path) {
@@ -290,7 +385,7 @@ impl TemplateSet {
                     }
                 },
             };
-            match Template::compile(&parser, &source, &name, &shown, &text) {
+            match Template::compile_with(&parser, &source, &name, &shown, &text, limits) {
                 Ok(t) => {
                     set.by_name.insert((source, name), Arc::new(t));
                 }
@@ -319,6 +414,7 @@ impl TemplateSet {
 #[derive(Debug)]
 pub struct TemplateStore {
     dir: PathBuf,
+    limits: LoadLimits,
     current: RwLock<Arc<TemplateSet>>,
     fingerprint: Mutex<Vec<(PathBuf, Option<SystemTime>, u64)>>,
 }
@@ -326,15 +422,30 @@ pub struct TemplateStore {
 impl TemplateStore {
     /// Loads `dir`; fails with every problem when any template is broken, so a bad deploy is caught at start.
     pub fn load(dir: &Path) -> Result<Self, Vec<LoadError>> {
-        let (set, errors) = TemplateSet::load_dir(dir);
+        Self::load_with(dir, LoadLimits::default())
+    }
+
+    /// As `load`, under `limits`; reloads use the same limits.
+    pub fn load_with(dir: &Path, limits: LoadLimits) -> Result<Self, Vec<LoadError>> {
+        let (set, errors) = TemplateSet::load_dir_with(dir, &limits);
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Self { dir: dir.to_owned(), current: RwLock::new(Arc::new(set)), fingerprint: Mutex::new(fingerprint(dir)) })
+        Ok(Self {
+            dir: dir.to_owned(),
+            limits,
+            current: RwLock::new(Arc::new(set)),
+            fingerprint: Mutex::new(fingerprint(dir)),
+        })
     }
 
     pub fn from_set(dir: &Path, set: TemplateSet) -> Self {
-        Self { dir: dir.to_owned(), current: RwLock::new(Arc::new(set)), fingerprint: Mutex::new(fingerprint(dir)) }
+        Self {
+            dir: dir.to_owned(),
+            limits: LoadLimits::default(),
+            current: RwLock::new(Arc::new(set)),
+            fingerprint: Mutex::new(fingerprint(dir)),
+        }
     }
 
     pub fn get(&self, source: &str, name: &str) -> Option<Arc<Template>> {
@@ -354,7 +465,7 @@ impl TemplateStore {
             return Ok(false);
         }
         *seen = now;
-        let (set, errors) = TemplateSet::load_dir(&self.dir);
+        let (set, errors) = TemplateSet::load_dir_with(&self.dir, &self.limits);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -398,6 +509,51 @@ mod tests {
         let err = compile(text).unwrap_err();
         assert_eq!(err.line, Some(3), "{err}");
         assert!(err.to_string().starts_with("templates/s/t.json:3:15: leaf identity:"), "{err}");
+    }
+
+    #[test]
+    fn a_template_with_an_unbounded_range_loop_fails_to_load_naming_the_leaf() {
+        let text = "{\n  \"event\": \"x\",\n  \"identity\": \"{% for i in (1..100000000) %}a{% endfor %}\"\n}";
+        let err = compile(text).unwrap_err();
+        assert_eq!(err.line, Some(3), "{err}");
+        assert!(err.message.contains("leaf identity") && err.message.contains("max_loop_iterations"), "{err}");
+        let text = r#"{"track": {"when": "{% for i in (1..n) %}y{% endfor %}", "event": "E"}}"#;
+        assert!(compile(text).unwrap_err().message.contains("integer literals"));
+    }
+
+    #[test]
+    fn an_item_rendering_past_the_event_budget_is_a_render_too_large_error() {
+        let t = compile(r#"{"event": "E", "identity": "{{ big }}", "properties": {"a": "{{ big }}"}}"#).unwrap();
+        let mut ctx = CtxObject::new();
+        ctx.insert("big", context::Ctx::str("x".repeat(600)));
+        let limits = RenderLimits { max_event_bytes: 1000, ..RenderLimits::default() };
+        let err = t.render(&ctx, &limits).unwrap_err();
+        assert_eq!(err.code(), "render_too_large", "{err}");
+        assert!(t.render(&ctx, &RenderLimits::default()).is_ok());
+    }
+
+    #[test]
+    fn an_item_rendering_past_its_deadline_is_a_render_timeout_error() {
+        let text = r#"{"event": "E", "identity": "{% for i in (1..300000) %}{{ i }}{% endfor %}"}"#;
+        let loose = LoadLimits { max_loop_iterations: u64::MAX, ..LoadLimits::default() };
+        let t = Template::compile_with(&render::parser().unwrap(), "s", "t", "t.json", text, &loose).unwrap();
+        let limits = RenderLimits {
+            max_leaf_bytes: usize::MAX,
+            timeout: std::time::Duration::from_millis(1),
+            ..RenderLimits::default()
+        };
+        let started = std::time::Instant::now();
+        let err = t.render(&CtxObject::new(), &limits).unwrap_err();
+        assert_eq!(err.code(), "render_timeout", "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn an_integer_literal_beyond_i64_is_a_load_error_not_a_panic() {
+        // Found by the `render` fuzz target: liquid-core's parser panics on such literals.
+        let err =
+            compile(r#"{"event": "E", "identity": "{% for x in 44444444444444444444444 %}{% endfor %}"}"#).unwrap_err();
+        assert!(err.message.contains("leaf identity") && err.message.contains("64-bit"), "{err}");
     }
 
     #[test]

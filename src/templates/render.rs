@@ -37,16 +37,34 @@ impl std::fmt::Debug for Leaf {
     }
 }
 
-/// Bounds on one render, so that a template cannot take unbounded memory.
+/// Bounds on one render, so that a template cannot take unbounded memory or time.
 #[derive(Debug, Clone, Copy)]
 pub struct RenderLimits {
     /// Most bytes one leaf may render to.
     pub max_leaf_bytes: usize,
+    /// Most bytes one item's calls may hold as JSON (checked by `Template::render`).
+    pub max_event_bytes: usize,
+    /// Most time one item's render may take.
+    pub timeout: std::time::Duration,
+    /// Set by `started`: when the item's render must stop. Checked as leaves write output.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl Default for RenderLimits {
     fn default() -> Self {
-        Self { max_leaf_bytes: 256 * 1024 }
+        Self {
+            max_leaf_bytes: 256 * 1024,
+            max_event_bytes: 1024 * 1024,
+            timeout: std::time::Duration::from_secs(1),
+            deadline: None,
+        }
+    }
+}
+
+impl RenderLimits {
+    /// These limits with the deadline of a render starting `now`.
+    pub fn started(&self, now: std::time::Instant) -> Self {
+        Self { deadline: Some(now + self.timeout), ..*self }
     }
 }
 
@@ -137,7 +155,8 @@ impl Node {
 impl Leaf {
     /// Renders the leaf; `None` when it renders to nothing.
     pub fn render_value(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Option<Value>, LeafError> {
-        let mut buf = LimitedWriter { buf: Vec::new(), max: limits.max_leaf_bytes };
+        let mut buf =
+            LimitedWriter { buf: Vec::new(), max: limits.max_leaf_bytes, deadline: limits.deadline, writes: 0 };
         let mut patched: Option<CtxObject> = None;
         let mut tries = 0;
         while let Err(e) = self.template.render_to(&mut buf, &Globals(patched.as_ref().unwrap_or(ctx))) {
@@ -154,7 +173,9 @@ impl Leaf {
             if message.contains("Unknown variable") || message.contains("Unknown index") {
                 return Ok(None);
             }
-            let message = if buf.buf.len() >= buf.max {
+            let message = if buf.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                format!("rendering took longer than {} ms (templates.render_timeout_ms)", limits.timeout.as_millis())
+            } else if buf.buf.len() >= buf.max {
                 format!("renders to more than {} bytes (templates.max_leaf_bytes)", buf.max)
             } else {
                 message.trim().replace('\n', " ")
@@ -192,10 +213,17 @@ fn requested_index(message: &str) -> Option<&str> {
 struct LimitedWriter {
     buf: Vec<u8>,
     max: usize,
+    deadline: Option<std::time::Instant>,
+    writes: u32,
 }
 
 impl Write for LimitedWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        // The clock is read every 64 writes: cheap, and a loop that writes cannot outlive its deadline by much.
+        self.writes = self.writes.wrapping_add(1);
+        if self.writes.is_multiple_of(64) && self.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Err(std::io::Error::other("render deadline reached"));
+        }
         if self.buf.len() + data.len() > self.max {
             self.buf.resize(self.max, 0);
             return Err(std::io::Error::other("render output limit reached"));
@@ -301,7 +329,9 @@ mod tests {
         let p = parser().unwrap();
         let leaf =
             compile_leaf(&p, "{% for i in (1..100000) %}xxxxxxxxxx{% endfor %}", "track.event").unwrap().unwrap();
-        let err = leaf.render_value(&CtxObject::new(), &RenderLimits { max_leaf_bytes: 1000 }).unwrap_err();
+        let err = leaf
+            .render_value(&CtxObject::new(), &RenderLimits { max_leaf_bytes: 1000, ..RenderLimits::default() })
+            .unwrap_err();
         assert_eq!(err.path, "track.event");
         assert!(err.message.contains("more than 1000 bytes"), "{}", err.message);
         let _ = Ctx::Nil;

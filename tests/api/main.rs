@@ -8,6 +8,8 @@ mod delivery;
 mod errors;
 mod heap_compat;
 mod helpers;
+mod hostile;
+mod proptests;
 mod segment;
 mod templates;
 mod userpilot;

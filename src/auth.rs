@@ -1,0 +1,568 @@
+//! Who may post to a source: per-source authentication (`[sources.<name>.auth]`), checked on the raw request
+//! before the body is parsed. Plain functions over header values and bytes; no HTTP types.
+//!
+//! Modes: `none`; `basic` (HTTP Basic user and password); `bearer` (`Authorization: Bearer <secret>`); `header`
+//! (a shared secret in a header of your choice: what CleverTap's webhook settings can send); `hmac_userpilot`
+//! (`X-Signature: t=<unix seconds>,v1=<hex>` = HMAC over `body + "." + t`, within a tolerance window against
+//! replay); `hmac_sha1_hex` (Customer.io: `X-Signature` = hex HMAC-SHA1 of the body).
+//!
+//! Comparisons are constant-time: tokens are compared as SHA-256 digests with `subtle` (so neither content nor
+//! length shows in timing), signatures with the `hmac` crate's constant-time `verify_slice`. No message ever
+//! holds a secret or what the client sent in its place.
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// How a source authenticates its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    #[default]
+    None,
+    Basic,
+    Bearer,
+    Header,
+    HmacUserpilot,
+    HmacSha1Hex,
+}
+
+/// The hash of a Userpilot signature (Userpilot does not document it; SHA-256 is the common choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HashAlg {
+    Sha1,
+    #[default]
+    Sha256,
+    Sha512,
+}
+
+impl HashAlg {
+    fn name(self) -> &'static str {
+        match self {
+            HashAlg::Sha1 => "HMAC-SHA1",
+            HashAlg::Sha256 => "HMAC-SHA256",
+            HashAlg::Sha512 => "HMAC-SHA512",
+        }
+    }
+}
+
+/// `[sources.<name>.auth]` as configured. Secrets are `SecretString`: redacted in Debug, never logged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub mode: AuthMode,
+    /// `basic`: the user name.
+    pub user: String,
+    /// `basic`: the password.
+    pub password: SecretString,
+    /// `bearer`: the token; `header`: the header's value; `hmac_*`: the signing secret.
+    pub secret: SecretString,
+    /// `header`: the header holding the secret (empty: `X-Relay-Secret`); `hmac_*`: the header holding the
+    /// signature (empty: `X-Signature`).
+    pub header: String,
+    /// `hmac_userpilot`: sha256 (default), sha1 or sha512.
+    pub hash: HashAlg,
+    /// `hmac_userpilot`: how far the signed timestamp may be from the relay's clock, in seconds.
+    pub tolerance_secs: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            user: String::new(),
+            password: SecretString::default(),
+            secret: SecretString::default(),
+            header: String::new(),
+            hash: HashAlg::Sha256,
+            tolerance_secs: 300,
+        }
+    }
+}
+
+pub const DEFAULT_SECRET_HEADER: &str = "X-Relay-Secret";
+pub const DEFAULT_SIGNATURE_HEADER: &str = "X-Signature";
+
+/// A request that failed authentication. Answered with 401 `unauthorized`; `field` names the header at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing {header} header: this source requires {expected}")]
+    Missing { header: String, expected: String },
+    #[error("{header} header is not {expected}")]
+    Malformed { header: String, expected: String },
+    #[error("wrong {what} in the {header} header")]
+    Wrong { header: String, what: &'static str },
+    #[error(
+        "{header} timestamp t={t} is {age} seconds from the relay's clock; the tolerance is {tolerance} seconds \
+         (replayed or delayed request, or a clock out of sync)"
+    )]
+    Stale { header: String, t: i64, age: i64, tolerance: u64 },
+    #[error("{header} does not match the body ({algorithm} of {signed} with the configured secret)")]
+    BadSignature { header: String, algorithm: &'static str, signed: &'static str },
+}
+
+impl AuthError {
+    pub fn header(&self) -> &str {
+        match self {
+            AuthError::Missing { header, .. }
+            | AuthError::Malformed { header, .. }
+            | AuthError::Wrong { header, .. }
+            | AuthError::Stale { header, .. }
+            | AuthError::BadSignature { header, .. } => header,
+        }
+    }
+}
+
+/// A configuration that cannot work (a mode without its secret, say).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("sources.{source_name}.auth: {message}")]
+pub struct AuthConfigError {
+    pub source_name: String,
+    pub message: String,
+}
+
+/// Looks a request header up by name (case-insensitive, as HTTP headers are).
+pub type Headers<'r, 'h> = &'r dyn Fn(&str) -> Option<&'h [u8]>;
+
+/// One source's check, built once from its settings.
+#[derive(Clone)]
+pub struct Verifier {
+    check: Check,
+}
+
+#[derive(Clone)]
+enum Check {
+    None,
+    /// SHA-256 of `user:password`, as the Basic credentials must decode to.
+    Basic {
+        digest: [u8; 32],
+    },
+    Bearer {
+        digest: [u8; 32],
+    },
+    Header {
+        name: String,
+        digest: [u8; 32],
+    },
+    Userpilot {
+        header: String,
+        key: SecretString,
+        hash: HashAlg,
+        tolerance: u64,
+    },
+    Sha1Hex {
+        header: String,
+        key: SecretString,
+    },
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier").field("mode", &self.mode()).finish_non_exhaustive()
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Constant-time equality of a presented value and an expected digest; lengths do not show either.
+fn matches(presented: &[u8], expected: &[u8; 32]) -> bool {
+    digest(presented).ct_eq(expected).into()
+}
+
+impl Verifier {
+    pub fn none() -> Self {
+        Self { check: Check::None }
+    }
+
+    /// Builds the check for `source_name` from its settings; refuses a mode whose secret is missing.
+    pub fn from_settings(source_name: &str, s: &AuthSettings) -> Result<Self, AuthConfigError> {
+        let fail = |message: String| Err(AuthConfigError { source_name: source_name.to_owned(), message });
+        let secret = s.secret.expose_secret();
+        let needs_secret =
+            matches!(s.mode, AuthMode::Bearer | AuthMode::Header | AuthMode::HmacUserpilot | AuthMode::HmacSha1Hex);
+        if needs_secret && secret.trim().is_empty() {
+            return fail(format!(
+                "mode {:?} needs a secret (sources.{source_name}.auth.secret, or the environment variable \
+                 HEAP_RELAY__SOURCES__{}__AUTH__SECRET)",
+                mode_name(s.mode),
+                source_name.to_ascii_uppercase()
+            ));
+        }
+        let header = |default: &str| {
+            let h = s.header.trim();
+            if h.is_empty() { default.to_owned() } else { h.to_owned() }
+        };
+        let check = match s.mode {
+            AuthMode::None => Check::None,
+            AuthMode::Basic => {
+                if s.user.is_empty() || s.password.expose_secret().is_empty() {
+                    return fail("mode \"basic\" needs user and password".into());
+                }
+                if s.user.contains(':') {
+                    return fail("a Basic auth user name cannot contain ':'".into());
+                }
+                Check::Basic { digest: digest(format!("{}:{}", s.user, s.password.expose_secret()).as_bytes()) }
+            }
+            AuthMode::Bearer => Check::Bearer { digest: digest(secret.as_bytes()) },
+            AuthMode::Header => {
+                let name = header(DEFAULT_SECRET_HEADER);
+                if !valid_header_name(&name) {
+                    return fail(format!("header {name:?} is not a valid HTTP header name"));
+                }
+                if name.eq_ignore_ascii_case("authorization") {
+                    return fail("use mode \"bearer\" or \"basic\" for the Authorization header".into());
+                }
+                Check::Header { name, digest: digest(secret.as_bytes()) }
+            }
+            AuthMode::HmacUserpilot => {
+                if s.tolerance_secs == 0 {
+                    return fail("tolerance_secs must be above 0".into());
+                }
+                Check::Userpilot {
+                    header: header(DEFAULT_SIGNATURE_HEADER),
+                    key: s.secret.clone(),
+                    hash: s.hash,
+                    tolerance: s.tolerance_secs,
+                }
+            }
+            AuthMode::HmacSha1Hex => Check::Sha1Hex { header: header(DEFAULT_SIGNATURE_HEADER), key: s.secret.clone() },
+        };
+        Ok(Self { check })
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        match self.check {
+            Check::None => AuthMode::None,
+            Check::Basic { .. } => AuthMode::Basic,
+            Check::Bearer { .. } => AuthMode::Bearer,
+            Check::Header { .. } => AuthMode::Header,
+            Check::Userpilot { .. } => AuthMode::HmacUserpilot,
+            Check::Sha1Hex { .. } => AuthMode::HmacSha1Hex,
+        }
+    }
+
+    /// Checks what can be checked from the headers alone, before the body is read: credentials, and for
+    /// signatures that the header is there, well formed and (Userpilot) fresh.
+    pub fn before_body(&self, headers: Headers<'_, '_>, now_secs: i64) -> Result<(), AuthError> {
+        match &self.check {
+            Check::None => Ok(()),
+            Check::Basic { digest } => verify_basic(headers("Authorization"), digest),
+            Check::Bearer { digest } => verify_bearer(headers("Authorization"), digest),
+            Check::Header { name, digest } => verify_shared_header(name, headers(name), digest),
+            Check::Userpilot { header, tolerance, .. } => {
+                let sig = parse_userpilot_signature(header, headers(header))?;
+                check_fresh(header, &sig, now_secs, *tolerance)
+            }
+            Check::Sha1Hex { header, .. } => parse_hex_signature(header, headers(header)).map(|_| ()),
+        }
+    }
+
+    /// Checks a signature over the raw body (after `before_body`).
+    pub fn after_body(&self, headers: Headers<'_, '_>, body: &[u8], now_secs: i64) -> Result<(), AuthError> {
+        match &self.check {
+            Check::Userpilot { header, key, hash, tolerance } => {
+                let sig = parse_userpilot_signature(header, headers(header))?;
+                check_fresh(header, &sig, now_secs, *tolerance)?;
+                verify_userpilot(header, &sig, key.expose_secret().as_bytes(), *hash, body)
+            }
+            Check::Sha1Hex { header, key } => {
+                let sig = parse_hex_signature(header, headers(header))?;
+                verify_sha1_hex(header, &sig, key.expose_secret().as_bytes(), body)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn mode_name(m: AuthMode) -> &'static str {
+    match m {
+        AuthMode::None => "none",
+        AuthMode::Basic => "basic",
+        AuthMode::Bearer => "bearer",
+        AuthMode::Header => "header",
+        AuthMode::HmacUserpilot => "hmac_userpilot",
+        AuthMode::HmacSha1Hex => "hmac_sha1_hex",
+    }
+}
+
+pub fn valid_header_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// `Authorization: Basic base64(user:password)`.
+pub fn verify_basic(authorization: Option<&[u8]>, expected: &[u8; 32]) -> Result<(), AuthError> {
+    let header = || "Authorization".to_owned();
+    let expected_shape = "HTTP Basic credentials (Authorization: Basic base64(user:password))";
+    let value =
+        authorization.ok_or_else(|| AuthError::Missing { header: header(), expected: expected_shape.into() })?;
+    let malformed = || AuthError::Malformed { header: header(), expected: expected_shape.into() };
+    let value = std::str::from_utf8(value).map_err(|_| malformed())?.trim();
+    let (scheme, encoded) = value.split_once(' ').ok_or_else(malformed)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(malformed());
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| malformed())?;
+    if !decoded.contains(&b':') {
+        return Err(malformed());
+    }
+    if matches(&decoded, expected) {
+        Ok(())
+    } else {
+        Err(AuthError::Wrong { header: header(), what: "user or password" })
+    }
+}
+
+/// `Authorization: Bearer <token>`.
+pub fn verify_bearer(authorization: Option<&[u8]>, expected: &[u8; 32]) -> Result<(), AuthError> {
+    let header = || "Authorization".to_owned();
+    let shape = "a bearer token (Authorization: Bearer <token>)";
+    let value = authorization.ok_or_else(|| AuthError::Missing { header: header(), expected: shape.into() })?;
+    let malformed = || AuthError::Malformed { header: header(), expected: shape.into() };
+    let value = std::str::from_utf8(value).map_err(|_| malformed())?.trim();
+    let (scheme, token) = value.split_once(' ').ok_or_else(malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(malformed());
+    }
+    if matches(token.trim().as_bytes(), expected) {
+        Ok(())
+    } else {
+        Err(AuthError::Wrong { header: header(), what: "token" })
+    }
+}
+
+/// A shared secret as the whole value of header `name`.
+pub fn verify_shared_header(name: &str, value: Option<&[u8]>, expected: &[u8; 32]) -> Result<(), AuthError> {
+    let value = value.ok_or_else(|| AuthError::Missing {
+        header: name.to_owned(),
+        expected: format!("the shared secret in the {name} header"),
+    })?;
+    if matches(value.trim_ascii(), expected) {
+        Ok(())
+    } else {
+        Err(AuthError::Wrong { header: name.to_owned(), what: "secret" })
+    }
+}
+
+/// A parsed `t=<unix seconds>,v1=<hex>[,v1=<hex>...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserpilotSignature {
+    /// The timestamp exactly as sent: it is signed as text.
+    pub t_text: String,
+    pub t: i64,
+    pub v1: Vec<Vec<u8>>,
+}
+
+pub fn parse_userpilot_signature(header: &str, value: Option<&[u8]>) -> Result<UserpilotSignature, AuthError> {
+    let shape = "t=<unix seconds>,v1=<hex signature>";
+    let value = value.ok_or_else(|| AuthError::Missing {
+        header: header.to_owned(),
+        expected: format!("a Userpilot signature ({header}: {shape})"),
+    })?;
+    let malformed = || AuthError::Malformed { header: header.to_owned(), expected: shape.to_owned() };
+    let value = std::str::from_utf8(value).map_err(|_| malformed())?;
+    let mut t = None;
+    let mut v1 = Vec::new();
+    for part in value.split(',') {
+        let Some((k, v)) = part.split_once('=') else {
+            return Err(malformed());
+        };
+        match k.trim() {
+            "t" if t.is_none() => t = Some(v.trim().to_owned()),
+            "v1" => v1.push(hex::decode(v.trim()).map_err(|_| malformed())?),
+            _ => {} // other schemes (v0, ...) are ignored, as Stripe-style signatures allow
+        }
+    }
+    let t_text = t.ok_or_else(malformed)?;
+    let t_num = t_text.parse::<i64>().map_err(|_| malformed())?;
+    if v1.is_empty() || v1.len() > 8 {
+        return Err(malformed());
+    }
+    Ok(UserpilotSignature { t_text, t: t_num, v1 })
+}
+
+fn check_fresh(header: &str, sig: &UserpilotSignature, now_secs: i64, tolerance: u64) -> Result<(), AuthError> {
+    let age = now_secs.saturating_sub(sig.t);
+    if age.unsigned_abs() > tolerance {
+        return Err(AuthError::Stale { header: header.to_owned(), t: sig.t, age, tolerance });
+    }
+    Ok(())
+}
+
+/// HMAC(`secret`, body + "." + t) with `hash` equals one of the `v1` signatures.
+pub fn verify_userpilot(
+    header: &str,
+    sig: &UserpilotSignature,
+    secret: &[u8],
+    hash: HashAlg,
+    body: &[u8],
+) -> Result<(), AuthError> {
+    let ok = sig.v1.iter().any(|v| match hash {
+        HashAlg::Sha1 => hmac_verify::<Hmac<sha1::Sha1>>(secret, &[body, b".", sig.t_text.as_bytes()], v),
+        HashAlg::Sha256 => hmac_verify::<Hmac<Sha256>>(secret, &[body, b".", sig.t_text.as_bytes()], v),
+        HashAlg::Sha512 => hmac_verify::<Hmac<sha2::Sha512>>(secret, &[body, b".", sig.t_text.as_bytes()], v),
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(AuthError::BadSignature { header: header.to_owned(), algorithm: hash.name(), signed: "body + \".\" + t" })
+    }
+}
+
+pub fn parse_hex_signature(header: &str, value: Option<&[u8]>) -> Result<Vec<u8>, AuthError> {
+    let value = value.ok_or_else(|| AuthError::Missing {
+        header: header.to_owned(),
+        expected: format!("a signature ({header}: hex HMAC-SHA1 of the body)"),
+    })?;
+    let malformed = || AuthError::Malformed { header: header.to_owned(), expected: "a hex HMAC-SHA1 signature".into() };
+    let text = std::str::from_utf8(value).map_err(|_| malformed())?.trim();
+    let text = text.strip_prefix("sha1=").unwrap_or(text);
+    hex::decode(text).map_err(|_| malformed())
+}
+
+/// Customer.io: hex HMAC-SHA1 of the raw body.
+pub fn verify_sha1_hex(header: &str, sig: &[u8], secret: &[u8], body: &[u8]) -> Result<(), AuthError> {
+    if hmac_verify::<Hmac<sha1::Sha1>>(secret, &[body], sig) {
+        Ok(())
+    } else {
+        Err(AuthError::BadSignature { header: header.to_owned(), algorithm: "HMAC-SHA1", signed: "the body" })
+    }
+}
+
+fn hmac_verify<M: Mac + hmac::digest::KeyInit>(secret: &[u8], parts: &[&[u8]], expected: &[u8]) -> bool {
+    let Ok(mut mac) = <M as hmac::digest::KeyInit>::new_from_slice(secret) else {
+        return false;
+    };
+    for p in parts {
+        mac.update(p);
+    }
+    mac.verify_slice(expected).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &[u8] = br#"{"event":"flow_started"}"#;
+    // python3: hmac.new(b'whsec_test', BODY + b'.' + b'1700000000', hashlib.sha256).hexdigest()
+    const USERPILOT_SIG: &str = "f3ecd04d76bf6eb2ea2c7ed5570b9697a36b8ad2aec346c81780fe03d5333011";
+    // python3: hmac.new(b'cio-secret', b'{"type":"track"}', hashlib.sha1).hexdigest()
+    const CIO_SIG: &str = "e6bdb163fee07753ff5fff61c93e19820e9c5f1e";
+
+    fn settings(mode: AuthMode, secret: &str) -> AuthSettings {
+        AuthSettings { mode, secret: secret.into(), ..AuthSettings::default() }
+    }
+
+    fn with<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<&'a [u8]> + 'a {
+        move |name: &str| pairs.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_bytes())
+    }
+
+    fn check(v: &Verifier, pairs: &[(&str, &str)], body: &[u8], now: i64) -> Result<(), AuthError> {
+        let h = with(pairs);
+        v.before_body(&h, now)?;
+        v.after_body(&h, body, now)
+    }
+
+    #[test]
+    fn userpilot_signature_over_body_dot_t_is_accepted() {
+        let v = Verifier::from_settings("userpilot", &settings(AuthMode::HmacUserpilot, "whsec_test")).unwrap();
+        let header = format!("t=1700000000,v1={USERPILOT_SIG}");
+        assert_eq!(check(&v, &[("X-Signature", &header)], BODY, 1_700_000_100), Ok(()));
+    }
+
+    #[test]
+    fn userpilot_signature_older_than_the_tolerance_is_rejected() {
+        let v = Verifier::from_settings("userpilot", &settings(AuthMode::HmacUserpilot, "whsec_test")).unwrap();
+        let header = format!("t=1700000000,v1={USERPILOT_SIG}");
+        let err = check(&v, &[("X-Signature", &header)], BODY, 1_700_000_301).unwrap_err();
+        assert!(matches!(err, AuthError::Stale { age: 301, tolerance: 300, .. }), "{err}");
+        let err = check(&v, &[("X-Signature", &header)], BODY, 1_699_999_000).unwrap_err();
+        assert!(matches!(err, AuthError::Stale { .. }), "a timestamp from the future is refused too: {err}");
+    }
+
+    #[test]
+    fn userpilot_signature_of_another_body_or_secret_or_hash_is_rejected() {
+        let header = format!("t=1700000000,v1={USERPILOT_SIG}");
+        let now = 1_700_000_000;
+        let v = Verifier::from_settings("userpilot", &settings(AuthMode::HmacUserpilot, "whsec_test")).unwrap();
+        let err = check(&v, &[("X-Signature", &header)], b"{\"event\":\"flow_completed\"}", now).unwrap_err();
+        assert!(matches!(err, AuthError::BadSignature { algorithm: "HMAC-SHA256", .. }), "{err}");
+        let other = Verifier::from_settings("userpilot", &settings(AuthMode::HmacUserpilot, "whsec_other")).unwrap();
+        assert!(check(&other, &[("X-Signature", &header)], BODY, now).is_err());
+        let sha1 = AuthSettings { hash: HashAlg::Sha1, ..settings(AuthMode::HmacUserpilot, "whsec_test") };
+        let sha1 = Verifier::from_settings("userpilot", &sha1).unwrap();
+        assert!(check(&sha1, &[("X-Signature", &header)], BODY, now).is_err());
+        // The timestamp is signed: changing it breaks the signature.
+        let moved = format!("t=1700000001,v1={USERPILOT_SIG}");
+        assert!(matches!(check(&v, &[("X-Signature", &moved)], BODY, now), Err(AuthError::BadSignature { .. })));
+    }
+
+    #[test]
+    fn userpilot_signature_headers_that_are_missing_or_malformed_are_named() {
+        let v = Verifier::from_settings("userpilot", &settings(AuthMode::HmacUserpilot, "whsec_test")).unwrap();
+        assert!(matches!(check(&v, &[], BODY, 0), Err(AuthError::Missing { .. })));
+        for bad in ["", "v1=abcd", "t=1700000000", "t=soon,v1=abcd", "t=1700000000,v1=zz", "garbage"] {
+            let err = check(&v, &[("X-Signature", bad)], BODY, 1_700_000_000).unwrap_err();
+            assert!(matches!(err, AuthError::Malformed { .. }), "{bad:?}: {err}");
+            assert_eq!(err.header(), "X-Signature");
+        }
+    }
+
+    #[test]
+    fn customer_io_hex_hmac_sha1_of_the_body_is_checked() {
+        let v = Verifier::from_settings("segment", &settings(AuthMode::HmacSha1Hex, "cio-secret")).unwrap();
+        let body = br#"{"type":"track"}"#;
+        assert_eq!(check(&v, &[("X-Signature", CIO_SIG)], body, 0), Ok(()));
+        assert!(matches!(check(&v, &[("X-Signature", CIO_SIG)], b"{}", 0), Err(AuthError::BadSignature { .. })));
+        assert!(matches!(check(&v, &[("X-Signature", "not hex")], body, 0), Err(AuthError::Malformed { .. })));
+        assert!(matches!(check(&v, &[], body, 0), Err(AuthError::Missing { .. })));
+    }
+
+    #[test]
+    fn basic_auth_accepts_only_the_configured_user_and_password() {
+        let s = AuthSettings { mode: AuthMode::Basic, user: "ct".into(), password: "pw".into(), ..Default::default() };
+        let v = Verifier::from_settings("clevertap", &s).unwrap();
+        let good = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("ct:pw"));
+        assert_eq!(check(&v, &[("Authorization", &good)], b"", 0), Ok(()));
+        let wrong = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("ct:px"));
+        assert!(matches!(check(&v, &[("Authorization", &wrong)], b"", 0), Err(AuthError::Wrong { .. })));
+        assert!(matches!(check(&v, &[("Authorization", "Basic !!!")], b"", 0), Err(AuthError::Malformed { .. })));
+        assert!(matches!(check(&v, &[("Authorization", "Bearer pw")], b"", 0), Err(AuthError::Malformed { .. })));
+        assert!(matches!(check(&v, &[], b"", 0), Err(AuthError::Missing { .. })));
+    }
+
+    #[test]
+    fn bearer_and_shared_header_secrets_compare_exactly() {
+        let v = Verifier::from_settings("heap", &settings(AuthMode::Bearer, "tok-123")).unwrap();
+        assert_eq!(check(&v, &[("Authorization", "Bearer tok-123")], b"", 0), Ok(()));
+        assert!(check(&v, &[("Authorization", "Bearer tok-1234")], b"", 0).is_err());
+        assert!(check(&v, &[("Authorization", "Bearer tok-12")], b"", 0).is_err());
+        let s = AuthSettings { header: "X-CleverTap-Secret".into(), ..settings(AuthMode::Header, "sh-1") };
+        let v = Verifier::from_settings("clevertap", &s).unwrap();
+        assert_eq!(check(&v, &[("x-clevertap-secret", "sh-1")], b"", 0), Ok(()));
+        let err = check(&v, &[("X-CleverTap-Secret", "sh-2")], b"", 0).unwrap_err();
+        assert_eq!(err.to_string(), "wrong secret in the X-CleverTap-Secret header");
+        let err = check(&v, &[], b"", 0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "missing X-CleverTap-Secret header: this source requires the shared secret in the X-CleverTap-Secret header"
+        );
+    }
+
+    #[test]
+    fn a_mode_without_its_secret_is_a_configuration_error_and_secrets_never_show_in_debug() {
+        let err = Verifier::from_settings("userpilot", &settings(AuthMode::HmacUserpilot, "  ")).unwrap_err();
+        assert!(err.to_string().contains("HEAP_RELAY__SOURCES__USERPILOT__AUTH__SECRET"), "{err}");
+        let basic = AuthSettings { mode: AuthMode::Basic, user: "u".into(), ..Default::default() };
+        assert!(Verifier::from_settings("clevertap", &basic).is_err());
+        let s = settings(AuthMode::Bearer, "very-secret-value");
+        assert!(!format!("{s:?}").contains("very-secret-value"));
+        let v = Verifier::from_settings("heap", &s).unwrap();
+        assert!(!format!("{v:?}").contains("very-secret-value"));
+    }
+}
