@@ -33,7 +33,7 @@ pub async fn run(settings: &Settings, f: Filters) -> i32 {
             }
         },
     };
-    let store = match open_store(settings) {
+    let store = match open_store(settings).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -26,7 +26,7 @@ pub async fn run(
             return 1;
         }
     };
-    let store = match open_store(settings) {
+    let store = match open_store(settings).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -7,6 +7,8 @@ mod delivery;
 mod errors;
 mod heap_compat;
 mod helpers;
+mod postgres;
 mod segment;
+mod store_contract;
 mod templates;
 mod userpilot;
