@@ -1,6 +1,8 @@
 //! PostgreSQL row of the benchmark: ingest and delivery throughput of the relay on PostgreSQL with one and with
 //! three instances, as ratios to a bare actix-web server (parse nothing, answer 202) measured in the same run.
 //!
+//! A SQLite row (one instance) is measured in the same run for comparison.
+//!
 //! `cargo bench --bench pg` (PostgreSQL on 127.0.0.1:5432, database `test`, trust auth; override with
 //! HEAP_RELAY_BENCH_PG). Bounded load on loopback from an in-process client: `BENCH_SECS` (default 5) seconds per
 //! row at `BENCH_CONNECTIONS` (default 32) concurrent requests, each an `/api/track` body of 10 events. Delivery
@@ -137,8 +139,13 @@ struct Row {
     delivered_per_sec: Option<f64>,
 }
 
-async fn relay_row(base: &str, instances: usize, conns: usize, secs: u64) -> Row {
-    let (admin, schema) = pg_schema(base).await;
+/// The relay with `instances` instances on PostgreSQL at `base` (one fresh schema), or on SQLite when `base` is None.
+async fn relay_row(base: Option<&str>, instances: usize, conns: usize, secs: u64) -> Row {
+    let pg = match base {
+        Some(b) => Some(pg_schema(b).await),
+        None => None,
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
     let delivered = Arc::new(AtomicU64::new(0));
     let (heap, heap_handle) = mock_heap(delivered.clone());
     let mut targets = Vec::new();
@@ -151,10 +158,13 @@ async fn relay_row(base: &str, instances: usize, conns: usize, secs: u64) -> Row
         s.heap.app_id = APP_ID.into();
         s.templates.dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
         s.templates.reload_interval_secs = 0;
-        s.store.url = format!("{base}?options=-csearch_path%3D{schema}").into();
+        match (&pg, base) {
+            (Some((_, schema)), Some(base)) => s.store.url = format!("{base}?options=-csearch_path%3D{schema}").into(),
+            _ => s.store.path = dir.path().join("relay.db"),
+        }
         s.delivery.app_events_per_minute = 0;
         s.delivery.identity_events_per_minute = 0;
-        let app = Application::build(s).await.expect("the relay starts on PostgreSQL");
+        let app = Application::build(s).await.expect("the relay starts");
         targets.push(format!("http://127.0.0.1:{}", app.port()));
         handles.push(app.handle());
         tokio::spawn(app.run_until_stopped());
@@ -172,8 +182,11 @@ async fn relay_row(base: &str, instances: usize, conns: usize, secs: u64) -> Row
         h.stop(true).await;
     }
     heap_handle.stop(true).await;
-    let _ = admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await;
-    Row { name: format!("relay on PostgreSQL, {instances} instance(s)"), load, delivered_per_sec }
+    if let Some((admin, schema)) = pg {
+        let _ = admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await;
+    }
+    let store = if base.is_some() { "PostgreSQL" } else { "SQLite" };
+    Row { name: format!("relay on {store}, {instances} instance(s)"), load, delivered_per_sec }
 }
 
 fn main() {
@@ -187,8 +200,9 @@ fn main() {
         bare_handle.stop(true).await;
         let rows = vec![
             Row { name: "bare actix-web, answers 202".into(), load: baseline, delivered_per_sec: None },
-            relay_row(&base, 1, conns, secs).await,
-            relay_row(&base, 3, conns, secs).await,
+            relay_row(None, 1, conns, secs).await,
+            relay_row(Some(&base), 1, conns, secs).await,
+            relay_row(Some(&base), 3, conns, secs).await,
         ];
         let base_rps = rows[0].load.accepted as f64 / rows[0].load.elapsed.as_secs_f64();
         println!(

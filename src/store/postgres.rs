@@ -11,16 +11,18 @@
 //! - Heap rate budgets (token buckets per app_id and per identity) live in `rate_budget`, taken under row locks, so
 //!   several instances share one budget instead of each spending its own.
 
+mod budget;
+mod listen;
+mod writer;
+
 use super::*;
-use crate::delivery::rate_limit::{SharedBucket, take_shared};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, NoTls};
+use writer::{PendingAppend, Writer, schema_bytes};
 
 /// Same tables as the SQLite schema (raw_bodies, events, attempts), plus the shared rate budgets.
 const SCHEMA: &str = "
@@ -53,12 +55,11 @@ CREATE TABLE IF NOT EXISTS events (
     received_at      BIGINT  NOT NULL,
     updated_at       BIGINT  NOT NULL,
     last_error       TEXT
-);
+) WITH (fillfactor = 80); -- room on each page, so claims and renewals (no indexed column changes) update in place
 -- Claims scan waiting rows in id order (acceptance order); the partial index keeps delivered rows out of the way.
 CREATE INDEX IF NOT EXISTS events_ready_id ON events (id) WHERE status IN ('pending', 'retrying');
 CREATE INDEX IF NOT EXISTS events_status_time ON events (status, received_at);
 CREATE INDEX IF NOT EXISTS events_raw ON events (raw_id);
-CREATE INDEX IF NOT EXISTS events_lease_owner ON events (lease_owner) WHERE lease_owner IS NOT NULL;
 CREATE TABLE IF NOT EXISTS attempts (
     id          BIGSERIAL PRIMARY KEY,
     event_row   BIGINT  NOT NULL,
@@ -82,14 +83,8 @@ CREATE TABLE IF NOT EXISTS rate_budget (
 /// Serialises migrations of instances starting together (`CREATE … IF NOT EXISTS` alone can race in PostgreSQL).
 const MIGRATION_LOCK: i64 = 0x6865_6170_5f72_656c; // "heap_rel"
 
-/// Appends waiting at most this many to a transaction.
-const MAX_GROUP: usize = 512;
-
 /// Rows deleted per prune call, so one prune never holds locks for long.
 const PRUNE_CHUNK: i64 = 5000;
-
-/// How long a measured schema size is trusted before the writer measures it again (store.max_bytes).
-const SIZE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 pub struct PgOptions {
@@ -97,11 +92,6 @@ pub struct PgOptions {
     pub max_bytes: u64,
     /// Connections in the pool (claims, records, reads) besides the writer's and the listener's.
     pub pool_size: usize,
-}
-
-struct PendingAppend {
-    ingested: Ingested,
-    reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// The store handle; cheap to clone.
@@ -489,139 +479,6 @@ impl PgStore {
         self.pool.get().await?.query_one("SELECT 1", &[]).await?;
         Ok(())
     }
-
-    /// Takes one event's worth from the shared budgets of each `(app_id, identity)` in `wants`, in order, and says
-    /// for each whether it may go now (`None`) or how long until it may. Every instance on this database takes from
-    /// the same rows, under row locks, so together they keep to one budget. A rate of 0 turns that budget off.
-    pub async fn take_budget(
-        &self,
-        wants: &[(&str, &str)],
-        app_per_min: u32,
-        identity_per_min: u32,
-        now: Millis,
-    ) -> Result<Vec<Option<Duration>>, StoreError> {
-        let mut keys: Vec<(&str, &str)> = Vec::new();
-        for &(app, who) in wants {
-            if app_per_min > 0 {
-                keys.push((app, ""));
-            }
-            if identity_per_min > 0 {
-                keys.push((app, who));
-            }
-        }
-        keys.sort_unstable();
-        keys.dedup();
-        if keys.is_empty() {
-            return Ok(vec![None; wants.len()]);
-        }
-        let (apps, whos): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        // Missing buckets start full; rows are created and then locked in key order, so takers never deadlock.
-        tx.execute(
-            "INSERT INTO rate_budget (app_id, identity, tokens, at)
-             SELECT a, i, CASE WHEN i = '' THEN $3::float8 ELSE $4::float8 END, $5::int8 FROM unnest($1::text[], $2::text[]) AS k(a, i)
-             ORDER BY a, i
-             ON CONFLICT DO NOTHING",
-            &[&apps, &whos, &(app_per_min as f64), &(identity_per_min as f64), &now],
-        )
-        .await
-        .map_err(pg_err)?;
-        let rows = tx
-            .query(
-                "SELECT b.app_id, b.identity, b.tokens, b.at FROM rate_budget b
-                 JOIN unnest($1::text[], $2::text[]) AS k(a, i) ON b.app_id = k.a AND b.identity = k.i
-                 ORDER BY b.app_id, b.identity
-                 FOR UPDATE OF b",
-                &[&apps, &whos],
-            )
-            .await
-            .map_err(pg_err)?;
-        let mut buckets: HashMap<(String, String), SharedBucket> =
-            rows.iter().map(|r| ((r.get(0), r.get(1)), SharedBucket { tokens: r.get(2), at: r.get(3) })).collect();
-        let verdicts = take_shared(&mut buckets, wants, app_per_min, identity_per_min, now);
-        let mut sorted: Vec<_> = buckets.into_iter().collect();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        let (mut a, mut i, mut t, mut at) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for ((app, who), b) in sorted {
-            a.push(app);
-            i.push(who);
-            t.push(b.tokens);
-            at.push(b.at);
-        }
-        tx.execute(
-            "UPDATE rate_budget b SET tokens = k.t, at = k.at
-             FROM unnest($1::text[], $2::text[], $3::float8[], $4::int8[]) AS k(a, i, t, at)
-             WHERE b.app_id = k.a AND b.identity = k.i",
-            &[&a, &i, &t, &at],
-        )
-        .await
-        .map_err(pg_err)?;
-        tx.commit().await.map_err(pg_err)?;
-        Ok(verdicts)
-    }
-
-    /// LISTENs on this schema's channel on a connection of its own and calls `on_append` for every notification
-    /// (events appended by any instance, or requeued). Reconnects after a lost connection; the workers' poll
-    /// interval covers the gap.
-    pub fn spawn_listener(&self, on_append: impl Fn() + Send + Sync + 'static) -> tokio::task::JoinHandle<()> {
-        let config = self.config.clone();
-        let channel = self.channel.clone();
-        tokio::spawn(async move {
-            loop {
-                match listen(&config, &channel, &on_append).await {
-                    Ok(()) => tracing::warn!("the LISTEN connection to PostgreSQL closed; reconnecting"),
-                    Err(e) => tracing::warn!(error = %e, "the LISTEN connection to PostgreSQL failed; reconnecting"),
-                }
-                // Whatever arrived meanwhile: let the workers look.
-                on_append();
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        })
-    }
-}
-
-async fn listen(
-    config: &tokio_postgres::Config,
-    channel: &str,
-    on_append: &(impl Fn() + Send + Sync),
-) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
-            match m {
-                Ok(AsyncMessage::Notification(_)) => {
-                    if tx.send(()).is_err() {
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "PostgreSQL LISTEN connection error");
-                    break;
-                }
-            }
-        }
-    });
-    client.batch_execute(&format!("LISTEN \"{}\"", channel.replace('"', "\"\""))).await?;
-    while rx.recv().await.is_some() {
-        on_append();
-    }
-    driver.abort();
-    Ok(())
-}
-
-async fn schema_bytes(client: &tokio_postgres::Client) -> Result<i64, tokio_postgres::Error> {
-    client
-        .query_one(
-            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::int8 FROM pg_class c
-             WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'",
-            &[],
-        )
-        .await
-        .map(|r| r.get(0))
 }
 
 fn params(args: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
@@ -674,226 +531,4 @@ fn view(r: &tokio_postgres::Row) -> (i64, EventView) {
             attempt_log: None,
         },
     )
-}
-
-/// The one task that writes appends: group commit.
-struct Writer {
-    pool: Pool,
-    options: PgOptions,
-    channel: Arc<str>,
-    /// Last measured size of the schema's tables and when it was measured.
-    size: Option<(i64, std::time::Instant)>,
-}
-
-impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<PendingAppend>) {
-        while let Some(first) = rx.recv().await {
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(p) => group.push(p),
-                    Err(_) => break,
-                }
-            }
-            self.apply(group).await;
-        }
-    }
-
-    async fn apply(&mut self, group: Vec<PendingAppend>) {
-        let mut client = match self.pool.get().await {
-            Ok(c) => c,
-            Err(e) => {
-                let why = e.to_string();
-                for p in group {
-                    let _ = p.reply.send(Err(StoreError::Pool(why.clone())));
-                }
-                return;
-            }
-        };
-        if let Some(why) = self.over_limit(&client).await {
-            for p in group {
-                let _ = p.reply.send(Err(StoreError::Full(why.clone())));
-            }
-            return;
-        }
-        let bodies: Vec<&Ingested> = group.iter().map(|p| &p.ingested).collect();
-        match append_all(&mut client, &bodies, &self.channel).await {
-            Ok(()) => {
-                // A caller that gave up (timed-out request) is fine to ignore: its work is committed either way.
-                for p in group {
-                    let _ = p.reply.send(Ok(()));
-                }
-            }
-            Err(e) if group.len() == 1 => {
-                let _ = group.into_iter().next().map(|p| p.reply.send(Err(pg_err(e))));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, appends = group.len(), "group append failed; writing each alone");
-                for p in group {
-                    let res = append_all(&mut client, &[&p.ingested], &self.channel).await.map_err(pg_err);
-                    let _ = p.reply.send(res);
-                }
-            }
-        }
-    }
-
-    /// Why the schema may take no more, if it may not (store.max_bytes), measured at most once a second.
-    async fn over_limit(&mut self, client: &tokio_postgres::Client) -> Option<String> {
-        let max = self.options.max_bytes;
-        if max == 0 {
-            return None;
-        }
-        let used = match self.size {
-            Some((bytes, at)) if at.elapsed() < SIZE_CHECK_EVERY => bytes,
-            _ => {
-                let bytes = schema_bytes(client).await.unwrap_or(0);
-                self.size = Some((bytes, std::time::Instant::now()));
-                bytes
-            }
-        };
-        (used as u64 >= max).then(|| format!("the schema holds {used} bytes; store.max_bytes is {max}"))
-    }
-}
-
-/// Writes `bodies` (raw rows, event rows, rejection rows, re-render supersessions) in one transaction and NOTIFYs.
-async fn append_all(
-    client: &mut deadpool_postgres::Client,
-    bodies: &[&Ingested],
-    channel: &str,
-) -> Result<(), tokio_postgres::Error> {
-    let now = now_ms();
-    let tx = client.transaction().await?;
-    let replays: Vec<i64> = bodies.iter().filter_map(|b| b.replay_of_raw).collect();
-    if !replays.is_empty() {
-        tx.execute(
-            "UPDATE events SET status = 'replaced', updated_at = $2, lease_owner = NULL, lease_expires_at = NULL
-             WHERE raw_id = ANY($1) AND status != 'replaced'",
-            &[&replays, &now],
-        )
-        .await?;
-    }
-    let fresh: Vec<&Ingested> = bodies.iter().copied().filter(|b| b.replay_of_raw.is_none()).collect();
-    let mut raw_ids: Vec<i64> = Vec::new();
-    if !fresh.is_empty() {
-        raw_ids = tx
-            .query(
-                "SELECT nextval(pg_get_serial_sequence('raw_bodies', 'id')) FROM generate_series(1, $1::int4)",
-                &[&(fresh.len() as i32)],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let sources: Vec<&str> = fresh.iter().map(|b| b.source.as_str()).collect();
-        let templates: Vec<&str> = fresh.iter().map(|b| b.template.as_str()).collect();
-        let received: Vec<i64> = fresh.iter().map(|b| b.received_at).collect();
-        let raw: Vec<&[u8]> = fresh.iter().map(|b| b.body.as_slice()).collect();
-        tx.execute(
-            "INSERT INTO raw_bodies (id, source, template, received_at, body)
-             SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::bytea[])",
-            &[&raw_ids, &sources, &templates, &received, &raw],
-        )
-        .await?;
-    }
-    let mut fresh_ids = raw_ids.into_iter();
-    let mut cols = EventColumns::default();
-    let mut pending = 0usize;
-    for b in bodies {
-        let raw_id = match b.replay_of_raw {
-            Some(id) => id,
-            None => fresh_ids.next().unwrap_or_default(),
-        };
-        for e in &b.events {
-            cols.push(b, raw_id, &e.event_id, e.item_index, e.kind.as_str(), &e.app_id, &e.identity);
-            cols.key.push(e.idempotency_key.as_deref());
-            cols.payload.push(Some(e.payload.as_str()));
-            cols.status.push("pending");
-            cols.error.push(None);
-            pending += 1;
-        }
-        for r in &b.rejections {
-            cols.push(b, raw_id, &r.event_id, r.item_index, "track", "", "");
-            cols.key.push(None);
-            cols.payload.push(None);
-            cols.status.push("rejected");
-            cols.error.push(Some(format!("{}: {}", r.field, r.message)));
-        }
-    }
-    if !cols.event_id.is_empty() {
-        tx.execute(
-            "INSERT INTO events (event_id, raw_id, item_index, source, template, kind, app_id, identity,
-                                 idempotency_key, payload, status, enqueued_at, next_attempt_at, received_at,
-                                 updated_at, last_error)
-             SELECT u.event_id, u.raw_id, u.item_index, u.source, u.template, u.kind, u.app_id, u.identity,
-                    u.key, u.payload, u.status, $14, $14, u.received_at, $14, u.error
-             FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[],
-                         $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[])
-                  AS u(event_id, raw_id, item_index, source, template, kind, app_id, identity, key, payload, status,
-                       received_at, error)",
-            &[
-                &cols.event_id,
-                &cols.raw_id,
-                &cols.item_index,
-                &cols.source,
-                &cols.template,
-                &cols.kind,
-                &cols.app_id,
-                &cols.identity,
-                &cols.key,
-                &cols.payload,
-                &cols.status,
-                &cols.received_at,
-                &cols.error,
-                &now,
-            ],
-        )
-        .await?;
-    }
-    if pending > 0 || !replays.is_empty() {
-        // Delivered to listeners at COMMIT, and only if it commits.
-        tx.execute("SELECT pg_notify($1, '')", &[&channel]).await?;
-    }
-    tx.commit().await
-}
-
-/// Column arrays for one `INSERT … SELECT … FROM unnest(…)` of event rows.
-#[derive(Default)]
-struct EventColumns<'a> {
-    event_id: Vec<&'a str>,
-    raw_id: Vec<i64>,
-    item_index: Vec<i64>,
-    source: Vec<&'a str>,
-    template: Vec<&'a str>,
-    kind: Vec<&'a str>,
-    app_id: Vec<&'a str>,
-    identity: Vec<&'a str>,
-    key: Vec<Option<&'a str>>,
-    payload: Vec<Option<&'a str>>,
-    status: Vec<&'a str>,
-    received_at: Vec<i64>,
-    error: Vec<Option<String>>,
-}
-
-impl<'a> EventColumns<'a> {
-    #[allow(clippy::too_many_arguments)]
-    fn push(
-        &mut self,
-        b: &'a Ingested,
-        raw_id: i64,
-        event_id: &'a str,
-        item_index: i64,
-        kind: &'a str,
-        app_id: &'a str,
-        identity: &'a str,
-    ) {
-        self.event_id.push(event_id);
-        self.raw_id.push(raw_id);
-        self.item_index.push(item_index);
-        self.source.push(&b.source);
-        self.template.push(&b.template);
-        self.kind.push(kind);
-        self.app_id.push(app_id);
-        self.identity.push(identity);
-        self.received_at.push(b.received_at);
-    }
 }

@@ -425,3 +425,46 @@ async fn a_store_url_naming_no_reachable_server_fails_at_start_with_a_clear_erro
     let err = PgStore::open(&missing, PgOptions { max_bytes: 0, pool_size: 2 }).await.expect_err("no schema");
     assert!(err.to_string().contains("search_path"), "{err}");
 }
+
+#[tokio::test]
+async fn the_admin_api_and_the_cli_list_and_replay_events_on_postgres_as_on_sqlite() {
+    let schema = TestSchema::create().await;
+    let url = schema.url.clone();
+    let app = crate::helpers::spawn_app_with(|s| s.store.url = url.into()).await;
+    let (status, body) =
+        crate::helpers::json(app.post_hook("segment", &crate::helpers::fixture("segment-track.json")).await).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["event_ids"][0].as_str().expect("an event id").to_owned();
+    app.wait_until_idle(Duration::from_secs(10)).await;
+    let (status, ev) = crate::helpers::json(app.admin_get(&format!("/admin/deliveries/{id}")).await).await;
+    assert_eq!(status, 200, "{ev}");
+    assert_eq!(ev["status"], "delivered");
+    assert_eq!(ev["attempt_log"][0]["http_status"], 200);
+    assert_eq!(schema.query_i64("SELECT count(*) FROM events").await, 1, "the rows are in the test's schema");
+
+    let (status, report) = crate::helpers::json(app.admin_post("/admin/replay", &json!({"id": id})).await).await;
+    assert_eq!((status, &report["requeued"]), (200, &json!(1)), "{report}");
+    app.wait_for_heap(2, Duration::from_secs(10)).await;
+
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_heap-relay"))
+            .args(args)
+            .env("HEAP_RELAY__STORE__URL", &schema.url)
+            .env("HEAP_RELAY__TEMPLATES__DIR", repo_templates())
+            .output()
+            .expect("the binary runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(&["deliveries", "--source", "segment", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let listed: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(listed[0]["id"], id.as_str());
+    let (code, out, err) = cli(&["replay", "--id", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).expect("JSON")["requeued"], 1);
+    app.wait_for_heap(3, Duration::from_secs(10)).await;
+}

@@ -230,3 +230,24 @@ async fn the_raw_body_is_kept_for_a_rerender_and_a_rerender_replaces_the_old_row
     assert_eq!(pending.len(), 3);
     assert_eq!(store.raw_bodies(Selector::Status(Status::Pending)).await.unwrap().len(), 1, "no new raw row");
 }
+
+/// A store already over `store.max_bytes` refuses the append as `Full` (503 store_full upstream) and writes nothing.
+async fn an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing(store: Store) {
+    let err = store.append(body("h", 3)).await.expect_err("over the limit");
+    assert!(matches!(err, StoreError::Full(_)), "{err}");
+    assert!(store.list(Query { limit: 10, ..Query::default() }).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing_on_sqlite() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(&dir.path().join("s.db"), SqliteOptions { max_bytes: 1 }).expect("sqlite opens");
+    an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing(Store::Sqlite(store)).await;
+}
+
+#[tokio::test]
+async fn an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing_on_postgres() {
+    let schema = TestSchema::create().await;
+    let store = PgStore::open(&schema.url, PgOptions { max_bytes: 1, pool_size: 2 }).await.expect("postgres opens");
+    an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing(Store::Postgres(store)).await;
+}
