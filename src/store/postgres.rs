@@ -160,12 +160,13 @@ impl PgStore {
             .build()
             .map_err(|e| StoreError::Config(format!("cannot build the PostgreSQL pool: {e}")))?;
         let mut client = pool.get().await?;
-        let schema: Option<String> = client.query_one("SELECT current_schema()::text", &[]).await?.get(0);
+        let schema: Option<String> =
+            client.query_one(&client.prepare_cached("SELECT current_schema()::text").await?, &[]).await?.get(0);
         let schema = schema.ok_or_else(|| {
             StoreError::Config("the connection's search_path names no existing schema; create it first".into())
         })?;
         let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        tx.execute(&tx.prepare_cached("SELECT pg_advisory_xact_lock($1)").await?, &[&MIGRATION_LOCK]).await?;
         tx.batch_execute(SCHEMA).await?;
         tx.commit().await?;
         drop(client);
@@ -199,15 +200,16 @@ impl PgStore {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "WITH picked AS (
+                // ARRAY(…) makes the picked ids a parameter of the outer UPDATE, so it updates them through the
+                // primary key instead of joining against the whole table.
+                "UPDATE events e SET lease_owner = $1, lease_expires_at = $2, lease_token = e.lease_token + 1
+                 WHERE e.id = ANY(ARRAY(
                      SELECT id FROM events
                      WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $3
                        AND (lease_expires_at IS NULL OR lease_expires_at < $3)
                        AND NOT (app_id = ANY($5::text[]))
                      ORDER BY id LIMIT $4
-                     FOR UPDATE SKIP LOCKED)
-                 UPDATE events e SET lease_owner = $1, lease_expires_at = $2, lease_token = e.lease_token + 1
-                 FROM picked WHERE e.id = picked.id
+                     FOR UPDATE SKIP LOCKED))
                  RETURNING e.id, e.event_id, e.kind, e.app_id, e.identity, e.payload, e.attempts, e.enqueued_at,
                            e.lease_token, e.source",
             )
@@ -239,10 +241,14 @@ impl PgStore {
         let client = self.pool.get().await?;
         let n = client
             .execute(
-                "UPDATE events e SET lease_expires_at = $4
+                &client
+                    .prepare_cached(
+                        "UPDATE events e SET lease_expires_at = $4
                  FROM unnest($2::int8[], $3::int8[]) AS l(id, token)
                  WHERE e.id = l.id AND e.lease_token = l.token AND e.lease_owner = $1
                    AND e.status IN ('pending', 'retrying')",
+                    )
+                    .await?,
                 &[&owner, &ids, &tokens, &until],
             )
             .await
@@ -286,7 +292,8 @@ impl PgStore {
         let tx = client.transaction().await?;
         let applied = tx
             .query(
-                "UPDATE events e SET
+                &tx.prepare_cached(
+                    "UPDATE events e SET
                      status = CASE WHEN r.release THEN e.status ELSE r.status END,
                      attempts = e.attempts + r.n,
                      next_attempt_at = r.next_at,
@@ -297,6 +304,8 @@ impl PgStore {
                       AS r(id, token, release, status, n, next_at, err)
                  WHERE e.id = r.id AND e.lease_token = r.token AND e.status IN ('pending', 'retrying')
                  RETURNING e.id",
+                )
+                .await?,
                 &[&ids, &tokens, &release, &statuses, &counts, &nexts, &errors, &now],
             )
             .await
@@ -317,8 +326,11 @@ impl PgStore {
         }
         if !rows.is_empty() {
             tx.execute(
-                "INSERT INTO attempts (event_row, at, http_status, latency_ms, batch_size, error)
+                &tx.prepare_cached(
+                    "INSERT INTO attempts (event_row, at, http_status, latency_ms, batch_size, error)
                  SELECT * FROM unnest($1::int8[], $2::int8[], $3::int4[], $4::int8[], $5::int8[], $6::text[])",
+                )
+                .await?,
                 &[&rows, &at, &status, &latency, &size, &error],
             )
             .await
@@ -341,7 +353,7 @@ impl PgStore {
         let client = self.pool.get().await?;
         let n = client.execute(&sql, &params(&args)).await.map_err(pg_err)?;
         if n > 0 {
-            client.execute("SELECT pg_notify($1, '')", &[&&*self.channel]).await?;
+            client.execute(&client.prepare_cached("SELECT pg_notify($1, '')").await?, &[&&*self.channel]).await?;
         }
         Ok(n as i64)
     }
@@ -351,8 +363,12 @@ impl PgStore {
         let client = self.pool.get().await?;
         let n = client
             .execute(
-                "UPDATE events SET lease_owner = NULL, lease_expires_at = NULL
+                &client
+                    .prepare_cached(
+                        "UPDATE events SET lease_owner = NULL, lease_expires_at = NULL
                  WHERE lease_owner = $1 AND status IN ('pending', 'retrying')",
+                    )
+                    .await?,
                 &[&owner],
             )
             .await
@@ -367,23 +383,29 @@ impl PgStore {
         let tx = client.transaction().await?;
         let ids: Vec<i64> = tx
             .query(
-                "SELECT id FROM events WHERE status IN ('delivered', 'replaced') AND updated_at < $1 LIMIT $2",
+                &tx.prepare_cached(
+                    "SELECT id FROM events WHERE status IN ('delivered', 'replaced') AND updated_at < $1 LIMIT $2",
+                )
+                .await?,
                 &[&before, &PRUNE_CHUNK],
             )
             .await?
             .iter()
             .map(|r| r.get(0))
             .collect();
-        tx.execute("DELETE FROM attempts WHERE event_row = ANY($1)", &[&ids]).await?;
-        let n = tx.execute("DELETE FROM events WHERE id = ANY($1)", &[&ids]).await?;
+        tx.execute(&tx.prepare_cached("DELETE FROM attempts WHERE event_row = ANY($1)").await?, &[&ids]).await?;
+        let n = tx.execute(&tx.prepare_cached("DELETE FROM events WHERE id = ANY($1)").await?, &[&ids]).await?;
         tx.execute(
-            "DELETE FROM raw_bodies WHERE id IN (
+            &tx.prepare_cached(
+                "DELETE FROM raw_bodies WHERE id IN (
                  SELECT r.id FROM raw_bodies r WHERE r.received_at < $1
                    AND NOT EXISTS (SELECT 1 FROM events e WHERE e.raw_id = r.id) LIMIT $2)",
+            )
+            .await?,
             &[&before, &PRUNE_CHUNK],
         )
         .await?;
-        tx.execute("DELETE FROM rate_budget WHERE at < $1", &[&before]).await?;
+        tx.execute(&tx.prepare_cached("DELETE FROM rate_budget WHERE at < $1").await?, &[&before]).await?;
         tx.commit().await?;
         Ok(n as usize)
     }
@@ -426,8 +448,7 @@ impl PgStore {
             .ok_or(StoreError::NotFound)?;
         let (id, mut v) = view(&row);
         let log = client
-            .query(
-                "SELECT at, http_status, latency_ms, batch_size, error FROM attempts WHERE event_row = $1 ORDER BY id",
+            .query(&client.prepare_cached("SELECT at, http_status, latency_ms, batch_size, error FROM attempts WHERE event_row = $1 ORDER BY id").await?,
                 &[&id],
             )
             .await?
@@ -448,9 +469,13 @@ impl PgStore {
         let client = self.pool.get().await?;
         let r = client
             .query_one(
-                "SELECT (SELECT count(*) FROM events WHERE status IN ('pending', 'retrying')),
+                &client
+                    .prepare_cached(
+                        "SELECT (SELECT count(*) FROM events WHERE status IN ('pending', 'retrying')),
                         (SELECT min(enqueued_at) FROM events WHERE status IN ('pending', 'retrying')),
                         (SELECT count(*) FROM events WHERE status = 'dead')",
+                    )
+                    .await?,
                 &[],
             )
             .await?;

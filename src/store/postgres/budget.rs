@@ -36,21 +36,23 @@ impl PgStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         // Missing buckets start full; rows are created and then locked in key order, so takers never deadlock.
-        tx.execute(
-            "INSERT INTO rate_budget (app_id, identity, tokens, at)
+        tx.execute(&tx.prepare_cached("INSERT INTO rate_budget (app_id, identity, tokens, at)
              SELECT a, i, CASE WHEN i = '' THEN $3::float8 ELSE $4::float8 END, $5::int8 FROM unnest($1::text[], $2::text[]) AS k(a, i)
              ORDER BY a, i
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT DO NOTHING").await?,
             &[&apps, &whos, &(app_per_min as f64), &(identity_per_min as f64), &now],
         )
         .await
         .map_err(pg_err)?;
         let rows = tx
             .query(
-                "SELECT b.app_id, b.identity, b.tokens, b.at FROM rate_budget b
+                &tx.prepare_cached(
+                    "SELECT b.app_id, b.identity, b.tokens, b.at FROM rate_budget b
                  JOIN unnest($1::text[], $2::text[]) AS k(a, i) ON b.app_id = k.a AND b.identity = k.i
                  ORDER BY b.app_id, b.identity
                  FOR UPDATE OF b",
+                )
+                .await?,
                 &[&apps, &whos],
             )
             .await
@@ -68,9 +70,12 @@ impl PgStore {
             at.push(b.at);
         }
         tx.execute(
-            "UPDATE rate_budget b SET tokens = k.t, at = k.at
+            &tx.prepare_cached(
+                "UPDATE rate_budget b SET tokens = k.t, at = k.at
              FROM unnest($1::text[], $2::text[], $3::float8[], $4::int8[]) AS k(a, i, t, at)
              WHERE b.app_id = k.a AND b.identity = k.i",
+            )
+            .await?,
             &[&a, &i, &t, &at],
         )
         .await

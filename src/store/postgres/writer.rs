@@ -109,8 +109,11 @@ async fn append_all(
     let replays: Vec<i64> = bodies.iter().filter_map(|b| b.replay_of_raw).collect();
     if !replays.is_empty() {
         tx.execute(
-            "UPDATE events SET status = 'replaced', updated_at = $2, lease_owner = NULL, lease_expires_at = NULL
+            &tx.prepare_cached(
+                "UPDATE events SET status = 'replaced', updated_at = $2, lease_owner = NULL, lease_expires_at = NULL
              WHERE raw_id = ANY($1) AND status != 'replaced'",
+            )
+            .await?,
             &[&replays, &now],
         )
         .await?;
@@ -120,7 +123,10 @@ async fn append_all(
     if !fresh.is_empty() {
         raw_ids = tx
             .query(
-                "SELECT nextval(pg_get_serial_sequence('raw_bodies', 'id')) FROM generate_series(1, $1::int4)",
+                &tx.prepare_cached(
+                    "SELECT nextval(pg_get_serial_sequence('raw_bodies', 'id')) FROM generate_series(1, $1::int4)",
+                )
+                .await?,
                 &[&(fresh.len() as i32)],
             )
             .await?
@@ -132,8 +138,11 @@ async fn append_all(
         let received: Vec<i64> = fresh.iter().map(|b| b.received_at).collect();
         let raw: Vec<&[u8]> = fresh.iter().map(|b| b.body.as_slice()).collect();
         tx.execute(
-            "INSERT INTO raw_bodies (id, source, template, received_at, body)
+            &tx.prepare_cached(
+                "INSERT INTO raw_bodies (id, source, template, received_at, body)
              SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::bytea[])",
+            )
+            .await?,
             &[&raw_ids, &sources, &templates, &received, &raw],
         )
         .await?;
@@ -164,7 +173,8 @@ async fn append_all(
     }
     if !cols.event_id.is_empty() {
         tx.execute(
-            "INSERT INTO events (event_id, raw_id, item_index, source, template, kind, app_id, identity,
+            &tx.prepare_cached(
+                "INSERT INTO events (event_id, raw_id, item_index, source, template, kind, app_id, identity,
                                  idempotency_key, payload, status, enqueued_at, next_attempt_at, received_at,
                                  updated_at, last_error)
              SELECT u.event_id, u.raw_id, u.item_index, u.source, u.template, u.kind, u.app_id, u.identity,
@@ -173,6 +183,8 @@ async fn append_all(
                          $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[])
                   AS u(event_id, raw_id, item_index, source, template, kind, app_id, identity, key, payload, status,
                        received_at, error)",
+            )
+            .await?,
             &[
                 &cols.event_id,
                 &cols.raw_id,
@@ -194,7 +206,7 @@ async fn append_all(
     }
     if pending > 0 || !replays.is_empty() {
         // Delivered to listeners at COMMIT, and only if it commits.
-        tx.execute("SELECT pg_notify($1, '')", &[&channel]).await?;
+        tx.execute(&tx.prepare_cached("SELECT pg_notify($1, '')").await?, &[&channel]).await?;
     }
     tx.commit().await
 }
