@@ -80,6 +80,34 @@ CREATE TABLE IF NOT EXISTS rate_budget (
 );
 ";
 
+/// Every table and index SCHEMA creates: when all exist, start-up runs no DDL at all. (`CREATE INDEX IF NOT EXISTS`
+/// takes a SHARE lock on its table before it finds the index there, which would queue every writer behind it.)
+const RELATIONS: [&str; 10] = [
+    "raw_bodies",
+    "events",
+    "events_ready_id",
+    "events_status_time",
+    "events_raw",
+    "attempts",
+    "attempts_event",
+    "rate_budget",
+    "events_event_id_key",
+    "rate_budget_pkey",
+];
+
+async fn migrated(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+    let names: Vec<&str> = RELATIONS.to_vec();
+    let found: i64 = client
+        .query_one(
+            "SELECT count(*) FROM unnest($1::text[]) AS r(name)
+             WHERE to_regclass(quote_ident(current_schema()) || '.' || r.name) IS NOT NULL",
+            &[&names],
+        )
+        .await?
+        .get(0);
+    Ok(found == RELATIONS.len() as i64)
+}
+
 /// Serialises migrations of instances starting together (`CREATE … IF NOT EXISTS` alone can race in PostgreSQL).
 const MIGRATION_LOCK: i64 = 0x6865_6170_5f72_656c; // "heap_rel"
 
@@ -165,10 +193,12 @@ impl PgStore {
         let schema = schema.ok_or_else(|| {
             StoreError::Config("the connection's search_path names no existing schema; create it first".into())
         })?;
-        let tx = client.transaction().await?;
-        tx.execute(&tx.prepare_cached("SELECT pg_advisory_xact_lock($1)").await?, &[&MIGRATION_LOCK]).await?;
-        tx.batch_execute(SCHEMA).await?;
-        tx.commit().await?;
+        if !migrated(&client).await? {
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+            tx.batch_execute(SCHEMA).await?;
+            tx.commit().await?;
+        }
         drop(client);
         let channel: Arc<str> = channel_for(&schema).into();
         let (appends, rx) = mpsc::channel(4096);

@@ -446,25 +446,48 @@ async fn the_admin_api_and_the_cli_list_and_replay_events_on_postgres_as_on_sqli
     assert_eq!((status, &report["requeued"]), (200, &json!(1)), "{report}");
     app.wait_for_heap(2, Duration::from_secs(10)).await;
 
+    // Off the test's runtime thread: the in-process relay's workers must keep running while the CLI waits on the store.
     let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_heap-relay"))
-            .args(args)
-            .env("HEAP_RELAY__STORE__URL", &schema.url)
-            .env("HEAP_RELAY__TEMPLATES__DIR", repo_templates())
-            .output()
-            .expect("the binary runs");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let url = schema.url.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new(env!("CARGO_BIN_EXE_heap-relay"))
+                .args(args)
+                .env("HEAP_RELAY__STORE__URL", url)
+                .env("HEAP_RELAY__TEMPLATES__DIR", repo_templates())
+                .output()
+                .expect("the binary runs");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
     };
-    let (code, out, err) = cli(&["deliveries", "--source", "segment", "--json"]);
+    let (code, out, err) = cli(&["deliveries", "--source", "segment", "--json"]).await.expect("cli");
     assert_eq!(code, Some(0), "{err}");
     let listed: Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(listed[0]["id"], id.as_str());
-    let (code, out, err) = cli(&["replay", "--id", &id]);
+    let (code, out, err) = cli(&["replay", "--id", &id]).await.expect("cli");
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(serde_json::from_str::<Value>(&out).expect("JSON")["requeued"], 1);
     app.wait_for_heap(3, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn an_instance_or_cli_opening_a_busy_schema_does_not_queue_behind_open_write_transactions() {
+    let schema = TestSchema::create().await;
+    let _first = pg_store(&schema).await;
+    let writer = connect().await;
+    // A write transaction left open on events (as a worker's record is, mid-round).
+    writer
+        .batch_execute(&format!(
+            "SET search_path = {}; BEGIN; UPDATE events SET attempts = attempts WHERE false",
+            schema.name
+        ))
+        .await
+        .expect("open a write transaction");
+    let opened = tokio::time::timeout(Duration::from_secs(5), pg_store(&schema)).await;
+    writer.batch_execute("ROLLBACK").await.expect("rollback");
+    assert!(opened.is_ok(), "opening a migrated schema ran DDL and waited for the open transaction");
 }
