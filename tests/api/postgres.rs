@@ -271,18 +271,20 @@ async fn a_sigkilled_instances_leased_work_is_delivered_by_the_others_after_its_
     let dir = tempfile::tempdir().expect("temp dir");
     let lease_secs = 3;
     let mut victim = spawn_relay(&schema.url, &victims_heap.uri(), dir.path(), "victim", lease_secs).await;
-    let a = spawn_relay(&schema.url, &heap.uri(), dir.path(), "relay-a", lease_secs).await;
-    let b = spawn_relay(&schema.url, &heap.uri(), dir.path(), "relay-b", lease_secs).await;
-    let addresses = vec![victim.address.clone(), a.address.clone(), b.address.clone()];
     let client = reqwest::Client::new();
-
-    let mut acked = post_round_robin(&client, &addresses, 0..12, 500).await;
-    // Kill it while it holds work: a send of its is in flight to its Heap.
+    // The load starts on the victim alone, so that it surely claims work (with three instances the others may take
+    // everything first).
+    let mut acked = post_round_robin(&client, std::slice::from_ref(&victim.address), 0..6, 500).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while victims_heap.received_requests().await.unwrap_or_default().is_empty() {
         assert!(Instant::now() < deadline, "the victim never claimed anything");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let a = spawn_relay(&schema.url, &heap.uri(), dir.path(), "relay-a", lease_secs).await;
+    let b = spawn_relay(&schema.url, &heap.uri(), dir.path(), "relay-b", lease_secs).await;
+    let addresses = vec![victim.address.clone(), a.address.clone(), b.address.clone()];
+    acked.extend(post_round_robin(&client, &addresses, 6..12, 500).await);
+    // Kill it mid-load, while its send is in flight to its Heap and its leases are held (and renewed).
     victim.child.kill().expect("SIGKILL");
     let _ = victim.child.wait();
     let killed_at = Instant::now();
