@@ -99,10 +99,10 @@ pub fn take_shared(
             continue;
         }
         for (key, rate) in [((app, ""), app_per_min), ((app, who), identity_per_min)] {
-            if rate > 0 {
-                if let Some(b) = buckets.get_mut(&(key.0.to_owned(), key.1.to_owned())) {
-                    b.tokens -= 1.0;
-                }
+            if rate > 0
+                && let Some(b) = buckets.get_mut(&(key.0.to_owned(), key.1.to_owned()))
+            {
+                b.tokens -= 1.0;
             }
         }
         out.push(None);

@@ -177,10 +177,10 @@ async fn spawn_relay(url: &str, heap: &str, dir: &Path, name: &str, lease_secs: 
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(r) = client.get(format!("{}/readyz", relay.address)).send().await {
-            if r.status() == 200 {
-                return relay;
-            }
+        if let Ok(r) = client.get(format!("{}/readyz", relay.address)).send().await
+            && r.status() == 200
+        {
+            return relay;
         }
         if let Ok(Some(status)) = relay.child.try_wait() {
             panic!("{name} exited with {status}: {}", std::fs::read_to_string(&relay.log).unwrap_or_default());
