@@ -6,7 +6,7 @@
 //! - `intake`: body → pipeline → one durable write → summary.
 //! - `ingest`: the pure pipeline: `sources` (vendor body shapes) → `templates` (Liquid, one leaf at a time) →
 //!   `domain` (types that only hold values Heap accepts).
-//! - `store`: the SQLite queue and delivery log (group commit, leases).
+//! - `store`: the queue and delivery log (group commit, leases): SQLite by default, PostgreSQL for several instances.
 //! - `delivery`: workers that batch, send, classify (`policy`) and rate-limit.
 //! - `replay`: re-send or re-render stored events.
 //! - `settings`, `telemetry`, `metrics`, `error`, `startup`, `cli`, `commands`: plumbing.
