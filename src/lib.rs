@@ -8,7 +8,7 @@
 //! - `ingest`: the pure pipeline: `sources` (vendor body shapes) → `templates` (Liquid, one leaf at a time) →
 //!   `domain` (types that only hold values Heap accepts). `json` parses bodies strictly (depth, duplicate keys,
 //!   NULs, surrogates, number ranges), each refusal with its own error.
-//! - `store`: the SQLite queue and delivery log (group commit, leases).
+//! - `store`: the queue and delivery log (group commit, leases): SQLite by default, PostgreSQL for several instances.
 //! - `delivery`: workers that batch, send, classify (`policy`) and rate-limit.
 //! - `replay`: re-send or re-render stored events.
 //! - `settings`, `telemetry`, `metrics`, `error`, `startup`, `cli`, `commands`: plumbing.

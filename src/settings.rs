@@ -79,6 +79,11 @@ pub struct TemplateSettings {
 #[serde(deny_unknown_fields)]
 pub struct StoreSettings {
     pub path: PathBuf,
+    /// `postgres://…` selects the shared PostgreSQL store (several instances, one queue); empty keeps SQLite at
+    /// `path`. Secret: it may hold a password.
+    pub url: SecretString,
+    /// PostgreSQL connections per instance for claims, records and reads (the writer and LISTEN have their own).
+    pub pool_size: usize,
     pub max_bytes: u64,
     pub retention_hours: u64,
     pub retry_after_secs: u64,
@@ -263,6 +268,17 @@ impl Settings {
         for (name, auth) in self.source_auth() {
             Verifier::from_settings(name, auth).map_err(|e| SettingsError::Invalid(e.to_string()))?;
         }
+        if let Some(url) = self.store_url() {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return bad("store.url must start with postgres:// (or be empty for SQLite)".into());
+            }
+            if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                return bad(format!("store.url is not a PostgreSQL URL: {e}"));
+            }
+            if self.store.pool_size < 2 {
+                return bad("store.pool_size must be at least 2".into());
+            }
+        }
         if !(1..=1000).contains(&self.delivery.max_batch) {
             return bad("delivery.max_batch must be 1 to 1000 (Heap's bulk limit)".into());
         }
@@ -322,6 +338,12 @@ impl Settings {
             n => self.hook_sources().iter().any(|(h, s)| *h == n && s.enabled),
         };
         self.source_auth().into_iter().filter(|(n, a)| a.mode == AuthMode::None && enabled(n)).map(|(n, _)| n).collect()
+    }
+
+    /// The PostgreSQL URL, when one is set (the store is PostgreSQL then).
+    pub fn store_url(&self) -> Option<&str> {
+        let u = self.store.url.expose_secret();
+        (!u.trim().is_empty()).then(|| u.trim())
     }
 
     /// The admin token, when one is set.
@@ -426,6 +448,19 @@ mod tests {
             let err = Settings::load(&ConfigPath::Default(PathBuf::from("/nonexistent")), env(&[(k, v)])).unwrap_err();
             assert!(err.to_string().contains(want), "{k}: {err}");
         }
+    }
+
+    #[test]
+    fn a_store_url_selects_postgres_is_validated_and_never_shows_in_debug_output() {
+        let load = |url: &str| {
+            Settings::load(&ConfigPath::Default(PathBuf::from("/nonexistent")), env(&[("HEAP_RELAY__STORE__URL", url)]))
+        };
+        assert!(Settings::defaults().store_url().is_none(), "SQLite is the default");
+        let s = load("postgres://relay:pw-s3cr3t@127.0.0.1:5432/test").unwrap();
+        assert_eq!(s.store_url(), Some("postgres://relay:pw-s3cr3t@127.0.0.1:5432/test"));
+        assert!(!format!("{s:?}").contains("s3cr3t"));
+        let err = load("mysql://x").unwrap_err();
+        assert!(err.to_string().contains("store.url"), "{err}");
     }
 
     #[test]

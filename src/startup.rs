@@ -15,8 +15,9 @@ use crate::routes::gate::Gate;
 use crate::routes::{self, AppState};
 use crate::settings::Settings;
 use crate::sources::{Source, SourceOptions};
+use crate::store::postgres::{self, PgOptions};
 use crate::store::sqlite::SqliteOptions;
-use crate::store::{SqliteStore, Store, now_ms};
+use crate::store::{PgStore, SqliteStore, Store, now_ms};
 use crate::templates::TemplateStore;
 use crate::templates::bounds::LoadLimits;
 use crate::templates::render::RenderLimits;
@@ -118,10 +119,27 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
     }
 }
 
-pub fn open_store(settings: &Settings) -> anyhow::Result<Store> {
-    SqliteStore::open(&settings.store.path, SqliteOptions { max_bytes: settings.store.max_bytes })
-        .map(Store::Sqlite)
-        .with_context(|| format!("cannot open the store at {}", settings.store.path.display()))
+/// Opens the configured store: PostgreSQL when `store.url` is set (connect, migrate), else the SQLite file.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    match settings.store_url() {
+        Some(url) => {
+            PgStore::open(url, PgOptions { max_bytes: settings.store.max_bytes, pool_size: settings.store.pool_size })
+                .await
+                .map(Store::Postgres)
+                .with_context(|| format!("cannot open the PostgreSQL store at {}", postgres::redacted(url)))
+        }
+        None => SqliteStore::open(&settings.store.path, SqliteOptions { max_bytes: settings.store.max_bytes })
+            .map(Store::Sqlite)
+            .with_context(|| format!("cannot open the store at {}", settings.store.path.display())),
+    }
+}
+
+/// Where the store is, for the log (never a password).
+fn store_location(settings: &Settings) -> String {
+    match settings.store_url() {
+        Some(url) => postgres::redacted(url),
+        None => settings.store.path.display().to_string(),
+    }
 }
 
 pub fn delivery_config(settings: &Settings) -> DeliveryConfig {
@@ -150,7 +168,7 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let templates = load_templates(&settings)?;
-        let store = open_store(&settings)?;
+        let store = open_store(&settings).await?;
         let metrics = Arc::new(Metrics::new());
         let client =
             HeapClient::new(&settings.heap.base_url, Duration::from_secs(settings.heap.request_timeout_secs.max(1)))
@@ -203,6 +221,14 @@ impl Application {
                 metrics.clone(),
             ));
         }
+        if let Store::Postgres(pg) = &store {
+            // Appends on any instance wake this instance's idle workers (LISTEN/NOTIFY), instead of tight polling.
+            let d = delivery.clone();
+            background.push(pg.spawn_listener(move || {
+                d.wake.notify_waiters();
+                d.wake.notify_one();
+            }));
+        }
         background.push(spawn_retention(store.clone(), Duration::from_secs(settings.store.retention_hours * 3600)));
 
         let state = AppState {
@@ -233,7 +259,7 @@ impl Application {
         };
         // actix counts connections per worker; split the total so the cap holds for the whole process.
         server = server.workers(http_workers).max_connections(settings.server.max_connections.div_ceil(http_workers));
-        tracing::info!(%addr, heap = %settings.heap.base_url, store = %settings.store.path.display(), "heap-relay listening");
+        tracing::info!(%addr, heap = %settings.heap.base_url, store = %store_location(&settings), "heap-relay listening");
         Ok(Self { port: addr.port(), server: server.run(), state, shutdown, workers, background, grace })
     }
 

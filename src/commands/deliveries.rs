@@ -29,7 +29,7 @@ pub async fn run(settings: &Settings, f: Filters) -> Result<i32, CommandError> {
         })
         .transpose()?;
     let range = time_range(f.since.as_deref(), f.until.as_deref()).map_err(CommandError::Usage)?;
-    let store = open_store(settings)?;
+    let store = open_store(settings).await?;
     let events = store
         .list(Query { status, source: f.source, since: range.map(|r| r.0), until: range.map(|r| r.1), limit: f.limit })
         .await

@@ -17,7 +17,7 @@ pub async fn run(settings: &Settings, s: Selection, rerender: bool) -> Result<i3
     let sel = selector(s.id.as_deref(), s.status.as_deref(), s.since.as_deref(), s.until.as_deref())
         .map_err(CommandError::Usage)?;
     let pipeline = build_pipeline(settings, load_templates(settings)?);
-    let store = open_store(settings)?;
+    let store = open_store(settings).await?;
     let mut progress = |done: usize, total: usize| {
         if done % 100 == 0 || done == total {
             eprintln!("re-rendered {done}/{total} bodies");

@@ -82,6 +82,18 @@ impl Delivery {
         Self { store, client, config, limiter, metrics, wake: Notify::new(), paused: Mutex::new(HashMap::new()) }
     }
 
+    /// Which claimed events the rate budgets let go now (`None`), and how long the others wait. On PostgreSQL the
+    /// budgets live in the database, shared by every instance; otherwise in this process.
+    async fn admit(&self, claimed: &[Claimed], now: Millis) -> Result<Vec<Option<Duration>>, StoreError> {
+        let (app, identity) = self.limiter.rates();
+        if let (Store::Postgres(pg), true) = (&self.store, app > 0 || identity > 0) {
+            let wants: Vec<(&str, &str)> = claimed.iter().map(|c| (c.app_id.as_str(), c.identity.as_str())).collect();
+            return pg.take_budget(&wants, app, identity, now).await;
+        }
+        let instant = Instant::now();
+        Ok(claimed.iter().map(|c| self.limiter.try_take(&c.app_id, &c.identity, instant).err()).collect())
+    }
+
     fn paused_apps(&self, now: Millis) -> Vec<String> {
         let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
         p.retain(|_, until| *until > now);
@@ -175,18 +187,35 @@ impl Worker {
         }
         let mut records = Vec::with_capacity(claimed.len());
         let mut go = Vec::with_capacity(claimed.len());
-        let instant = Instant::now();
-        for c in claimed {
-            match d.limiter.try_take(&c.app_id, &c.identity, instant) {
-                Ok(()) => go.push(c),
-                Err(wait) => records.push(release(&c, now + wait.as_millis() as i64)),
+        let verdicts = match d.admit(&claimed, now).await {
+            Ok(v) => v,
+            Err(e) => {
+                // Without a budget answer nothing may go; give the leases back instead of letting them expire.
+                let back = claimed.iter().map(|c| release(c, now + d.config.poll_interval.as_millis() as i64));
+                d.store.record(back.collect()).await?;
+                return Err(e);
+            }
+        };
+        for (c, verdict) in claimed.into_iter().zip(verdicts) {
+            match verdict {
+                None => go.push(c),
+                Some(wait) => records.push(release(&c, now + wait.as_millis() as i64)),
             }
         }
-        for batch in batches(go, d.config.max_batch) {
-            let (recs, requests) = self.deliver(batch).await;
-            out.requests += requests;
-            records.extend(recs);
-        }
+        let leases: Vec<(i64, i64)> = go.iter().map(|c| (c.id, c.lease_token)).collect();
+        let sending = async {
+            let mut recs = Vec::with_capacity(go.len());
+            let mut requests = 0;
+            for batch in batches(go, d.config.max_batch) {
+                let (r, n) = self.deliver(batch).await;
+                requests += n;
+                recs.extend(r);
+            }
+            (recs, requests)
+        };
+        let (recs, requests) = self.keeping_leases(leases, sending).await;
+        out.requests += requests;
+        records.extend(recs);
         for r in &records {
             match r.resolution {
                 Resolution::Delivered => out.delivered += 1,
@@ -197,6 +226,35 @@ impl Worker {
         }
         d.store.record(records).await?;
         Ok(out)
+    }
+
+    /// Runs `work` (the sends of one round) while renewing this worker's leases on `leases` every third of the lease,
+    /// where the store renews leases: a round of slow or split calls can outlast one lease, and a lease that
+    /// expired mid-send would let another instance send the same events again.
+    async fn keeping_leases<F: std::future::Future>(&self, leases: Vec<(i64, i64)>, work: F) -> F::Output {
+        let d = &self.shared;
+        if leases.is_empty() || !d.store.renews_leases() {
+            return work.await;
+        }
+        let every = (d.config.lease / 3).max(Duration::from_millis(100));
+        let lease_ms = d.config.lease.as_millis() as i64;
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tick.tick() => {
+                    match d.store.renew(&self.owner, leases.clone(), now_ms() + lease_ms).await {
+                        Ok(n) if n < leases.len() => tracing::warn!(
+                            worker = %self.owner, lost = leases.len() - n,
+                            "some leases were taken over while sending; their results will not be recorded"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(worker = %self.owner, error = %e, "could not renew leases"),
+                    }
+                }
+            }
+        }
     }
 
     /// Sends one batch, splitting it when Heap refuses it as a whole, and returns each event's record.

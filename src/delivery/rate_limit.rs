@@ -27,6 +27,11 @@ impl RateLimiter {
         Self { app_per_min, identity_per_min, buckets: Mutex::new(HashMap::new()) }
     }
 
+    /// The budgets, events per minute: (per app_id, per identity); 0 is off.
+    pub fn rates(&self) -> (u32, u32) {
+        (self.app_per_min, self.identity_per_min)
+    }
+
     /// Takes one event's worth from the app's and the identity's budgets, or says how long until both have it.
     pub fn try_take(&self, app_id: &str, identity: &str, now: Instant) -> Result<(), Duration> {
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
@@ -63,6 +68,65 @@ fn wait(b: &mut HashMap<(String, String), Bucket>, key: (&str, &str), per_min: u
     if bucket.tokens >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - bucket.tokens) * 60.0 / cap) }
 }
 
+/// A budget as a shared store keeps it: tokens left, and when they were counted (Unix ms). Several relay instances
+/// take from the same buckets, so wall-clock time stands in for `Instant`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SharedBucket {
+    pub tokens: f64,
+    pub at: i64,
+}
+
+/// Decides, in order, which of `wants` (app_id, identity) may go at `now_ms`: `None` to go (its tokens are taken),
+/// or how long until its app's and identity's budgets both have one. Buckets missing from `buckets` start full;
+/// `buckets` ends holding the states to write back. The same arithmetic as [`RateLimiter::try_take`].
+pub fn take_shared(
+    buckets: &mut HashMap<(String, String), SharedBucket>,
+    wants: &[(&str, &str)],
+    app_per_min: u32,
+    identity_per_min: u32,
+    now_ms: i64,
+) -> Vec<Option<Duration>> {
+    let mut out = Vec::with_capacity(wants.len());
+    for &(app, who) in wants {
+        let longest = shared_wait(buckets, (app, ""), app_per_min, now_ms).max(shared_wait(
+            buckets,
+            (app, who),
+            identity_per_min,
+            now_ms,
+        ));
+        if longest > Duration::ZERO {
+            out.push(Some(longest));
+            continue;
+        }
+        for (key, rate) in [((app, ""), app_per_min), ((app, who), identity_per_min)] {
+            if rate > 0
+                && let Some(b) = buckets.get_mut(&(key.0.to_owned(), key.1.to_owned()))
+            {
+                b.tokens -= 1.0;
+            }
+        }
+        out.push(None);
+    }
+    out
+}
+
+fn shared_wait(
+    buckets: &mut HashMap<(String, String), SharedBucket>,
+    key: (&str, &str),
+    per_min: u32,
+    now_ms: i64,
+) -> Duration {
+    if per_min == 0 {
+        return Duration::ZERO;
+    }
+    let cap = per_min as f64;
+    let b = buckets.entry((key.0.to_owned(), key.1.to_owned())).or_insert(SharedBucket { tokens: cap, at: now_ms });
+    let refill = (now_ms - b.at).max(0) as f64 / 1000.0 * cap / 60.0;
+    b.tokens = (b.tokens + refill).min(cap);
+    b.at = b.at.max(now_ms);
+    if b.tokens >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - b.tokens) * 60.0 / cap) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +150,18 @@ mod tests {
         for _ in 0..10_000 {
             assert!(rl.try_take("1", "a", t).is_ok());
         }
+    }
+
+    #[test]
+    fn shared_buckets_hold_one_budget_across_takers_and_refill_by_wall_clock() {
+        let mut b = HashMap::new();
+        let first = take_shared(&mut b, &[("1", "a"), ("1", "b"), ("1", "c")], 2, 0, 1_000);
+        assert_eq!(first[..2], [None, None]);
+        assert!(first[2].is_some(), "the app budget of 2 is spent: {first:?}");
+        // A second taker reading the same buckets (another instance) finds them spent too.
+        let second = take_shared(&mut b, &[("1", "d")], 2, 0, 1_000);
+        assert!(second[0].is_some());
+        let later = take_shared(&mut b, &[("1", "d")], 2, 0, 31_000);
+        assert_eq!(later, vec![None], "30 s refill one token at 2/min");
     }
 }

@@ -2,10 +2,13 @@
 //! transaction; delivery workers claim ready events under a lease, and record every attempt.
 //!
 //! Schema and claim protocol are plain SQL (rows for events and attempts; a claim sets an owner, an expiry and a
-//! fencing token) so that a PostgreSQL backend can follow the same protocol with `FOR UPDATE SKIP LOCKED`.
+//! fencing token). Two backends follow it: `sqlite` (the embedded default, one instance) and `postgres` (several
+//! instances sharing one queue, claims with `FOR UPDATE SKIP LOCKED`).
 
+pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::domain::CallKind;
@@ -207,6 +210,13 @@ pub enum StoreError {
     NotFound,
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("cannot get a PostgreSQL connection: {0}")]
+    Pool(String),
+    /// The store's configuration cannot work (an unparsable URL, a search_path naming no schema).
+    #[error("store configuration: {0}")]
+    Config(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -221,12 +231,14 @@ pub fn iso(ms: Millis) -> String {
 #[derive(Debug, Clone)]
 pub enum Store {
     Sqlite(SqliteStore),
+    Postgres(PgStore),
 }
 
 macro_rules! delegate {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {
             Store::Sqlite($s) => $call,
+            Store::Postgres($s) => $call,
         }
     };
 }
@@ -252,6 +264,21 @@ impl Store {
     /// Records attempts and outcomes; records with a stale lease token are ignored. Returns how many applied.
     pub async fn record(&self, records: Vec<AttemptRecord>) -> Result<usize, StoreError> {
         delegate!(self, s => s.record(records).await)
+    }
+
+    /// Extends the leases `owner` still holds on `leases` (row id, lease token) until `until`, while a batch is in
+    /// flight. PostgreSQL only: SQLite serves one instance, and its lease (delivery.lease_secs, default 60 s) is
+    /// kept above the longest round (see docs/postgres.md); there it renews nothing and returns 0.
+    pub async fn renew(&self, owner: &str, leases: Vec<(i64, i64)>, until: Millis) -> Result<usize, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(0),
+            Store::Postgres(s) => s.renew(owner, leases, until).await,
+        }
+    }
+
+    /// Whether leases are renewed while a batch is in flight (see [`Store::renew`]).
+    pub fn renews_leases(&self) -> bool {
+        matches!(self, Store::Postgres(_))
     }
 
     pub async fn requeue(&self, selector: Selector) -> Result<i64, StoreError> {
@@ -285,6 +312,15 @@ impl Store {
 
     pub async fn ping(&self) -> Result<(), StoreError> {
         delegate!(self, s => s.ping().await)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
+            other => StoreError::Pool(other.to_string()),
+        }
     }
 }
 

@@ -1,0 +1,473 @@
+//! The shared store for several relay instances: PostgreSQL, same tables and same meaning as the SQLite store.
+//!
+//! - Appends go through one writer task per instance. It takes every append waiting in its channel and writes them
+//!   in one transaction with array inserts (`INSERT … SELECT … FROM unnest(…)`), answering each caller only after
+//!   COMMIT (group commit). If a group fails, each append is retried alone so one bad body fails only itself.
+//! - Claims lease rows with `FOR UPDATE SKIP LOCKED`: owner, expiry, and a `lease_token` bumped on every claim.
+//!   Results are recorded only `WHERE id = … AND lease_token = …` (fencing), so a worker whose lease expired and was
+//!   taken over by another instance cannot overwrite the new holder's outcome.
+//! - The writer NOTIFYs a per-schema channel in the append transaction; [`PgStore::spawn_listener`] LISTENs on it so
+//!   idle workers of every instance wake when events arrive anywhere.
+//! - Heap rate budgets (token buckets per app_id and per identity) live in `rate_budget`, taken under row locks, so
+//!   several instances share one budget instead of each spending its own.
+//!
+//! Layout: this file holds the schema, start-up and the queue (claim, renew, record, requeue, release, prune);
+//! `writer` the group commit, `budget` the shared rate budgets, `listen` LISTEN/NOTIFY, `log` the delivery-log reads.
+
+mod budget;
+mod listen;
+mod log;
+mod writer;
+
+use super::*;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use writer::{PendingAppend, Writer};
+
+/// Same tables as the SQLite schema (raw_bodies, events, attempts), plus the shared rate budgets.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS raw_bodies (
+    id          BIGSERIAL PRIMARY KEY,
+    source      TEXT   NOT NULL,
+    template    TEXT   NOT NULL,
+    received_at BIGINT NOT NULL,
+    body        BYTEA  NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id               BIGSERIAL PRIMARY KEY,
+    event_id         TEXT    NOT NULL UNIQUE,
+    raw_id           BIGINT,
+    item_index       BIGINT  NOT NULL,
+    source           TEXT    NOT NULL,
+    template         TEXT    NOT NULL,
+    kind             TEXT    NOT NULL,
+    app_id           TEXT    NOT NULL,
+    identity         TEXT    NOT NULL,
+    idempotency_key  TEXT,
+    payload          TEXT,
+    status           TEXT    NOT NULL,
+    attempts         BIGINT  NOT NULL DEFAULT 0,
+    enqueued_at      BIGINT  NOT NULL,
+    next_attempt_at  BIGINT  NOT NULL,
+    lease_owner      TEXT,
+    lease_expires_at BIGINT,
+    lease_token      BIGINT  NOT NULL DEFAULT 0,
+    received_at      BIGINT  NOT NULL,
+    updated_at       BIGINT  NOT NULL,
+    last_error       TEXT
+) WITH (fillfactor = 80); -- room on each page, so claims and renewals (no indexed column changes) update in place
+-- Claims scan waiting rows in id order (acceptance order); the partial index keeps delivered rows out of the way.
+CREATE INDEX IF NOT EXISTS events_ready_id ON events (id) WHERE status IN ('pending', 'retrying');
+CREATE INDEX IF NOT EXISTS events_status_time ON events (status, received_at);
+CREATE INDEX IF NOT EXISTS events_raw ON events (raw_id);
+CREATE TABLE IF NOT EXISTS attempts (
+    id          BIGSERIAL PRIMARY KEY,
+    event_row   BIGINT  NOT NULL,
+    at          BIGINT  NOT NULL,
+    http_status INTEGER,
+    latency_ms  BIGINT  NOT NULL,
+    batch_size  BIGINT  NOT NULL,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_event ON attempts (event_row);
+-- Token buckets shared by every instance: identity '' is the app_id's own budget.
+CREATE TABLE IF NOT EXISTS rate_budget (
+    app_id   TEXT             NOT NULL,
+    identity TEXT             NOT NULL,
+    tokens   DOUBLE PRECISION NOT NULL,
+    at       BIGINT           NOT NULL,
+    PRIMARY KEY (app_id, identity)
+);
+";
+
+/// Every table and index SCHEMA creates: when all exist, start-up runs no DDL at all. (`CREATE INDEX IF NOT EXISTS`
+/// takes a SHARE lock on its table before it finds the index there, which would queue every writer behind it.)
+const RELATIONS: [&str; 10] = [
+    "raw_bodies",
+    "events",
+    "events_ready_id",
+    "events_status_time",
+    "events_raw",
+    "attempts",
+    "attempts_event",
+    "rate_budget",
+    "events_event_id_key",
+    "rate_budget_pkey",
+];
+
+async fn migrated(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+    let names: Vec<&str> = RELATIONS.to_vec();
+    let found: i64 = client
+        .query_one(
+            "SELECT count(*) FROM unnest($1::text[]) AS r(name)
+             WHERE to_regclass(quote_ident(current_schema()) || '.' || r.name) IS NOT NULL",
+            &[&names],
+        )
+        .await?
+        .get(0);
+    Ok(found == RELATIONS.len() as i64)
+}
+
+/// Serialises migrations of instances starting together (`CREATE … IF NOT EXISTS` alone can race in PostgreSQL).
+const MIGRATION_LOCK: i64 = 0x6865_6170_5f72_656c; // "heap_rel"
+
+/// Rows deleted per prune call, so one prune never holds locks for long.
+const PRUNE_CHUNK: i64 = 5000;
+
+#[derive(Debug, Clone, Copy)]
+pub struct PgOptions {
+    /// Refuse new bodies once the schema's tables hold this many bytes (0: no limit).
+    pub max_bytes: u64,
+    /// Connections in the pool (claims, records, reads) besides the writer's and the listener's.
+    pub pool_size: usize,
+}
+
+/// The store handle; cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    appends: mpsc::Sender<PendingAppend>,
+    config: Arc<tokio_postgres::Config>,
+    /// The schema the tables live in (the first existing schema of the connection's search_path).
+    schema: Arc<str>,
+    /// NOTIFY channel for "events were appended", one per schema.
+    channel: Arc<str>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("schema", &self.schema).finish_non_exhaustive()
+    }
+}
+
+/// The URL without its password, for logs.
+pub fn redacted(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(c) => {
+            let host = c
+                .get_hosts()
+                .iter()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            format!("postgres://{}@{host}/{}", c.get_user().unwrap_or(""), c.get_dbname().unwrap_or(""))
+        }
+        Err(_) => "postgres://(unparsable)".into(),
+    }
+}
+
+fn channel_for(schema: &str) -> String {
+    // NOTIFY channel names are identifiers: at most 63 bytes.
+    let mut c = format!("heap_relay.{schema}");
+    while c.len() > 63 {
+        c.pop();
+    }
+    c
+}
+
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    if e.code() == Some(&SqlState::DISK_FULL) {
+        return StoreError::Full("the PostgreSQL disk is full".into());
+    }
+    StoreError::Postgres(e)
+}
+
+impl PgStore {
+    /// Connects to `url`, runs the migrations (idempotent, under an advisory lock) and starts the writer task.
+    pub async fn open(url: &str, options: PgOptions) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|e| StoreError::Config(format!("store.url is not a PostgreSQL URL: {e}")))?;
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        // One connection more than asked: the writer keeps one for itself.
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(2) + 1)
+            .build()
+            .map_err(|e| StoreError::Config(format!("cannot build the PostgreSQL pool: {e}")))?;
+        let mut client = pool.get().await?;
+        let schema: Option<String> =
+            client.query_one(&client.prepare_cached("SELECT current_schema()::text").await?, &[]).await?.get(0);
+        let schema = schema.ok_or_else(|| {
+            StoreError::Config("the connection's search_path names no existing schema; create it first".into())
+        })?;
+        if !migrated(&client).await? {
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+            tx.batch_execute(SCHEMA).await?;
+            tx.commit().await?;
+        }
+        drop(client);
+        let channel: Arc<str> = channel_for(&schema).into();
+        let (appends, rx) = mpsc::channel(4096);
+        tokio::spawn(Writer { pool: pool.clone(), options, channel: channel.clone(), size: None }.run(rx));
+        Ok(Self { pool, appends, config: Arc::new(config), schema: schema.into(), channel })
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// Writes a body and everything rendered from it, durably, in one transaction (shared with concurrent appends).
+    pub async fn append(&self, ingested: Ingested) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.appends.send(PendingAppend { ingested, reply }).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Leases up to `limit` ready events (oldest first) to `owner` until `now + lease_ms`, skipping rows another
+    /// transaction is claiming (`SKIP LOCKED`) and events of `paused` app_ids. Expired leases are claimable.
+    pub async fn claim(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_ms: i64,
+        limit: i64,
+        paused: Vec<String>,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                // ARRAY(…) makes the picked ids a parameter of the outer UPDATE, so it updates them through the
+                // primary key instead of joining against the whole table.
+                "UPDATE events e SET lease_owner = $1, lease_expires_at = $2, lease_token = e.lease_token + 1
+                 WHERE e.id = ANY(ARRAY(
+                     SELECT id FROM events
+                     WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $3
+                       AND (lease_expires_at IS NULL OR lease_expires_at < $3)
+                       AND NOT (app_id = ANY($5::text[]))
+                     ORDER BY id LIMIT $4
+                     FOR UPDATE SKIP LOCKED))
+                 RETURNING e.id, e.event_id, e.kind, e.app_id, e.identity, e.payload, e.attempts, e.enqueued_at,
+                           e.lease_token, e.source",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[&owner, &(now + lease_ms), &now, &limit, &paused]).await.map_err(pg_err)?;
+        let mut out: Vec<Claimed> = rows
+            .iter()
+            .map(|r| Claimed {
+                id: r.get(0),
+                event_id: r.get(1),
+                kind: CallKind::parse(r.get::<_, &str>(2)).unwrap_or(CallKind::Track),
+                app_id: r.get(3),
+                identity: r.get(4),
+                payload: r.get::<_, Option<String>>(5).unwrap_or_default(),
+                attempts: r.get(6),
+                enqueued_at: r.get(7),
+                lease_token: r.get(8),
+                source: r.get(9),
+            })
+            .collect();
+        out.sort_by_key(|c| c.id);
+        Ok(out)
+    }
+
+    /// Extends the leases `owner` still holds (same token) on `leases` (row id, lease token) until `until`.
+    /// Returns how many were extended; fewer than asked means another worker took some over.
+    pub async fn renew(&self, owner: &str, leases: Vec<(i64, i64)>, until: Millis) -> Result<usize, StoreError> {
+        let (ids, tokens): (Vec<i64>, Vec<i64>) = leases.into_iter().unzip();
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                &client
+                    .prepare_cached(
+                        "UPDATE events e SET lease_expires_at = $4
+                 FROM unnest($2::int8[], $3::int8[]) AS l(id, token)
+                 WHERE e.id = l.id AND e.lease_token = l.token AND e.lease_owner = $1
+                   AND e.status IN ('pending', 'retrying')",
+                    )
+                    .await?,
+                &[&owner, &ids, &tokens, &until],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(n as usize)
+    }
+
+    /// Records attempts and outcomes in one transaction. Records whose lease token is stale are ignored (fencing);
+    /// returns how many applied.
+    pub async fn record(&self, records: Vec<AttemptRecord>) -> Result<usize, StoreError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let now = now_ms();
+        let n = records.len();
+        let (mut ids, mut tokens, mut release, mut statuses, mut counts, mut nexts, mut errors) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for r in &records {
+            let (status, next, is_release) = match r.resolution {
+                Resolution::Delivered => ("delivered", now, false),
+                Resolution::Retry { at } => ("retrying", at, false),
+                Resolution::Dead => ("dead", now, false),
+                Resolution::Release { at } => ("", at, true),
+            };
+            ids.push(r.id);
+            tokens.push(r.lease_token);
+            release.push(is_release);
+            statuses.push(status);
+            counts.push(if is_release { 0 } else { r.attempts.len() as i64 });
+            nexts.push(next);
+            errors.push(if is_release { None } else { r.error.as_deref() });
+        }
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let applied = tx
+            .query(
+                &tx.prepare_cached(
+                    "UPDATE events e SET
+                     status = CASE WHEN r.release THEN e.status ELSE r.status END,
+                     attempts = e.attempts + r.n,
+                     next_attempt_at = r.next_at,
+                     last_error = coalesce(r.err, e.last_error),
+                     lease_owner = NULL, lease_expires_at = NULL,
+                     updated_at = CASE WHEN r.release THEN e.updated_at ELSE $8 END
+                 FROM unnest($1::int8[], $2::int8[], $3::bool[], $4::text[], $5::int8[], $6::int8[], $7::text[])
+                      AS r(id, token, release, status, n, next_at, err)
+                 WHERE e.id = r.id AND e.lease_token = r.token AND e.status IN ('pending', 'retrying')
+                 RETURNING e.id",
+                )
+                .await?,
+                &[&ids, &tokens, &release, &statuses, &counts, &nexts, &errors, &now],
+            )
+            .await
+            .map_err(pg_err)?;
+        let applied: std::collections::HashSet<i64> = applied.iter().map(|r| r.get(0)).collect();
+        // A stale lease token means another worker owns the event now: its attempts are its own to record.
+        let (mut rows, mut at, mut status, mut latency, mut size, mut error) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in records.iter().filter(|r| applied.contains(&r.id)) {
+            for a in &r.attempts {
+                rows.push(r.id);
+                at.push(a.at);
+                status.push(a.http_status.map(i32::from));
+                latency.push(a.latency_ms);
+                size.push(a.batch_size);
+                error.push(a.error.as_deref());
+            }
+        }
+        if !rows.is_empty() {
+            tx.execute(
+                &tx.prepare_cached(
+                    "INSERT INTO attempts (event_row, at, http_status, latency_ms, batch_size, error)
+                 SELECT * FROM unnest($1::int8[], $2::int8[], $3::int4[], $4::int8[], $5::int8[], $6::text[])",
+                )
+                .await?,
+                &[&rows, &at, &status, &latency, &size, &error],
+            )
+            .await
+            .map_err(pg_err)?;
+        }
+        tx.commit().await.map_err(pg_err)?;
+        Ok(applied.len())
+    }
+
+    /// Puts the selected events back in the queue (status pending, due now).
+    pub async fn requeue(&self, selector: Selector) -> Result<i64, StoreError> {
+        let now = now_ms();
+        let (cond, mut args) = selector_sql(&selector, 2);
+        let sql = format!(
+            "UPDATE events SET status = 'pending', next_attempt_at = $1, enqueued_at = $1, updated_at = $1,
+                    lease_owner = NULL, lease_expires_at = NULL
+             WHERE {cond} AND status IN ('dead', 'delivered', 'retrying', 'pending') AND payload IS NOT NULL"
+        );
+        args.insert(0, Box::new(now));
+        let client = self.pool.get().await?;
+        let n = client.execute(&sql, &params(&args)).await.map_err(pg_err)?;
+        if n > 0 {
+            client.execute(&client.prepare_cached("SELECT pg_notify($1, '')").await?, &[&&*self.channel]).await?;
+        }
+        Ok(n as i64)
+    }
+
+    /// Gives back every lease `owner` holds (shutdown), so other workers need not wait for them to expire.
+    pub async fn release_owner(&self, owner: &str) -> Result<usize, StoreError> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                &client
+                    .prepare_cached(
+                        "UPDATE events SET lease_owner = NULL, lease_expires_at = NULL
+                 WHERE lease_owner = $1 AND status IN ('pending', 'retrying')",
+                    )
+                    .await?,
+                &[&owner],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(n as usize)
+    }
+
+    /// Deletes delivered and replaced events (with their attempts) last updated before `before`, raw bodies no event
+    /// refers to any more, and rate budgets untouched since. Returns the number of events deleted.
+    pub async fn prune(&self, before: Millis) -> Result<usize, StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let ids: Vec<i64> = tx
+            .query(
+                &tx.prepare_cached(
+                    "SELECT id FROM events WHERE status IN ('delivered', 'replaced') AND updated_at < $1 LIMIT $2",
+                )
+                .await?,
+                &[&before, &PRUNE_CHUNK],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        tx.execute(&tx.prepare_cached("DELETE FROM attempts WHERE event_row = ANY($1)").await?, &[&ids]).await?;
+        let n = tx.execute(&tx.prepare_cached("DELETE FROM events WHERE id = ANY($1)").await?, &[&ids]).await?;
+        tx.execute(
+            &tx.prepare_cached(
+                "DELETE FROM raw_bodies WHERE id IN (
+                 SELECT r.id FROM raw_bodies r WHERE r.received_at < $1
+                   AND NOT EXISTS (SELECT 1 FROM events e WHERE e.raw_id = r.id) LIMIT $2)",
+            )
+            .await?,
+            &[&before, &PRUNE_CHUNK],
+        )
+        .await?;
+        tx.execute(&tx.prepare_cached("DELETE FROM rate_budget WHERE at < $1").await?, &[&before]).await?;
+        tx.commit().await?;
+        Ok(n as usize)
+    }
+
+    /// Checks that the database answers (for /readyz).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.pool.get().await?.query_one("SELECT 1", &[]).await?;
+        Ok(())
+    }
+}
+
+fn params(args: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
+    args.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect()
+}
+
+/// The WHERE condition for a selector, with placeholders numbered from `first`.
+fn selector_sql(sel: &Selector, first: usize) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
+    match sel {
+        Selector::Id(id) => (format!("event_id = ${first}"), vec![Box::new(id.clone())]),
+        Selector::Status(s) => (format!("status = ${first}"), vec![Box::new(s.as_str())]),
+        Selector::Range { from, to, status } => {
+            let mut sql = format!("received_at >= ${first} AND received_at < ${}", first + 1);
+            let mut args: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(*from), Box::new(*to)];
+            if let Some(s) = status {
+                sql.push_str(&format!(" AND status = ${}", first + 2));
+                args.push(Box::new(s.as_str()));
+            }
+            (sql, args)
+        }
+    }
+}

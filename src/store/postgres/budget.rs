@@ -1,0 +1,86 @@
+//! Heap rate budgets shared by every instance on one database: token buckets in `rate_budget`, taken under row locks
+//! in one transaction per claimed round, so several instances together keep to one budget.
+
+use super::{PgStore, pg_err};
+use crate::delivery::rate_limit::{SharedBucket, take_shared};
+use crate::store::{Millis, StoreError};
+use std::collections::HashMap;
+use std::time::Duration;
+
+impl PgStore {
+    /// Takes one event's worth from the shared budgets of each `(app_id, identity)` in `wants`, in order, and says
+    /// for each whether it may go now (`None`) or how long until it may. Every instance on this database takes from
+    /// the same rows, under row locks, so together they keep to one budget. A rate of 0 turns that budget off.
+    pub async fn take_budget(
+        &self,
+        wants: &[(&str, &str)],
+        app_per_min: u32,
+        identity_per_min: u32,
+        now: Millis,
+    ) -> Result<Vec<Option<Duration>>, StoreError> {
+        let mut keys: Vec<(&str, &str)> = Vec::new();
+        for &(app, who) in wants {
+            if app_per_min > 0 {
+                keys.push((app, ""));
+            }
+            if identity_per_min > 0 {
+                keys.push((app, who));
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
+            return Ok(vec![None; wants.len()]);
+        }
+        let (apps, whos): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // Missing buckets start full; rows are created and then locked in key order, so takers never deadlock.
+        tx.execute(&tx.prepare_cached("INSERT INTO rate_budget (app_id, identity, tokens, at)
+             SELECT a, i, CASE WHEN i = '' THEN $3::float8 ELSE $4::float8 END, $5::int8 FROM unnest($1::text[], $2::text[]) AS k(a, i)
+             ORDER BY a, i
+             ON CONFLICT DO NOTHING").await?,
+            &[&apps, &whos, &(app_per_min as f64), &(identity_per_min as f64), &now],
+        )
+        .await
+        .map_err(pg_err)?;
+        let rows = tx
+            .query(
+                &tx.prepare_cached(
+                    "SELECT b.app_id, b.identity, b.tokens, b.at FROM rate_budget b
+                 JOIN unnest($1::text[], $2::text[]) AS k(a, i) ON b.app_id = k.a AND b.identity = k.i
+                 ORDER BY b.app_id, b.identity
+                 FOR UPDATE OF b",
+                )
+                .await?,
+                &[&apps, &whos],
+            )
+            .await
+            .map_err(pg_err)?;
+        let mut buckets: HashMap<(String, String), SharedBucket> =
+            rows.iter().map(|r| ((r.get(0), r.get(1)), SharedBucket { tokens: r.get(2), at: r.get(3) })).collect();
+        let verdicts = take_shared(&mut buckets, wants, app_per_min, identity_per_min, now);
+        let mut sorted: Vec<_> = buckets.into_iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let (mut a, mut i, mut t, mut at) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((app, who), b) in sorted {
+            a.push(app);
+            i.push(who);
+            t.push(b.tokens);
+            at.push(b.at);
+        }
+        tx.execute(
+            &tx.prepare_cached(
+                "UPDATE rate_budget b SET tokens = k.t, at = k.at
+             FROM unnest($1::text[], $2::text[], $3::float8[], $4::int8[]) AS k(a, i, t, at)
+             WHERE b.app_id = k.a AND b.identity = k.i",
+            )
+            .await?,
+            &[&a, &i, &t, &at],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(verdicts)
+    }
+}

@@ -1,0 +1,130 @@
+//! The delivery log on PostgreSQL: the queries behind `/admin/deliveries`, `heap-relay deliveries`, `/metrics`
+//! queue figures and re-render (raw bodies), with the same meaning as the SQLite store's.
+
+use super::writer::schema_bytes;
+use super::{PgStore, params, selector_sql};
+use crate::domain::CallKind;
+use crate::store::{AttemptView, EventView, Query, QueueStats, RawBody, Selector, Status, StoreError, iso};
+use tokio_postgres::types::ToSql;
+
+impl PgStore {
+    pub async fn list(&self, q: Query) -> Result<Vec<EventView>, StoreError> {
+        let mut cond = vec!["1 = 1".to_owned()];
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut push = |sql: &str, v: Box<dyn ToSql + Sync + Send>| {
+            args.push(v);
+            cond.push(format!("{sql} ${}", args.len()));
+        };
+        if let Some(s) = q.status {
+            push("status =", Box::new(s.as_str()));
+        }
+        if let Some(s) = q.source {
+            push("source =", Box::new(s));
+        }
+        if let Some(t) = q.since {
+            push("received_at >=", Box::new(t));
+        }
+        if let Some(t) = q.until {
+            push("received_at <", Box::new(t));
+        }
+        args.push(Box::new(if q.limit > 0 { q.limit } else { 100 }));
+        let sql = format!(
+            "SELECT {VIEW_COLUMNS} FROM events WHERE {} ORDER BY id DESC LIMIT ${}",
+            cond.join(" AND "),
+            args.len()
+        );
+        let client = self.pool.get().await?;
+        let rows = client.query(&sql, &params(&args)).await?;
+        Ok(rows.iter().map(|r| view(r).1).collect())
+    }
+
+    pub async fn get(&self, event_id: &str) -> Result<EventView, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(&format!("SELECT {VIEW_COLUMNS} FROM events WHERE event_id = $1"), &[&event_id])
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let (id, mut v) = view(&row);
+        let log = client
+            .query(&client.prepare_cached("SELECT at, http_status, latency_ms, batch_size, error FROM attempts WHERE event_row = $1 ORDER BY id").await?,
+                &[&id],
+            )
+            .await?
+            .iter()
+            .map(|r| AttemptView {
+                at: iso(r.get(0)),
+                http_status: r.get::<_, Option<i32>>(1).map(|s| s as u16),
+                latency_ms: r.get(2),
+                batch_size: r.get(3),
+                error: r.get(4),
+            })
+            .collect();
+        v.attempt_log = Some(log);
+        Ok(v)
+    }
+
+    pub async fn stats(&self) -> Result<QueueStats, StoreError> {
+        let client = self.pool.get().await?;
+        let r = client
+            .query_one(
+                &client
+                    .prepare_cached(
+                        "SELECT (SELECT count(*) FROM events WHERE status IN ('pending', 'retrying')),
+                        (SELECT min(enqueued_at) FROM events WHERE status IN ('pending', 'retrying')),
+                        (SELECT count(*) FROM events WHERE status = 'dead')",
+                    )
+                    .await?,
+                &[],
+            )
+            .await?;
+        Ok(QueueStats {
+            ready_or_waiting: r.get(0),
+            oldest_pending_ms: r.get(1),
+            dead: r.get(2),
+            db_bytes: schema_bytes(&client).await?,
+        })
+    }
+
+    /// The raw bodies behind the selected events, for a re-render.
+    pub async fn raw_bodies(&self, selector: Selector) -> Result<Vec<RawBody>, StoreError> {
+        let (cond, args) = selector_sql(&selector, 1);
+        let sql = format!(
+            "SELECT r.id, r.source, r.template, r.received_at, r.body FROM raw_bodies r
+             WHERE r.id IN (SELECT raw_id FROM events WHERE {cond} AND status != 'replaced') ORDER BY r.id"
+        );
+        let client = self.pool.get().await?;
+        let rows = client.query(&sql, &params(&args)).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect())
+    }
+}
+
+const VIEW_COLUMNS: &str =
+    "id, event_id, status, source, template, kind, app_id, identity, idempotency_key, item_index,
+     attempts, received_at, updated_at, next_attempt_at, last_error, payload";
+
+fn view(r: &tokio_postgres::Row) -> (i64, EventView) {
+    let status = Status::parse(r.get(2)).unwrap_or(Status::Pending);
+    let payload: Option<&str> = r.get(15);
+    let waiting = matches!(status, Status::Pending | Status::Retrying);
+    (
+        r.get(0),
+        EventView {
+            id: r.get(1),
+            status: status.as_str(),
+            source: r.get(3),
+            template: r.get(4),
+            kind: CallKind::parse(r.get(5)).map_or("track", CallKind::as_str),
+            app_id: r.get(6),
+            identity: r.get(7),
+            idempotency_key: r.get(8),
+            item_index: r.get(9),
+            attempts: r.get(10),
+            received_at: iso(r.get(11)),
+            updated_at: iso(r.get(12)),
+            next_attempt_at: waiting.then(|| iso(r.get(13))),
+            last_error: r.get(14),
+            payload: payload.and_then(|p| serde_json::from_str(p).ok()),
+            attempt_log: None,
+        },
+    )
+}

@@ -1,0 +1,253 @@
+//! One set of store promises, run against both backends: the embedded SQLite store and PostgreSQL (a fresh schema
+//! per test on 127.0.0.1:5432, database `test`). Each promise is a function taking the store; `both!` makes a
+//! `sqlite` and a `postgres` test of it.
+
+use crate::postgres::TestSchema;
+use heap_relay::domain::CallKind;
+use heap_relay::store::postgres::PgOptions;
+use heap_relay::store::sqlite::SqliteOptions;
+use heap_relay::store::{
+    AttemptLog, AttemptRecord, Ingested, NewEvent, NewRejection, PgStore, Query, Resolution, Selector, SqliteStore,
+    Status, Store, StoreError, now_ms,
+};
+use tempfile::TempDir;
+
+/// A store and what keeps it alive (its temp dir or its schema, dropped after the test).
+pub struct Backend {
+    pub store: Store,
+    _dir: Option<TempDir>,
+    _schema: Option<TestSchema>,
+}
+
+pub async fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(&dir.path().join("s.db"), SqliteOptions { max_bytes: 0 }).expect("sqlite opens");
+    Backend { store: Store::Sqlite(store), _dir: Some(dir), _schema: None }
+}
+
+pub async fn postgres() -> Backend {
+    let schema = TestSchema::create().await;
+    let store = PgStore::open(&schema.url, PgOptions { max_bytes: 0, pool_size: 4 }).await.expect("postgres opens");
+    Backend { store: Store::Postgres(store), _dir: None, _schema: Some(schema) }
+}
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(super::sqlite().await.store).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(super::postgres().await.store).await
+            }
+        }
+    )*};
+}
+
+both!(
+    appended_events_are_claimed_in_order_by_one_owner_and_recorded_with_their_attempts,
+    a_claim_is_exclusive_until_its_lease_expires_and_then_another_owner_takes_it_over,
+    a_worker_whose_lease_was_taken_over_cannot_record_a_result,
+    a_release_puts_events_back_without_counting_an_attempt_and_release_owner_frees_leases,
+    requeue_sends_delivered_and_dead_events_again_and_prune_deletes_old_delivered_ones,
+    the_raw_body_is_kept_for_a_rerender_and_a_rerender_replaces_the_old_rows,
+);
+
+/// One body with `n` track events (keys `{tag}-0..n`) and one rejected item.
+pub fn body(tag: &str, n: usize) -> Ingested {
+    Ingested {
+        source: "heap".into(),
+        template: "default".into(),
+        body: format!("{{\"tag\":\"{tag}\"}}").into_bytes(),
+        received_at: now_ms(),
+        events: (0..n)
+            .map(|i| NewEvent {
+                event_id: uuid::Uuid::now_v7().to_string(),
+                item_index: i as i64,
+                kind: CallKind::Track,
+                app_id: "1234567890".into(),
+                identity: format!("user-{}", i % 7),
+                idempotency_key: Some(format!("{tag}-{i}")),
+                payload: format!(
+                    "{{\"event\":\"E\",\"identity\":\"user-{}\",\"idempotency_key\":\"{tag}-{i}\"}}",
+                    i % 7
+                ),
+            })
+            .collect(),
+        rejections: vec![NewRejection {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            item_index: n as i64,
+            field: "event".into(),
+            message: "must not be empty".into(),
+        }],
+        replay_of_raw: None,
+    }
+}
+
+pub fn delivered(id: i64, lease_token: i64) -> AttemptRecord {
+    AttemptRecord {
+        id,
+        lease_token,
+        attempts: vec![AttemptLog { at: now_ms(), http_status: Some(200), latency_ms: 3, batch_size: 1, error: None }],
+        resolution: Resolution::Delivered,
+        error: None,
+    }
+}
+
+const LEASE: i64 = 60_000;
+
+async fn appended_events_are_claimed_in_order_by_one_owner_and_recorded_with_their_attempts(store: Store) {
+    store.append(body("a", 3)).await.expect("append");
+    let now = now_ms();
+    let claimed = store.claim("w1", now, LEASE, 10, vec![]).await.expect("claim");
+    let keys: Vec<String> = claimed.iter().map(|c| c.payload.clone()).collect();
+    assert_eq!(claimed.len(), 3, "the rejection is never claimed: {keys:?}");
+    assert!(claimed.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+    assert!(keys[0].contains("a-0") && keys[2].contains("a-2"), "{keys:?}");
+    assert!(store.claim("w2", now, LEASE, 10, vec![]).await.unwrap().is_empty(), "leased rows are not claimed twice");
+    assert!(store.claim("w2", now, LEASE, 10, vec!["1234567890".into()]).await.unwrap().is_empty());
+
+    let applied = store.record(claimed.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
+    assert_eq!(applied, 3);
+    let ev = store.get(&claimed[1].event_id).await.unwrap();
+    assert_eq!(ev.status, "delivered");
+    assert_eq!(ev.attempts, 1);
+    assert_eq!(ev.attempt_log.as_ref().map(Vec::len), Some(1));
+    assert_eq!(ev.attempt_log.unwrap()[0].http_status, Some(200));
+    assert_eq!(ev.payload.unwrap()["idempotency_key"], "a-1");
+
+    let rejected = store.list(Query { status: Some(Status::Rejected), limit: 10, ..Query::default() }).await.unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].last_error.as_deref(), Some("event: must not be empty"));
+    let all = store.list(Query { source: Some("heap".into()), limit: 10, ..Query::default() }).await.unwrap();
+    assert_eq!(all.len(), 4);
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.ready_or_waiting, 0);
+    assert!(stats.db_bytes > 0);
+    store.ping().await.unwrap();
+    assert!(matches!(store.get("no-such-id").await, Err(StoreError::NotFound)));
+}
+
+async fn a_claim_is_exclusive_until_its_lease_expires_and_then_another_owner_takes_it_over(store: Store) {
+    store.append(body("b", 4)).await.unwrap();
+    let t = now_ms();
+    let first = store.claim("dead-instance", t, 1_000, 10, vec![]).await.unwrap();
+    assert_eq!(first.len(), 4);
+    assert!(store.claim("other", t + 500, 1_000, 10, vec![]).await.unwrap().is_empty(), "the lease still holds");
+    let taken = store.claim("other", t + 1_001, 1_000, 10, vec![]).await.unwrap();
+    assert_eq!(taken.len(), 4, "an expired lease is taken over");
+    for (old, new) in first.iter().zip(&taken) {
+        assert_eq!(old.id, new.id);
+        assert!(new.lease_token > old.lease_token, "each claim bumps the fencing token");
+    }
+}
+
+async fn a_worker_whose_lease_was_taken_over_cannot_record_a_result(store: Store) {
+    store.append(body("c", 2)).await.unwrap();
+    let t = now_ms();
+    let stale = store.claim("slow", t, 1_000, 10, vec![]).await.unwrap();
+    let fresh = store.claim("fast", t + 2_000, LEASE, 10, vec![]).await.unwrap();
+    assert_eq!(fresh.len(), 2);
+
+    let applied = store.record(stale.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
+    assert_eq!(applied, 0, "stale tokens are fenced off");
+    let ev = store.get(&stale[0].event_id).await.unwrap();
+    assert_eq!(ev.status, "pending");
+    assert_eq!(ev.attempt_log.map(|l| l.len()), Some(0), "the stale worker's attempts are not logged");
+
+    let dead: Vec<AttemptRecord> = fresh
+        .iter()
+        .map(|c| AttemptRecord {
+            resolution: Resolution::Dead,
+            error: Some("400".into()),
+            ..delivered(c.id, c.lease_token)
+        })
+        .collect();
+    assert_eq!(store.record(dead).await.unwrap(), 2, "the holder of the current token records");
+    let ev = store.get(&fresh[0].event_id).await.unwrap();
+    assert_eq!(ev.status, "dead");
+    assert_eq!(ev.last_error.as_deref(), Some("400"));
+}
+
+async fn a_release_puts_events_back_without_counting_an_attempt_and_release_owner_frees_leases(store: Store) {
+    store.append(body("d", 3)).await.unwrap();
+    let t = now_ms();
+    let claimed = store.claim("w", t, LEASE, 10, vec![]).await.unwrap();
+    let release = AttemptRecord {
+        attempts: vec![],
+        resolution: Resolution::Release { at: t + 5_000 },
+        ..delivered(claimed[0].id, claimed[0].lease_token)
+    };
+    assert_eq!(store.record(vec![release]).await.unwrap(), 1);
+    let ev = store.get(&claimed[0].event_id).await.unwrap();
+    assert_eq!((ev.status, ev.attempts), ("pending", 0));
+    assert!(store.claim("x", t, LEASE, 10, vec![]).await.unwrap().is_empty(), "released until t + 5 s");
+    assert_eq!(store.claim("x", t + 5_000, LEASE, 10, vec![]).await.unwrap().len(), 1);
+
+    assert_eq!(store.release_owner("w").await.unwrap(), 2);
+    assert_eq!(store.claim("y", t, LEASE, 10, vec![]).await.unwrap().len(), 2, "freed leases are claimable at once");
+}
+
+async fn requeue_sends_delivered_and_dead_events_again_and_prune_deletes_old_delivered_ones(store: Store) {
+    store.append(body("e", 3)).await.unwrap();
+    let claimed = store.claim("w", now_ms(), LEASE, 10, vec![]).await.unwrap();
+    store.record(claimed.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
+    assert_eq!(store.requeue(Selector::Id(claimed[0].event_id.clone())).await.unwrap(), 1);
+    assert_eq!(store.requeue(Selector::Status(Status::Rejected)).await.unwrap(), 0, "rejections have no payload");
+    let again = store.claim("w", now_ms(), LEASE, 10, vec![]).await.unwrap();
+    assert_eq!(again.iter().map(|c| c.id).collect::<Vec<_>>(), vec![claimed[0].id]);
+    store.record(again.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
+
+    let range = Selector::Range { from: 0, to: i64::MAX, status: Some(Status::Delivered) };
+    assert_eq!(store.requeue(range).await.unwrap(), 3);
+    let all = store.claim("w", now_ms(), LEASE, 10, vec![]).await.unwrap();
+    store.record(all.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
+
+    assert_eq!(store.prune(now_ms() - 60_000).await.unwrap(), 0, "nothing is old enough yet");
+    assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 3);
+    assert!(matches!(store.get(&claimed[0].event_id).await, Err(StoreError::NotFound)));
+    let left = store.list(Query { limit: 10, ..Query::default() }).await.unwrap();
+    assert_eq!(left.len(), 1, "the rejection stays (not delivered): {left:?}");
+}
+
+async fn the_raw_body_is_kept_for_a_rerender_and_a_rerender_replaces_the_old_rows(store: Store) {
+    store.append(body("f", 2)).await.unwrap();
+    let rejected = store.list(Query { status: Some(Status::Rejected), limit: 1, ..Query::default() }).await.unwrap();
+    let raws = store.raw_bodies(Selector::Id(rejected[0].id.clone())).await.unwrap();
+    assert_eq!(raws.len(), 1);
+    let (raw_id, source, template, _, raw) = raws[0].clone();
+    assert_eq!((source.as_str(), template.as_str(), raw.as_slice()), ("heap", "default", &b"{\"tag\":\"f\"}"[..]));
+
+    let mut again = body("g", 3);
+    again.rejections.clear();
+    again.replay_of_raw = Some(raw_id);
+    store.append(again).await.unwrap();
+    let replaced = store.list(Query { status: Some(Status::Replaced), limit: 10, ..Query::default() }).await.unwrap();
+    assert_eq!(replaced.len(), 3, "both old events and the old rejection are superseded");
+    let pending = store.list(Query { status: Some(Status::Pending), limit: 10, ..Query::default() }).await.unwrap();
+    assert_eq!(pending.len(), 3);
+    assert_eq!(store.raw_bodies(Selector::Status(Status::Pending)).await.unwrap().len(), 1, "no new raw row");
+}
+
+/// A store already over `store.max_bytes` refuses the append as `Full` (503 store_full upstream) and writes nothing.
+async fn an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing(store: Store) {
+    let err = store.append(body("h", 3)).await.expect_err("over the limit");
+    assert!(matches!(err, StoreError::Full(_)), "{err}");
+    assert!(store.list(Query { limit: 10, ..Query::default() }).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing_on_sqlite() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(&dir.path().join("s.db"), SqliteOptions { max_bytes: 1 }).expect("sqlite opens");
+    an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing(Store::Sqlite(store)).await;
+}
+
+#[tokio::test]
+async fn an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing_on_postgres() {
+    let schema = TestSchema::create().await;
+    let store = PgStore::open(&schema.url, PgOptions { max_bytes: 1, pool_size: 2 }).await.expect("postgres opens");
+    an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing(Store::Postgres(store)).await;
+}
