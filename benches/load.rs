@@ -3,7 +3,8 @@
 //! connections (bounded in count and time), and prints one table. `-- --soak` runs the million-event soak instead.
 //!
 //! Run: `cargo bench --bench load` (see docs/benchmarks.md). Options after `--`: `--secs N` (measured seconds per
-//! phase, default 10), `--scenario NAME` (run one), `--soak`, `--soak-events N` (default 1,000,000).
+//! phase, default 10), `--scenario NAME` (run one), `--compare PATH` (also measure another relay binary, e.g. an
+//! older build, against the same baseline), `--soak`, `--soak-events N` (default 1,000,000).
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use hdrhistogram::Histogram;
@@ -192,14 +193,14 @@ fn free_port() -> u16 {
 }
 
 impl Relay {
-    fn start(heap_port: u16, extra_env: &[(&str, &str)]) -> Relay {
+    fn start(bin: &Path, heap_port: u16, extra_env: &[(&str, &str)]) -> Relay {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         std::fs::create_dir_all(&base).expect("target tmp dir");
         let dir = tempfile::Builder::new().prefix("relay-bench-").tempdir_in(&base).expect("temp dir");
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("relay.log")).expect("log file");
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_heap-relay"));
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .current_dir(manifest)
             .env("HEAP_RELAY__HEAP__APP_ID", APP_ID)
@@ -291,6 +292,7 @@ fn mb(kb: u64) -> f64 {
 // ---------------------------------------------------------------------------------------------------------------
 // The load client
 
+#[derive(Clone)]
 struct LoadResult {
     /// Answers with the expected status.
     ok: u64,
@@ -320,20 +322,26 @@ struct Load {
 
 async fn drive(url: &str, body: &[u8], expect: u16, load: Load) -> LoadResult {
     let issued = Arc::new(AtomicU64::new(0));
-    let body = web::Bytes::copy_from_slice(body);
+    let (addr, path) = split_url(url);
+    let request: Arc<[u8]> = Arc::from(
+        [
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+            body,
+        ]
+        .concat(),
+    );
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..CONNECTIONS {
-        let (url, body, issued) = (url.to_owned(), body.clone(), issued.clone());
+        let (addr, request, issued) = (addr.clone(), request.clone(), issued.clone());
         tasks.push(tokio::spawn(async move {
-            // One client per connection, so 32 tasks hold 32 keep-alive connections.
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("client");
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
             let (mut ok, mut failed) = (0u64, 0u64);
+            let mut conn: Option<Conn> = None;
             let mut next = Instant::now();
             while started.elapsed() < load.duration && issued.fetch_add(1, Ordering::Relaxed) < load.max_requests {
                 if let Some(every) = load.per_connection_interval {
@@ -341,17 +349,23 @@ async fn drive(url: &str, body: &[u8], expect: u16, load: Load) -> LoadResult {
                     next += every;
                 }
                 let t = Instant::now();
-                let res = client.post(&url).header("Content-Type", "application/json").body(body.clone()).send().await;
-                let good = match res {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let _ = r.bytes().await;
-                        status == expect
-                    }
-                    Err(_) => false,
+                if conn.is_none() {
+                    conn = Conn::open(&addr).await;
+                }
+                let status = match conn.as_mut() {
+                    Some(c) => c.round_trip(&request).await,
+                    None => None,
                 };
                 let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
-                if good { ok += 1 } else { failed += 1 }
+                match status {
+                    Some(code) if code == expect => ok += 1,
+                    Some(_) => failed += 1,
+                    None => {
+                        failed += 1;
+                        conn = None;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
             }
             (ok, failed, hist)
         }));
@@ -370,6 +384,75 @@ async fn drive(url: &str, body: &[u8], expect: u16, load: Load) -> LoadResult {
     }
     out.elapsed = started.elapsed();
     out
+}
+
+/// `http://127.0.0.1:8080/hooks/x` → ("127.0.0.1:8080", "/hooks/x").
+fn split_url(url: &str) -> (String, String) {
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let at = rest.find('/').unwrap_or(rest.len());
+    assert!(rest.starts_with("127.0.0.1:"), "load goes to loopback only");
+    (rest[..at].to_owned(), rest[at..].to_owned())
+}
+
+/// A minimal HTTP/1.1 keep-alive connection, so that the client costs about what `wrk` does and the baseline is
+/// bound by the server rather than by the client: write a prepared request, read one response (Content-Length or
+/// chunked), return its status.
+struct Conn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: &str) -> Option<Conn> {
+        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.set_nodelay(true).ok()?;
+        Some(Conn { stream, buf: Vec::with_capacity(16 * 1024) })
+    }
+
+    async fn round_trip(&mut self, request: &[u8]) -> Option<u16> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(request).await.ok()?;
+        self.buf.clear();
+        let head_end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.read_more().await?;
+        };
+        let head = std::str::from_utf8(&self.buf[..head_end]).ok()?.to_ascii_lowercase();
+        let status: u16 = head.get(9..12)?.parse().ok()?;
+        let length =
+            head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok());
+        match length {
+            Some(n) => {
+                while self.buf.len() < head_end + n {
+                    self.read_more().await?;
+                }
+            }
+            None if head.contains("transfer-encoding: chunked") => {
+                while find(&self.buf[head_end..], b"0\r\n\r\n").is_none() {
+                    self.read_more().await?;
+                }
+            }
+            None => {}
+        }
+        Some(status)
+    }
+
+    async fn read_more(&mut self) -> Option<()> {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 8192];
+        let n = self.stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Some(())
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// How many events the relay accepts per request for this body (one probe request, which is delivered too).
@@ -444,7 +527,7 @@ fn wait_for_heap(heap: &HeapCounters, n: u64, deadline: Duration) -> Option<Inst
 // The table
 
 struct Row {
-    name: &'static str,
+    name: String,
     body_bytes: usize,
     events_per_req: u64,
     base: LoadResult,
@@ -508,10 +591,12 @@ struct Args {
     scenario: Option<String>,
     soak: bool,
     soak_events: u64,
+    /// Another relay binary (an older build) measured in the same run, against the same baseline.
+    compare: Option<PathBuf>,
 }
 
 fn args() -> Args {
-    let mut a = Args { secs: 10, scenario: None, soak: false, soak_events: 1_000_000 };
+    let mut a = Args { secs: 10, scenario: None, soak: false, soak_events: 1_000_000, compare: None };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
@@ -527,6 +612,10 @@ fn args() -> Args {
             }
             "--soak-events" => {
                 a.soak_events = next.and_then(|v| v.parse().ok()).expect("--soak-events N");
+                i += 1;
+            }
+            "--compare" => {
+                a.compare = next.map(PathBuf::from);
                 i += 1;
             }
             "--soak" => a.soak = true,
@@ -554,10 +643,14 @@ fn main() {
     if a.soak {
         soak(&rt, &heap, heap_port, a.soak_events);
     } else {
+        let mut bins = vec![("", PathBuf::from(env!("CARGO_BIN_EXE_heap-relay")))];
+        if let Some(other) = &a.compare {
+            bins.push((" (compare)", other.clone()));
+        }
         let rows: Vec<Row> = scenarios()
             .into_iter()
             .filter(|s| a.scenario.as_deref().is_none_or(|n| n == s.name))
-            .map(|s| run_scenario(&rt, &heap, heap_port, &s, Duration::from_secs(a.secs)))
+            .flat_map(|s| run_scenario(&rt, &heap, heap_port, &s, Duration::from_secs(a.secs), &bins))
             .collect();
         print_table(&rows);
     }
@@ -570,7 +663,8 @@ fn run_scenario(
     heap_port: u16,
     s: &Scenario,
     secs: Duration,
-) -> Row {
+    bins: &[(&str, PathBuf)],
+) -> Vec<Row> {
     let load = Load { duration: secs, max_requests: MAX_REQUESTS_PER_PHASE, per_connection_interval: None };
     let warm = Load { duration: WARMUP, ..load };
     eprintln!("[{}] baseline ({} s) ...", s.name, secs.as_secs());
@@ -581,43 +675,47 @@ fn run_scenario(
         drive(&base_url, &s.body, 202, load).await
     });
     rt.block_on(base_handle.stop(false));
-
-    eprintln!("[{}] relay ({} s) ...", s.name, secs.as_secs());
-    heap.reset();
-    let relay = Relay::start(heap_port, &[]);
-    let url = relay.url(s.path);
-    let sampler = Sampler::start(relay.pid(), Duration::from_millis(200), None);
-    let t0 = Instant::now();
-    let (per_req, warm_res, res) = rt.block_on(async {
-        let per_req = probe(&url, &s.body).await;
-        let w = drive(&url, &s.body, 202, warm).await;
-        let r = drive(&url, &s.body, 202, load).await;
-        (per_req, w, r)
-    });
-    let load_end = Instant::now();
-    let expected = per_req * (1 + warm_res.ok + res.ok);
-    eprintln!("[{}] waiting for Heap to receive {expected} events ...", s.name);
-    let done = wait_for_heap(heap, expected, DRAIN_DEADLINE);
-    let samples = sampler.finish();
-    let (final_rss, hwm) = rss_kb(relay.pid());
-    let peak = samples.iter().map(|s| s.1).max().unwrap_or(0).max(hwm);
-    let row = Row {
-        name: s.name,
-        body_bytes: s.body.len(),
-        events_per_req: per_req,
-        base,
-        relay: res,
-        delivered: heap.events.load(Ordering::SeqCst),
-        expected,
-        e2e: done.map(|d| d - t0),
-        drain_after_load: done.map(|d| d - load_end),
-        heap_requests: heap.requests.load(Ordering::SeqCst),
-        peak_rss_kb: peak,
-        final_rss_kb: final_rss,
-        store_bytes: relay.store_bytes(),
-    };
-    relay.stop();
-    row
+    bins.iter()
+        .map(|(label, bin)| {
+            let name = format!("{}{label}", s.name);
+            eprintln!("[{name}] relay ({} s) ...", secs.as_secs());
+            heap.reset();
+            let relay = Relay::start(bin, heap_port, &[]);
+            let url = relay.url(s.path);
+            let sampler = Sampler::start(relay.pid(), Duration::from_millis(200), None);
+            let t0 = Instant::now();
+            let (per_req, warm_res, res) = rt.block_on(async {
+                let per_req = probe(&url, &s.body).await;
+                let w = drive(&url, &s.body, 202, warm).await;
+                let r = drive(&url, &s.body, 202, load).await;
+                (per_req, w, r)
+            });
+            let load_end = Instant::now();
+            let expected = per_req * (1 + warm_res.ok + res.ok);
+            eprintln!("[{name}] waiting for Heap to receive {expected} events ...");
+            let done = wait_for_heap(heap, expected, DRAIN_DEADLINE);
+            let samples = sampler.finish();
+            let (final_rss, hwm) = rss_kb(relay.pid());
+            let peak = samples.iter().map(|s| s.1).max().unwrap_or(0).max(hwm);
+            let row = Row {
+                name,
+                body_bytes: s.body.len(),
+                events_per_req: per_req,
+                base: base.clone(),
+                relay: res,
+                delivered: heap.events.load(Ordering::SeqCst),
+                expected,
+                e2e: done.map(|d| d - t0),
+                drain_after_load: done.map(|d| d - load_end),
+                heap_requests: heap.requests.load(Ordering::SeqCst),
+                peak_rss_kb: peak,
+                final_rss_kb: final_rss,
+                store_bytes: relay.store_bytes(),
+            };
+            relay.stop();
+            row
+        })
+        .collect()
 }
 
 fn cpus() -> usize {
@@ -630,7 +728,8 @@ fn cpus() -> usize {
 fn soak(rt: &tokio::runtime::Runtime, heap: &Arc<HeapCounters>, heap_port: u16, total_events: u64) {
     let body = serde_json::to_vec(&clevertap_with(100)).expect("serialises");
     // Retries back off to at most 5 s here (default 600 s), so the backlog drains within the run after the outage.
-    let relay = Relay::start(heap_port, &[("HEAP_RELAY__DELIVERY__BACKOFF_MAX_SECS", "5")]);
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_heap-relay"));
+    let relay = Relay::start(&bin, heap_port, &[("HEAP_RELAY__DELIVERY__BACKOFF_MAX_SECS", "5")]);
     let url = relay.url("/hooks/clevertap");
     heap.reset();
     let phase = Arc::new(Mutex::new("normal"));
