@@ -346,10 +346,11 @@ fn in_savepoint<T>(
     tx: &rusqlite::Transaction<'_>,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    tx.execute_batch("SAVEPOINT cmd").map_err(full_or)?;
+    // Cached statements: parsing these two for every command showed in the writer's profile.
+    tx.prepare_cached("SAVEPOINT cmd").and_then(|mut s| s.execute([])).map_err(full_or)?;
     match f(tx) {
         Ok(v) => {
-            tx.execute_batch("RELEASE cmd").map_err(full_or)?;
+            tx.prepare_cached("RELEASE cmd").and_then(|mut s| s.execute([])).map_err(full_or)?;
             Ok(v)
         }
         Err(e) => {
@@ -691,8 +692,14 @@ const ZSTD_LEVEL: i32 = 1;
 
 /// A raw body as stored: zstd-compressed when that is smaller, else as received.
 fn compress_body(body: Vec<u8>) -> Vec<u8> {
-    match zstd::bulk::compress(&body, ZSTD_LEVEL) {
-        Ok(z) if z.len() < body.len() => z,
+    thread_local! {
+        // One context per thread: creating a zstd context costs more than compressing a 3 KB body (profiled).
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok());
+    }
+    let compressed = COMPRESSOR.with(|c| c.borrow_mut().as_mut().map(|c| c.compress(&body)));
+    match compressed {
+        Some(Ok(z)) if z.len() < body.len() => z,
         _ => body,
     }
 }
