@@ -285,6 +285,17 @@ fn rss_kb(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU time (user + system) a process has used so far, from /proc/<pid>/stat.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces): utime is the 12th, stime 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
 fn mb(kb: u64) -> f64 {
     kb as f64 / 1024.0
 }
@@ -540,6 +551,8 @@ struct Row {
     peak_rss_kb: u64,
     final_rss_kb: u64,
     store_bytes: u64,
+    /// Relay CPU time (all threads, user + system) during the measured load phase.
+    relay_cpu: Duration,
 }
 
 fn print_table(rows: &[Row]) {
@@ -547,9 +560,9 @@ fn print_table(rows: &[Row]) {
     println!(
         "| scenario | body B | ev/req | baseline req/s | relay req/s | ratio | relay ev/s | p50 ms | p99 ms | p99.9 ms | \
          baseline p99 ms | non-202 | e2e s | delivery ev/s | Heap reqs | ev/Heap req | drain after load s | \
-         peak RSS MB | final RSS MB | store MB per 1M ev |"
+         peak RSS MB | final RSS MB | store MB per 1M ev | relay CPU µs/req |"
     );
-    println!("|{}", "---|".repeat(20));
+    println!("|{}", "---|".repeat(21));
     for r in rows {
         let e2e = r.e2e.map_or("timeout".to_owned(), |d| format!("{:.1}", d.as_secs_f64()));
         let drain = r.drain_after_load.map_or("timeout".to_owned(), |d| format!("{:.1}", d.as_secs_f64()));
@@ -558,7 +571,7 @@ fn print_table(rows: &[Row]) {
         });
         println!(
             "| {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {:.0} | \
-             {} | {:.1} | {:.1} | {:.0} |",
+             {} | {:.1} | {:.1} | {:.0} | {:.0} |",
             r.name,
             r.body_bytes,
             r.events_per_req,
@@ -579,6 +592,7 @@ fn print_table(rows: &[Row]) {
             mb(r.peak_rss_kb),
             mb(r.final_rss_kb),
             r.store_bytes as f64 / (1024.0 * 1024.0) * 1e6 / r.expected.max(1) as f64,
+            r.relay_cpu.as_secs_f64() * 1e6 / (r.relay.ok + r.relay.failed).max(1) as f64,
         );
     }
 }
@@ -684,11 +698,12 @@ fn run_scenario(
             let url = relay.url(s.path);
             let sampler = Sampler::start(relay.pid(), Duration::from_millis(200), None);
             let t0 = Instant::now();
-            let (per_req, warm_res, res) = rt.block_on(async {
+            let (per_req, warm_res, res, relay_cpu) = rt.block_on(async {
                 let per_req = probe(&url, &s.body).await;
                 let w = drive(&url, &s.body, 202, warm).await;
+                let cpu0 = cpu_time(relay.pid());
                 let r = drive(&url, &s.body, 202, load).await;
-                (per_req, w, r)
+                (per_req, w, r, cpu_time(relay.pid()).saturating_sub(cpu0))
             });
             let load_end = Instant::now();
             let expected = per_req * (1 + warm_res.ok + res.ok);
@@ -711,6 +726,7 @@ fn run_scenario(
                 peak_rss_kb: peak,
                 final_rss_kb: final_rss,
                 store_bytes: relay.store_bytes(),
+                relay_cpu,
             };
             relay.stop();
             row
