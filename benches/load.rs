@@ -4,7 +4,9 @@
 //!
 //! Run: `cargo bench --bench load` (see docs/benchmarks.md). Options after `--`: `--secs N` (measured seconds per
 //! phase, default 10), `--scenario NAME` (run one), `--compare PATH` (also measure another relay binary, e.g. an
-//! older build, against the same baseline), `--soak`, `--soak-events N` (default 1,000,000).
+//! older build, against the same baseline), `--drain-secs N` (longest wait for delivery after the load, default
+//! 240), `--soak`, `--soak-events N` (default 1,000,000). The relay inherits this process's environment, so
+//! `HEAP_RELAY__...` variables set for the bench reach it (the harness's own settings win).
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use hdrhistogram::Histogram;
@@ -23,8 +25,8 @@ const APP_ID: &str = "1234567890";
 /// No phase sends more than this many requests, whatever its duration.
 const MAX_REQUESTS_PER_PHASE: u64 = 3_000_000;
 const WARMUP: Duration = Duration::from_secs(1);
-/// How long to wait for the mock Heap to receive every accepted event after a scenario's load ends.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(240);
+/// How long to wait, by default, for the mock Heap to receive every accepted event after a scenario's load ends.
+const DRAIN_DEADLINE_SECS: u64 = 240;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Bodies
@@ -235,7 +237,8 @@ impl Relay {
                 use std::io::{Read, Write};
                 let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
                 let mut buf = [0u8; 32];
-                if s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"HTTP/1.1 200")) {
+                // Any answer means the server is up (/healthz says 503 when the relay runs no delivery workers).
+                if s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"HTTP/1.1 ")) {
                     return;
                 }
             }
@@ -607,10 +610,19 @@ struct Args {
     soak_events: u64,
     /// Another relay binary (an older build) measured in the same run, against the same baseline.
     compare: Option<PathBuf>,
+    /// Longest wait for Heap to receive everything after a scenario's load.
+    drain_secs: u64,
 }
 
 fn args() -> Args {
-    let mut a = Args { secs: 10, scenario: None, soak: false, soak_events: 1_000_000, compare: None };
+    let mut a = Args {
+        secs: 10,
+        scenario: None,
+        soak: false,
+        soak_events: 1_000_000,
+        compare: None,
+        drain_secs: DRAIN_DEADLINE_SECS,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
@@ -630,6 +642,10 @@ fn args() -> Args {
             }
             "--compare" => {
                 a.compare = next.map(PathBuf::from);
+                i += 1;
+            }
+            "--drain-secs" => {
+                a.drain_secs = next.and_then(|v| v.parse().ok()).expect("--drain-secs N");
                 i += 1;
             }
             "--soak" => a.soak = true,
@@ -664,7 +680,17 @@ fn main() {
         let rows: Vec<Row> = scenarios()
             .into_iter()
             .filter(|s| a.scenario.as_deref().is_none_or(|n| n == s.name))
-            .flat_map(|s| run_scenario(&rt, &heap, heap_port, &s, Duration::from_secs(a.secs), &bins))
+            .flat_map(|s| {
+                run_scenario(
+                    &rt,
+                    &heap,
+                    heap_port,
+                    &s,
+                    Duration::from_secs(a.secs),
+                    Duration::from_secs(a.drain_secs),
+                    &bins,
+                )
+            })
             .collect();
         print_table(&rows);
     }
@@ -677,6 +703,7 @@ fn run_scenario(
     heap_port: u16,
     s: &Scenario,
     secs: Duration,
+    drain: Duration,
     bins: &[(&str, PathBuf)],
 ) -> Vec<Row> {
     let load = Load { duration: secs, max_requests: MAX_REQUESTS_PER_PHASE, per_connection_interval: None };
@@ -708,7 +735,7 @@ fn run_scenario(
             let load_end = Instant::now();
             let expected = per_req * (1 + warm_res.ok + res.ok);
             eprintln!("[{name}] waiting for Heap to receive {expected} events ...");
-            let done = wait_for_heap(heap, expected, DRAIN_DEADLINE);
+            let done = wait_for_heap(heap, expected, drain);
             let samples = sampler.finish();
             let (final_rss, hwm) = rss_kb(relay.pid());
             let peak = samples.iter().map(|s| s.1).max().unwrap_or(0).max(hwm);
