@@ -10,7 +10,7 @@ use crate::domain::FieldError;
 use crate::domain::timestamp::from_epoch;
 use crate::templates::context::{Ctx, CtxObject};
 use chrono::SecondsFormat;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 /// Top-level profile fields CleverTap sends, with the names its Liquid uses for them.
 const PROFILE_FIELDS: &[(&str, &str)] = &[
@@ -91,8 +91,19 @@ fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value) -> Resu
     );
     ctx.insert("body", Ctx::from_json_with(profile, &ct_date));
     ctx.insert("targetId", Ctx::from_json(target_id));
-    let seed = json!({"targetId": target_id, "profile": profile}).to_string();
-    Ok(Item { ctx, seed })
+    Ok(Item { ctx, seed: seed(target_id, profile) })
+}
+
+/// The item's canonical JSON, `{"profile":..,"targetId":..}`: byte for byte what
+/// `json!({"targetId": t, "profile": p}).to_string()` gives (keys sorted), without copying the profile first.
+fn seed(target_id: &Value, profile: &Value) -> String {
+    #[derive(serde::Serialize)]
+    struct Seed<'a> {
+        profile: &'a Value,
+        #[serde(rename = "targetId")]
+        target_id: &'a Value,
+    }
+    serde_json::to_string(&Seed { profile, target_id }).unwrap_or_default()
 }
 
 fn custom_item(root: &Map<String, Value>) -> Item {
@@ -131,6 +142,16 @@ fn is_true(v: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_seed_is_the_same_text_idempotency_keys_were_derived_from() {
+        let profile = json!({"identity": "u_1", "profileData": {"b": 1, "a": [1.5, "x"]}, "Email": "a@b.co"});
+        for target in [json!(1732101122), Value::Null, json!("t")] {
+            let old = json!({"targetId": target, "profile": profile}).to_string();
+            assert_eq!(seed(&target, &profile), old);
+        }
+    }
 
     #[test]
     fn dates_convert_and_other_strings_do_not() {

@@ -96,6 +96,10 @@ impl CtxObject {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    pub fn entries(&self) -> impl Iterator<Item = (&String, &Ctx)> {
+        self.entries.iter()
+    }
 }
 
 struct Glued<'a>(&'a CtxObject);

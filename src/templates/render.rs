@@ -8,8 +8,8 @@
 //! - a leaf that renders to nothing (nil, or an empty or blank string) is left out, with its key;
 //! - a key starting with `...` merges the object its value renders to into the enclosing object.
 
-use super::context::{CtxObject, Globals};
-use liquid_core::model::Value as LiquidValue;
+use super::context::{Ctx, CtxObject, Globals};
+use liquid_core::model::{ScalarCow, Value as LiquidValue};
 use liquid_core::{Display_filter, Filter, FilterReflection, ParseFilter, Runtime, ValueView};
 use serde_json::{Map, Value};
 use std::io::Write;
@@ -29,6 +29,9 @@ pub struct Leaf {
     /// True when the leaf is one `{{ expression }}` whose JSON type is kept.
     pub typed: bool,
     pub template: liquid::Template,
+    /// For a typed leaf that is a plain variable path (`{{ Profile.Email }}`, `{{ Event }}`): its segments, so the
+    /// value is looked up directly instead of running liquid, the `json` filter and a JSON parse per event.
+    pub plain_path: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for Leaf {
@@ -86,9 +89,9 @@ pub fn compile_leaf(parser: &liquid::Parser, text: &str, path: &str) -> Result<O
     if !text.contains("{{") && !text.contains("{%") {
         return Ok(None);
     }
-    let (source, typed) = match single_expression(text) {
-        Some(expr) => (format!("{{{{ {expr} | json }}}}"), true),
-        None => (text.to_owned(), false),
+    let (source, typed, plain) = match single_expression(text) {
+        Some(expr) => (format!("{{{{ {expr} | json }}}}"), true, plain_path(expr)),
+        None => (text.to_owned(), false, None),
     };
     let template = match parser.parse(&source) {
         Ok(t) => t,
@@ -96,7 +99,66 @@ pub fn compile_leaf(parser: &liquid::Parser, text: &str, path: &str) -> Result<O
         Err(_) if typed => parser.parse(text)?,
         Err(e) => return Err(e),
     };
-    Ok(Some(Leaf { path: path.to_owned(), typed, template }))
+    Ok(Some(Leaf { path: path.to_owned(), typed, template, plain_path: plain }))
+}
+
+/// `Profile.Email` → `["Profile", "Email"]`: dotted identifiers only, and not a liquid literal (`nil`, `true`,
+/// `empty`, ...). Anything else (filters, brackets, ranges) goes through liquid.
+fn plain_path(expr: &str) -> Option<Vec<String>> {
+    let ident = |s: &str| {
+        s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let segments: Vec<&str> = expr.split('.').collect();
+    if !segments.iter().all(|s| ident(s))
+        || matches!(segments[0], "nil" | "null" | "true" | "false" | "empty" | "blank")
+    {
+        return None;
+    }
+    Some(segments.into_iter().map(str::to_owned).collect())
+}
+
+/// Follows a plain path the way a lenient liquid lookup does: a missing key, or any key below nil, is nil.
+/// `None` when the path crosses a scalar or an array, where liquid has rules of its own (`size`, `first`): the
+/// caller then renders through liquid.
+fn resolve<'a>(ctx: &'a CtxObject, path: &[String]) -> Option<Option<&'a Ctx>> {
+    let (first, rest) = path.split_first()?;
+    let mut cur = ctx.lookup(first);
+    for key in rest {
+        cur = match cur {
+            None | Some(Ctx::Nil) => None,
+            Some(Ctx::Object(o)) => o.lookup(key),
+            Some(Ctx::Scalar(_) | Ctx::Array(_)) => return None,
+        };
+    }
+    Some(cur)
+}
+
+/// What `{{ value | json }}` parsed back gives, without the round trip through liquid values and JSON text.
+fn ctx_to_json(v: &Ctx) -> Value {
+    match v {
+        Ctx::Nil => Value::Null,
+        Ctx::Scalar(s) => scalar_to_json(s.as_ref()),
+        Ctx::Array(a) => Value::Array(a.iter().map(ctx_to_json).collect()),
+        Ctx::Object(o) => Value::Object(o.entries().map(|(k, v)| (k.clone(), ctx_to_json(v))).collect()),
+    }
+}
+
+/// Bytes of `v` as JSON text, for the leaf size limit.
+fn json_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl Write for Count {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0 += data.len();
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
 }
 
 /// `{{ expr }}` (with optional `-` trim markers) and nothing else → `expr`.
@@ -155,6 +217,22 @@ impl Node {
 impl Leaf {
     /// Renders the leaf; `None` when it renders to nothing.
     pub fn render_value(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Option<Value>, LeafError> {
+        if let Some(found) = self.plain_path.as_deref().and_then(|p| resolve(ctx, p)) {
+            let v = found.map_or(Value::Null, ctx_to_json);
+            let small = match &v {
+                Value::Object(_) | Value::Array(_) => json_len(&v) <= limits.max_leaf_bytes,
+                Value::String(s) => s.len() * 6 + 2 <= limits.max_leaf_bytes || json_len(&v) <= limits.max_leaf_bytes,
+                _ => true,
+            };
+            if small {
+                return Ok(match v {
+                    Value::Null => None,
+                    Value::String(s) if s.trim().is_empty() => None,
+                    other => Some(other),
+                });
+            }
+            // Over the limit: liquid renders it and reports the error exactly as it always has.
+        }
         let mut buf =
             LimitedWriter { buf: Vec::new(), max: limits.max_leaf_bytes, deadline: limits.deadline, writes: 0 };
         let mut patched: Option<CtxObject> = None;
@@ -258,14 +336,16 @@ fn to_json(v: &LiquidValue) -> Value {
         LiquidValue::Nil | LiquidValue::State(_) => Value::Null,
         LiquidValue::Array(a) => Value::Array(a.iter().map(to_json).collect()),
         LiquidValue::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect()),
-        LiquidValue::Scalar(s) => match s.type_name() {
-            "boolean" => s.to_bool().map_or(Value::Null, Value::Bool),
-            "whole number" => s.to_integer().map_or(Value::Null, Value::from),
-            "fractional number" => {
-                s.to_float().and_then(serde_json::Number::from_f64).map_or(Value::Null, Value::Number)
-            }
-            _ => Value::String(s.to_kstr().as_str().to_owned()),
-        },
+        LiquidValue::Scalar(s) => scalar_to_json(s.as_ref()),
+    }
+}
+
+fn scalar_to_json(s: ScalarCow<'_>) -> Value {
+    match s.type_name() {
+        "boolean" => s.to_bool().map_or(Value::Null, Value::Bool),
+        "whole number" => s.to_integer().map_or(Value::Null, Value::from),
+        "fractional number" => s.to_float().and_then(serde_json::Number::from_f64).map_or(Value::Null, Value::Number),
+        _ => Value::String(s.to_kstr().as_str().to_owned()),
     }
 }
 
