@@ -42,7 +42,7 @@ pub fn before_body<'s>(req: &HttpRequest, source: &str, state: &'s AppState) -> 
                     wait.as_secs()
                 ),
             );
-            e.retry_after = Some(wait.as_secs());
+            e.retry_after = Some(wait.as_secs().max(1));
             e
         })
     });
