@@ -12,26 +12,11 @@ use heap_relay::templates::render::RenderLimits;
 use serde_json::Value;
 use std::path::Path;
 
-fn fixture(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
-    let text = std::fs::read_to_string(&path).expect("fixture readable");
-    serde_json::from_str(&text).expect("fixture is JSON")
-}
-
-/// The CleverTap sample with its profiles repeated to `n`, each with its own identity.
-pub fn clevertap_with(n: usize) -> Value {
-    let mut body = fixture("clevertap-profile-batch.json");
-    let profiles = body["profiles"].as_array().expect("profiles").clone();
-    let out: Vec<Value> = (0..n)
-        .map(|i| {
-            let mut p = profiles[i % profiles.len()].clone();
-            p["identity"] = Value::String(format!("u_{i}"));
-            p
-        })
-        .collect();
-    body["profiles"] = Value::Array(out);
-    body
-}
+// The load harness's body builders, shared rather than copied.
+#[path = "load/bodies.rs"]
+#[allow(dead_code)]
+mod bodies;
+use bodies::{clevertap_with, fixture};
 
 fn settings() -> Settings {
     let mut s = Settings::defaults();
