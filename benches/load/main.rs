@@ -156,7 +156,7 @@ fn main() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "heap-relay load harness: {} CPUs, {CONNECTIONS} connections, relay {} (rate budgets off: \
-         HEAP_RELAY__DELIVERY__APP_EVENTS_PER_MINUTE=0, ..._IDENTITY_EVENTS_PER_MINUTE=0)",
+         HEAP_RELAY__DELIVERY__APP_EVENTS_PER_MINUTE=0, ..._IDENTITY_EVENTS_PER_MINUTE=0, sources.*.requests_per_minute=0)",
         cpus,
         env!("CARGO_BIN_EXE_heap-relay")
     );

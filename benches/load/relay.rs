@@ -37,6 +37,11 @@ impl Relay {
             // Throughput runs: the client-side rate budgets are off, so delivery is bound by the relay alone.
             .env("HEAP_RELAY__DELIVERY__APP_EVENTS_PER_MINUTE", "0")
             .env("HEAP_RELAY__DELIVERY__IDENTITY_EVENTS_PER_MINUTE", "0")
+            // ... and so are the per-source request budgets, so the load measures ingest, not the limiter.
+            .env("HEAP_RELAY__SOURCES__CLEVERTAP__REQUESTS_PER_MINUTE", "0")
+            .env("HEAP_RELAY__SOURCES__USERPILOT__REQUESTS_PER_MINUTE", "0")
+            .env("HEAP_RELAY__SOURCES__SEGMENT__REQUESTS_PER_MINUTE", "0")
+            .env("HEAP_RELAY__SOURCES__HEAP__REQUESTS_PER_MINUTE", "0")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
