@@ -41,6 +41,8 @@ pub struct Metrics {
     pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
     pub dead_events: Gauge,
     pub store_bytes: Gauge,
+    pub store_commits: Gauge,
+    pub store_bodies_committed: Gauge,
     pub template_reloads: Family<AttemptLabels, Counter>,
 }
 
@@ -71,6 +73,8 @@ impl Metrics {
             oldest_pending_seconds: Gauge::default(),
             dead_events: Gauge::default(),
             store_bytes: Gauge::default(),
+            store_commits: Gauge::default(),
+            store_bodies_committed: Gauge::default(),
             template_reloads: Family::default(),
             registry: Registry::default(),
         };
@@ -89,6 +93,16 @@ impl Metrics {
         );
         registry.register("dead_events", "Events in dead letters", m.dead_events.clone());
         registry.register("store_bytes", "Size of the store", m.store_bytes.clone());
+        registry.register(
+            "store_commits",
+            "Write transactions committed since start (SQLite)",
+            m.store_commits.clone(),
+        );
+        registry.register(
+            "store_bodies_committed",
+            "Request bodies those transactions carried; divided by store_commits, the group-commit size",
+            m.store_bodies_committed.clone(),
+        );
         registry.register(
             "template_reloads",
             "Template reloads after an edit, by result (ok, failed)",

@@ -10,6 +10,10 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             m.queue_depth.set(s.ready_or_waiting);
             m.dead_events.set(s.dead);
             m.store_bytes.set(s.db_bytes);
+            if let (Some(c), Some(b)) = (s.commits, s.bodies_committed) {
+                m.store_commits.set(c as i64);
+                m.store_bodies_committed.set(b as i64);
+            }
             let age = s.oldest_pending_ms.map_or(0.0, |t| (crate::store::now_ms() - t).max(0) as f64 / 1000.0);
             m.oldest_pending_seconds.set(age);
         }

@@ -197,6 +197,10 @@ pub struct QueueStats {
     pub oldest_pending_ms: Option<Millis>,
     pub dead: i64,
     pub db_bytes: i64,
+    /// Write transactions and the request bodies they carried, since start (their ratio is the group-commit size);
+    /// `None` where the backend does not count them.
+    pub commits: Option<u64>,
+    pub bodies_committed: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

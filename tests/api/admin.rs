@@ -62,6 +62,8 @@ async fn health_readiness_and_metrics_answer() {
         "heap_relay_queue_depth 0",
         "heap_relay_delivery_batch_size_bucket",
         "heap_relay_oldest_pending_age_seconds",
+        "heap_relay_store_commits",
+        "heap_relay_store_bodies_committed 1",
     ] {
         assert!(metrics.contains(want), "missing {want:?} in\n{metrics}");
     }

@@ -82,6 +82,8 @@ impl PgStore {
             oldest_pending_ms: r.get(1),
             dead: r.get(2),
             db_bytes: schema_bytes(&client).await?,
+            commits: None,
+            bodies_committed: None,
         })
     }
 

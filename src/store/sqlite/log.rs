@@ -101,6 +101,8 @@ pub(super) fn stats(c: &Connection) -> Result<QueueStats, StoreError> {
         oldest_pending_ms: oldest,
         dead,
         db_bytes: q("page_count") * q("page_size"),
+        commits: None,
+        bodies_committed: None,
     })
 }
 
