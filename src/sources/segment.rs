@@ -6,7 +6,8 @@
 //! - `identity`: `userId`, else `anonymousId` (unless anonymous messages are refused by configuration);
 //! - `heap_event`: the event name for track; `Page viewed` / `Screen viewed` for page and screen;
 //! - `heap_properties`: `properties`, plus `name` and `category` of a page or screen;
-//! - `heap_traits`: `traits` (else `context.traits`) plus `anonymous_id`, for identify.
+//! - `heap_traits`: `traits` (else `context.traits`) plus `anonymous_id`, for identify; absent when that is empty,
+//!   so an identify with nothing to set sends nothing (`ignored`) instead of being rejected.
 
 use super::{Item, Parsed, SourceOptions, as_list, get_ci};
 use crate::domain::FieldError;
@@ -107,7 +108,9 @@ fn message_item(
     if let Some(a) = anonymous_id {
         traits.entry("anonymous_id").or_insert(Value::String(a));
     }
-    ctx.insert("heap_traits", Ctx::Object(CtxObject::from_json(&traits)));
+    if !traits.is_empty() {
+        ctx.insert("heap_traits", Ctx::Object(CtxObject::from_json(&traits)));
+    }
     Ok(Item { ctx, seed: msg.to_string() })
 }
 

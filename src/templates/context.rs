@@ -164,7 +164,12 @@ impl ObjectView for CtxObject {
         self.lookup(index).is_some()
     }
     fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
-        Some(self.lookup(index).unwrap_or(&NIL))
+        match self.lookup(index) {
+            Some(v) => Some(v),
+            // Liquid answers `.size` itself (the number of keys) when the object has no such key.
+            None if index == "size" => None,
+            None => Some(&NIL),
+        }
     }
 }
 

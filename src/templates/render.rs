@@ -127,6 +127,8 @@ fn resolve<'a>(ctx: &'a CtxObject, path: &[String]) -> Option<Option<&'a Ctx>> {
     for key in rest {
         cur = match cur {
             None | Some(Ctx::Nil) => None,
+            // `.size` of an object without such a key is liquid's to answer (the key count).
+            Some(Ctx::Object(o)) if key == "size" && o.lookup(key).is_none() => return None,
             Some(Ctx::Object(o)) => o.lookup(key),
             Some(Ctx::Scalar(_) | Ctx::Array(_)) => return None,
         };
@@ -390,6 +392,13 @@ mod tests {
             "a string that looks like a number stays a string"
         );
         assert_eq!(render("n={{ n }}", ctx), Some(json!("n=42")));
+    }
+
+    #[test]
+    fn size_counts_keys_unless_the_object_has_a_size_key() {
+        assert_eq!(render("{{ o.size }}", json!({"o": {"a": 1, "b": 2}})), Some(json!(2)));
+        assert_eq!(render("{{ o.size }}", json!({"o": {"size": "XL"}})), Some(json!("XL")));
+        assert_eq!(render("{% if missing.size > 0 %}y{% else %}n{% endif %}", json!({})), Some(json!("n")));
     }
 
     #[test]

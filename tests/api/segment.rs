@@ -126,3 +126,13 @@ async fn gzip_encoded_and_byte_order_marked_bodies_are_accepted() {
     assert!(items.iter().any(|(_, e)| e["event"] == "Order Completed"));
     assert!(items.iter().any(|(_, e)| e["event"] == "BOM"));
 }
+
+#[tokio::test]
+async fn an_identify_with_nothing_to_set_is_ignored_not_rejected() {
+    let app = spawn_app().await;
+    let body = json!({"type": "identify", "userId": "u-1", "messageId": "m-1"});
+    let (status, resp) = json(app.post_hook("segment", &body).await).await;
+    assert_eq!(status, 202, "{resp}");
+    assert_eq!(resp["accepted"], 0);
+    assert_eq!(resp["ignored"], json!([0]));
+}
