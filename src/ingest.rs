@@ -171,6 +171,9 @@ impl Pipeline {
                     continue;
                 }
             };
+            // A user-properties section whose properties all rendered to nothing has nothing to set: left out,
+            // like any empty leaf, rather than failing the item (and its track event with it).
+            let drafts: Vec<Draft> = drafts.into_iter().filter(|d| !is_empty_user_properties(d)).collect();
             if drafts.is_empty() {
                 out.ignored.push(index);
                 continue;
@@ -231,6 +234,15 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+fn is_empty_user_properties(d: &Draft) -> bool {
+    d.kind == CallKind::UserProperties
+        && match d.body.get("properties") {
+            None | Some(Value::Null) => true,
+            Some(Value::Object(m)) => m.values().all(|v| v.is_null() || v.as_object().is_some_and(|o| o.is_empty())),
+            Some(_) => false,
+        }
 }
 
 fn build(draft: &Draft, cx: &BuildContext<'_>) -> Result<HeapCall, FieldError> {

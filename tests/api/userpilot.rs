@@ -90,3 +90,16 @@ async fn a_userpilot_event_without_user_id_is_rejected_naming_identity() {
     assert_eq!(status, 422, "{resp}");
     assert_eq!(resp["error"]["field"], "identity");
 }
+
+#[tokio::test]
+async fn an_event_without_user_properties_still_sends_its_track_event_with_the_user_properties_template() {
+    let app = spawn_app().await;
+    let mut body = fixture("userpilot-nps-score.json");
+    body["user_properties"] = json!({});
+    body["company_properties"] = json!({});
+    let (status, resp) = json(app.post_hook_template("userpilot", "with_user_properties", &body).await).await;
+    assert_eq!(status, 202, "{resp}");
+    assert_eq!(resp["accepted"], 1, "the track event alone: {resp}");
+    let items = app.wait_for_heap(1, WAIT).await;
+    assert_eq!(items[0].0, "/api/track");
+}
