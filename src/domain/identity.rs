@@ -10,7 +10,7 @@ pub const MAX_IDENTITY_CHARS: usize = 255;
 
 /// Values that SDKs and templates produce when the real id is missing. Heap merges every user sent with the same
 /// identity into one profile and the merge cannot be undone, so these are refused.
-const PLACEHOLDERS: &[&str] = &["undefined", "null", "nil", "none", "[object object]", "nan"];
+const PLACEHOLDERS: &[&str] = &["undefined", "null", "nil", "none", "[object object]", "nan", "user"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
@@ -115,9 +115,16 @@ mod tests {
 
     #[test]
     fn empty_placeholder_structured_and_overlong_identities_are_rejected() {
-        for bad in
-            [json!(""), json!("   "), json!(null), json!("undefined"), json!("NULL"), json!({"a": 1}), json!(["x"])]
-        {
+        for bad in [
+            json!(""),
+            json!("   "),
+            json!(null),
+            json!("undefined"),
+            json!("NULL"),
+            json!("User"),
+            json!({"a": 1}),
+            json!(["x"]),
+        ] {
             assert_eq!(Identity::parse(&bad).unwrap_err().field, "identity", "{bad}");
         }
         assert_eq!(Identity::parse(&json!("x".repeat(256))).unwrap_err().code, "too_long");
