@@ -166,7 +166,8 @@ impl std::fmt::Debug for Verifier {
     }
 }
 
-fn digest(bytes: &[u8]) -> [u8; 32] {
+/// What a secret is kept as once loaded: its SHA-256, compared in constant time by the `verify_*` functions.
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 

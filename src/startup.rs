@@ -235,7 +235,7 @@ impl Application {
             intake: Intaker { pipeline, store, delivery, metrics },
             max_body_bytes: settings.server.max_body_bytes,
             retry_after_secs: settings.store.retry_after_secs,
-            admin_token: settings.admin_token().map(|t| secrecy::SecretString::from(t.to_owned())),
+            admin_token: settings.admin_token().map(|t| crate::auth::digest(t.as_bytes())),
             workers_running,
             gates,
             body_read_timeout: Duration::from_secs(settings.server.body_read_timeout_secs.max(1)),

@@ -2,11 +2,12 @@
 //! admin endpoints do not exist (404).
 
 use super::AppState;
+use crate::auth::verify_bearer;
 use crate::error::{ApiError, ErrorCode};
 use crate::replay::{replay as run_replay, selector, time_range};
 use crate::store::{Query, Status, StoreError};
+use actix_web::http::header::AUTHORIZATION;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::json;
 use std::future::{Ready, ready};
@@ -19,38 +20,22 @@ impl FromRequest for Admin {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
-        let token = req.app_data::<web::Data<AppState>>().and_then(|s| s.admin_token.clone());
+        let token = req.app_data::<web::Data<AppState>>().and_then(|s| s.admin_token);
         let Some(token) = token else {
             return ready(Err(ApiError::new(
                 ErrorCode::NotFound,
                 "the admin endpoints are off: set admin.token to turn them on",
             )));
         };
-        let given = req
-            .headers()
-            .get(actix_web::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if constant_time_eq(given.as_bytes(), token.expose_secret().as_bytes()) {
-            ready(Ok(Admin))
-        } else {
-            ready(Err(ApiError::new(
-                ErrorCode::Unauthorized,
-                "missing or wrong admin token (Authorization: Bearer <admin.token>)",
-            )
-            .with_field("Authorization")))
-        }
+        ready(check_token(req.headers().get(AUTHORIZATION).map(|v| v.as_bytes()), &token))
     }
 }
 
-/// Compares without stopping at the first difference, so timing does not reveal how much of a guess was right.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        diff |= (a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff)) as usize;
-    }
-    diff == 0
+/// The same bearer check (and constant-time comparison) the sources use.
+fn check_token(authorization: Option<&[u8]>, token_digest: &[u8; 32]) -> Result<Admin, ApiError> {
+    verify_bearer(authorization, token_digest).map(|()| Admin).map_err(|e| {
+        ApiError::new(ErrorCode::Unauthorized, format!("admin token: {e} (admin.token)")).with_field("Authorization")
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,7 +116,13 @@ pub async fn replay(_: Admin, body: web::Bytes, state: web::Data<AppState>) -> R
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::check_token;
+    use crate::auth::digest;
+
+    /// Equal only when bytes and length match.
+    fn constant_time_eq(given: &[u8], token: &[u8]) -> bool {
+        check_token(Some(&[b"Bearer ".as_slice(), given].concat()), &digest(token)).is_ok()
+    }
 
     #[test]
     fn equal_only_when_bytes_and_length_match() {

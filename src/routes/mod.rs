@@ -19,7 +19,7 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub retry_after_secs: u64,
     /// None: the admin endpoints are off.
-    pub admin_token: Option<secrecy::SecretString>,
+    pub admin_token: Option<[u8; 32]>,
     pub workers_running: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Each source's authentication and request budget, by source name (`clevertap`, ..., `heap`).
     pub gates: std::sync::Arc<std::collections::HashMap<&'static str, gate::Gate>>,
