@@ -13,7 +13,7 @@ pub mod render;
 use crate::domain::CallKind;
 use bounds::LoadLimits;
 use context::CtxObject;
-use render::{Leaf, LeafError, Node, RenderLimits, compile_leaf};
+use render::{Leaf, LeafError, Node, RenderLimits, compile_leaf, json_len};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -212,23 +212,6 @@ impl Template {
     }
 }
 
-/// Bytes `body` takes as JSON, counted without building the text.
-fn json_len(body: &Map<String, Value>) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0 += b.len();
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut c = Count(0);
-    // Writing a Map to a sink that never fails cannot fail.
-    let _ = serde_json::to_writer(&mut c, body);
-    c.0
-}
 
 type CompileError = (Option<(usize, usize)>, String);
 

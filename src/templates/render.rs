@@ -146,8 +146,8 @@ fn ctx_to_json(v: &Ctx) -> Value {
     }
 }
 
-/// Bytes of `v` as JSON text, for the leaf size limit.
-fn json_len(v: &Value) -> usize {
+/// Bytes `v` takes as JSON text, counted without building the text (leaf and event size limits).
+pub(crate) fn json_len<T: serde::Serialize + ?Sized>(v: &T) -> usize {
     struct Count(usize);
     impl Write for Count {
         fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
@@ -159,6 +159,7 @@ fn json_len(v: &Value) -> usize {
         }
     }
     let mut c = Count(0);
+    // Writing to a sink that never fails cannot fail.
     let _ = serde_json::to_writer(&mut c, v);
     c.0
 }
