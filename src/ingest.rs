@@ -204,7 +204,8 @@ impl Pipeline {
         let prefix = if value.get(kind.bulk_field()).is_some() { kind.bulk_field() } else { "" };
         let mut out = Outcome { template: kind.as_str().to_owned(), items: items.len(), ..Default::default() };
         for (index, item) in items.into_iter().enumerate() {
-            let seed_text = item.as_ref().map(|o| Value::Object(o.clone()).to_string()).unwrap_or_default();
+            // Serialised from the borrowed map: the same bytes as the object's JSON, without copying the item.
+            let seed_text = item.as_ref().ok().and_then(|o| serde_json::to_string(o).ok()).unwrap_or_default();
             let seed = ["heap", kind.as_str(), seed_text.as_str()];
             let cx = BuildContext {
                 policy: &self.policy,

@@ -108,7 +108,7 @@ fn seed(target_id: &Value, profile: &Value) -> String {
 
 fn custom_item(root: &Map<String, Value>) -> Item {
     let mut ctx = CtxObject::from_json_with(root, &ct_date);
-    let whole = Ctx::from_json_with(&Value::Object(root.clone()), &ct_date);
+    let whole = Ctx::Object(CtxObject::from_json_with(root, &ct_date));
     ctx.insert("body", whole.clone());
     ctx.insert_missing("Profile", whole);
     let nested = |key: &str| match get_ci(root, key) {
@@ -120,7 +120,7 @@ fn custom_item(root: &Map<String, Value>) -> Item {
     let mut campaign = CtxObject::new();
     campaign.insert("id", Ctx::from_json(get_ci(root, "targetId").unwrap_or(&Value::Null)));
     ctx.insert_missing("Campaign", Ctx::Object(campaign));
-    Item { ctx, seed: Value::Object(root.clone()).to_string() }
+    Item { ctx, seed: serde_json::to_string(root).unwrap_or_default() }
 }
 
 fn insert_all(obj: &mut CtxObject, data: &Map<String, Value>) {
