@@ -2,9 +2,7 @@
 //! delivered with retries, so an existing integration only changes its base URL.
 
 use super::AppState;
-use super::body::read_limited;
-use super::gate;
-use super::hooks::respond;
+use super::hooks::take_body;
 use crate::domain::CallKind;
 use crate::error::ApiError;
 use crate::ingest::Route;
@@ -32,9 +30,5 @@ async fn take(
     payload: web::Payload,
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
-    let gate = gate::before_body(req, "heap", state)?;
-    let body = read_limited(req, payload, state.max_body_bytes, state.body_read_timeout).await?;
-    gate::after_body(req, gate, &body, state)?;
-    let result = state.intake.accept(Route::Heap(kind), body).await;
-    respond("heap", result, state)
+    take_body(req, "heap", Route::Heap(kind), payload, state).await
 }

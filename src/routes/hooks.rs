@@ -45,11 +45,22 @@ async fn take(
         )
         .with_field("source"));
     };
-    let gate = gate::before_body(req, source.as_str(), state)?;
+    take_body(req, source.as_str(), Route::Hook { source, template }, payload, state).await
+}
+
+/// What every ingest route does: the source's gate, the body (bounded), the gate's body check, intake, answer.
+pub async fn take_body(
+    req: &HttpRequest,
+    source: &str,
+    route: Route,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    let gate = gate::before_body(req, source, state)?;
     let body = read_limited(req, payload, state.max_body_bytes, state.body_read_timeout).await?;
     gate::after_body(req, gate, &body, state)?;
-    let result = state.intake.accept(Route::Hook { source, template }, body).await;
-    respond(source.as_str(), result, state)
+    let result = state.intake.accept(route, body).await;
+    respond(source, result, state)
 }
 
 /// Maps an intake result to HTTP; shared with the Heap-compatible routes.

@@ -212,7 +212,6 @@ impl Template {
     }
 }
 
-
 type CompileError = (Option<(usize, usize)>, String);
 
 fn compile_node(
