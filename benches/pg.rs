@@ -12,12 +12,10 @@
 //! with PostgreSQL, so compare ratios, not absolute figures.
 
 use actix_web::dev::ServerHandle;
-use actix_web::{App, HttpResponse, HttpServer, web};
 use heap_relay::domain::CallKind;
 use heap_relay::settings::Settings;
 use heap_relay::startup::Application;
 use heap_relay::store::{Ingested, NewEvent};
-use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,44 +38,22 @@ fn body(n: u64) -> String {
     serde_json::json!({"app_id": APP_ID, "events": events}).to_string()
 }
 
-/// Starts a bare actix server answering 202 to anything: the baseline.
-fn bare_server() -> (String, actix_web::dev::ServerHandle) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server =
-        HttpServer::new(|| App::new().default_service(web::to(|| async { HttpResponse::Accepted().finish() })))
-            .workers(2)
-            .listen(listener)
-            .expect("listen")
-            .run();
-    let handle = server.handle();
-    tokio::spawn(server);
-    (format!("http://{addr}"), handle)
+// The load harness's servers: the same baseline and mock Heap, so both benches measure against one thing.
+#[path = "load/servers.rs"]
+#[allow(dead_code)]
+mod servers;
+use servers::{HeapCounters, spawn_actix};
+
+/// The bare actix baseline (reads the body, answers 202).
+fn bare_server() -> (String, ServerHandle) {
+    let (port, handle) = spawn_actix(2, None);
+    (format!("http://127.0.0.1:{port}"), handle)
 }
 
 /// A mock Heap that counts the events it receives and answers 200.
-fn mock_heap(count: Arc<AtomicU64>) -> (String, actix_web::dev::ServerHandle) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = HttpServer::new(move || {
-        let count = count.clone();
-        App::new().app_data(web::PayloadConfig::new(64 << 20)).default_service(web::to(move |b: web::Bytes| {
-            let count = count.clone();
-            async move {
-                let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
-                let n = v.get("events").or_else(|| v.get("users")).and_then(|e| e.as_array()).map_or(0, Vec::len);
-                count.fetch_add(n as u64, Ordering::Relaxed);
-                HttpResponse::Ok().finish()
-            }
-        }))
-    })
-    .workers(1)
-    .listen(listener)
-    .expect("listen")
-    .run();
-    let handle = server.handle();
-    tokio::spawn(server);
-    (format!("http://{addr}"), handle)
+fn mock_heap(counters: Arc<HeapCounters>) -> (String, ServerHandle) {
+    let (port, handle) = spawn_actix(1, Some(counters));
+    (format!("http://127.0.0.1:{port}"), handle)
 }
 
 struct Load {
@@ -212,11 +188,11 @@ async fn wait_for(count: &AtomicU64, want: u64, within: Duration) -> bool {
 /// Ingest: posts for `secs`, then waits until Heap has every accepted event.
 async fn ingest_row(base: Option<&str>, instances: usize, conns: usize, secs: u64) -> (String, Load) {
     let backend = Backend::new(base).await;
-    let delivered = Arc::new(AtomicU64::new(0));
+    let delivered = Arc::new(HeapCounters::default());
     let (heap, heap_handle) = mock_heap(delivered.clone());
     let (targets, handles) = start_relays(&backend, &heap, instances).await;
     let load = drive(&targets, conns, secs).await;
-    let all = wait_for(&delivered, load.accepted * EVENTS_PER_BODY as u64, Duration::from_secs(120)).await;
+    let all = wait_for(&delivered.events, load.accepted * EVENTS_PER_BODY as u64, Duration::from_secs(120)).await;
     assert!(all, "every accepted event is delivered");
     for h in handles {
         h.stop(true).await;
@@ -237,11 +213,11 @@ async fn drain_row(base: Option<&str>, instances: usize, events: usize) -> (Stri
             store.append(backlog(b, 500)).await.expect("append");
         }
     }
-    let delivered = Arc::new(AtomicU64::new(0));
+    let delivered = Arc::new(HeapCounters::default());
     let (heap, heap_handle) = mock_heap(delivered.clone());
     let start = Instant::now();
     let (_, handles) = start_relays(&backend, &heap, instances).await;
-    assert!(wait_for(&delivered, events as u64, Duration::from_secs(120)).await, "the backlog drains");
+    assert!(wait_for(&delivered.events, events as u64, Duration::from_secs(120)).await, "the backlog drains");
     let rate = events as f64 / start.elapsed().as_secs_f64();
     for h in handles {
         h.stop(true).await;
@@ -283,7 +259,7 @@ fn backlog(b: usize, n: usize) -> Ingested {
 
 /// The bare delivery ceiling: two tasks (as two workers) posting 1000-event bodies straight to the mock Heap.
 async fn bare_drain(events: usize) -> f64 {
-    let delivered = Arc::new(AtomicU64::new(0));
+    let delivered = Arc::new(HeapCounters::default());
     let (heap, heap_handle) = mock_heap(delivered.clone());
     let items: Vec<String> = backlog(0, 1000).events.into_iter().map(|e| e.payload).collect();
     let body = format!("{{\"app_id\":\"{APP_ID}\",\"events\":[{}]}}", items.join(","));
@@ -302,7 +278,7 @@ async fn bare_drain(events: usize) -> f64 {
     for t in tasks {
         let _ = t.await;
     }
-    let rate = delivered.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    let rate = delivered.events.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
     heap_handle.stop(true).await;
     rate
 }
