@@ -243,6 +243,7 @@ fn backlog(b: usize, n: usize) -> Ingested {
                 .to_string(),
                 identity,
                 idempotency_key: Some(key),
+                dedupe_key: None,
             }
         })
         .collect();
@@ -254,6 +255,7 @@ fn backlog(b: usize, n: usize) -> Ingested {
         events,
         rejections: vec![],
         replay_of_raw: None,
+        request_key: None,
     }
 }
 

@@ -1,11 +1,14 @@
 //! From a request body to durable rows: run the ingest pipeline, write the raw body, the accepted events and the
 //! rejections in one transaction, wake the delivery workers, and say what happened. No HTTP types here.
 
+use crate::clock::Clock;
 use crate::delivery::Delivery;
 use crate::domain::Timestamp;
 use crate::ingest::{IngestError, Outcome, Pipeline, Rejection, Route};
 use crate::metrics::Metrics;
-use crate::store::{Ingested, NewEvent, NewRejection, Store, StoreError, now_ms};
+use crate::sources::Source;
+use crate::store::{Appended, Ingested, NewEvent, NewRejection, Store, StoreError};
+use sha2::{Digest, Sha256};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -22,6 +25,17 @@ pub struct Summary {
     /// Indexes of items the template sends nothing for.
     pub ignored: Vec<usize>,
     pub template: String,
+    /// The sender already sent this (the same body, or the same message ids) within the dedupe window: nothing was
+    /// stored again, and `event_ids` are those of the first delivery.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+    /// Events left out as retries of ones already stored (their ids in `event_ids` are the first ones).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub duplicates: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug)]
@@ -47,6 +61,7 @@ pub struct Intaker {
     pub store: Store,
     pub delivery: Arc<Delivery>,
     pub metrics: Arc<Metrics>,
+    pub clock: Clock,
 }
 
 impl Intaker {
@@ -58,7 +73,7 @@ impl Intaker {
     }
 
     async fn accept_inner(&self, route: Route, body: Vec<u8>) -> Result<Intake, IntakeError> {
-        let received_at = now_ms();
+        let received_at = self.clock.now_ms();
         let ts = chrono::DateTime::from_timestamp_millis(received_at)
             .map(Timestamp::from_datetime)
             .unwrap_or_else(Timestamp::now);
@@ -80,13 +95,16 @@ impl Intaker {
         self.metrics.item(source, "accepted", outcome.accepted.len());
         self.metrics.item(source, "rejected", outcome.rejected.len());
         self.metrics.item(source, "ignored", outcome.ignored.len());
-        let (ingested, summary) = to_rows(source, outcome, body, received_at, None);
+        let request_key = retry_key(&route, &body);
+        let (mut ingested, mut summary) = to_rows(source, outcome, body, received_at, None);
+        ingested.request_key = request_key;
         let nothing_accepted = summary.accepted == 0 && !summary.rejected.is_empty();
         if !ingested.events.is_empty() || !ingested.rejections.is_empty() {
-            self.store.append(ingested).await?;
-            if summary.accepted > 0 {
-                self.delivery.wake.notify_waiters();
-                self.delivery.wake.notify_one();
+            let appended = self.store.append(ingested).await?;
+            answer_with(&mut summary, appended);
+            self.metrics.item(source, "duplicate", summary.duplicates);
+            if summary.duplicates < summary.accepted {
+                self.delivery.wake();
             }
         }
         // Inside the request's span: ties each event id to this request; delivery spans log it at every attempt.
@@ -98,10 +116,37 @@ impl Intaker {
             items = summary.items,
             accepted = summary.accepted,
             rejected = summary.rejected.len(),
+            duplicates = summary.duplicates,
             "body stored"
         );
         Ok(Intake::Stored { summary, nothing_accepted })
     }
+}
+
+/// How a sender's retry is told from a new request, per source (README, "Retries and repeats"): CleverTap and
+/// Userpilot re-send the same body when they retry (CleverTap only after a timeout or an error), so the same body on
+/// the same route within the dedupe window is a retry. Segment-spec messages and Heap bodies carry their own ids
+/// (`messageId`, `idempotency_key`), checked per item instead; a Heap body without keys counts every time, as
+/// Heap's own API does.
+fn retry_key(route: &Route, body: &[u8]) -> Option<String> {
+    let Route::Hook { source: source @ (Source::CleverTap | Source::Userpilot), template } = route else {
+        return None;
+    };
+    let mut h = Sha256::new();
+    for part in [source.as_str().as_bytes(), template.as_deref().unwrap_or("").as_bytes(), body] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    Some(format!("body:{}", hex::encode(&h.finalize()[..16])))
+}
+
+/// Puts the store's answer into the summary: the final event ids, and what was a retry.
+fn answer_with(summary: &mut Summary, appended: Appended) {
+    if appended.event_ids.len() == summary.event_ids.len() {
+        summary.event_ids = appended.event_ids;
+    }
+    summary.duplicate = appended.duplicate;
+    summary.duplicates = appended.duplicates;
 }
 
 /// The rows to write for an outcome, and the summary to answer with.
@@ -123,6 +168,11 @@ pub fn to_rows(
             identity: a.call.identity().to_owned(),
             idempotency_key: a.call.idempotency_key().map(|k| k.as_str().to_owned()),
             payload: a.call.bulk_item().to_string(),
+            dedupe_key: a
+                .call
+                .idempotency_key()
+                .filter(|k| !k.is_derived())
+                .map(|k| format!("msg:{source}:{}:{}", a.call.app_id().as_str(), k.as_str())),
         })
         .collect();
     let rejections = outcome
@@ -142,6 +192,8 @@ pub fn to_rows(
         rejected: outcome.rejected,
         ignored: outcome.ignored,
         template: outcome.template.clone(),
+        duplicate: false,
+        duplicates: 0,
     };
     let ingested = Ingested {
         source: source.to_owned(),
@@ -151,6 +203,7 @@ pub fn to_rows(
         events,
         rejections,
         replay_of_raw,
+        request_key: None,
     };
     (ingested, summary)
 }

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod clock;
 pub mod commands;
 pub mod delivery;
 pub mod domain;

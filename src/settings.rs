@@ -87,6 +87,9 @@ pub struct StoreSettings {
     pub max_bytes: u64,
     pub retention_hours: u64,
     pub retry_after_secs: u64,
+    /// A request body (CleverTap, Userpilot) or message id (Segment `messageId`, Heap `idempotency_key`) seen again
+    /// within this many seconds is a sender's retry: answered with the first event ids, not stored again. 0: off.
+    pub dedupe_window_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -128,7 +128,13 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
                 .map(Store::Postgres)
                 .with_context(|| format!("cannot open the PostgreSQL store at {}", postgres::redacted(url)))
         }
-        None => SqliteStore::open(&settings.store.path, SqliteOptions { max_bytes: settings.store.max_bytes })
+        None => SqliteStore::open(
+            &settings.store.path,
+            SqliteOptions {
+                max_bytes: settings.store.max_bytes,
+                dedupe_window_ms: (settings.store.dedupe_window_secs * 1000) as i64,
+            },
+        )
             .map(Store::Sqlite)
             .with_context(|| format!("cannot open the store at {}", settings.store.path.display())),
     }
@@ -170,13 +176,14 @@ impl Application {
         let templates = load_templates(&settings)?;
         let store = open_store(&settings).await?;
         let metrics = Arc::new(Metrics::new());
+        let clock = crate::clock::Clock::default();
         let client =
             HeapClient::new(&settings.heap.base_url, Duration::from_secs(settings.heap.request_timeout_secs.max(1)))
                 .context("cannot build the HTTP client")?;
         let limiter =
             RateLimiter::new(settings.delivery.app_events_per_minute, settings.delivery.identity_events_per_minute);
         let delivery =
-            Arc::new(Delivery::new(store.clone(), client, delivery_config(&settings), limiter, metrics.clone()));
+            Arc::new(Delivery::new(store.clone(), client, delivery_config(&settings), limiter, metrics.clone(), clock.clone()));
         let pipeline = Arc::new(build_pipeline(&settings, templates.clone()));
 
         if settings.configured_app_ids().is_empty() {
@@ -225,14 +232,13 @@ impl Application {
             // Appends on any instance wake this instance's idle workers (LISTEN/NOTIFY), instead of tight polling.
             let d = delivery.clone();
             background.push(pg.spawn_listener(move || {
-                d.wake.notify_waiters();
-                d.wake.notify_one();
+                d.wake();
             }));
         }
         background.push(spawn_retention(store.clone(), Duration::from_secs(settings.store.retention_hours * 3600)));
 
         let state = AppState {
-            intake: Intaker { pipeline, store, delivery, metrics },
+            intake: Intaker { pipeline, store, delivery, metrics, clock },
             max_body_bytes: settings.server.max_body_bytes,
             retry_after_secs: settings.store.retry_after_secs,
             admin_token: settings.admin_token().map(|t| crate::auth::digest(t.as_bytes())),

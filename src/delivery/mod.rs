@@ -9,16 +9,18 @@ pub mod heap_client;
 pub mod policy;
 pub mod rate_limit;
 
+use crate::clock::Clock;
 use crate::metrics::Metrics;
-use crate::store::{AttemptLog, AttemptRecord, Claimed, Millis, Resolution, Store, StoreError, now_ms};
+use crate::store::{Admission, AttemptLog, AttemptRecord, Claimed, Held, Millis, Resolution, Store, StoreError};
 use batcher::{Batch, batches};
 use heap_client::HeapClient;
 use policy::{Decision, backoff, classify};
 use rand::Rng;
 use rate_limit::RateLimiter;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
@@ -57,10 +59,13 @@ pub struct Delivery {
     pub store: Store,
     pub client: HeapClient,
     pub config: DeliveryConfig,
-    pub limiter: RateLimiter,
+    pub limiter: Arc<RateLimiter>,
     pub metrics: Arc<Metrics>,
-    /// Signalled by ingest after a commit, so an idle worker starts at once instead of at its next poll.
-    pub wake: Notify,
+    /// The relay's clock: budgets, leases and retry times are read from it.
+    pub clock: Clock,
+    /// Signalled (through [`Delivery::wake`]) by ingest after a commit, by replays and by PostgreSQL's LISTEN, so
+    /// that an idle worker starts at once instead of at its next poll.
+    wake: Notify,
     /// app_id → time until which Heap asked us (429) to leave it alone.
     paused: Mutex<HashMap<String, Millis>>,
 }
@@ -78,20 +83,39 @@ impl Delivery {
         config: DeliveryConfig,
         limiter: RateLimiter,
         metrics: Arc<Metrics>,
+        clock: Clock,
     ) -> Self {
-        Self { store, client, config, limiter, metrics, wake: Notify::new(), paused: Mutex::new(HashMap::new()) }
+        Self {
+            store,
+            client,
+            config,
+            limiter: Arc::new(limiter),
+            metrics,
+            clock,
+            wake: Notify::new(),
+            paused: Mutex::new(HashMap::new()),
+        }
     }
 
-    /// Which claimed events the rate budgets let go now (`None`), and how long the others wait. On PostgreSQL the
-    /// budgets live in the database, shared by every instance; otherwise in this process.
+    /// Wakes an idle worker: every one waiting now, or, if none waits, the next one to wait.
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+        self.wake.notify_one();
+    }
+
+    /// Which claimed events the rate budgets let go now (`None`), and how long the others wait, for a store that
+    /// does not ask the budgets while claiming (PostgreSQL, where the budgets live in the database, shared by every
+    /// instance).
     async fn admit(&self, claimed: &[Claimed], now: Millis) -> Result<Vec<Option<Duration>>, StoreError> {
         let (app, identity) = self.limiter.rates();
         if let (Store::Postgres(pg), true) = (&self.store, app > 0 || identity > 0) {
             let wants: Vec<(&str, &str)> = claimed.iter().map(|c| (c.app_id.as_str(), c.identity.as_str())).collect();
             return pg.take_budget(&wants, app, identity, now).await;
         }
-        let instant = Instant::now();
-        Ok(claimed.iter().map(|c| self.limiter.try_take(&c.app_id, &c.identity, instant).err()).collect())
+        let wait = |h: Held| match h {
+            Held::App { until } | Held::Identity { until } => Duration::from_millis((until - now).max(0) as u64),
+        };
+        Ok(claimed.iter().map(|c| self.limiter.try_take(&c.app_id, &c.identity, now).err().map(wait)).collect())
     }
 
     fn paused_apps(&self, now: Millis) -> Vec<String> {
@@ -177,17 +201,23 @@ impl Worker {
     /// One round: claim, hold back what the budgets do not allow, send the rest in bulk calls, record everything.
     pub async fn try_deliver_once(&self) -> Result<RoundOutcome, StoreError> {
         let d = &self.shared;
-        let now = now_ms();
+        let now = d.clock.now_ms();
         let limit = (d.config.max_batch * 4) as i64;
-        let claimed =
-            d.store.claim(&self.owner, now, d.config.lease.as_millis() as i64, limit, d.paused_apps(now)).await?;
+        // Budgets before claims where the store can ask them (SQLite): nothing is claimed that may not go now.
+        let in_claim = d.store.admits_in_claim();
+        let (app_rate, identity_rate) = d.limiter.rates();
+        let admission: Option<Arc<dyn Admission>> =
+            (in_claim && (app_rate > 0 || identity_rate > 0)).then(|| d.limiter.clone() as Arc<dyn Admission>);
+        let lease_ms = d.config.lease.as_millis() as i64;
+        let claimed = d.store.claim(&self.owner, now, lease_ms, limit, d.paused_apps(now), admission).await?;
         let mut out = RoundOutcome { claimed: claimed.len(), ..Default::default() };
         if claimed.is_empty() {
             return Ok(out);
         }
         let mut records = Vec::with_capacity(claimed.len());
         let mut go = Vec::with_capacity(claimed.len());
-        let verdicts = match d.admit(&claimed, now).await {
+        let verdicts = if in_claim { Ok(vec![None; claimed.len()]) } else { d.admit(&claimed, now).await };
+        let verdicts = match verdicts {
             Ok(v) => v,
             Err(e) => {
                 // Without a budget answer nothing may go; give the leases back instead of letting them expire.
@@ -244,7 +274,7 @@ impl Worker {
             tokio::select! {
                 out = &mut work => return out,
                 _ = tick.tick() => {
-                    match d.store.renew(&self.owner, leases.clone(), now_ms() + lease_ms).await {
+                    match d.store.renew(&self.owner, leases.clone(), d.clock.now_ms() + lease_ms).await {
                         Ok(n) if n < leases.len() => tracing::warn!(
                             worker = %self.owner, lost = leases.len() - n,
                             "some leases were taken over while sending; their results will not be recorded"
@@ -279,7 +309,8 @@ impl Worker {
             );
             let (outcome, latency) = d.client.send(kind, &app_id, &payloads).instrument(span.clone()).await;
             requests += 1;
-            let at = now_ms();
+            let call = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
+            let at = d.clock.now_ms();
             let http_status = match &outcome {
                 policy::HttpOutcome::Status { code, .. } => Some(*code),
                 _ => None,
@@ -308,6 +339,7 @@ impl Worker {
             });
             for e in &events {
                 logs.entry(e.id).or_default().push(AttemptLog {
+                    call,
                     at,
                     http_status,
                     latency_ms: latency.as_millis() as i64,
@@ -384,6 +416,9 @@ impl Worker {
         (Resolution::Retry { at: at + wait.as_millis() as i64 }, reason.to_owned())
     }
 }
+
+/// Numbers Heap calls, so that a store can keep one record per call.
+static NEXT_CALL: AtomicU64 = AtomicU64::new(1);
 
 fn release(c: &Claimed, at: Millis) -> AttemptRecord {
     AttemptRecord {

@@ -1,21 +1,18 @@
 //! Client-side budgets that keep the relay under Heap's documented bulk-track limits: events per minute per app_id
 //! (15,000) and per identity within an app_id (1,000). Token buckets that start full and refill continuously.
 
+use crate::store::{Admission, Held, Millis};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
+/// The budgets of one instance, in memory (SQLite). Several instances share theirs in PostgreSQL instead
+/// ([`take_shared`], the same arithmetic).
 #[derive(Debug)]
 pub struct RateLimiter {
     app_per_min: u32,
     identity_per_min: u32,
-    buckets: Mutex<HashMap<(String, String), Bucket>>,
+    buckets: Mutex<HashMap<(String, String), SharedBucket>>,
 }
 
 /// Identity buckets kept before full ones are forgotten.
@@ -32,40 +29,37 @@ impl RateLimiter {
         (self.app_per_min, self.identity_per_min)
     }
 
-    /// Takes one event's worth from the app's and the identity's budgets, or says how long until both have it.
-    pub fn try_take(&self, app_id: &str, identity: &str, now: Instant) -> Result<(), Duration> {
+    /// Takes one event's worth from the app's and the identity's budgets at `now` (the relay's clock), or says
+    /// which is spent and until when (nothing is taken then).
+    pub fn try_take(&self, app_id: &str, identity: &str, now: Millis) -> Result<(), Held> {
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if b.len() > MAX_BUCKETS {
             let (app, ident) = (self.app_per_min as f64, self.identity_per_min as f64);
             b.retain(|(_, who), bucket| bucket.tokens < if who.is_empty() { app } else { ident });
         }
-        let app_wait = wait(&mut b, (app_id, ""), self.app_per_min, now);
-        let id_wait = wait(&mut b, (app_id, identity), self.identity_per_min, now);
-        let longest = app_wait.max(id_wait);
-        if longest > Duration::ZERO {
-            return Err(longest);
+        let app_wait = shared_wait(&mut b, (app_id, ""), self.app_per_min, now);
+        if app_wait > Duration::ZERO {
+            return Err(Held::App { until: now + app_wait.as_millis() as i64 });
+        }
+        let id_wait = shared_wait(&mut b, (app_id, identity), self.identity_per_min, now);
+        if id_wait > Duration::ZERO {
+            return Err(Held::Identity { until: now + id_wait.as_millis() as i64 });
         }
         for (key, rate) in [((app_id, ""), self.app_per_min), ((app_id, identity), self.identity_per_min)] {
-            if rate > 0 {
-                if let Some(bucket) = b.get_mut(&(key.0.to_owned(), key.1.to_owned())) {
-                    bucket.tokens -= 1.0;
-                }
+            if rate > 0
+                && let Some(bucket) = b.get_mut(&(key.0.to_owned(), key.1.to_owned()))
+            {
+                bucket.tokens -= 1.0;
             }
         }
         Ok(())
     }
 }
 
-fn wait(b: &mut HashMap<(String, String), Bucket>, key: (&str, &str), per_min: u32, now: Instant) -> Duration {
-    if per_min == 0 {
-        return Duration::ZERO;
+impl Admission for RateLimiter {
+    fn admit(&self, app_id: &str, identity: &str, now: Millis) -> Result<(), Held> {
+        self.try_take(app_id, identity, now)
     }
-    let cap = per_min as f64;
-    let bucket = b.entry((key.0.to_owned(), key.1.to_owned())).or_insert(Bucket { tokens: cap, at: now });
-    let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * cap / 60.0;
-    bucket.tokens = (bucket.tokens + refill).min(cap);
-    bucket.at = now;
-    if bucket.tokens >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - bucket.tokens) * 60.0 / cap) }
 }
 
 /// A budget as a shared store keeps it: tokens left, and when they were counted (Unix ms). Several relay instances
@@ -134,19 +128,28 @@ mod tests {
     #[test]
     fn an_identity_over_its_budget_waits_while_others_go_on() {
         let rl = RateLimiter::new(100, 2);
-        let t = Instant::now();
+        let t = 1_000_000;
         assert!(rl.try_take("1", "a", t).is_ok());
         assert!(rl.try_take("1", "a", t).is_ok());
-        let wait = rl.try_take("1", "a", t).unwrap_err();
-        assert!(wait > Duration::from_secs(29) && wait <= Duration::from_secs(30), "{wait:?}");
+        let Err(Held::Identity { until }) = rl.try_take("1", "a", t) else { panic!("the identity budget is spent") };
+        assert!(until - t > 29_000 && until - t <= 30_000, "{}", until - t);
         assert!(rl.try_take("1", "b", t).is_ok());
-        assert!(rl.try_take("1", "a", t + Duration::from_secs(30)).is_ok(), "refills over time");
+        assert!(rl.try_take("1", "a", t + 30_000).is_ok(), "refills over time");
+    }
+
+    #[test]
+    fn a_spent_app_budget_holds_every_identity_and_says_so() {
+        let rl = RateLimiter::new(2, 0);
+        assert!(rl.try_take("1", "a", 0).is_ok());
+        assert!(rl.try_take("1", "b", 0).is_ok());
+        assert!(matches!(rl.try_take("1", "c", 0), Err(Held::App { until: 30_000 })));
+        assert!(rl.try_take("2", "c", 0).is_ok(), "another app_id has its own budget");
     }
 
     #[test]
     fn zero_turns_a_budget_off() {
         let rl = RateLimiter::new(0, 0);
-        let t = Instant::now();
+        let t = 0;
         for _ in 0..10_000 {
             assert!(rl.try_take("1", "a", t).is_ok());
         }

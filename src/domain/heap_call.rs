@@ -154,7 +154,14 @@ impl TrackEvent {
         }
         .unwrap_or_else(|| {
             let mut parts: Vec<&str> = cx.key_seed.to_vec();
-            parts.extend([who.as_str(), event.as_str(), sender_time.as_ref().map_or("", |t| t.as_str())]);
+            // When the body was received, too: the same content received again later is a new event to Heap (a
+            // sender's retry never gets this far; the store's dedupe window answers it at the door).
+            parts.extend([
+                who.as_str(),
+                event.as_str(),
+                sender_time.as_ref().map_or("", |t| t.as_str()),
+                cx.received_at.as_str(),
+            ]);
             IdempotencyKey::derive(&parts)
         });
         let properties = Properties::flatten(obj.get("properties").unwrap_or(&Value::Null), cx.limits)
@@ -315,14 +322,16 @@ mod tests {
     }
 
     #[test]
-    fn track_without_timestamp_gets_received_time_and_a_stable_derived_key() {
+    fn track_without_timestamp_gets_received_time_and_a_key_stable_for_that_receipt_only() {
         let (p, l, now) = (AppIdPolicy::default(), PropertyLimits::default(), Timestamp::now());
         let body = obj(json!({"identity": "u1", "event": "E", "properties": {"a": {"b": 1}}}));
         let a = TrackEvent::build(&body, &cx(&p, &l, &now)).unwrap();
-        let b = TrackEvent::build(&body, &cx(&p, &l, &Timestamp::parse(&json!(1)).unwrap())).unwrap();
+        let again = TrackEvent::build(&body, &cx(&p, &l, &now)).unwrap();
+        let later = TrackEvent::build(&body, &cx(&p, &l, &Timestamp::parse(&json!(1)).unwrap())).unwrap();
         assert_eq!(a.app_id.as_str(), "11");
         assert_eq!(a.timestamp, now);
-        assert_eq!(a.idempotency_key, b.idempotency_key, "receive time must not change the key");
+        assert_eq!(a.idempotency_key, again.idempotency_key, "a re-render of the same receipt keeps its key");
+        assert_ne!(a.idempotency_key, later.idempotency_key, "the same content received again is a new event");
         assert_eq!(a.bulk_item()["properties"], json!({"a.b": 1}));
     }
 

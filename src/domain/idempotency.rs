@@ -1,7 +1,13 @@
-//! The `idempotency_key` Heap dedupes on. Stable across retries of the same input, so a CleverTap resend of the
-//! same body, or a redelivery after a crash, never counts twice in Heap.
+//! The `idempotency_key` Heap dedupes on. Stable across the relay's own retries and re-renders of one stored body,
+//! so a redelivery after a crash never counts twice in Heap; a derived key includes when the body was received, so
+//! a genuine repeat (the same campaign body a day later) is a new event. A sender's retries of one body are caught
+//! before this, at the door (the store's dedupe window).
 
 use sha2::{Digest, Sha256};
+
+/// Prefix of keys derived from content, and of over-long message ids hashed to fit.
+const DERIVED: &str = "hr1-";
+const HASHED_MESSAGE_ID: &str = "hm1-";
 
 /// Longer source message ids are hashed to keep the key small.
 const MAX_KEY_CHARS: usize = 255;
@@ -18,7 +24,9 @@ impl IdempotencyKey {
             return None;
         }
         if id.chars().count() > MAX_KEY_CHARS {
-            return Some(Self::derive(&["message-id", id]));
+            let mut hashed = Self::derive(&["message-id", id]);
+            hashed.0.replace_range(..DERIVED.len(), HASHED_MESSAGE_ID);
+            return Some(hashed);
         }
         Some(Self(id.to_owned()))
     }
@@ -32,7 +40,13 @@ impl IdempotencyKey {
             h.update(p.as_bytes());
         }
         let digest = h.finalize();
-        Self(format!("hr1-{}", hex::encode(&digest[..16])))
+        Self(format!("{DERIVED}{}", hex::encode(&digest[..16])))
+    }
+
+    /// Whether the relay made this key up from content (the sender gave none). A sender's own key is its way of
+    /// naming a retry; a derived one is not. (A sender key that happens to start with `hr1-` is taken as derived.)
+    pub fn is_derived(&self) -> bool {
+        self.0.starts_with(DERIVED)
     }
 
     pub fn as_str(&self) -> &str {
@@ -54,6 +68,8 @@ mod tests {
     fn message_ids_are_kept_and_overlong_ones_hashed() {
         assert_eq!(IdempotencyKey::from_message_id(" m-1 ").unwrap().as_str(), "m-1");
         assert!(IdempotencyKey::from_message_id("").is_none());
-        assert!(IdempotencyKey::from_message_id(&"x".repeat(300)).unwrap().as_str().starts_with("hr1-"));
+        let long = IdempotencyKey::from_message_id(&"x".repeat(300)).unwrap();
+        assert!(long.as_str().starts_with("hm1-") && !long.is_derived(), "{long:?}");
+        assert!(IdempotencyKey::derive(&["a"]).is_derived());
     }
 }

@@ -110,7 +110,7 @@ pub async fn replay(_: Admin, body: web::Bytes, state: web::Data<AppState>) -> R
     })
     .await
     .map_err(|e| ApiError::internal(&e))?;
-    i.delivery.wake.notify_waiters();
+    i.delivery.wake();
     Ok(HttpResponse::Ok().json(report))
 }
 

@@ -1,9 +1,10 @@
 //! The durable queue and delivery log. Ingest appends a raw body with the events rendered from it in one
-//! transaction; delivery workers claim ready events under a lease, and record every attempt.
+//! transaction (deduplicating a sender's retries in the same commit); delivery workers claim ready events under a
+//! lease, and record every Heap call that carried them.
 //!
-//! Schema and claim protocol are plain SQL (rows for events and attempts; a claim sets an owner, an expiry and a
-//! fencing token). Two backends follow it: `sqlite` (the embedded default, one instance) and `postgres` (several
-//! instances sharing one queue, claims with `FOR UPDATE SKIP LOCKED`).
+//! Two backends keep these promises: `sqlite` (the embedded default, one instance) is an append-only ingest log
+//! plus delivery's own books in a second file, so that nothing delivery writes holds up an ingest commit;
+//! `postgres` (several instances sharing one queue) keeps a row per event and claims with `FOR UPDATE SKIP LOCKED`.
 
 pub mod postgres;
 pub mod sqlite;
@@ -67,6 +68,9 @@ pub struct NewEvent {
     pub identity: String,
     pub idempotency_key: Option<String>,
     pub payload: String,
+    /// The sender's own id for this item (Segment `messageId`, a Heap body's `idempotency_key`): a second item
+    /// with the same key within the dedupe window is a retry, answered with the first one's event id.
+    pub dedupe_key: Option<String>,
 }
 
 /// An item refused at ingest, logged so the operator can find it and a re-render can repair it.
@@ -89,6 +93,40 @@ pub struct Ingested {
     pub rejections: Vec<NewRejection>,
     /// When this re-renders a stored body, the body's row id (no new raw row is written).
     pub replay_of_raw: Option<i64>,
+    /// Names this request as a whole (a hash of source, template and body) for senders that retry by re-sending
+    /// the same body: a second request with the same key within the dedupe window is not stored again.
+    pub request_key: Option<String>,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// One id per event of the append, in order: a new event's own id, or, for an item the dedupe window already
+    /// holds, the id its first delivery got.
+    pub event_ids: Vec<String>,
+    /// The whole request was a retry of one already stored: nothing was written.
+    pub duplicate: bool,
+    /// Events dropped as retries of ones already stored (all of them when `duplicate`).
+    pub duplicates: usize,
+    /// Where the append was written: the ingest log entry (SQLite) or raw body row (PostgreSQL); none for a
+    /// duplicate.
+    pub entry: Option<i64>,
+}
+
+/// Whether the rate budgets let an event go now. Delivery implements it; the store asks it while choosing what to
+/// claim, so that nothing is claimed that the budgets would hold back.
+pub trait Admission: Send + Sync {
+    /// Takes one event's worth of the app's and the identity's budgets, or says which one is spent and until when.
+    fn admit(&self, app_id: &str, identity: &str, now: Millis) -> Result<(), Held>;
+}
+
+/// Why an event may not go yet, and until when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// The app_id's budget is spent: no event of that app_id may go before `until`.
+    App { until: Millis },
+    /// This identity's budget is spent; other identities of the app may go.
+    Identity { until: Millis },
 }
 
 /// An event leased to a worker.
@@ -123,6 +161,9 @@ pub enum Resolution {
 /// One HTTP attempt that carried an event.
 #[derive(Debug, Clone)]
 pub struct AttemptLog {
+    /// Which Heap call this was (unique within the process): every event a call carried shares it, so a store can
+    /// keep one record per call.
+    pub call: u64,
     pub at: Millis,
     pub http_status: Option<u16>,
     pub latency_ms: i64,
@@ -201,6 +242,9 @@ pub struct QueueStats {
     /// `None` where the backend does not count them.
     pub commits: Option<u64>,
     pub bodies_committed: Option<u64>,
+    /// Commits of delivery's own books (SQLite: a separate file and writer from the ingest log, whose commits
+    /// `commits` counts), so a test can see which writer a piece of work went through.
+    pub delivery_commits: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,12 +292,14 @@ macro_rules! delegate {
 }
 
 impl Store {
-    /// Writes a body and everything rendered from it, durably, in one transaction.
-    pub async fn append(&self, ingested: Ingested) -> Result<(), StoreError> {
+    /// Writes a body and everything rendered from it, durably, in one transaction, unless the dedupe window holds
+    /// it already (see [`Appended`]).
+    pub async fn append(&self, ingested: Ingested) -> Result<Appended, StoreError> {
         delegate!(self, s => s.append(ingested).await)
     }
 
     /// Leases up to `limit` ready events (oldest first) to `owner` until `now + lease_ms`, skipping `paused` app_ids.
+    /// With `admission`, only events it admits are claimed (their budget is taken); without, the caller admits.
     pub async fn claim(
         &self,
         owner: &str,
@@ -261,8 +307,18 @@ impl Store {
         lease_ms: i64,
         limit: i64,
         paused: Vec<String>,
+        admission: Option<std::sync::Arc<dyn Admission>>,
     ) -> Result<Vec<Claimed>, StoreError> {
-        delegate!(self, s => s.claim(owner, now, lease_ms, limit, paused).await)
+        match self {
+            Store::Sqlite(s) => s.claim(owner, now, lease_ms, limit, paused, admission).await,
+            Store::Postgres(s) => s.claim(owner, now, lease_ms, limit, paused).await,
+        }
+    }
+
+    /// Whether [`Store::claim`] asks the admission itself (SQLite: budgets before claims, from memory); otherwise
+    /// the caller takes the budget after the claim (PostgreSQL: budgets shared in the database).
+    pub fn admits_in_claim(&self) -> bool {
+        matches!(self, Store::Sqlite(_))
     }
 
     /// Records attempts and outcomes; records with a stale lease token are ignored. Returns how many applied.

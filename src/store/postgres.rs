@@ -215,10 +215,12 @@ impl PgStore {
     }
 
     /// Writes a body and everything rendered from it, durably, in one transaction (shared with concurrent appends).
-    pub async fn append(&self, ingested: Ingested) -> Result<(), StoreError> {
+    pub async fn append(&self, ingested: Ingested) -> Result<Appended, StoreError> {
+        let event_ids = ingested.events.iter().map(|e| e.event_id.clone()).collect();
         let (reply, rx) = oneshot::channel();
         self.appends.send(PendingAppend { ingested, reply }).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        rx.await.map_err(|_| StoreError::Closed)??;
+        Ok(Appended { event_ids, duplicate: false, duplicates: 0, entry: None })
     }
 
     /// Leases up to `limit` ready events (oldest first) to `owner` until `now + lease_ms`, skipping rows another

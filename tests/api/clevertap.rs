@@ -142,20 +142,6 @@ async fn a_value_holding_json_syntax_cannot_change_app_id_or_add_fields() {
 }
 
 #[tokio::test]
-async fn clevertap_retries_of_the_same_body_carry_the_same_idempotency_keys() {
-    let app = spawn_app().await;
-    let body = fixture("clevertap-profile-batch.json");
-    for _ in 0..3 {
-        assert_eq!(app.post_hook("clevertap", &body).await.status(), 202);
-    }
-    let items = app.wait_for_heap(6, WAIT).await;
-    let mut keys: Vec<&str> = items.iter().map(|(_, i)| i["idempotency_key"].as_str().unwrap()).collect();
-    keys.sort();
-    keys.dedup();
-    assert_eq!(keys.len(), 2, "one key per profile across the three sends: {keys:?}");
-}
-
-#[tokio::test]
 async fn the_heap_recipe_from_clevertaps_guide_works_as_a_template_with_its_defaults() {
     let app = spawn_app().await;
     let body = json!({"targetId": 3, "profiles": [

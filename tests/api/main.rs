@@ -4,6 +4,7 @@ mod admin;
 mod clevertap;
 mod cli;
 mod crash;
+mod dedupe;
 mod delivery;
 mod errors;
 mod heap_compat;

@@ -307,7 +307,7 @@ fn delivery_on(store: PgStore, heap: &str, lease: Duration) -> Arc<Delivery> {
     let client = HeapClient::new(heap, Duration::from_secs(30)).expect("client");
     // Small claims (4 × max_batch), so racing workers keep colliding on the oldest rows.
     let config = DeliveryConfig { linger: Duration::ZERO, lease, max_batch: 50, ..DeliveryConfig::default() };
-    Arc::new(Delivery::new(Store::Postgres(store), client, config, RateLimiter::new(0, 0), Arc::new(Metrics::new())))
+    Arc::new(Delivery::new(Store::Postgres(store), client, config, RateLimiter::new(0, 0), Arc::new(Metrics::new()), Default::default()))
 }
 
 async fn pg_store(schema: &TestSchema) -> PgStore {

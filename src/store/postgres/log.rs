@@ -78,6 +78,7 @@ impl PgStore {
             )
             .await?;
         Ok(QueueStats {
+            delivery_commits: None,
             ready_or_waiting: r.get(0),
             oldest_pending_ms: r.get(1),
             dead: r.get(2),

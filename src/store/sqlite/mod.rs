@@ -1,0 +1,308 @@
+//! The embedded default store, in two SQLite files (WAL, `synchronous=FULL`):
+//!
+//! - the ingest log (`store.path`, module `log`): one append per request, written by one thread with group commit;
+//!   an ingest's 202 follows the fsync of its commit, and nothing else writes to this file but retention;
+//! - delivery's books (`<store.path stem>.delivery.db`, module `books`): progress through the log, one record per
+//!   Heap call, and rows only for events that need more than one clean delivery.
+//!
+//! Because the books are another file with another writer, delivery's claims and records never wait for, nor make
+//! wait, an ingest commit. `views` reads both for the delivery log and the queue figures.
+
+mod books;
+mod codec;
+mod log;
+mod views;
+
+use super::*;
+use books::State;
+use rusqlite::Connection;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use tokio::sync::oneshot;
+
+pub use codec::parse_event_id;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SqliteOptions {
+    /// Refuse new bodies once both files hold this many bytes (0: no limit).
+    pub max_bytes: u64,
+    /// A request or message id seen again within this many milliseconds is a sender's retry (0: no dedupe).
+    pub dedupe_window_ms: i64,
+}
+
+/// Rows deleted per prune call, so one prune never holds a write lock for long.
+const PRUNE_CHUNK: i64 = 5000;
+
+/// The store handle; cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    tx: mpsc::SyncSender<log::Cmd>,
+    books: Arc<Mutex<State>>,
+    counters: Arc<log::Counters>,
+    books_bytes: Arc<AtomicI64>,
+    options: SqliteOptions,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    Ok(conn)
+}
+
+/// The books' file beside the log: `relay.db` → `relay.delivery.db`.
+pub fn books_path(path: &Path) -> PathBuf {
+    path.with_extension("delivery.db")
+}
+
+fn table_exists(c: &Connection, name: &str) -> Result<bool, StoreError> {
+    Ok(c.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1", [name], |r| {
+        r.get::<_, i64>(0)
+    })? > 0)
+}
+
+/// A file written by the store before the ingest log (one row per event in `events`) is never misread: the relay
+/// refuses it and says what to do.
+fn refuse_old_schema(c: &Connection, path: &Path) -> Result<(), StoreError> {
+    if table_exists(c, "events")? && !table_exists(c, "log")? {
+        return Err(StoreError::Config(format!(
+            "{} holds a queue in the format of heap-relay before the ingest log (tables raw_bodies, events, \
+             attempts), which this version does not read. Back the file up, then either let the previous version \
+             drain it (until `heap-relay deliveries --status pending` and `--status retrying` show nothing) and \
+             move it aside, or point store.path at a new file. See README, \"Upgrading\".",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the log at `path` and the books beside it, and starts the log's writer thread.
+    pub fn open(path: &Path, options: SqliteOptions) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let writer = connect(path)?;
+        refuse_old_schema(&writer, path)?;
+        writer.execute_batch(log::SCHEMA)?;
+        let books_conn = connect(&books_path(path))?;
+        let state = State::open(books_conn, connect(path)?)?;
+        let books_bytes = Arc::new(AtomicI64::new(log::used_bytes(&state.conn)));
+        let (tx, rx) = mpsc::sync_channel::<log::Cmd>(4096);
+        let counters = Arc::new(log::Counters::default());
+        let w = log::Writer {
+            conn: writer,
+            max_bytes: options.max_bytes,
+            dedupe_window_ms: options.dedupe_window_ms,
+            counters: counters.clone(),
+            books_bytes: books_bytes.clone(),
+        };
+        std::thread::Builder::new().name("ingest-log-writer".into()).spawn(move || w.run(rx))?;
+        Ok(Self { tx, books: Arc::new(Mutex::new(state)), counters, books_bytes, options, path: path.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> log::Cmd) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = make(reply);
+        // The channel is bounded; a full channel means the writer is far behind, and waiting is the right answer.
+        // Waiting blocks, so only then is a blocking thread worth its hand-off (measured: one per request cost more
+        // than the send itself).
+        match self.tx.try_send(cmd) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(StoreError::Closed),
+            Err(mpsc::TrySendError::Full(cmd)) => {
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || tx.send(cmd))
+                    .await
+                    .map_err(|_| StoreError::Closed)?
+                    .map_err(|_| StoreError::Closed)?;
+            }
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Work on delivery's books (and the in-memory window), off the async threads.
+    async fn books<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let books = self.books.clone();
+        let bytes = self.books_bytes.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut st = books.lock().unwrap_or_else(|p| p.into_inner());
+            let before = st.commits;
+            let out = f(&mut st);
+            if st.commits != before {
+                bytes.store(log::used_bytes(&st.conn), Ordering::Relaxed);
+            }
+            out
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Appends a body and everything rendered from it, durably (see [`Store::append`]). A re-render then marks
+    /// what it replaces in the books.
+    pub async fn append(&self, mut ingested: Ingested) -> Result<Appended, StoreError> {
+        let replay_of = ingested.replay_of_raw;
+        if replay_of.is_none() {
+            // Compressed here, on the caller's thread, so the one writer thread only writes.
+            ingested.body = codec::compress(std::mem::take(&mut ingested.body));
+        }
+        let appended = self.call(|r| log::Cmd::Append(ingested, r)).await?;
+        if let (Some(root), Some(seq)) = (replay_of, appended.entry) {
+            let now = now_ms();
+            self.books(move |st| {
+                let ids = views::superseded_by(st, root, seq)?;
+                st.set_own(&ids, Status::Replaced.as_str(), now)
+            })
+            .await?;
+        }
+        Ok(appended)
+    }
+
+    /// Leases up to `limit` events to `owner`: due retries and replays first, then the log in order. With
+    /// `admission`, an event is claimed only if the budgets let it go now.
+    pub async fn claim(
+        &self,
+        owner: &str,
+        now: Millis,
+        lease_ms: i64,
+        limit: i64,
+        paused: Vec<String>,
+        admission: Option<Arc<dyn Admission>>,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let owner = owner.to_owned();
+        self.books(move |st| st.claim(&owner, now, lease_ms, limit, &paused, admission.as_deref())).await
+    }
+
+    /// Records attempts and their outcomes; records with a stale lease token are ignored. Returns how many applied.
+    pub async fn record(&self, records: Vec<AttemptRecord>) -> Result<usize, StoreError> {
+        let now = now_ms();
+        self.books(move |st| st.record(records, now)).await
+    }
+
+    /// Puts the selected events back in the queue, due now. Returns how many.
+    pub async fn requeue(&self, selector: Selector) -> Result<i64, StoreError> {
+        let now = now_ms();
+        self.books(move |st| {
+            let ids: Vec<i64> = views::select(st, &selector)?
+                .into_iter()
+                .filter(|(_, s)| matches!(s, Status::Dead | Status::Delivered | Status::Retrying | Status::Pending))
+                .map(|(id, _)| id)
+                .collect();
+            st.set_own(&ids, Status::Pending.as_str(), now).map(|n| n as i64)
+        })
+        .await
+    }
+
+    /// Gives back every lease `owner` holds (shutdown), so another worker can take the events at once.
+    pub async fn release_owner(&self, owner: &str) -> Result<usize, StoreError> {
+        let owner = owner.to_owned();
+        self.books(move |st| Ok(st.release_owner(&owner))).await
+    }
+
+    /// Deletes delivered log entries (with their books) older than `before`, and dedupe records past the window.
+    /// Entries holding a refusal, a waiting or dead event, or a body a re-render points at are kept. Returns the
+    /// number of events deleted.
+    pub async fn prune(&self, before: Millis) -> Result<usize, StoreError> {
+        let seqs = self.books(move |st| st.prune(before, PRUNE_CHUNK)).await?;
+        let dedupe_before = now_ms().saturating_sub(self.options.dedupe_window_ms);
+        self.call(|reply| log::Cmd::Prune { seqs, dedupe_before, reply }).await
+    }
+
+    pub async fn list(&self, q: Query) -> Result<Vec<EventView>, StoreError> {
+        self.books(move |st| views::list(st, &q)).await
+    }
+
+    pub async fn get(&self, event_id: &str) -> Result<EventView, StoreError> {
+        let id = event_id.to_owned();
+        self.books(move |st| views::get(st, &id)).await
+    }
+
+    pub async fn stats(&self) -> Result<QueueStats, StoreError> {
+        let mut s = self.books(|st| views::stats(st)).await?;
+        s.commits = Some(self.counters.commits.load(Ordering::Relaxed));
+        s.bodies_committed = Some(self.counters.bodies.load(Ordering::Relaxed));
+        Ok(s)
+    }
+
+    /// The raw bodies behind the selected events, for a re-render.
+    pub async fn raw_bodies(&self, selector: Selector) -> Result<Vec<RawBody>, StoreError> {
+        self.books(move |st| views::raw_bodies(st, &selector)).await
+    }
+
+    /// Checks that both files answer (for /readyz).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.books(|st| {
+            st.log.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(st.conn.query_row("SELECT 1", [], |_| Ok(()))?)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(n: i64) -> Ingested {
+        Ingested {
+            source: "heap".into(),
+            template: "track".into(),
+            body: format!("{{\"n\": {n}}}").into_bytes(),
+            received_at: n,
+            events: Vec::new(),
+            rejections: Vec::new(),
+            replay_of_raw: None,
+            request_key: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), SqliteOptions::default()).unwrap();
+        let appends = (0..64).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append(body(i)).await })
+        });
+        for a in futures_util::future::join_all(appends).await {
+            a.unwrap().unwrap();
+        }
+        let stats = store.stats().await.unwrap();
+        assert_eq!(stats.bodies_committed, Some(64));
+        let commits = stats.commits.unwrap();
+        assert!(commits < 32, "64 concurrent appends took {commits} commits; group commit should share them");
+    }
+
+    #[test]
+    fn a_database_in_the_format_before_the_ingest_log_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-schema-v1.db");
+        std::fs::copy(fixture, &path).unwrap();
+        let err = SqliteStore::open(&path, SqliteOptions::default()).expect_err("the old format is refused");
+        let msg = err.to_string();
+        assert!(msg.contains("before the ingest log") && msg.contains("Back the file up"), "{msg}");
+        // Nothing was written to it: the previous version can still drain it.
+        let c = Connection::open(&path).unwrap();
+        assert!(!table_exists(&c, "log").unwrap());
+        let pending: i64 = c.query_row("SELECT count(*) FROM events", [], |r| r.get(0)).unwrap();
+        assert_eq!(pending, 3);
+    }
+}
