@@ -37,6 +37,26 @@ pub struct Load {
     pub per_connection_interval: Option<Duration>,
 }
 
+pub use crate::bodies::FRESH;
+/// The next number a request gets, across every phase of a run.
+static NEXT_FRESH: AtomicU64 = AtomicU64::new(1);
+
+/// Where `FRESH` occurs in `bytes`.
+fn fresh_offsets(bytes: &[u8]) -> Vec<usize> {
+    let marker = FRESH.as_bytes();
+    (0..bytes.len().saturating_sub(marker.len() - 1)).filter(|&i| &bytes[i..i + marker.len()] == marker).collect()
+}
+
+/// The request with a fresh number written over every `FRESH` (same length, so Content-Length holds).
+fn freshen(request: &[u8], offsets: &[usize], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(request);
+    let n = format!("{:012}", NEXT_FRESH.fetch_add(1, Ordering::Relaxed) % 1_000_000_000_000);
+    for &at in offsets {
+        out[at..at + FRESH.len()].copy_from_slice(n.as_bytes());
+    }
+}
+
 pub async fn drive(url: &str, body: &[u8], expect: u16, load: Load) -> LoadResult {
     let issued = Arc::new(AtomicU64::new(0));
     let (addr, path) = split_url(url);
@@ -51,11 +71,13 @@ pub async fn drive(url: &str, body: &[u8], expect: u16, load: Load) -> LoadResul
         ]
         .concat(),
     );
+    let offsets: Arc<[usize]> = fresh_offsets(&request).into();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..CONNECTIONS {
-        let (addr, request, issued) = (addr.clone(), request.clone(), issued.clone());
+        let (addr, request, issued, offsets) = (addr.clone(), request.clone(), issued.clone(), offsets.clone());
         tasks.push(tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(request.len());
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
             let (mut ok, mut failed) = (0u64, 0u64);
             let mut conn: Option<Conn> = None;
@@ -69,8 +91,9 @@ pub async fn drive(url: &str, body: &[u8], expect: u16, load: Load) -> LoadResul
                 if conn.is_none() {
                     conn = Conn::open(&addr).await;
                 }
+                freshen(&request, &offsets, &mut buf);
                 let status = match conn.as_mut() {
-                    Some(c) => c.round_trip(&request).await,
+                    Some(c) => c.round_trip(&buf).await,
                     None => None,
                 };
                 let _ = hist.record(t.elapsed().as_micros().max(1) as u64);

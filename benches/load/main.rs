@@ -1,6 +1,9 @@
 //! Load harness: starts a bare actix-web baseline, the release relay binary (a child process, so its RSS can be
 //! read from /proc) and a mock Heap, all on 127.0.0.1, drives each scenario from an in-process HTTP client with 32
-//! connections (bounded in count and time), and prints one table. `-- --soak` runs the million-event soak instead.
+//! connections (bounded in count and time), and prints one table. The relay runs on the shipped `config.toml`
+//! (rate budgets on); every request carries fresh identities, so the relay's dedupe of retries never answers the
+//! load. `-- --backlog` measures ingest and idle cost with a million events held back by the budgets, then delivery
+//! of that backlog with the budgets off; `-- --soak` runs the million-event soak.
 //!
 //! Run: `cargo bench --bench load` (see docs/benchmarks.md). Options after `--`: `--secs N` (measured seconds per
 //! phase, default 10), `--scenario NAME` (run one), `--compare PATH` (also measure another relay binary, e.g. an
@@ -15,7 +18,7 @@ mod servers;
 
 use bodies::{Scenario, clevertap_with, scenarios};
 use client::{Load, LoadResult, drive, probe, wait_for_heap};
-use relay::{Relay, Sampler, cpu_time, mb, rss_kb};
+use relay::{Relay, Sampler, cpu_time, mb, rss_kb, write_bytes};
 use servers::{HeapCounters, spawn_actix};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -28,7 +31,11 @@ const APP_ID: &str = "1234567890";
 const MAX_REQUESTS_PER_PHASE: u64 = 3_000_000;
 const WARMUP: Duration = Duration::from_secs(1);
 /// How long to wait, by default, for the mock Heap to receive every accepted event after a scenario's load ends.
-const DRAIN_DEADLINE_SECS: u64 = 240;
+/// Short: on the shipped config the rate budgets (not the relay) bound delivery, so the table shows how much
+/// arrived and that it stayed within the budget.
+const DRAIN_DEADLINE_SECS: u64 = 10;
+/// The shipped budgets (config.toml): events per minute per app_id; a bucket that starts full.
+const APP_BUDGET_PER_MIN: f64 = 15_000.0;
 // The table
 
 struct Row {
@@ -47,6 +54,10 @@ struct Row {
     store_bytes: u64,
     /// Relay CPU time (all threads, user + system) during the measured load phase.
     relay_cpu: Duration,
+    /// Bytes the relay wrote to storage during the measured load phase.
+    written: u64,
+    /// Heap never got more than the app budget allows since the relay started (bucket + rate x elapsed).
+    within_budget: bool,
 }
 
 fn print_table(rows: &[Row]) {
@@ -54,9 +65,9 @@ fn print_table(rows: &[Row]) {
     println!(
         "| scenario | body B | ev/req | baseline req/s | relay req/s | ratio | relay ev/s | p50 ms | p99 ms | p99.9 ms | \
          baseline p99 ms | non-202 | e2e s | delivery ev/s | Heap reqs | ev/Heap req | drain after load s | \
-         peak RSS MB | final RSS MB | store MB per 1M ev | relay CPU µs/req |"
+         peak RSS MB | final RSS MB | store MB per 1M ev | relay CPU µs/req | bytes written per ev | Heap within budget |"
     );
-    println!("|{}", "---|".repeat(21));
+    println!("|{}", "---|".repeat(23));
     for r in rows {
         let e2e = r.e2e.map_or("timeout".to_owned(), |d| format!("{:.1}", d.as_secs_f64()));
         let drain = r.drain_after_load.map_or("timeout".to_owned(), |d| format!("{:.1}", d.as_secs_f64()));
@@ -65,7 +76,7 @@ fn print_table(rows: &[Row]) {
         });
         println!(
             "| {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {:.0} | \
-             {} | {:.1} | {:.1} | {:.0} | {:.0} |",
+             {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {} |",
             r.name,
             r.body_bytes,
             r.events_per_req,
@@ -87,6 +98,8 @@ fn print_table(rows: &[Row]) {
             mb(r.final_rss_kb),
             r.store_bytes as f64 / (1024.0 * 1024.0) * 1e6 / r.expected.max(1) as f64,
             r.relay_cpu.as_secs_f64() * 1e6 / (r.relay.ok + r.relay.failed).max(1) as f64,
+            r.written as f64 / (r.relay.ok * r.events_per_req).max(1) as f64,
+            if r.within_budget { "yes" } else { "NO" },
         );
     }
 }
@@ -98,6 +111,8 @@ struct Args {
     scenario: Option<String>,
     soak: bool,
     soak_events: u64,
+    backlog: bool,
+    backlog_events: u64,
     /// Another relay binary (an older build) measured in the same run, against the same baseline.
     compare: Option<PathBuf>,
     /// Longest wait for Heap to receive everything after a scenario's load.
@@ -110,6 +125,8 @@ fn args() -> Args {
         scenario: None,
         soak: false,
         soak_events: 1_000_000,
+        backlog: false,
+        backlog_events: 1_000_000,
         compare: None,
         drain_secs: DRAIN_DEADLINE_SECS,
     };
@@ -139,6 +156,11 @@ fn args() -> Args {
                 i += 1;
             }
             "--soak" => a.soak = true,
+            "--backlog" => a.backlog = true,
+            "--backlog-events" => {
+                a.backlog_events = next.and_then(|v| v.parse().ok()).expect("--backlog-events N");
+                i += 1;
+            }
             _ => {} // `cargo bench` passes --bench; anything else unknown is ignored.
         }
         i += 1;
@@ -155,12 +177,14 @@ fn main() {
     let (heap_port, heap_handle) = spawn_actix(1, Some(heap.clone()));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "heap-relay load harness: {} CPUs, {CONNECTIONS} connections, relay {} (rate budgets off: \
-         HEAP_RELAY__DELIVERY__APP_EVENTS_PER_MINUTE=0, ..._IDENTITY_EVENTS_PER_MINUTE=0, sources.*.requests_per_minute=0)",
+        "heap-relay load harness: {} CPUs, {CONNECTIONS} connections, relay {} on the shipped config.toml \
+         (rate budgets on; fresh identities in every request)",
         cpus,
         env!("CARGO_BIN_EXE_heap-relay")
     );
-    if a.soak {
+    if a.backlog {
+        backlog(&rt, &heap, heap_port, Duration::from_secs(a.secs), a.backlog_events);
+    } else if a.soak {
         soak(&rt, &heap, heap_port, a.soak_events);
     } else {
         let mut bins = vec![("", PathBuf::from(env!("CARGO_BIN_EXE_heap-relay")))];
@@ -215,12 +239,12 @@ fn run_scenario(
             let url = relay.url(s.path);
             let sampler = Sampler::start(relay.pid(), Duration::from_millis(200), None);
             let t0 = Instant::now();
-            let (per_req, warm_res, res, relay_cpu) = rt.block_on(async {
+            let (per_req, warm_res, res, relay_cpu, written) = rt.block_on(async {
                 let per_req = probe(&url, &s.body).await;
                 let w = drive(&url, &s.body, 202, warm).await;
-                let cpu0 = cpu_time(relay.pid());
+                let (cpu0, w0) = (cpu_time(relay.pid()), write_bytes(relay.pid()));
                 let r = drive(&url, &s.body, 202, load).await;
-                (per_req, w, r, cpu_time(relay.pid()).saturating_sub(cpu0))
+                (per_req, w, r, cpu_time(relay.pid()).saturating_sub(cpu0), write_bytes(relay.pid()).saturating_sub(w0))
             });
             let load_end = Instant::now();
             let expected = per_req * (1 + warm_res.ok + res.ok);
@@ -244,11 +268,143 @@ fn run_scenario(
                 final_rss_kb: final_rss,
                 store_bytes: relay.store_bytes(),
                 relay_cpu,
+                written,
+                within_budget: within_budget(heap, t0),
             };
             relay.stop();
             row
         })
         .collect()
+}
+
+/// Whether the mock Heap got no more than one app_id's budget allows since `since`: a full bucket plus the rate.
+fn within_budget(heap: &HeapCounters, since: Instant) -> bool {
+    let allowed = APP_BUDGET_PER_MIN + APP_BUDGET_PER_MIN / 60.0 * since.elapsed().as_secs_f64();
+    heap.events.load(Ordering::SeqCst) as f64 <= allowed
+}
+
+/// Ingest and idle cost with a backlog held back by the shipped budgets, then delivery of it with the budgets off.
+/// Every figure is printed beside its same-run reference.
+fn backlog(rt: &tokio::runtime::Runtime, heap: &Arc<HeapCounters>, heap_port: u16, secs: Duration, events: u64) {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_heap-relay"));
+    let small = serde_json::to_vec(&clevertap_with(2)).expect("serialises");
+    let big = serde_json::to_vec(&clevertap_with(100)).expect("serialises");
+    let load = Load { duration: secs, max_requests: MAX_REQUESTS_PER_PHASE, per_connection_interval: None };
+    let warm = Load { duration: WARMUP, ..load };
+
+    eprintln!("[backlog] baseline ({} s) ...", secs.as_secs());
+    let (base_port, base_handle) = spawn_actix(cpus(), None);
+    let base_url = format!("http://127.0.0.1:{base_port}/hooks/clevertap");
+    let base = rt.block_on(async {
+        drive(&base_url, &small, 202, warm).await;
+        drive(&base_url, &small, 202, load).await
+    });
+    rt.block_on(base_handle.stop(false));
+
+    heap.reset();
+    let relay = Relay::start(&bin, heap_port, &[]);
+    let t0 = Instant::now();
+    let url = relay.url("/hooks/clevertap");
+    eprintln!("[backlog] relay, empty queue ({} s) ...", secs.as_secs());
+    let (empty, empty_written, per_small, warm1) = rt.block_on(async {
+        let per = probe(&url, &small).await;
+        let w = drive(&url, &small, 202, warm).await;
+        let w0 = write_bytes(relay.pid());
+        let r = drive(&url, &small, 202, load).await;
+        (r, write_bytes(relay.pid()).saturating_sub(w0), per, w.ok)
+    });
+    let per_big = rt.block_on(probe(&url, &big));
+    let requests = events.div_ceil(per_big);
+    eprintln!("[backlog] filling: {requests} requests of {per_big} events ...");
+    let fill_started = Instant::now();
+    let fill = rt.block_on(drive(
+        &url,
+        &big,
+        202,
+        Load { duration: Duration::from_secs(900), max_requests: requests, per_connection_interval: None },
+    ));
+    let fill_secs = fill_started.elapsed().as_secs_f64();
+    eprintln!("[backlog] relay with the backlog ({} s) ...", secs.as_secs());
+    let (full, warm2) = rt.block_on(async {
+        let w = drive(&url, &small, 202, warm).await;
+        (drive(&url, &small, 202, load).await, w.ok)
+    });
+    // Probes and warm-ups were accepted too: count what the relay said it took.
+    let accepted = per_small * (1 + warm1 + empty.ok + warm2 + full.ok) + per_big * (1 + fill.ok);
+    // Idle: no ingest; the relay holds the backlog and delivers at the budget's rate.
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = secs.max(Duration::from_secs(10));
+    eprintln!("[backlog] idle with the backlog ({} s) ...", idle.as_secs());
+    let (cpu0, heap0, idle_t0) = (cpu_time(relay.pid()), heap.events.load(Ordering::SeqCst), Instant::now());
+    std::thread::sleep(idle);
+    let idle_cpu = cpu_time(relay.pid()).saturating_sub(cpu0).as_secs_f64() / idle_t0.elapsed().as_secs_f64();
+    let idle_delivered = heap.events.load(Ordering::SeqCst) - heap0;
+    let budget_ok = within_budget(heap, t0);
+    let held_events = heap.events.load(Ordering::SeqCst);
+    let store = relay.store_bytes();
+    let (_, hwm) = rss_kb(relay.pid());
+
+    eprintln!("[backlog] restart with budgets off; delivering {} events ...", accepted - held_events);
+    let requests_before = heap.requests.load(Ordering::SeqCst);
+    let relay = relay.restart(
+        &bin,
+        heap_port,
+        &[("HEAP_RELAY__DELIVERY__APP_EVENTS_PER_MINUTE", "0"), ("HEAP_RELAY__DELIVERY__IDENTITY_EVENTS_PER_MINUTE", "0")],
+    );
+    let drain_t0 = Instant::now();
+    let done = wait_for_heap(heap, accepted, Duration::from_secs(600));
+    let drained = heap.events.load(Ordering::SeqCst) - held_events;
+    let calls = heap.requests.load(Ordering::SeqCst) - requests_before;
+    let drain_secs = done.map(|d| (d - drain_t0).as_secs_f64());
+    relay.stop();
+
+    println!();
+    println!("| figure | value | same-run reference | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| ingest req/s, clevertap-2, empty queue (p99 {:.1} ms) | {:.0} | bare actix {:.0} (p99 {:.1} ms) | {:.3} |",
+        empty.ms(0.99),
+        empty.rps(),
+        base.rps(),
+        base.ms(0.99),
+        empty.rps() / base.rps()
+    );
+    println!(
+        "| ingest req/s, clevertap-2, {} events held back (p99 {:.1} ms) | {:.0} | empty queue {:.0} | {:.3} |",
+        accepted - held_events,
+        full.ms(0.99),
+        full.rps(),
+        empty.rps(),
+        full.rps() / empty.rps()
+    );
+    println!(
+        "| backlog fill, clevertap-100 (events/s) | {:.0} | - | - |",
+        (fill.ok * per_big) as f64 / fill_secs
+    );
+    println!(
+        "| relay CPU while holding the backlog, no ingest (% of one core) | {:.2} | target < 2 | - |",
+        idle_cpu * 100.0
+    );
+    println!(
+        "| delivered while idle (events/s) | {:.0} | app budget {:.0}/s | {:.3} |",
+        idle_delivered as f64 / idle.as_secs_f64(),
+        APP_BUDGET_PER_MIN / 60.0,
+        idle_delivered as f64 / idle.as_secs_f64() / (APP_BUDGET_PER_MIN / 60.0)
+    );
+    println!("| Heap got at most bucket + rate x elapsed | {} | - | - |", if budget_ok { "yes" } else { "NO" });
+    println!(
+        "| delivery from the backlog, budgets off (events/s) | {} | shipped budgets {:.0}/s | - |",
+        drain_secs.map_or("timeout".into(), |s| format!("{:.0}", drained as f64 / s)),
+        APP_BUDGET_PER_MIN / 60.0
+    );
+    println!("| events per Heap call, budgets off | {:.0} | max_batch 1000 | - |", drained as f64 / calls.max(1) as f64);
+    println!(
+        "| bytes written per accepted event (clevertap-2, empty queue) | {:.0} | body {} B | - |",
+        empty_written as f64 / (empty.ok * per_small).max(1) as f64,
+        small.len()
+    );
+    println!("| store MB per 1M events | {:.0} | - | - |", store as f64 / 1048576.0 * 1e6 / accepted.max(1) as f64);
+    println!("| relay peak RSS MB | {:.1} | - | - |", mb(hwm));
 }
 
 fn cpus() -> usize {

@@ -19,10 +19,23 @@ fn free_port() -> u16 {
 }
 
 impl Relay {
+    /// The relay on the shipped `config.toml` (plus `extra_env`), with a fresh store.
     pub fn start(bin: &Path, heap_port: u16, extra_env: &[(&str, &str)]) -> Relay {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         std::fs::create_dir_all(&base).expect("target tmp dir");
         let dir = tempfile::Builder::new().prefix("relay-bench-").tempdir_in(&base).expect("temp dir");
+        Self::start_in(bin, heap_port, dir, extra_env)
+    }
+
+    /// Stops this relay (SIGTERM) and starts `bin` again on the same store with `extra_env`.
+    pub fn restart(mut self, bin: &Path, heap_port: u16, extra_env: &[(&str, &str)]) -> Relay {
+        self.terminate();
+        let dir = tempfile::Builder::new().prefix("unused-").tempdir().expect("temp dir");
+        let dir = std::mem::replace(&mut self.dir, dir);
+        Self::start_in(bin, heap_port, dir, extra_env)
+    }
+
+    fn start_in(bin: &Path, heap_port: u16, dir: tempfile::TempDir, extra_env: &[(&str, &str)]) -> Relay {
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("relay.log")).expect("log file");
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -34,14 +47,7 @@ impl Relay {
             .env("HEAP_RELAY__STORE__PATH", dir.path().join("relay.db"))
             .env("HEAP_RELAY__SERVER__BIND", format!("127.0.0.1:{port}"))
             .env("HEAP_RELAY__TEMPLATES__DIR", manifest.join("templates"))
-            // Throughput runs: the client-side rate budgets are off, so delivery is bound by the relay alone.
-            .env("HEAP_RELAY__DELIVERY__APP_EVENTS_PER_MINUTE", "0")
-            .env("HEAP_RELAY__DELIVERY__IDENTITY_EVENTS_PER_MINUTE", "0")
-            // ... and so are the per-source request budgets, so the load measures ingest, not the limiter.
-            .env("HEAP_RELAY__SOURCES__CLEVERTAP__REQUESTS_PER_MINUTE", "0")
-            .env("HEAP_RELAY__SOURCES__USERPILOT__REQUESTS_PER_MINUTE", "0")
-            .env("HEAP_RELAY__SOURCES__SEGMENT__REQUESTS_PER_MINUTE", "0")
-            .env("HEAP_RELAY__SOURCES__HEAP__REQUESTS_PER_MINUTE", "0")
+            // Everything else is the shipped config.toml: rate budgets on, request budgets off.
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
@@ -81,7 +87,7 @@ impl Relay {
     }
 
     pub fn store_bytes(&self) -> u64 {
-        ["relay.db", "relay.db-wal"]
+        ["relay.db", "relay.db-wal", "relay.delivery.db", "relay.delivery.db-wal"]
             .iter()
             .filter_map(|f| std::fs::metadata(self.dir.path().join(f)).ok())
             .map(|m| m.len())
@@ -90,6 +96,10 @@ impl Relay {
 
     /// SIGTERM, then a bounded wait, then SIGKILL.
     pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
@@ -126,6 +136,16 @@ pub fn cpu_time(pid: u32) -> Duration {
     let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
     // USER_HZ is 100 on Linux.
     Duration::from_millis(ticks * 10)
+}
+
+/// Bytes a process has caused to be written to storage so far (`write_bytes` of /proc/<pid>/io): the WAL, the
+/// checkpoints into the database files, the log.
+pub fn write_bytes(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn mb(kb: u64) -> f64 {

@@ -393,7 +393,29 @@ impl State {
         }
         let mut closed = Vec::new();
         let mut released = Vec::new();
+        let writes = !calls.is_empty()
+            || self.cursor_dirty
+            || live.iter().any(|(r, own, _, _)| match r.resolution {
+                Resolution::Release { .. } => false,
+                Resolution::Delivered => *own,
+                _ => true,
+            });
+        if !writes {
+            // Nothing to keep (events given back unattempted): memory only, no commit.
+            for (r, _, _, _) in &live {
+                self.leases.remove(&r.id);
+                if let Resolution::Release { at } = r.resolution {
+                    self.held.insert(r.id, at);
+                }
+            }
+            return Ok(applied);
+        }
         let tx = self.conn.transaction()?;
+        // The cursor as of the previous round rides along (one commit per round); it lags by at most one round,
+        // which costs only a re-read after a restart.
+        if self.cursor_dirty {
+            tx.prepare_cached("UPDATE progress SET cursor = ?1 WHERE id = 0")?.execute(params![self.cursor])?;
+        }
         {
             let mut ins = tx.prepare_cached(
                 "INSERT INTO calls (at, app_id, kind, http_status, latency_ms, batch_size, error, first_seq, last_seq, events)
@@ -445,6 +467,7 @@ impl State {
         }
         tx.commit()?;
         self.commits += 1;
+        self.cursor_dirty = false;
         for (r, _, _, _) in &live {
             self.leases.remove(&r.id);
         }
@@ -455,7 +478,6 @@ impl State {
             self.held.insert(id, at);
         }
         self.advance();
-        self.save_cursor()?;
         Ok(applied)
     }
 
