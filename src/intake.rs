@@ -8,8 +8,8 @@ use crate::ingest::{IngestError, Outcome, Pipeline, Rejection, Route};
 use crate::metrics::Metrics;
 use crate::sources::Source;
 use crate::store::{Appended, Ingested, NewEvent, NewRejection, Store, StoreError};
-use sha2::{Digest, Sha256};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
 /// What the relay answers for a body it took.

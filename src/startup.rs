@@ -122,12 +122,17 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
 /// Opens the configured store: PostgreSQL when `store.url` is set (connect, migrate), else the SQLite file.
 pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     match settings.store_url() {
-        Some(url) => {
-            PgStore::open(url, PgOptions { max_bytes: settings.store.max_bytes, pool_size: settings.store.pool_size })
-                .await
-                .map(Store::Postgres)
-                .with_context(|| format!("cannot open the PostgreSQL store at {}", postgres::redacted(url)))
-        }
+        Some(url) => PgStore::open(
+            url,
+            PgOptions {
+                max_bytes: settings.store.max_bytes,
+                pool_size: settings.store.pool_size,
+                dedupe_window_ms: (settings.store.dedupe_window_secs * 1000) as i64,
+            },
+        )
+        .await
+        .map(Store::Postgres)
+        .with_context(|| format!("cannot open the PostgreSQL store at {}", postgres::redacted(url))),
         None => SqliteStore::open(
             &settings.store.path,
             SqliteOptions {
@@ -135,8 +140,8 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
                 dedupe_window_ms: (settings.store.dedupe_window_secs * 1000) as i64,
             },
         )
-            .map(Store::Sqlite)
-            .with_context(|| format!("cannot open the store at {}", settings.store.path.display())),
+        .map(Store::Sqlite)
+        .with_context(|| format!("cannot open the store at {}", settings.store.path.display())),
     }
 }
 
@@ -182,8 +187,14 @@ impl Application {
                 .context("cannot build the HTTP client")?;
         let limiter =
             RateLimiter::new(settings.delivery.app_events_per_minute, settings.delivery.identity_events_per_minute);
-        let delivery =
-            Arc::new(Delivery::new(store.clone(), client, delivery_config(&settings), limiter, metrics.clone(), clock.clone()));
+        let delivery = Arc::new(Delivery::new(
+            store.clone(),
+            client,
+            delivery_config(&settings),
+            limiter,
+            metrics.clone(),
+            clock.clone(),
+        ));
         let pipeline = Arc::new(build_pipeline(&settings, templates.clone()));
 
         if settings.configured_app_ids().is_empty() {

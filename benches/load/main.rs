@@ -349,7 +349,10 @@ fn backlog(rt: &tokio::runtime::Runtime, heap: &Arc<HeapCounters>, heap_port: u1
     let relay = relay.restart(
         &bin,
         heap_port,
-        &[("HEAP_RELAY__DELIVERY__APP_EVENTS_PER_MINUTE", "0"), ("HEAP_RELAY__DELIVERY__IDENTITY_EVENTS_PER_MINUTE", "0")],
+        &[
+            ("HEAP_RELAY__DELIVERY__APP_EVENTS_PER_MINUTE", "0"),
+            ("HEAP_RELAY__DELIVERY__IDENTITY_EVENTS_PER_MINUTE", "0"),
+        ],
     );
     let drain_t0 = Instant::now();
     let done = wait_for_heap(heap, accepted, Duration::from_secs(600));
@@ -377,10 +380,7 @@ fn backlog(rt: &tokio::runtime::Runtime, heap: &Arc<HeapCounters>, heap_port: u1
         empty.rps(),
         full.rps() / empty.rps()
     );
-    println!(
-        "| backlog fill, clevertap-100 (events/s) | {:.0} | - | - |",
-        (fill.ok * per_big) as f64 / fill_secs
-    );
+    println!("| backlog fill, clevertap-100 (events/s) | {:.0} | - | - |", (fill.ok * per_big) as f64 / fill_secs);
     println!(
         "| relay CPU while holding the backlog, no ingest (% of one core) | {:.2} | target < 2 | - |",
         idle_cpu * 100.0
@@ -397,7 +397,10 @@ fn backlog(rt: &tokio::runtime::Runtime, heap: &Arc<HeapCounters>, heap_port: u1
         drain_secs.map_or("timeout".into(), |s| format!("{:.0}", drained as f64 / s)),
         APP_BUDGET_PER_MIN / 60.0
     );
-    println!("| events per Heap call, budgets off | {:.0} | max_batch 1000 | - |", drained as f64 / calls.max(1) as f64);
+    println!(
+        "| events per Heap call, budgets off | {:.0} | max_batch 1000 | - |",
+        drained as f64 / calls.max(1) as f64
+    );
     println!(
         "| bytes written per accepted event (clevertap-2, empty queue) | {:.0} | body {} B | - |",
         empty_written as f64 / (empty.ok * per_small).max(1) as f64,

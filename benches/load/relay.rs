@@ -142,10 +142,7 @@ pub fn cpu_time(pid: u32) -> Duration {
 /// checkpoints into the database files, the log.
 pub fn write_bytes(pid: u32) -> u64 {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
-    io.lines()
-        .find_map(|l| l.strip_prefix("write_bytes:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    io.lines().find_map(|l| l.strip_prefix("write_bytes:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
 pub fn mb(kb: u64) -> f64 {

@@ -74,6 +74,12 @@ CREATE TABLE IF NOT EXISTS attempts (
     error       TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_event ON attempts (event_row);
+-- A sender's retries, recognised at the door: request body hashes and message ids, with the first event ids.
+CREATE TABLE IF NOT EXISTS dedupe (
+    key       TEXT   PRIMARY KEY,
+    at        BIGINT NOT NULL,
+    event_ids TEXT   NOT NULL
+);
 -- Token buckets shared by every instance: identity '' is the app_id's own budget.
 CREATE TABLE IF NOT EXISTS rate_budget (
     app_id   TEXT             NOT NULL,
@@ -86,7 +92,9 @@ CREATE TABLE IF NOT EXISTS rate_budget (
 
 /// Every table and index SCHEMA creates: when all exist, start-up runs no DDL at all. (`CREATE INDEX IF NOT EXISTS`
 /// takes a SHARE lock on its table before it finds the index there, which would queue every writer behind it.)
-const RELATIONS: [&str; 10] = [
+const RELATIONS: [&str; 12] = [
+    "dedupe",
+    "dedupe_pkey",
     "raw_bodies",
     "events",
     "events_ready_id",
@@ -124,6 +132,8 @@ pub struct PgOptions {
     pub max_bytes: u64,
     /// Connections in the pool (claims, records, reads) besides the writer's and the listener's.
     pub pool_size: usize,
+    /// A request or message id seen again within this many milliseconds is a sender's retry (0: no dedupe).
+    pub dedupe_window_ms: i64,
 }
 
 /// The store handle; cheap to clone.
@@ -136,6 +146,7 @@ pub struct PgStore {
     schema: Arc<str>,
     /// NOTIFY channel for "events were appended", one per schema.
     channel: Arc<str>,
+    dedupe_window_ms: i64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -207,7 +218,8 @@ impl PgStore {
         let channel: Arc<str> = channel_for(&schema).into();
         let (appends, rx) = mpsc::channel(4096);
         tokio::spawn(Writer { pool: pool.clone(), options, channel: channel.clone(), size: None }.run(rx));
-        Ok(Self { pool, appends, config: Arc::new(config), schema: schema.into(), channel })
+        let dedupe_window_ms = options.dedupe_window_ms;
+        Ok(Self { pool, appends, config: Arc::new(config), schema: schema.into(), channel, dedupe_window_ms })
     }
 
     pub fn schema(&self) -> &str {
@@ -216,11 +228,9 @@ impl PgStore {
 
     /// Writes a body and everything rendered from it, durably, in one transaction (shared with concurrent appends).
     pub async fn append(&self, ingested: Ingested) -> Result<Appended, StoreError> {
-        let event_ids = ingested.events.iter().map(|e| e.event_id.clone()).collect();
         let (reply, rx) = oneshot::channel();
         self.appends.send(PendingAppend { ingested, reply }).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)??;
-        Ok(Appended { event_ids, duplicate: false, duplicates: 0, entry: None })
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Leases up to `limit` ready events (oldest first) to `owner` until `now + lease_ms`, skipping rows another
@@ -442,6 +452,8 @@ impl PgStore {
         )
         .await?;
         tx.execute(&tx.prepare_cached("DELETE FROM rate_budget WHERE at < $1").await?, &[&before]).await?;
+        let dedupe_before = now_ms().saturating_sub(self.dedupe_window_ms);
+        tx.execute(&tx.prepare_cached("DELETE FROM dedupe WHERE at < $1").await?, &[&dedupe_before]).await?;
         tx.commit().await?;
         Ok(n as usize)
     }

@@ -1,6 +1,7 @@
 //! One integration test binary (saves linking on small machines). Each module is one area; names state promises.
 
 mod admin;
+mod budgets;
 mod clevertap;
 mod cli;
 mod crash;

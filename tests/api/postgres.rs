@@ -65,7 +65,9 @@ impl TestSchema {
 
 impl Drop for TestSchema {
     fn drop(&mut self) {
-        let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name);
+        // Bounded: a relay of the test may still hold a lock in the schema from a task of the test's runtime, which
+        // cannot run while this waits (the runtime's thread is in this drop). Then the schema is left behind.
+        let sql = format!("SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS {} CASCADE", self.name);
         // Drop may run inside a runtime: use a thread with a runtime of its own.
         let done = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -307,11 +309,20 @@ fn delivery_on(store: PgStore, heap: &str, lease: Duration) -> Arc<Delivery> {
     let client = HeapClient::new(heap, Duration::from_secs(30)).expect("client");
     // Small claims (4 × max_batch), so racing workers keep colliding on the oldest rows.
     let config = DeliveryConfig { linger: Duration::ZERO, lease, max_batch: 50, ..DeliveryConfig::default() };
-    Arc::new(Delivery::new(Store::Postgres(store), client, config, RateLimiter::new(0, 0), Arc::new(Metrics::new()), Default::default()))
+    Arc::new(Delivery::new(
+        Store::Postgres(store),
+        client,
+        config,
+        RateLimiter::new(0, 0),
+        Arc::new(Metrics::new()),
+        Default::default(),
+    ))
 }
 
 async fn pg_store(schema: &TestSchema) -> PgStore {
-    PgStore::open(&schema.url, PgOptions { max_bytes: 0, pool_size: 4 }).await.expect("postgres opens")
+    PgStore::open(&schema.url, PgOptions { max_bytes: 0, pool_size: 4, dedupe_window_ms: 60_000 })
+        .await
+        .expect("postgres opens")
 }
 
 #[tokio::test]
@@ -418,13 +429,18 @@ async fn an_append_on_one_instance_wakes_the_idle_workers_of_another_through_lis
 
 #[tokio::test]
 async fn a_store_url_naming_no_reachable_server_fails_at_start_with_a_clear_error() {
-    let err = PgStore::open("postgres://postgres@127.0.0.1:1/test", PgOptions { max_bytes: 0, pool_size: 2 })
-        .await
-        .expect_err("nothing listens on port 1");
+    let err = PgStore::open(
+        "postgres://postgres@127.0.0.1:1/test",
+        PgOptions { max_bytes: 0, pool_size: 2, dedupe_window_ms: 0 },
+    )
+    .await
+    .expect_err("nothing listens on port 1");
     assert!(err.to_string().contains("PostgreSQL"), "{err}");
     let schema = TestSchema::create().await;
     let missing = schema.url.replace(&schema.name, "no_such_schema");
-    let err = PgStore::open(&missing, PgOptions { max_bytes: 0, pool_size: 2 }).await.expect_err("no schema");
+    let err = PgStore::open(&missing, PgOptions { max_bytes: 0, pool_size: 2, dedupe_window_ms: 0 })
+        .await
+        .expect_err("no schema");
     assert!(err.to_string().contains("search_path"), "{err}");
 }
 

@@ -21,13 +21,19 @@ pub struct Backend {
 
 pub async fn sqlite() -> Backend {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = SqliteStore::open(&dir.path().join("s.db"), SqliteOptions::default()).expect("sqlite opens");
+    let store = SqliteStore::open(
+        &dir.path().join("s.db"),
+        SqliteOptions { dedupe_window_ms: 60_000, ..SqliteOptions::default() },
+    )
+    .expect("sqlite opens");
     Backend { store: Store::Sqlite(store), _dir: Some(dir), _schema: None }
 }
 
 pub async fn postgres() -> Backend {
     let schema = TestSchema::create().await;
-    let store = PgStore::open(&schema.url, PgOptions { max_bytes: 0, pool_size: 4 }).await.expect("postgres opens");
+    let store = PgStore::open(&schema.url, PgOptions { max_bytes: 0, pool_size: 4, dedupe_window_ms: 60_000 })
+        .await
+        .expect("postgres opens");
     Backend { store: Store::Postgres(store), _dir: None, _schema: Some(schema) }
 }
 
@@ -53,6 +59,7 @@ both!(
     a_release_puts_events_back_without_counting_an_attempt_and_release_owner_frees_leases,
     requeue_sends_delivered_and_dead_events_again_and_prune_deletes_old_delivered_ones,
     the_raw_body_is_kept_for_a_rerender_and_a_rerender_replaces_the_old_rows,
+    a_retried_request_or_message_within_the_window_is_answered_with_the_first_ids_and_stored_once,
 );
 
 /// One body with `n` track events (keys `{tag}-0..n`) and one rejected item.
@@ -92,7 +99,14 @@ pub fn delivered(id: i64, lease_token: i64) -> AttemptRecord {
     AttemptRecord {
         id,
         lease_token,
-        attempts: vec![AttemptLog { call: id as u64, at: now_ms(), http_status: Some(200), latency_ms: 3, batch_size: 1, error: None }],
+        attempts: vec![AttemptLog {
+            call: id as u64,
+            at: now_ms(),
+            http_status: Some(200),
+            latency_ms: 3,
+            batch_size: 1,
+            error: None,
+        }],
         resolution: Resolution::Delivered,
         error: None,
     }
@@ -108,7 +122,10 @@ async fn appended_events_are_claimed_in_order_by_one_owner_and_recorded_with_the
     assert_eq!(claimed.len(), 3, "the rejection is never claimed: {keys:?}");
     assert!(claimed.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
     assert!(keys[0].contains("a-0") && keys[2].contains("a-2"), "{keys:?}");
-    assert!(store.claim("w2", now, LEASE, 10, vec![], None).await.unwrap().is_empty(), "leased rows are not claimed twice");
+    assert!(
+        store.claim("w2", now, LEASE, 10, vec![], None).await.unwrap().is_empty(),
+        "leased rows are not claimed twice"
+    );
     assert!(store.claim("w2", now, LEASE, 10, vec!["1234567890".into()], None).await.unwrap().is_empty());
 
     let applied = store.record(claimed.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
@@ -189,7 +206,11 @@ async fn a_release_puts_events_back_without_counting_an_attempt_and_release_owne
     assert_eq!(store.claim("x", t + 5_000, LEASE, 10, vec![], None).await.unwrap().len(), 1);
 
     assert_eq!(store.release_owner("w").await.unwrap(), 2);
-    assert_eq!(store.claim("y", t, LEASE, 10, vec![], None).await.unwrap().len(), 2, "freed leases are claimable at once");
+    assert_eq!(
+        store.claim("y", t, LEASE, 10, vec![], None).await.unwrap().len(),
+        2,
+        "freed leases are claimable at once"
+    );
 }
 
 async fn requeue_sends_delivered_and_dead_events_again_and_prune_deletes_old_delivered_ones(store: Store) {
@@ -240,6 +261,48 @@ async fn the_raw_body_is_kept_for_a_rerender_and_a_rerender_replaces_the_old_row
     assert_eq!(store.raw_bodies(Selector::Status(Status::Pending)).await.unwrap().len(), 1, "no new raw row");
 }
 
+/// The backends open with a 60 s dedupe window.
+async fn a_retried_request_or_message_within_the_window_is_answered_with_the_first_ids_and_stored_once(store: Store) {
+    let t = now_ms();
+    let request =
+        |tag: &str, at: i64| Ingested { request_key: Some("body:abc".into()), received_at: at, ..body(tag, 2) };
+    let first = store.append(request("r1", t)).await.unwrap();
+    assert!(!first.duplicate);
+    let retry = store.append(request("r2", t + 3_000)).await.unwrap();
+    assert!(retry.duplicate, "{retry:?}");
+    assert_eq!(retry.event_ids, first.event_ids);
+    let later = store.append(request("r3", t + 61_000)).await.unwrap();
+    assert!(!later.duplicate, "past the window the same body is a new request");
+
+    let message = |tag: &str, key: &str| {
+        let mut b = body(tag, 1);
+        b.rejections.clear();
+        b.events[0].dedupe_key = Some(key.into());
+        b
+    };
+    let m1 = store.append(message("m1", "msg:segment:1:abc")).await.unwrap();
+    let mut two = message("m2", "msg:segment:1:abc");
+    let mut fresh = message("m3", "msg:segment:1:def");
+    two.events.append(&mut fresh.events);
+    let m2 = store.append(two).await.unwrap();
+    assert_eq!((m2.duplicate, m2.duplicates), (false, 1), "{m2:?}");
+    assert_eq!(m2.event_ids[0], m1.event_ids[0], "the retried message keeps its first id");
+    assert_ne!(m2.event_ids[1], m1.event_ids[0]);
+
+    let claimed = store.claim("w", now_ms() + 120_000, LEASE, 100, vec![], None).await.unwrap();
+    let mut tags: Vec<String> = claimed
+        .iter()
+        .map(|c| {
+            serde_json::from_str::<serde_json::Value>(&c.payload).unwrap()["idempotency_key"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    tags.sort();
+    assert_eq!(tags, vec!["m1-0", "m3-0", "r1-0", "r1-1", "r3-0", "r3-1"], "each stored once; the retries not at all");
+}
+
 /// A store already over `store.max_bytes` refuses the append as `Full` (503 store_full upstream) and writes nothing.
 async fn an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing(store: Store) {
     let err = store.append(body("h", 3)).await.expect_err("over the limit");
@@ -250,13 +313,16 @@ async fn an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing(sto
 #[tokio::test]
 async fn an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing_on_sqlite() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = SqliteStore::open(&dir.path().join("s.db"), SqliteOptions { max_bytes: 1, ..SqliteOptions::default() }).expect("sqlite opens");
+    let store = SqliteStore::open(&dir.path().join("s.db"), SqliteOptions { max_bytes: 1, ..SqliteOptions::default() })
+        .expect("sqlite opens");
     an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing(Store::Sqlite(store)).await;
 }
 
 #[tokio::test]
 async fn an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing_on_postgres() {
     let schema = TestSchema::create().await;
-    let store = PgStore::open(&schema.url, PgOptions { max_bytes: 1, pool_size: 2 }).await.expect("postgres opens");
+    let store = PgStore::open(&schema.url, PgOptions { max_bytes: 1, pool_size: 2, dedupe_window_ms: 0 })
+        .await
+        .expect("postgres opens");
     an_append_over_the_size_limit_is_refused_as_full_and_writes_nothing(Store::Postgres(store)).await;
 }

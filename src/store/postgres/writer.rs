@@ -2,8 +2,9 @@
 //! transaction with array inserts, then NOTIFYs and commits, and only then answers each caller.
 
 use super::pg_err;
-use crate::store::{Ingested, StoreError, now_ms};
+use crate::store::{Appended, Ingested, StoreError, now_ms};
 use deadpool_postgres::Pool;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -16,7 +17,7 @@ const SIZE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct PendingAppend {
     pub(super) ingested: Ingested,
-    pub(super) reply: oneshot::Sender<Result<(), StoreError>>,
+    pub(super) reply: oneshot::Sender<Result<Appended, StoreError>>,
 }
 
 /// The one task that writes appends: group commit.
@@ -60,11 +61,12 @@ impl Writer {
             return;
         }
         let bodies: Vec<&Ingested> = group.iter().map(|p| &p.ingested).collect();
-        match append_all(&mut client, &bodies, &self.channel).await {
-            Ok(()) => {
+        let window = self.options.dedupe_window_ms;
+        match append_all(&mut client, &bodies, &self.channel, window).await {
+            Ok(answers) => {
                 // A caller that gave up (timed-out request) is fine to ignore: its work is committed either way.
-                for p in group {
-                    let _ = p.reply.send(Ok(()));
+                for (p, a) in group.into_iter().zip(answers) {
+                    let _ = p.reply.send(Ok(a));
                 }
             }
             Err(e) if group.len() == 1 => {
@@ -73,8 +75,8 @@ impl Writer {
             Err(e) => {
                 tracing::warn!(error = %e, appends = group.len(), "group append failed; writing each alone");
                 for p in group {
-                    let res = append_all(&mut client, &[&p.ingested], &self.channel).await.map_err(pg_err);
-                    let _ = p.reply.send(res);
+                    let res = append_all(&mut client, &[&p.ingested], &self.channel, window).await.map_err(pg_err);
+                    let _ = p.reply.send(res.map(|mut a| a.remove(0)));
                 }
             }
         }
@@ -98,14 +100,150 @@ impl Writer {
     }
 }
 
-/// Writes `bodies` (raw rows, event rows, rejection rows, re-render supersessions) in one transaction and NOTIFYs.
+/// What the dedupe found for one append: the whole request seen before (its first event ids), or per event the id
+/// of the first delivery of the same message.
+#[derive(Default)]
+struct Seen {
+    whole: Option<Vec<String>>,
+    items: Vec<Option<String>>,
+}
+
+/// Claims the dedupe keys of `bodies` in the transaction: a key not held within `window_ms` is (re)written with this
+/// append's ids; one held is a retry. Several instances claiming the same key wait on its row, so only one stores it.
+async fn dedupe(
+    tx: &deadpool_postgres::Transaction<'_>,
+    bodies: &[&Ingested],
+    window_ms: i64,
+) -> Result<Vec<Seen>, tokio_postgres::Error> {
+    let mut seen: Vec<Seen> = bodies.iter().map(|b| Seen { whole: None, items: vec![None; b.events.len()] }).collect();
+    if window_ms <= 0 {
+        return Ok(seen);
+    }
+    // Request keys first: a retried request writes no item keys.
+    let mut group: HashMap<String, String> = HashMap::new();
+    let mut claims: Vec<(String, i64, String, usize, Option<usize>)> = Vec::new();
+    for (bi, b) in bodies.iter().enumerate().filter(|(_, b)| b.replay_of_raw.is_none()) {
+        if let Some(key) = &b.request_key {
+            let ids = b.events.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>().join(",");
+            match group.get(key) {
+                Some(first) => seen[bi].whole = Some(split_ids(first)),
+                None => {
+                    group.insert(key.clone(), ids.clone());
+                    claims.push((key.clone(), b.received_at, ids, bi, None));
+                }
+            }
+        }
+    }
+    let held = claim_keys(tx, &claims, window_ms).await?;
+    for (key, _, _, bi, _) in &claims {
+        if let Some(ids) = held.get(key) {
+            seen[*bi].whole = Some(split_ids(ids));
+        }
+    }
+    let mut claims = Vec::new();
+    let retried: Vec<bool> = seen.iter().map(|s| s.whole.is_some()).collect();
+    for (bi, b) in bodies.iter().enumerate().filter(|(bi, b)| b.replay_of_raw.is_none() && !retried[*bi]) {
+        for (ii, e) in b.events.iter().enumerate() {
+            let Some(key) = &e.dedupe_key else { continue };
+            match group.get(key) {
+                Some(first) => seen[bi].items[ii] = Some(first.clone()),
+                None => {
+                    group.insert(key.clone(), e.event_id.clone());
+                    claims.push((key.clone(), b.received_at, e.event_id.clone(), bi, Some(ii)));
+                }
+            }
+        }
+    }
+    let held = claim_keys(tx, &claims, window_ms).await?;
+    for (key, _, _, bi, ii) in &claims {
+        if let (Some(ids), Some(ii)) = (held.get(key), ii) {
+            seen[*bi].items[*ii] = Some(ids.clone());
+        }
+    }
+    Ok(seen)
+}
+
+fn split_ids(ids: &str) -> Vec<String> {
+    ids.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+/// Writes the keys not held within the window; returns the ids of those that were held (retries).
+async fn claim_keys(
+    tx: &deadpool_postgres::Transaction<'_>,
+    claims: &[(String, i64, String, usize, Option<usize>)],
+    window_ms: i64,
+) -> Result<HashMap<String, String>, tokio_postgres::Error> {
+    if claims.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let keys: Vec<&str> = claims.iter().map(|c| c.0.as_str()).collect();
+    let ats: Vec<i64> = claims.iter().map(|c| c.1).collect();
+    let ids: Vec<&str> = claims.iter().map(|c| c.2.as_str()).collect();
+    let written: HashSet<String> = tx
+        .query(
+            &tx.prepare_cached(
+                "INSERT INTO dedupe (key, at, event_ids) SELECT * FROM unnest($1::text[], $2::int8[], $3::text[])
+                 ON CONFLICT (key) DO UPDATE SET at = excluded.at, event_ids = excluded.event_ids
+                 WHERE dedupe.at < excluded.at - $4
+                 RETURNING key",
+            )
+            .await?,
+            &[&keys, &ats, &ids, &window_ms],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let held: Vec<&str> = keys.iter().copied().filter(|k| !written.contains(*k)).collect();
+    if held.is_empty() {
+        return Ok(HashMap::new());
+    }
+    Ok(tx
+        .query(&tx.prepare_cached("SELECT key, event_ids FROM dedupe WHERE key = ANY($1)").await?, &[&held])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// Writes `bodies` (raw rows, event rows, rejection rows, re-render supersessions) in one transaction and NOTIFYs,
+/// leaving out what the dedupe found to be a sender's retry; answers each body.
 async fn append_all(
     client: &mut deadpool_postgres::Client,
     bodies: &[&Ingested],
     channel: &str,
-) -> Result<(), tokio_postgres::Error> {
+    window_ms: i64,
+) -> Result<Vec<Appended>, tokio_postgres::Error> {
     let now = now_ms();
     let tx = client.transaction().await?;
+    let mut seen = dedupe(&tx, bodies, window_ms).await?;
+    for (b, s) in bodies.iter().zip(seen.iter_mut()) {
+        // Every event a retry of one stored before, and nothing refused: the request as a whole is a retry.
+        if s.whole.is_none() && !b.events.is_empty() && b.rejections.is_empty() && s.items.iter().all(Option::is_some) {
+            s.whole = Some(s.items.iter().flatten().cloned().collect());
+        }
+    }
+    let answers: Vec<Appended> = bodies
+        .iter()
+        .zip(&seen)
+        .map(|(b, s)| match &s.whole {
+            Some(ids) => Appended { duplicates: ids.len(), event_ids: ids.clone(), duplicate: true, entry: None },
+            None => Appended {
+                event_ids: b
+                    .events
+                    .iter()
+                    .zip(&s.items)
+                    .map(|(e, first)| first.clone().unwrap_or(e.event_id.clone()))
+                    .collect(),
+                duplicate: false,
+                duplicates: s.items.iter().filter(|i| i.is_some()).count(),
+                entry: None,
+            },
+        })
+        .collect();
+    let kept: Vec<(&Ingested, &Seen)> =
+        bodies.iter().copied().zip(seen.iter()).filter(|(_, s)| s.whole.is_none()).collect();
+    let bodies: Vec<&Ingested> = kept.iter().map(|(b, _)| *b).collect();
     let replays: Vec<i64> = bodies.iter().filter_map(|b| b.replay_of_raw).collect();
     if !replays.is_empty() {
         tx.execute(
@@ -150,12 +288,12 @@ async fn append_all(
     let mut fresh_ids = raw_ids.into_iter();
     let mut cols = EventColumns::default();
     let mut pending = 0usize;
-    for b in bodies {
+    for (b, s) in &kept {
         let raw_id = match b.replay_of_raw {
             Some(id) => id,
             None => fresh_ids.next().unwrap_or_default(),
         };
-        for e in &b.events {
+        for (e, _) in b.events.iter().zip(&s.items).filter(|(_, first)| first.is_none()) {
             cols.push(b, raw_id, &e.event_id, e.item_index, e.kind.as_str(), &e.app_id, &e.identity);
             cols.key.push(e.idempotency_key.as_deref());
             cols.payload.push(Some(e.payload.as_str()));
@@ -208,7 +346,8 @@ async fn append_all(
         // Delivered to listeners at COMMIT, and only if it commits.
         tx.execute(&tx.prepare_cached("SELECT pg_notify($1, '')").await?, &[&channel]).await?;
     }
-    tx.commit().await
+    tx.commit().await?;
+    Ok(answers)
 }
 
 /// Column arrays for one `INSERT … SELECT … FROM unnest(…)` of event rows.

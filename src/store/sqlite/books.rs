@@ -117,7 +117,8 @@ impl State {
         let cursor: i64 = conn.query_row("SELECT cursor FROM progress WHERE id = 0", [], |r| r.get(0))?;
         let mut delivered_above = HashSet::new();
         {
-            let mut stmt = conn.prepare("SELECT events FROM calls WHERE last_seq > ?1 AND http_status BETWEEN 200 AND 299")?;
+            let mut stmt =
+                conn.prepare("SELECT events FROM calls WHERE last_seq > ?1 AND http_status BETWEEN 200 AND 299")?;
             let rows = stmt.query_map(params![cursor], |r| r.get::<_, Vec<u8>>(0))?;
             for blob in rows {
                 delivered_above.extend(ids_of(&blob?).into_iter().filter(|id| unpack(*id).0 > cursor));
@@ -267,7 +268,14 @@ impl State {
             let token = self.token();
             self.leases.insert(
                 due.id,
-                Lease { owner: owner.to_owned(), expires: now + lease_ms, token, own: true, app_id: ev.app_id.clone(), kind },
+                Lease {
+                    owner: owner.to_owned(),
+                    expires: now + lease_ms,
+                    token,
+                    own: true,
+                    app_id: ev.app_id.clone(),
+                    kind,
+                },
             );
             out.push(Claimed {
                 id: due.id,

@@ -104,7 +104,8 @@ pub fn encode_items(ing: &Ingested, keep: &[bool]) -> Result<(Vec<u8>, i64, i64)
 
 pub fn decode_items(blob: &[u8]) -> Result<Vec<StoredItem>, StoreError> {
     let json = decompress(blob.to_vec())?;
-    serde_json::from_slice(&json).map_err(|e| StoreError::Io(std::io::Error::other(format!("a log entry is corrupt: {e}"))))
+    serde_json::from_slice(&json)
+        .map_err(|e| StoreError::Io(std::io::Error::other(format!("a log entry is corrupt: {e}"))))
 }
 
 /// zstd's frame magic. A JSON body cannot start with it, so bodies stored uncompressed read back as they are.

@@ -43,7 +43,11 @@ const MAX_GROUP: usize = 512;
 pub enum Cmd {
     Append(Ingested, oneshot::Sender<Result<Appended, StoreError>>),
     /// Deletes the given entries and dedupe records older than `dedupe_before`; answers the events deleted.
-    Prune { seqs: Vec<i64>, dedupe_before: Millis, reply: oneshot::Sender<Result<usize, StoreError>> },
+    Prune {
+        seqs: Vec<i64>,
+        dedupe_before: Millis,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
 }
 
 /// What the writer has committed since start; read by `stats` for /metrics and by the tests.
@@ -111,7 +115,9 @@ impl Writer {
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 self.counters.bodies.fetch_add(appends, Ordering::Relaxed);
             }
-            Err(e) => tracing::error!(error = %e, "ingest log commit failed; every append in the group is answered with an error"),
+            Err(e) => {
+                tracing::error!(error = %e, "ingest log commit failed; every append in the group is answered with an error")
+            }
         }
         for r in replies {
             match r {

@@ -115,7 +115,10 @@ impl SqliteStore {
         &self.path
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> log::Cmd) -> Result<T, StoreError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> log::Cmd,
+    ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         let cmd = make(reply);
         // The channel is bounded; a full channel means the writer is far behind, and waiting is the right answer.

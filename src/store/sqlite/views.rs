@@ -307,8 +307,7 @@ pub fn select(st: &State, sel: &Selector) -> Result<Vec<(i64, Status)>, StoreErr
         }
         Selector::Status(status @ (Status::Dead | Status::Retrying | Status::Replaced)) => {
             let mut stmt = st.conn.prepare_cached("SELECT id FROM own WHERE status = ?1 ORDER BY id")?;
-            let ids: Vec<i64> =
-                stmt.query_map(params![status.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            let ids: Vec<i64> = stmt.query_map(params![status.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
             out.extend(ids.into_iter().map(|id| (id, *status)));
         }
         Selector::Status(status) => scan_all(st, |_| true, |id, s| (s == *status).then_some((id, s)), &mut out)?,
@@ -371,8 +370,9 @@ pub fn raw_bodies(st: &State, sel: &Selector) -> Result<Vec<RawBody>, StoreError
     }
     roots.sort_unstable();
     let mut out = Vec::with_capacity(roots.len());
-    let mut stmt =
-        st.log.prepare_cached("SELECT source, template, received_at, body FROM log WHERE seq = ?1 AND body IS NOT NULL")?;
+    let mut stmt = st
+        .log
+        .prepare_cached("SELECT source, template, received_at, body FROM log WHERE seq = ?1 AND body IS NOT NULL")?;
     for seq in roots {
         let row: Option<(String, String, Millis, Vec<u8>)> =
             stmt.query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).optional()?;

@@ -1,0 +1,81 @@
+//! Budgets before claims: a backlog that Heap's limits hold back waits in the ingest log, costs no store writes
+//! while it waits, never goes out faster than the budget allows, and one busy identity never holds back others.
+//! The relay's clock is moved forward instead of waiting for the budget to refill.
+
+use crate::helpers::*;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn bulk(identity: impl Fn(usize) -> String, from: usize, n: usize) -> String {
+    let events: Vec<Value> = (from..from + n)
+        .map(|i| json!({"identity": identity(i), "event": "Budgeted", "idempotency_key": format!("b-{i}")}))
+        .collect();
+    json!({"app_id": APP_ID, "events": events}).to_string()
+}
+
+#[tokio::test]
+async fn a_backlog_held_by_the_app_budget_costs_one_commit_per_heap_call_none_on_ingest_and_never_exceeds_the_budget() {
+    let app = spawn_app_with(|s| {
+        s.delivery.app_events_per_minute = 600;
+        s.delivery.identity_events_per_minute = 0;
+    })
+    .await;
+    let clock = app.app.intake.clock.clone();
+    let start = clock.now_ms();
+    for part in 0..2 {
+        let resp = app.post("/api/track", bulk(|i| format!("user-{i}"), part * 10_000, 10_000)).await;
+        assert!(resp.status().is_success(), "{}", resp.text().await.unwrap_or_default());
+    }
+    let bound = |now: i64| 600.0 + 600.0 / 60.0 * (now - start) as f64 / 1000.0;
+    // The bucket starts full: 600 go at once; the rest wait for the budget.
+    app.wait_for_heap(600, WAIT).await;
+    let before = app.app.intake.store.stats().await.expect("stats");
+    let calls_before = app.heap_calls().await.len() as u64;
+    for _ in 0..3 {
+        clock.advance(Duration::from_secs(30));
+        let got = app.heap_calls().await;
+        let target = items_of(&got).len() + 300;
+        let items = app.wait_for_heap(target, WAIT).await;
+        assert!(
+            items.len() as f64 <= bound(clock.now_ms()),
+            "{} events sent, budget allows {}",
+            items.len(),
+            bound(clock.now_ms())
+        );
+    }
+    let after = app.app.intake.store.stats().await.expect("stats");
+    let calls = app.heap_calls().await.len() as u64 - calls_before;
+    let delivery_commits = after.delivery_commits.expect("counted") - before.delivery_commits.expect("counted");
+    assert!(calls >= 3, "{calls}");
+    assert!(delivery_commits <= calls, "{delivery_commits} delivery commits for {calls} Heap calls while waiting");
+    assert_eq!(after.commits, before.commits, "delivery never writes through the ingest log's writer");
+    assert!(after.ready_or_waiting >= 18_000, "the backlog still waits: {}", after.ready_or_waiting);
+    let items = items_of(&app.heap_calls().await);
+    assert!(items.len() as f64 <= bound(clock.now_ms()), "{} events sent", items.len());
+}
+
+#[tokio::test]
+async fn one_identity_over_its_budget_does_not_delay_another_identitys_events() {
+    let app = spawn_app_with(|s| s.delivery.identity_events_per_minute = 60).await;
+    let start = app.app.intake.clock.now_ms();
+    let resp = app.post("/api/track", bulk(|_| "busy@example.com".into(), 0, 5_000)).await;
+    assert!(resp.status().is_success());
+    let resp = app.post("/api/track", bulk(|i| format!("quiet-{i}@example.com"), 5_000, 10)).await;
+    assert!(resp.status().is_success());
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let items = items_of(&app.heap_calls().await);
+        let quiet =
+            items.iter().filter(|(_, i)| i["identity"].as_str().is_some_and(|s| s.starts_with("quiet-"))).count();
+        let busy = items.len() - quiet;
+        let allowed = 60.0 + (app.app.intake.clock.now_ms() - start) as f64 / 1000.0;
+        assert!(busy as f64 <= allowed, "the busy identity got {busy} out, its budget allows {allowed}");
+        if quiet == 10 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the quiet identities waited behind the busy one: {quiet} of 10");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
