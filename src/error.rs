@@ -46,10 +46,12 @@ error_codes! {
     InvalidQuery => ("invalid_query", BAD_REQUEST),
     StoreFull => ("store_full", SERVICE_UNAVAILABLE),
     NotReady => ("not_ready", SERVICE_UNAVAILABLE),
+    Overloaded => ("overloaded", SERVICE_UNAVAILABLE),
+    Forbidden => ("forbidden_origin", FORBIDDEN),
     Internal => ("internal", INTERNAL_SERVER_ERROR),
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[error("{code:?}: {message}")]
 pub struct ApiError {
     pub code: ErrorCode,
@@ -59,6 +61,21 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// Per-item reasons for 422 nothing_accepted.
     pub rejected: Option<serde_json::Value>,
+}
+
+/// A summary, never the whole `rejected` array: a 30 KB body can hold 10,000 reasons, and a log line per request
+/// of megabytes is an amplification attack on the log.
+impl std::fmt::Debug for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rejected = self.rejected.as_ref().and_then(|r| r.as_array()).map(Vec::len);
+        let message: String = self.message.chars().take(300).collect();
+        f.debug_struct("ApiError")
+            .field("code", &self.code.as_str())
+            .field("message", &message)
+            .field("field", &self.field)
+            .field("rejected_items", &rejected)
+            .finish()
+    }
 }
 
 impl ApiError {

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod client_addr;
 pub mod commands;
 pub mod delivery;
 pub mod domain;
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod replay;
 pub mod request_rate;
 pub mod routes;
+pub mod sanitize;
 pub mod settings;
 pub mod sources;
 pub mod startup;
