@@ -122,3 +122,17 @@ impl ResponseError for ApiError {
         }}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_summarises_the_rejected_items_instead_of_listing_them() {
+        let mut e = ApiError::new(ErrorCode::NothingAccepted, "none of the 10000 items could be accepted");
+        e.rejected = Some(serde_json::Value::Array(vec![json!({"message": "x".repeat(300)}); 10_000]));
+        let text = format!("{e:?}");
+        assert!(text.len() < 400, "{} bytes", text.len());
+        assert!(text.contains("rejected_items: Some(10000)"), "{text}");
+    }
+}

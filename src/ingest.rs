@@ -3,7 +3,7 @@
 
 use crate::domain::heap_call::BuildContext;
 use crate::domain::{
-    AppIdPolicy, CallKind, FieldError, HeapCall, PropertyLimits, Timestamp, TrackEvent, UserProperties,
+    AppIdPolicy, CallKind, FieldError, HeapCall, IdentityPolicy, PropertyLimits, Timestamp, TrackEvent, UserProperties,
 };
 use crate::json::{JsonError, JsonLimits};
 use crate::sources::{self, Shape, Source, SourceOptions};
@@ -96,6 +96,8 @@ pub enum IngestError {
 pub struct Pipeline {
     pub templates: Arc<TemplateStore>,
     pub policy: AppIdPolicy,
+    /// Identities refused although well formed (placeholders, "0"/"-1", a template's constant default).
+    pub identity_policy: IdentityPolicy,
     /// Which app_ids the Heap-compatible routes accept: only configured ones (`AppIdPolicy::only`).
     pub heap_compat_policy: AppIdPolicy,
     pub default_app_id: Option<String>,
@@ -147,9 +149,11 @@ impl Pipeline {
         self.check_count(sources::count(source, value))?;
         let app_id = cfg.app_id.as_deref().or(self.default_app_id.as_deref());
         let mut out = Outcome { template: name.to_owned(), ..Default::default() };
+        let defaults = self.template_defaults(&tpl);
         let mut index = 0usize;
         let shape = sources::for_each(source, value, &cfg.options, &mut |item| {
-            self.take_item(&mut out, index, item, &tpl, source, name, app_id, received_at);
+            let at = ItemAt { index, source, name, app_id, defaults: &defaults };
+            self.take_item(&mut out, item, &tpl, &at, received_at);
             index += 1;
         })
         .map_err(IngestError::Body)?;
@@ -183,7 +187,9 @@ impl Pipeline {
                 received_at,
                 key_seed: &seed,
             };
-            let built = item.and_then(|body| build(&Draft { kind, body }, &cx)).map_err(|e| {
+            let built =
+                item.and_then(|body| build(&Draft { kind, body }, &cx).and_then(|c| self.admit_identity(c, &[])));
+            let built = built.map_err(|e| {
                 if prefix.is_empty() || e.field.starts_with(prefix) {
                     e
                 } else {
@@ -198,19 +204,46 @@ impl Pipeline {
         Ok(out)
     }
 
+    /// What the template's identity renders to for a body with no fields (sections without a `when` that an
+    /// empty body fails): a constant default such as `| default: 'user@example.com'`, which would make every item
+    /// without the field one Heap user (`identity.refuse_template_default`).
+    fn template_defaults(&self, tpl: &Template) -> Vec<String> {
+        if !self.identity_policy.refuses_template_default() {
+            return Vec::new();
+        }
+        let empty = crate::templates::context::CtxObject::new();
+        let Ok(drafts) = tpl.render(&empty, &self.render_limits) else {
+            return Vec::new();
+        };
+        drafts
+            .iter()
+            .filter_map(|d| match d.body.get("identity") {
+                Some(Value::String(s)) => Some(s.trim().to_owned()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            })
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// The identity policy for a built call.
+    fn admit_identity(&self, call: HeapCall, defaults: &[String]) -> Result<HeapCall, FieldError> {
+        if let Some(identity) = call.named_identity() {
+            self.identity_policy.check(identity, defaults)?;
+        }
+        Ok(call)
+    }
+
     /// Renders and builds one item into `out`.
-    #[allow(clippy::too_many_arguments)]
     fn take_item(
         &self,
         out: &mut Outcome,
-        index: usize,
         item: Result<sources::Item, FieldError>,
         tpl: &Template,
-        source: Source,
-        name: &str,
-        app_id: Option<&str>,
+        at: &ItemAt<'_>,
         received_at: &Timestamp,
     ) {
+        let ItemAt { index, source, name, app_id, defaults } = *at;
         let item = match item {
             Ok(i) => i,
             Err(e) => {
@@ -246,7 +279,11 @@ impl Pipeline {
             key_seed: &seed,
         };
         // All of an item's calls are accepted, or none: half an item in Heap is harder to repair than none.
-        match drafts.iter().map(|d| build(d, &cx)).collect::<Result<Vec<_>, _>>() {
+        match drafts
+            .iter()
+            .map(|d| build(d, &cx).and_then(|c| self.admit_identity(c, defaults)))
+            .collect::<Result<Vec<_>, _>>()
+        {
             Ok(calls) => out.accepted.extend(calls.into_iter().map(|call| Accepted { index, call })),
             Err(e) => out.rejected.push(rejection(index, e)),
         }
@@ -258,6 +295,17 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// Where an item sits: its index and the route's source, template and app_id, and the template's constant
+/// identity defaults.
+#[derive(Clone, Copy)]
+struct ItemAt<'a> {
+    index: usize,
+    source: Source,
+    name: &'a str,
+    app_id: Option<&'a str>,
+    defaults: &'a [String],
 }
 
 fn is_empty_user_properties(d: &Draft) -> bool {

@@ -282,7 +282,8 @@ impl Settings {
         match reqwest::Url::parse(&self.heap.base_url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
             _ => {
-                return bad(format!("heap.base_url {:?} is not an http(s) URL", self.heap.base_url));
+                // Not echoed: a base URL may carry credentials.
+                return bad("heap.base_url is not an http(s) URL such as https://heapanalytics.com".into());
             }
         }
         for (key, id) in self.configured_app_ids() {
@@ -523,6 +524,30 @@ mod tests {
         assert!(!format!("{s:?}").contains("s3cr3t"));
         let err = load("mysql://x").unwrap_err();
         assert!(err.to_string().contains("store.url"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_not_echoed_in_the_error() {
+        for (k, v) in
+            [("HEAP_RELAY__DELIVERY__WORKERS", "hunter2-secret"), ("HEAP_RELAY__SERVER__MAX_BODY_BYTES", "s3cr3t")]
+        {
+            let err = Settings::load(&ConfigPath::Default(PathBuf::from("/nonexistent")), env(&[(k, v)])).unwrap_err();
+            let text = err.to_string();
+            assert!(!text.contains("hunter2") && !text.contains("s3cr3t"), "{k}: {text}");
+        }
+        assert_eq!(
+            redact_values(r#"invalid type: string "pw", expected u64"#),
+            "invalid type: string (value not shown), expected u64"
+        );
+    }
+
+    #[test]
+    fn the_shipped_defaults_are_the_safe_ones() {
+        let s = Settings::defaults();
+        assert!(!s.server.allow_unauthenticated_public_bind);
+        assert_eq!(s.server.max_connections, 0, "follows the open-file limit");
+        assert!(s.server.allowed_origins.is_empty() && s.server.trusted_proxies.is_empty());
+        assert!(!s.identity.allow_zero_and_minus_one && s.identity.refuse_template_default);
     }
 
     #[test]

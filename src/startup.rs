@@ -6,7 +6,7 @@ use crate::client_addr::TrustedProxies;
 use crate::delivery::heap_client::HeapClient;
 use crate::delivery::rate_limit::RateLimiter;
 use crate::delivery::{Delivery, DeliveryConfig, Worker};
-use crate::domain::{AppId, AppIdPolicy, PropertyLimits};
+use crate::domain::{AppId, AppIdPolicy, IdentityPolicy, PropertyLimits};
 use crate::ingest::{Pipeline, SourceConfig};
 use crate::intake::Intaker;
 use crate::json::JsonLimits;
@@ -113,6 +113,11 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
         templates,
         policy: AppIdPolicy::new(allowed),
         heap_compat_policy: AppIdPolicy::only(configured),
+        identity_policy: IdentityPolicy::new(
+            settings.identity.placeholders.clone(),
+            settings.identity.allow_zero_and_minus_one,
+            settings.identity.refuse_template_default,
+        ),
         default_app_id: non_empty(&settings.heap.app_id),
         limits: PropertyLimits {
             max_count: settings.limits.max_properties,
@@ -483,4 +488,24 @@ fn spawn_retention(store: Store, keep: Duration) -> JoinHandle<()> {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_follows_the_open_file_limit() {
+        assert_eq!(connection_cap(0, Some(1024)).connections, 960);
+        assert_eq!(connection_cap(10_000, Some(1024)).connections, 960, "lowered to what the limit allows");
+        assert_eq!(connection_cap(500, Some(1024)).connections, 500);
+        assert_eq!(connection_cap(0, None).connections, 1000);
+        assert_eq!(connection_cap(0, Some(10)).connections, 16);
+    }
+
+    #[test]
+    fn urls_in_the_log_lose_their_credentials() {
+        assert_eq!(redact_url("https://user:pa55@heap.example.com/x?key=k3y"), "https://heap.example.com/x");
+        assert!(!redact_url("not a url pa55").contains("pa55"));
+    }
 }

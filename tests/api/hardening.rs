@@ -428,3 +428,41 @@ async fn health_answers_on_its_own_listener_while_slow_clients_hold_every_connec
     assert!(started.elapsed() < Duration::from_secs(3));
     drop(held);
 }
+
+#[tokio::test]
+async fn identity_policy_refuses_placeholders_zero_and_a_templates_constant_default_but_real_addresses_pass() {
+    let recipe = r#"{"track": {"identity": "{{ Profile.Email | default: 'user@example.com' }}", "event": "E"}}"#;
+    let templates = templates_with(&[("clevertap/recipe.json", recipe)]);
+    let dir = templates.path().to_owned();
+    let body = json!({"profiles": [
+        {"email": "someone@example.com"},
+        {"name": "no email"},
+        {"email": "0"},
+        {"email": "Undefined"},
+        {"email": "user@example.com"}
+    ]});
+    let app = spawn_app_with(|s| s.templates.dir = dir.clone()).await;
+    let (status, answer) = json(app.post_hook_template("clevertap", "recipe", &body).await).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["accepted"], 1, "only the real address: {answer}");
+    let rejected: Vec<(i64, String)> = answer["rejected"]
+        .as_array()
+        .expect("rejected")
+        .iter()
+        .map(|r| (r["index"].as_i64().unwrap_or(-1), r["field"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    assert_eq!(rejected.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2, 3, 4], "{answer}");
+    assert!(rejected.iter().all(|r| r.1.ends_with("identity")), "{answer}");
+
+    let lenient = spawn_app_with(|s| {
+        s.templates.dir = dir.clone();
+        s.identity.allow_zero_and_minus_one = true;
+        s.identity.refuse_template_default = false;
+    })
+    .await;
+    let (_, answer) = json(lenient.post_hook_template("clevertap", "recipe", &body).await).await;
+    assert_eq!(answer["accepted"], 4, "0 and the default allowed; the placeholder still refused: {answer}");
+    let minus_one = json!({"app_id": APP_ID, "identity": "-1", "event": "E"});
+    let (status, answer) = json(app.post("/api/track", minus_one.to_string()).await).await;
+    assert_eq!((status, answer["error"]["field"].as_str()), (422, Some("identity")), "{answer}");
+}
