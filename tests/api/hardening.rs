@@ -120,6 +120,8 @@ async fn a_thousand_auth_failures_write_at_most_20_log_lines_and_count_1000_in_m
         &[
             ("HEAP_RELAY__SOURCES__USERPILOT__AUTH__MODE", "hmac_userpilot"),
             ("HEAP_RELAY__SOURCES__USERPILOT__AUTH__SECRET", UP_SECRET),
+            // The test client is the trusted proxy: the client address logged comes from X-Forwarded-For.
+            ("HEAP_RELAY__SERVER__TRUSTED_PROXIES", "127.0.0.1"),
         ],
     )
     .await;
@@ -131,6 +133,7 @@ async fn a_thousand_auth_failures_write_at_most_20_log_lines_and_count_1000_in_m
         let sig = if i % 2 == 0 { "v1=zz".to_owned() } else { format!("t={},v1=00", now()) };
         let r = client
             .post(format!("{}/hooks/userpilot", relay.address))
+            .header("X-Forwarded-For", "198.51.100.7, 203.0.113.9")
             .header("X-Signature", sig)
             .body(&body[..])
             .send()
@@ -148,6 +151,20 @@ async fn a_thousand_auth_failures_write_at_most_20_log_lines_and_count_1000_in_m
     let lines = log.lines().count() - before;
     assert!(lines <= 20, "{lines} log lines for 1,000 auth failures:\n{log}");
     assert!(log.contains("authentication failed"), "the first failure is logged:\n{log}");
+    assert!(log.contains("203.0.113.9"), "the client named by the trusted proxy is logged:\n{log}");
+
+    // A 30 KB body of 10,000 items that are all refused: a summary in the log, never the 10,000 reasons.
+    let refused: Vec<Value> = (0..10_000).map(|_| json!({})).collect();
+    let before = log.len();
+    let r = client
+        .post(format!("{}/hooks/clevertap", relay.address))
+        .body(json!({"profiles": refused}).to_string())
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(r.status(), 422);
+    let grown = relay.log().len() - before;
+    assert!(grown < 4096, "a refused body wrote {grown} bytes of log:\n{}", &relay.log()[before..]);
 }
 
 /// A fake Heap on loopback that answers every call with `status` and a body of `body_bytes` zeros, written until
@@ -465,4 +482,21 @@ async fn identity_policy_refuses_placeholders_zero_and_a_templates_constant_defa
     let minus_one = json!({"app_id": APP_ID, "identity": "-1", "event": "E"});
     let (status, answer) = json(app.post("/api/track", minus_one.to_string()).await).await;
     assert_eq!((status, answer["error"]["field"].as_str()), (422, Some("identity")), "{answer}");
+}
+
+#[tokio::test]
+async fn a_replay_on_a_full_store_is_503_store_full_not_500() {
+    let first = spawn_app().await;
+    let (_, body) = json(first.post_hook("segment", &fixture("segment-track.json")).await).await;
+    assert!(body["event_ids"][0].is_string(), "{body}");
+    first.wait_until_idle(WAIT).await;
+    let db = first._dir.path().join("relay.db");
+    let full = spawn_app_with(|s| {
+        s.store.path = db.clone();
+        s.store.max_bytes = 1;
+    })
+    .await;
+    let (status, answer) =
+        json(full.admin_post("/admin/replay", &json!({"status": "delivered", "rerender": true})).await).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (503, Some("store_full")), "{answer}");
 }
