@@ -103,10 +103,8 @@ pub fn sanitize(body: &[u8]) -> Option<(Vec<u8>, Vec<Sanitized>, usize)> {
                         }
                     }
                 }
-                if is_key {
-                    if let Some(Frame::Object { key, .. }) = stack.last_mut() {
-                        *key = Some(text);
-                    }
+                if let (true, Some(Frame::Object { key, .. })) = (is_key, stack.last_mut()) {
+                    *key = Some(text);
                 }
                 continue;
             }

@@ -87,7 +87,7 @@ async fn verify_full_with_a_wrong_ca_or_a_wrong_host_name_is_refused_and_require
         .find(|p| p.extension().is_some_and(|x| x == "pem") && !p.ends_with("ssl-cert-snakeoil.pem"))
         .expect("another CA certificate");
     let url = schema.url(&format!("sslmode=verify-full&sslrootcert={}", wrong.display()));
-    let err = PgStore::open(&url, options()).await.err().expect("a wrong CA is refused");
+    let Err(err) = PgStore::open(&url, options()).await else { panic!("a wrong CA is refused") };
     assert!(!err.to_string().is_empty());
     // The right CA but an address the certificate does not name: verify-full refuses, verify-ca accepts.
     let by_ip = |mode: &str| {

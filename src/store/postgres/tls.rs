@@ -75,11 +75,9 @@ pub fn connector(url: &str) -> Result<(tokio_postgres::Config, MakeRustls, SslMo
         SslMode::Prefer => PgSslMode::Prefer,
         SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
     });
-    if root.is_some() && matches!(mode, SslMode::Disable | SslMode::Prefer | SslMode::Require) {
+    if root.is_some() && mode == SslMode::Require {
         // libpq: a root certificate with require means verify-ca.
-        if mode == SslMode::Require {
-            mode = SslMode::VerifyCa;
-        }
+        mode = SslMode::VerifyCa;
     }
     let tls = MakeRustls::new(mode, root.as_deref())?;
     Ok((config, tls, mode))
@@ -91,12 +89,13 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        let hex = (b[i] == b'%' && i + 2 < b.len())
+            .then(|| std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .flatten();
+        if let Some(v) = hex {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
