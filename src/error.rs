@@ -111,6 +111,10 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut resp = HttpResponse::build(self.status_code());
+        if matches!(self.code, ErrorCode::RequestTimeout | ErrorCode::BodyTooLarge | ErrorCode::Overloaded) {
+            // The rest of the body is not wanted: close instead of draining it for a client that may never send it.
+            resp.force_close();
+        }
         if let Some(secs) = self.retry_after {
             resp.insert_header(("Retry-After", secs.to_string()));
         }

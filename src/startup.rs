@@ -7,6 +7,7 @@ use crate::delivery::heap_client::HeapClient;
 use crate::delivery::rate_limit::RateLimiter;
 use crate::delivery::{Delivery, DeliveryConfig, Worker};
 use crate::domain::{AppId, AppIdPolicy, IdentityPolicy, PropertyLimits};
+use crate::exposure;
 use crate::ingest::{Pipeline, SourceConfig};
 use crate::intake::Intaker;
 use crate::json::JsonLimits;
@@ -190,7 +191,7 @@ impl Application {
         // First: a refused configuration never opens the store or listens, not even briefly.
         let wanted: std::net::SocketAddr =
             settings.server.bind.parse().with_context(|| format!("server.bind {}", settings.server.bind))?;
-        check_public_bind(&settings, wanted)?;
+        exposure::check_public_bind(&settings, wanted)?;
         let templates = load_templates(&settings)?;
         let store = open_store(&settings).await?;
         let metrics = Arc::new(Metrics::new());
@@ -247,6 +248,7 @@ impl Application {
         }
         background.push(spawn_retention(store.clone(), Duration::from_secs(settings.store.retention_hours * 3600)));
 
+        let cap = exposure::connection_cap(settings.server.max_connections, exposure::open_file_limit());
         let state = AppState {
             intake: Intaker { pipeline, store, delivery, metrics },
             max_body_bytes: settings.server.max_body_bytes,
@@ -255,7 +257,7 @@ impl Application {
             workers_running,
             gates,
             body_read_timeout: Duration::from_secs(settings.server.body_read_timeout_secs.max(1)),
-            inflight: InflightBytes::new(settings.server.max_inflight_body_bytes),
+            inflight: InflightBytes::with_pressure(settings.server.max_inflight_body_bytes, cap.connections / 2),
             origins: Arc::new(AllowedOrigins::new(&settings.server.allowed_origins)),
             proxies: Arc::new(TrustedProxies::new(&settings.server.trusted_proxies)),
             auth_log: Arc::new(AuthFailureLog::new(Duration::from_secs(settings.log.auth_failure_interval_secs))),
@@ -278,14 +280,13 @@ impl Application {
         .listen(listener)?
         .shutdown_timeout(grace.as_secs())
         .client_request_timeout(Duration::from_secs(settings.server.header_read_timeout_secs.max(1)))
-        .client_disconnect_timeout(Duration::from_secs(5));
+        .client_disconnect_timeout(Duration::from_secs(1));
         let http_workers = if settings.server.workers > 0 {
             settings.server.workers
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         };
         // actix counts connections per worker; split the total so the cap holds for the whole process.
-        let cap = connection_cap(settings.server.max_connections, open_file_limit());
         server = server.workers(http_workers).max_connections(cap.connections.div_ceil(http_workers));
         tracing::info!(
             max_connections = cap.connections,
@@ -319,7 +320,7 @@ impl Application {
         };
         tracing::info!(
             %addr,
-            heap = %redact_url(&settings.heap.base_url),
+            heap = %exposure::redact_url(&settings.heap.base_url),
             store = %store_location(&settings),
             "heap-relay listening"
         );
@@ -360,84 +361,6 @@ impl Application {
         }
         tracing::info!("heap-relay stopped");
         Ok(())
-    }
-}
-
-/// Refuses to start when a non-loopback bind serves a source without authentication, unless the operator opted in
-/// (`server.allow_unauthenticated_public_bind`); anyone who could reach the relay could write into Heap through it.
-pub fn check_public_bind(settings: &Settings, addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    let open = settings.unauthenticated_sources();
-    if addr.ip().is_loopback() || open.is_empty() {
-        return Ok(());
-    }
-    if !settings.server.allow_unauthenticated_public_bind {
-        return Err(anyhow!(
-            "server.bind {addr} is not a loopback address and these sources accept requests without \
-             authentication: {}. Set [sources.<name>.auth] for each (docs/security.md), disable the source, or \
-             set server.allow_unauthenticated_public_bind = true if a firewall already limits who can reach the relay",
-            open.join(", ")
-        ));
-    }
-    tracing::warn!(
-        bind = %addr,
-        sources = %open.join(", "),
-        "these sources accept requests without authentication on a non-loopback address \
-         (server.allow_unauthenticated_public_bind = true)"
-    );
-    Ok(())
-}
-
-/// The connection cap and why it is what it is (said in the log at start).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectionCap {
-    pub connections: usize,
-    pub open_files: Option<u64>,
-    pub why: String,
-}
-
-/// Descriptors kept for everything but client connections: the store, its WAL, template files, Heap's pool,
-/// PostgreSQL connections, the listeners.
-const RESERVED_FILES: u64 = 64;
-
-/// `configured` (0: automatic) against the soft open-file limit: a cap above it only turns into `Too many open
-/// files` at accept time, so it is lowered to the limit minus `RESERVED_FILES`.
-pub fn connection_cap(configured: usize, open_files: Option<u64>) -> ConnectionCap {
-    let room = open_files.map(|n| n.saturating_sub(RESERVED_FILES).max(16) as usize);
-    let (connections, why) = match (configured, room) {
-        (0, Some(r)) => (r, format!("connection cap follows the open-file limit (minus {RESERVED_FILES} reserved)")),
-        (0, None) => (1000, "open-file limit unknown; connection cap 1000".to_owned()),
-        (c, Some(r)) if c > r => {
-            tracing::warn!(
-                configured = c,
-                lowered_to = r,
-                "server.max_connections is above what the open-file limit allows; lowered (raise `ulimit -n` to \
-                 allow more)"
-            );
-            (r, "server.max_connections, lowered to the open-file limit".to_owned())
-        }
-        (c, _) => (c, "connection cap from server.max_connections".to_owned()),
-    };
-    ConnectionCap { connections, open_files, why }
-}
-
-/// The soft RLIMIT_NOFILE of this process.
-pub fn open_file_limit() -> Option<u64> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes into the struct we own; no other memory is touched.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    (rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
-}
-
-/// A URL for the log: no user, password or query (they may hold credentials).
-pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            u.set_query(None);
-            u.to_string()
-        }
-        Err(_) => "(unparsable URL)".to_owned(),
     }
 }
 
@@ -488,24 +411,4 @@ fn spawn_retention(store: Store, keep: Duration) -> JoinHandle<()> {
             }
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_connection_cap_follows_the_open_file_limit() {
-        assert_eq!(connection_cap(0, Some(1024)).connections, 960);
-        assert_eq!(connection_cap(10_000, Some(1024)).connections, 960, "lowered to what the limit allows");
-        assert_eq!(connection_cap(500, Some(1024)).connections, 500);
-        assert_eq!(connection_cap(0, None).connections, 1000);
-        assert_eq!(connection_cap(0, Some(10)).connections, 16);
-    }
-
-    #[test]
-    fn urls_in_the_log_lose_their_credentials() {
-        assert_eq!(redact_url("https://user:pa55@heap.example.com/x?key=k3y"), "https://heap.example.com/x");
-        assert!(!redact_url("not a url pa55").contains("pa55"));
-    }
 }

@@ -7,6 +7,10 @@
 //! of every body in flight are also counted against one budget (`server.max_inflight_body_bytes`): past it a
 //! request gets 503 `overloaded` with Retry-After instead of more memory. The budget is held until the request
 //! is answered (the pipeline's copies of the body live that long).
+//!
+//! Slow bodies under pressure: while more bodies are being read than half the connection cap, a body that sends
+//! nothing for `STALL` gets 408 and its connection is closed, so a flood of slow-body connections cannot keep the
+//! cap full for `server.body_read_timeout_secs` and `/healthz` gets a connection within seconds.
 
 use crate::error::{ApiError, ErrorCode};
 use actix_web::HttpRequest;
@@ -21,11 +25,28 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub struct InflightBytes {
     used: AtomicUsize,
     limit: usize,
+    /// Bodies being read now.
+    readers: AtomicUsize,
+    /// Above this many readers, a stalled body is cut after `STALL`.
+    pressure_at: usize,
 }
+
+/// How long a body may send nothing while the relay is under pressure.
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl InflightBytes {
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self { used: AtomicUsize::new(0), limit })
+        Self::with_pressure(limit, usize::MAX)
+    }
+
+    /// `pressure_at`: the number of bodies read at once past which stalled bodies are cut (half the connection
+    /// cap).
+    pub fn with_pressure(limit: usize, pressure_at: usize) -> Arc<Self> {
+        Arc::new(Self { used: AtomicUsize::new(0), limit, readers: AtomicUsize::new(0), pressure_at })
+    }
+
+    fn under_pressure(&self) -> bool {
+        self.readers.load(Ordering::Relaxed) > self.pressure_at
     }
 
     /// Bytes currently held by bodies in flight.
@@ -60,6 +81,15 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Counts a body as being read until dropped.
+struct Reading<'a>(&'a InflightBytes);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.readers.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -253,7 +283,28 @@ async fn read(
     sink.buf.reserve_exact(capacity);
     let mut decoder = Decoder::new(encoding, sink)?;
     let mut payload = payload.into_inner();
-    while let Some(chunk) = payload.next().await {
+    budget.readers.fetch_add(1, Ordering::AcqRel);
+    let _reading = Reading(budget);
+    loop {
+        // Waits in steps of STALL, so a body that stalled before the pressure began is cut as well.
+        let next = loop {
+            match tokio::time::timeout(STALL, payload.next()).await {
+                Ok(next) => break next,
+                Err(_) if budget.under_pressure() => {
+                    return Err(ApiError::new(
+                        ErrorCode::RequestTimeout,
+                        format!(
+                            "the body stalled for {} s while the relay is busy reading many bodies",
+                            STALL.as_secs()
+                        ),
+                    ));
+                }
+                Err(_) => {}
+            }
+        };
+        let Some(chunk) = next else {
+            break;
+        };
         let chunk =
             chunk.map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("could not read the body: {e}")))?;
         if let Err(e) = decoder.write(&chunk) {
