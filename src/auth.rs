@@ -59,8 +59,15 @@ pub struct AuthSettings {
     pub user: String,
     /// `basic`: the password.
     pub password: SecretString,
-    /// `bearer`: the token; `header`: the header's value; `hmac_*`: the signing secret.
+    /// `bearer`: the token; `header`: the header's value; `hmac_*`: the signing secret. Surrounding whitespace is
+    /// ignored, as it is in what a client presents.
     pub secret: SecretString,
+    /// For rotation: a second secret accepted as well as `secret` (empty: none).
+    #[serde(default)]
+    pub previous_secret: SecretString,
+    /// `basic`, for rotation: a second password accepted for `user` (empty: none).
+    #[serde(default)]
+    pub previous_password: SecretString,
     /// `header`: the header holding the secret (empty: `X-Relay-Secret`); `hmac_*`: the header holding the
     /// signature (empty: `X-Signature`).
     pub header: String,
@@ -77,6 +84,8 @@ impl Default for AuthSettings {
             user: String::new(),
             password: SecretString::default(),
             secret: SecretString::default(),
+            previous_secret: SecretString::default(),
+            previous_password: SecretString::default(),
             header: String::new(),
             hash: HashAlg::Sha256,
             tolerance_secs: 300,
@@ -128,10 +137,11 @@ pub struct AuthConfigError {
 /// Looks a request header up by name (case-insensitive, as HTTP headers are).
 pub type Headers<'r, 'h> = &'r dyn Fn(&str) -> Option<&'h [u8]>;
 
-/// One source's check, built once from its settings.
+/// One source's check, built once from its settings: the current secret's, then the previous one's (rotation).
 #[derive(Clone)]
 pub struct Verifier {
     check: Check,
+    previous: Option<Check>,
 }
 
 #[derive(Clone)]
@@ -178,13 +188,38 @@ fn matches(presented: &[u8], expected: &[u8; 32]) -> bool {
 
 impl Verifier {
     pub fn none() -> Self {
-        Self { check: Check::None }
+        Self { check: Check::None, previous: None }
     }
 
-    /// Builds the check for `source_name` from its settings; refuses a mode whose secret is missing.
+    /// Builds the check for `source_name` from its settings; refuses a mode whose secret is missing. With a
+    /// `previous_secret` (or `previous_password`), requests signed or authenticated with either are accepted.
     pub fn from_settings(source_name: &str, s: &AuthSettings) -> Result<Self, AuthConfigError> {
+        let check = Self::check_from(source_name, s, s.secret.expose_secret(), &s.password)?;
+        let prev_secret = s.previous_secret.expose_secret().trim();
+        let prev_password = s.previous_password.expose_secret();
+        let previous = match s.mode {
+            AuthMode::Basic if !prev_password.is_empty() => {
+                Some(Self::check_from(source_name, s, "", &s.previous_password)?)
+            }
+            AuthMode::Bearer | AuthMode::Header | AuthMode::HmacUserpilot | AuthMode::HmacSha1Hex
+                if !prev_secret.is_empty() =>
+            {
+                Some(Self::check_from(source_name, s, prev_secret, &s.password)?)
+            }
+            _ => None,
+        };
+        Ok(Self { check, previous })
+    }
+
+    fn check_from(
+        source_name: &str,
+        s: &AuthSettings,
+        secret: &str,
+        password: &SecretString,
+    ) -> Result<Check, AuthConfigError> {
         let fail = |message: String| Err(AuthConfigError { source_name: source_name.to_owned(), message });
-        let secret = s.secret.expose_secret();
+        let secret = secret.trim();
+        let key = || SecretString::from(secret.to_owned());
         let needs_secret =
             matches!(s.mode, AuthMode::Bearer | AuthMode::Header | AuthMode::HmacUserpilot | AuthMode::HmacSha1Hex);
         if needs_secret && secret.trim().is_empty() {
@@ -202,13 +237,13 @@ impl Verifier {
         let check = match s.mode {
             AuthMode::None => Check::None,
             AuthMode::Basic => {
-                if s.user.is_empty() || s.password.expose_secret().is_empty() {
+                if s.user.is_empty() || password.expose_secret().is_empty() {
                     return fail("mode \"basic\" needs user and password".into());
                 }
                 if s.user.contains(':') {
                     return fail("a Basic auth user name cannot contain ':'".into());
                 }
-                Check::Basic { digest: digest(format!("{}:{}", s.user, s.password.expose_secret()).as_bytes()) }
+                Check::Basic { digest: digest(format!("{}:{}", s.user, password.expose_secret()).as_bytes()) }
             }
             AuthMode::Bearer => Check::Bearer { digest: digest(secret.as_bytes()) },
             AuthMode::Header => {
@@ -227,14 +262,14 @@ impl Verifier {
                 }
                 Check::Userpilot {
                     header: header(DEFAULT_SIGNATURE_HEADER),
-                    key: s.secret.clone(),
+                    key: key(),
                     hash: s.hash,
                     tolerance: s.tolerance_secs,
                 }
             }
-            AuthMode::HmacSha1Hex => Check::Sha1Hex { header: header(DEFAULT_SIGNATURE_HEADER), key: s.secret.clone() },
+            AuthMode::HmacSha1Hex => Check::Sha1Hex { header: header(DEFAULT_SIGNATURE_HEADER), key: key() },
         };
-        Ok(Self { check })
+        Ok(check)
     }
 
     pub fn mode(&self) -> AuthMode {
@@ -249,9 +284,29 @@ impl Verifier {
     }
 
     /// Checks what can be checked from the headers alone, before the body is read: credentials, and for
-    /// signatures that the header is there, well formed and (Userpilot) fresh.
+    /// signatures that the header is there, well formed and (Userpilot) fresh. Either secret passes; the current
+    /// one's error is reported.
     pub fn before_body(&self, headers: Headers<'_, '_>, now_secs: i64) -> Result<(), AuthError> {
-        match &self.check {
+        let first = self.check.before_body(headers, now_secs);
+        match (&first, &self.previous) {
+            (Err(_), Some(prev)) if prev.before_body(headers, now_secs).is_ok() => Ok(()),
+            _ => first,
+        }
+    }
+
+    /// Checks a signature over the raw body (after `before_body`), with either secret.
+    pub fn after_body(&self, headers: Headers<'_, '_>, body: &[u8], now_secs: i64) -> Result<(), AuthError> {
+        let first = self.check.after_body(headers, body, now_secs);
+        match (&first, &self.previous) {
+            (Err(_), Some(prev)) if prev.after_body(headers, body, now_secs).is_ok() => Ok(()),
+            _ => first,
+        }
+    }
+}
+
+impl Check {
+    fn before_body(&self, headers: Headers<'_, '_>, now_secs: i64) -> Result<(), AuthError> {
+        match self {
             Check::None => Ok(()),
             Check::Basic { digest } => verify_basic(headers("Authorization"), digest),
             Check::Bearer { digest } => verify_bearer(headers("Authorization"), digest),
@@ -264,9 +319,8 @@ impl Verifier {
         }
     }
 
-    /// Checks a signature over the raw body (after `before_body`).
-    pub fn after_body(&self, headers: Headers<'_, '_>, body: &[u8], now_secs: i64) -> Result<(), AuthError> {
-        match &self.check {
+    fn after_body(&self, headers: Headers<'_, '_>, body: &[u8], now_secs: i64) -> Result<(), AuthError> {
+        match self {
             Check::Userpilot { header, key, hash, tolerance } => {
                 let sig = parse_userpilot_signature(header, headers(header))?;
                 check_fresh(header, &sig, now_secs, *tolerance)?;

@@ -46,10 +46,12 @@ error_codes! {
     InvalidQuery => ("invalid_query", BAD_REQUEST),
     StoreFull => ("store_full", SERVICE_UNAVAILABLE),
     NotReady => ("not_ready", SERVICE_UNAVAILABLE),
+    Overloaded => ("overloaded", SERVICE_UNAVAILABLE),
+    Forbidden => ("forbidden_origin", FORBIDDEN),
     Internal => ("internal", INTERNAL_SERVER_ERROR),
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[error("{code:?}: {message}")]
 pub struct ApiError {
     pub code: ErrorCode,
@@ -59,6 +61,21 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// Per-item reasons for 422 nothing_accepted.
     pub rejected: Option<serde_json::Value>,
+}
+
+/// A summary, never the whole `rejected` array: a 30 KB body can hold 10,000 reasons, and a log line per request
+/// of megabytes is an amplification attack on the log.
+impl std::fmt::Debug for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rejected = self.rejected.as_ref().and_then(|r| r.as_array()).map(Vec::len);
+        let message: String = self.message.chars().take(300).collect();
+        f.debug_struct("ApiError")
+            .field("code", &self.code.as_str())
+            .field("message", &message)
+            .field("field", &self.field)
+            .field("rejected_items", &rejected)
+            .finish()
+    }
 }
 
 impl ApiError {
@@ -94,6 +111,10 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut resp = HttpResponse::build(self.status_code());
+        if matches!(self.code, ErrorCode::RequestTimeout | ErrorCode::BodyTooLarge | ErrorCode::Overloaded) {
+            // The rest of the body is not wanted: close instead of draining it for a client that may never send it.
+            resp.force_close();
+        }
         if let Some(secs) = self.retry_after {
             resp.insert_header(("Retry-After", secs.to_string()));
         }
@@ -103,5 +124,19 @@ impl ResponseError for ApiError {
             field: self.field.as_deref(),
             rejected: self.rejected.as_ref(),
         }}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_summarises_the_rejected_items_instead_of_listing_them() {
+        let mut e = ApiError::new(ErrorCode::NothingAccepted, "none of the 10000 items could be accepted");
+        e.rejected = Some(serde_json::Value::Array(vec![json!({"message": "x".repeat(300)}); 10_000]));
+        let text = format!("{e:?}");
+        assert!(text.len() < 400, "{} bytes", text.len());
+        assert!(text.contains("rejected_items: Some(10000)"), "{text}");
     }
 }

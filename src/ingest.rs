@@ -3,12 +3,12 @@
 
 use crate::domain::heap_call::BuildContext;
 use crate::domain::{
-    AppIdPolicy, CallKind, FieldError, HeapCall, PropertyLimits, Timestamp, TrackEvent, UserProperties,
+    AppIdPolicy, CallKind, FieldError, HeapCall, IdentityPolicy, PropertyLimits, Timestamp, TrackEvent, UserProperties,
 };
 use crate::json::{JsonError, JsonLimits};
-use crate::sources::{self, Parsed, Source, SourceOptions};
+use crate::sources::{self, Shape, Source, SourceOptions};
 use crate::templates::render::RenderLimits;
-use crate::templates::{Draft, TemplateStore, valid_name};
+use crate::templates::{Draft, Template, TemplateStore, valid_name};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -96,6 +96,10 @@ pub enum IngestError {
 pub struct Pipeline {
     pub templates: Arc<TemplateStore>,
     pub policy: AppIdPolicy,
+    /// Identities refused although well formed (placeholders, "0"/"-1", a template's constant default).
+    pub identity_policy: IdentityPolicy,
+    /// Which app_ids the Heap-compatible routes accept: only configured ones (`AppIdPolicy::only`).
+    pub heap_compat_policy: AppIdPolicy,
     pub default_app_id: Option<String>,
     pub limits: PropertyLimits,
     pub render_limits: RenderLimits,
@@ -141,63 +145,32 @@ impl Pipeline {
             return Err(unknown());
         }
         let tpl = self.templates.get(source.as_str(), name).ok_or_else(unknown)?;
-        let parsed = sources::parse(source, value, &cfg.options).map_err(IngestError::Body)?;
-        let items = match parsed {
-            Parsed::Ping => {
-                return Ok(Outcome { ping: true, template: name.to_owned(), ..Default::default() });
-            }
-            Parsed::Items(items) => items,
-        };
-        self.check_count(items.len())?;
+        // Counted before any item is built: a body past limits.max_items costs nothing more.
+        self.check_count(sources::count(source, value))?;
         let app_id = cfg.app_id.as_deref().or(self.default_app_id.as_deref());
-        let mut out = Outcome { template: name.to_owned(), items: items.len(), ..Default::default() };
-        for (index, item) in items.into_iter().enumerate() {
-            let item = match item {
-                Ok(i) => i,
-                Err(e) => {
-                    out.rejected.push(rejection(index, e));
-                    continue;
-                }
-            };
-            let drafts = match tpl.render(&item.ctx, &self.render_limits) {
-                Ok(d) => d,
-                Err(e) => {
-                    out.rejected.push(Rejection {
-                        index,
-                        field: "template".into(),
-                        code: e.code(),
-                        message: e.to_string(),
-                    });
-                    continue;
-                }
-            };
-            // A user-properties section whose properties all rendered to nothing has nothing to set: left out,
-            // like any empty leaf, rather than failing the item (and its track event with it).
-            let drafts: Vec<Draft> = drafts.into_iter().filter(|d| !is_empty_user_properties(d)).collect();
-            if drafts.is_empty() {
-                out.ignored.push(index);
-                continue;
-            }
-            let seed = [source.as_str(), name, item.seed.as_str()];
-            let cx = BuildContext {
-                policy: &self.policy,
-                default_app_id: app_id,
-                limits: &self.limits,
-                received_at,
-                key_seed: &seed,
-            };
-            // All of an item's calls are accepted, or none: half an item in Heap is harder to repair than none.
-            match drafts.iter().map(|d| build(d, &cx)).collect::<Result<Vec<_>, _>>() {
-                Ok(calls) => out.accepted.extend(calls.into_iter().map(|call| Accepted { index, call })),
-                Err(e) => out.rejected.push(rejection(index, e)),
-            }
+        let mut out = Outcome { template: name.to_owned(), ..Default::default() };
+        let defaults = self.template_defaults(&tpl);
+        let mut index = 0usize;
+        let shape = sources::for_each(source, value, &cfg.options, &mut |item| {
+            let at = ItemAt { index, source, name, app_id, defaults: &defaults };
+            self.take_item(&mut out, item, &tpl, &at, received_at);
+            index += 1;
+        })
+        .map_err(IngestError::Body)?;
+        if shape == Shape::Ping {
+            return Ok(Outcome { ping: true, template: name.to_owned(), ..Default::default() });
         }
+        out.items = index;
         Ok(out)
     }
 
     fn ingest_heap(&self, kind: CallKind, value: &Value, received_at: &Timestamp) -> Result<Outcome, IngestError> {
         if !self.heap_compat_enabled {
             return Err(IngestError::SourceDisabled("heap"));
+        }
+        // Counted before the items are built (each is a copy of its object).
+        if let Some(Value::Array(list)) = value.get(kind.bulk_field()) {
+            self.check_count(list.len())?;
         }
         let items = sources::heap::items(kind, value).map_err(IngestError::Body)?;
         self.check_count(items.len())?;
@@ -208,13 +181,15 @@ impl Pipeline {
             let seed_text = item.as_ref().ok().and_then(|o| serde_json::to_string(o).ok()).unwrap_or_default();
             let seed = ["heap", kind.as_str(), seed_text.as_str()];
             let cx = BuildContext {
-                policy: &self.policy,
+                policy: &self.heap_compat_policy,
                 default_app_id: self.default_app_id.as_deref(),
                 limits: &self.limits,
                 received_at,
                 key_seed: &seed,
             };
-            let built = item.and_then(|body| build(&Draft { kind, body }, &cx)).map_err(|e| {
+            let built =
+                item.and_then(|body| build(&Draft { kind, body }, &cx).and_then(|c| self.admit_identity(c, &[])));
+            let built = built.map_err(|e| {
                 if prefix.is_empty() || e.field.starts_with(prefix) {
                     e
                 } else {
@@ -229,12 +204,108 @@ impl Pipeline {
         Ok(out)
     }
 
+    /// What the template's identity renders to for a body with no fields (sections without a `when` that an
+    /// empty body fails): a constant default such as `| default: 'user@example.com'`, which would make every item
+    /// without the field one Heap user (`identity.refuse_template_default`).
+    fn template_defaults(&self, tpl: &Template) -> Vec<String> {
+        if !self.identity_policy.refuses_template_default() {
+            return Vec::new();
+        }
+        let empty = crate::templates::context::CtxObject::new();
+        let Ok(drafts) = tpl.render(&empty, &self.render_limits) else {
+            return Vec::new();
+        };
+        drafts
+            .iter()
+            .filter_map(|d| match d.body.get("identity") {
+                Some(Value::String(s)) => Some(s.trim().to_owned()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            })
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// The identity policy for a built call.
+    fn admit_identity(&self, call: HeapCall, defaults: &[String]) -> Result<HeapCall, FieldError> {
+        if let Some(identity) = call.named_identity() {
+            self.identity_policy.check(identity, defaults)?;
+        }
+        Ok(call)
+    }
+
+    /// Renders and builds one item into `out`.
+    fn take_item(
+        &self,
+        out: &mut Outcome,
+        item: Result<sources::Item, FieldError>,
+        tpl: &Template,
+        at: &ItemAt<'_>,
+        received_at: &Timestamp,
+    ) {
+        let ItemAt { index, source, name, app_id, defaults } = *at;
+        let item = match item {
+            Ok(i) => i,
+            Err(e) => {
+                out.rejected.push(rejection(index, e));
+                return;
+            }
+        };
+        let drafts = match tpl.render(&item.ctx, &self.render_limits) {
+            Ok(d) => d,
+            Err(e) => {
+                out.rejected.push(Rejection {
+                    index,
+                    field: "template".into(),
+                    code: e.code(),
+                    message: e.to_string(),
+                });
+                return;
+            }
+        };
+        // A user-properties section whose properties all rendered to nothing has nothing to set: left out,
+        // like any empty leaf, rather than failing the item (and its track event with it).
+        let drafts: Vec<Draft> = drafts.into_iter().filter(|d| !is_empty_user_properties(d)).collect();
+        if drafts.is_empty() {
+            out.ignored.push(index);
+            return;
+        }
+        let seed = [source.as_str(), name, item.seed.as_str()];
+        let cx = BuildContext {
+            policy: &self.policy,
+            default_app_id: app_id,
+            limits: &self.limits,
+            received_at,
+            key_seed: &seed,
+        };
+        // All of an item's calls are accepted, or none: half an item in Heap is harder to repair than none.
+        match drafts
+            .iter()
+            .map(|d| build(d, &cx).and_then(|c| self.admit_identity(c, defaults)))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(calls) => out.accepted.extend(calls.into_iter().map(|call| Accepted { index, call })),
+            Err(e) => out.rejected.push(rejection(index, e)),
+        }
+    }
+
     fn check_count(&self, items: usize) -> Result<(), IngestError> {
         if items > self.max_items {
             return Err(IngestError::TooManyItems { items, limit: self.max_items });
         }
         Ok(())
     }
+}
+
+/// Where an item sits: its index and the route's source, template and app_id, and the template's constant
+/// identity defaults.
+#[derive(Clone, Copy)]
+struct ItemAt<'a> {
+    index: usize,
+    source: Source,
+    name: &'a str,
+    app_id: Option<&'a str>,
+    defaults: &'a [String],
 }
 
 fn is_empty_user_properties(d: &Draft) -> bool {

@@ -3,7 +3,8 @@
 //!
 //! The path of an event, one module per step:
 //! - `routes`: HTTP in (`/hooks/{source}`, `/api/track`, admin, health, metrics); thin handlers. Before a body
-//!   is used, `routes::gate` checks the source's authentication (`auth`) and request budget (`request_rate`).
+//!   is used, `routes::gate` checks the browser's Origin, the source's authentication (`auth`) and request budget
+//!   (`request_rate`); `routes::body` reads it bounded (decoded bytes, per request and across requests).
 //! - `intake`: body → pipeline → one durable write → summary.
 //! - `ingest`: the pure pipeline: `sources` (vendor body shapes) → `templates` (Liquid, one leaf at a time) →
 //!   `domain` (types that only hold values Heap accepts). `json` parses bodies strictly (depth, duplicate keys,
@@ -11,15 +12,19 @@
 //! - `store`: the queue and delivery log (group commit, leases): SQLite by default, PostgreSQL for several instances.
 //! - `delivery`: workers that batch, send, classify (`policy`) and rate-limit.
 //! - `replay`: re-send or re-render stored events.
-//! - `settings`, `telemetry`, `metrics`, `error`, `startup`, `cli`, `commands`: plumbing.
+//! - `settings`, `telemetry`, `metrics`, `error`, `startup`, `cli`, `commands`: plumbing. `exposure` decides at
+//!   start what may face the network (public-bind refusal, connection cap); `client_addr` says who a client is
+//!   (X-Forwarded-For only from trusted proxies); `sanitize` repairs NULs and lone surrogates in string values.
 
 pub mod auth;
 pub mod cli;
+pub mod client_addr;
 pub mod clock;
 pub mod commands;
 pub mod delivery;
 pub mod domain;
 pub mod error;
+pub mod exposure;
 pub mod ingest;
 pub mod intake;
 pub mod json;
@@ -27,6 +32,7 @@ pub mod metrics;
 pub mod replay;
 pub mod request_rate;
 pub mod routes;
+pub mod sanitize;
 pub mod settings;
 pub mod sources;
 pub mod startup;

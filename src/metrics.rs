@@ -23,6 +23,11 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
     /// delivered | retry | throttled | split | dead
     pub result: String,
@@ -44,6 +49,10 @@ pub struct Metrics {
     pub store_commits: Gauge,
     pub store_bodies_committed: Gauge,
     pub template_reloads: Family<AttemptLabels, Counter>,
+    /// Requests refused for failed authentication, by source (every one, though the log is rate-limited).
+    pub auth_failures: Family<SourceLabels, Counter>,
+    /// String values that lost a NUL or had a lone surrogate replaced, by source.
+    pub sanitized_values: Family<SourceLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -76,6 +85,8 @@ impl Metrics {
             store_commits: Gauge::default(),
             store_bodies_committed: Gauge::default(),
             template_reloads: Family::default(),
+            auth_failures: Family::default(),
+            sanitized_values: Family::default(),
             registry: Registry::default(),
         };
         registry.register("ingest_items", "Items received, by source and outcome", m.ingest_items.clone());
@@ -107,6 +118,16 @@ impl Metrics {
             "template_reloads",
             "Template reloads after an edit, by result (ok, failed)",
             m.template_reloads.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Requests refused for failed authentication, by source",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "sanitized_values",
+            "String values that lost a NUL character or had a lone surrogate replaced, by source",
+            m.sanitized_values.clone(),
         );
         Self { registry, ..m }
     }

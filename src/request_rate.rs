@@ -40,6 +40,15 @@ impl RequestRate {
         Err(Duration::from_secs(wait as u64))
     }
 
+    /// Returns one request to the budget (a request refused after it was taken: a failed signature).
+    pub fn give_back(&self) {
+        if self.per_minute == 0 {
+            return;
+        }
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        b.tokens = (b.tokens + 1.0).min(f64::from(self.per_minute));
+    }
+
     pub fn per_minute(&self) -> u32 {
         self.per_minute
     }

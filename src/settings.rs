@@ -32,6 +32,7 @@ pub struct Settings {
     pub admin: AdminSettings,
     pub log: LogSettings,
     pub sources: SourcesSettings,
+    pub identity: IdentitySettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -41,8 +42,21 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     pub workers: usize,
     pub shutdown_grace_secs: u64,
-    /// Most open connections across all HTTP workers; more wait in the kernel's backlog.
+    /// Most open connections across all HTTP workers; more wait in the kernel's backlog. 0: follow the process's
+    /// open-file limit (see `connection_cap`).
     pub max_connections: usize,
+    /// Decoded bytes of all request bodies in flight together; past it 503 `overloaded`.
+    pub max_inflight_body_bytes: usize,
+    /// Opt-in to serve a source without authentication on a non-loopback address (refused at start otherwise).
+    pub allow_unauthenticated_public_bind: bool,
+    /// Sites (`https://app.example.com`) whose browsers may post to the ingest routes; any other `Origin` is 403.
+    #[serde(deserialize_with = "string_or_list")]
+    pub allowed_origins: Vec<String>,
+    /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` names the client; others' is ignored.
+    #[serde(deserialize_with = "string_or_list")]
+    pub trusted_proxies: Vec<String>,
+    /// A second address serving only /healthz, /readyz and /metrics, with its own connections; empty: none.
+    pub health_bind: String,
     /// A client must send its request line and headers within this many seconds (408 and close otherwise).
     pub header_read_timeout_secs: u64,
     /// A client must send its whole body within this many seconds of the handler starting to read it (408).
@@ -132,6 +146,21 @@ pub struct AdminSettings {
 pub struct LogSettings {
     pub level: String,
     pub format: String,
+    /// At most one log line per source per this many seconds for failed authentication (with a count).
+    pub auth_failure_interval_secs: u64,
+}
+
+/// Which identities are refused because they would merge unrelated users into one Heap user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// Refused as placeholders (compared ignoring ASCII case).
+    #[serde(deserialize_with = "string_or_list")]
+    pub placeholders: Vec<String>,
+    /// Accept `"0"` and `"-1"` as identities.
+    pub allow_zero_and_minus_one: bool,
+    /// Refuse an identity equal to what the template renders for a body with no fields (a constant default).
+    pub refuse_template_default: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,6 +211,25 @@ fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
     })
 }
 
+/// A configuration error names the key and what was expected, never the value given: it may be a secret.
+/// serde and `config` quote values in double quotes (`invalid type: string "hunter2", expected ...`).
+fn redact_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                out.push_str("(value not shown)");
+            }
+            ('"', true) => quoted = false,
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out
+}
+
 /// Where the config file comes from.
 #[derive(Debug, Clone)]
 pub enum ConfigPath {
@@ -213,8 +261,9 @@ impl Settings {
                 .try_parsing(false)
                 .source(Some(env)),
         );
-        let cfg = builder.build().map_err(|e| SettingsError::Invalid(e.to_string()))?;
-        let settings: Settings = cfg.try_deserialize().map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        let cfg = builder.build().map_err(|e| SettingsError::Invalid(redact_values(&e.to_string())))?;
+        let settings: Settings =
+            cfg.try_deserialize().map_err(|e| SettingsError::Invalid(redact_values(&e.to_string())))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -236,7 +285,8 @@ impl Settings {
         match reqwest::Url::parse(&self.heap.base_url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
             _ => {
-                return bad(format!("heap.base_url {:?} is not an http(s) URL", self.heap.base_url));
+                // Not echoed: a base URL may carry credentials.
+                return bad("heap.base_url is not an http(s) URL such as https://heapanalytics.com".into());
             }
         }
         for (key, id) in self.configured_app_ids() {
@@ -265,8 +315,21 @@ impl Settings {
         if self.limits.max_property_key_chars == 0 || self.limits.max_property_value_chars == 0 {
             return bad("limits.max_property_key_chars and limits.max_property_value_chars must be above 0".into());
         }
-        if self.server.max_connections == 0 {
-            return bad("server.max_connections must be above 0".into());
+        if self.server.max_inflight_body_bytes < self.server.max_body_bytes {
+            return bad("server.max_inflight_body_bytes must be at least server.max_body_bytes".into());
+        }
+        for p in &self.server.trusted_proxies {
+            if crate::client_addr::parse_range(p).is_none() {
+                return bad(format!("server.trusted_proxies: {p:?} is not an IP address or CIDR range"));
+            }
+        }
+        for o in &self.server.allowed_origins {
+            if crate::routes::origin::normalize(o).is_none() {
+                return bad(format!("server.allowed_origins: {o:?} is not an origin such as https://app.example.com"));
+            }
+        }
+        if !self.server.health_bind.trim().is_empty() && self.server.health_bind.parse::<SocketAddr>().is_err() {
+            return bad(format!("server.health_bind {:?} is not an address:port", self.server.health_bind));
         }
         for (name, auth) in self.source_auth() {
             Verifier::from_settings(name, auth).map_err(|e| SettingsError::Invalid(e.to_string()))?;
@@ -275,8 +338,8 @@ impl Settings {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return bad("store.url must start with postgres:// (or be empty for SQLite)".into());
             }
-            if let Err(e) = url.parse::<tokio_postgres::Config>() {
-                return bad(format!("store.url is not a PostgreSQL URL: {e}"));
+            if let Err(e) = crate::store::postgres::tls::connector(url) {
+                return bad(e.to_string());
             }
             if self.store.pool_size < 2 {
                 return bad("store.pool_size must be at least 2".into());
@@ -352,7 +415,7 @@ impl Settings {
     /// The admin token, when one is set.
     pub fn admin_token(&self) -> Option<&str> {
         let t = self.admin.token.expose_secret();
-        (!t.trim().is_empty()).then_some(t)
+        (!t.trim().is_empty()).then(|| t.trim())
     }
 }
 
@@ -464,6 +527,30 @@ mod tests {
         assert!(!format!("{s:?}").contains("s3cr3t"));
         let err = load("mysql://x").unwrap_err();
         assert!(err.to_string().contains("store.url"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_not_echoed_in_the_error() {
+        for (k, v) in
+            [("HEAP_RELAY__DELIVERY__WORKERS", "hunter2-secret"), ("HEAP_RELAY__SERVER__MAX_BODY_BYTES", "s3cr3t")]
+        {
+            let err = Settings::load(&ConfigPath::Default(PathBuf::from("/nonexistent")), env(&[(k, v)])).unwrap_err();
+            let text = err.to_string();
+            assert!(!text.contains("hunter2") && !text.contains("s3cr3t"), "{k}: {text}");
+        }
+        assert_eq!(
+            redact_values(r#"invalid type: string "pw", expected u64"#),
+            "invalid type: string (value not shown), expected u64"
+        );
+    }
+
+    #[test]
+    fn the_shipped_defaults_are_the_safe_ones() {
+        let s = Settings::defaults();
+        assert!(!s.server.allow_unauthenticated_public_bind);
+        assert_eq!(s.server.max_connections, 0, "follows the open-file limit");
+        assert!(s.server.allowed_origins.is_empty() && s.server.trusted_proxies.is_empty());
+        assert!(!s.identity.allow_zero_and_minus_one && s.identity.refuse_template_default);
     }
 
     #[test]

@@ -2,16 +2,22 @@
 //! server on a bound listener. Tests and `main` share this path; tests bind port 0 and read `port()`.
 
 use crate::auth::Verifier;
+use crate::client_addr::TrustedProxies;
 use crate::delivery::heap_client::HeapClient;
 use crate::delivery::rate_limit::RateLimiter;
 use crate::delivery::{Delivery, DeliveryConfig, Worker};
-use crate::domain::{AppId, AppIdPolicy, PropertyLimits};
+use crate::domain::{AppId, AppIdPolicy, IdentityPolicy, PropertyLimits};
+use crate::exposure;
 use crate::ingest::{Pipeline, SourceConfig};
 use crate::intake::Intaker;
 use crate::json::JsonLimits;
 use crate::metrics::Metrics;
 use crate::request_rate::RequestRate;
+use crate::routes::body::InflightBytes;
+use crate::routes::gate::AuthFailureLog;
 use crate::routes::gate::Gate;
+use crate::routes::origin::AllowedOrigins;
+use crate::routes::span::RelayRootSpan;
 use crate::routes::{self, AppState};
 use crate::settings::Settings;
 use crate::sources::{Source, SourceOptions};
@@ -21,6 +27,7 @@ use crate::store::{PgStore, SqliteStore, Store, now_ms};
 use crate::templates::TemplateStore;
 use crate::templates::bounds::LoadLimits;
 use crate::templates::render::RenderLimits;
+use actix_web::middleware::TrailingSlash;
 use actix_web::{App, HttpServer, web};
 use anyhow::{Context, anyhow};
 use std::collections::HashMap;
@@ -78,7 +85,7 @@ pub fn build_gates(settings: &Settings) -> anyhow::Result<HashMap<&'static str, 
 
 /// The ingest pipeline as configured.
 pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pipeline {
-    let allowed = settings.heap.allowed_app_ids.iter().filter_map(|a| AppId::parse(a).ok()).collect();
+    let allowed: Vec<AppId> = settings.heap.allowed_app_ids.iter().filter_map(|a| AppId::parse(a).ok()).collect();
     let non_empty = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
     let sources: HashMap<Source, SourceConfig> = Source::ALL
         .into_iter()
@@ -97,9 +104,21 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
             (src, cfg)
         })
         .collect();
+    // The Heap-compatible routes take the app_id from the body: only configured ones are accepted there.
+    let configured: Vec<AppId> = if settings.heap.allowed_app_ids.is_empty() {
+        settings.configured_app_ids().into_iter().filter_map(|(_, a)| AppId::parse(a).ok()).collect()
+    } else {
+        allowed.clone()
+    };
     Pipeline {
         templates,
         policy: AppIdPolicy::new(allowed),
+        heap_compat_policy: AppIdPolicy::only(configured),
+        identity_policy: IdentityPolicy::new(
+            settings.identity.placeholders.clone(),
+            settings.identity.allow_zero_and_minus_one,
+            settings.identity.refuse_template_default,
+        ),
         default_app_id: non_empty(&settings.heap.app_id),
         limits: PropertyLimits {
             max_count: settings.limits.max_properties,
@@ -174,17 +193,24 @@ pub struct Application {
     workers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     grace: Duration,
+    /// The second listener for probes (`server.health_bind`), stopped with the main server.
+    health: Option<actix_web::dev::ServerHandle>,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // First: a refused configuration never opens the store or listens, not even briefly.
+        let wanted: std::net::SocketAddr =
+            settings.server.bind.parse().with_context(|| format!("server.bind {}", settings.server.bind))?;
+        exposure::check_public_bind(&settings, wanted)?;
         let templates = load_templates(&settings)?;
         let store = open_store(&settings).await?;
         let metrics = Arc::new(Metrics::new());
         let clock = crate::clock::Clock::default();
         let client =
             HeapClient::new(&settings.heap.base_url, Duration::from_secs(settings.heap.request_timeout_secs.max(1)))
-                .context("cannot build the HTTP client")?;
+                .context("cannot build the HTTP client")?
+                .with_retry_after_cap(Duration::from_secs(settings.delivery.backoff_max_secs.max(1)));
         let limiter =
             RateLimiter::new(settings.delivery.app_events_per_minute, settings.delivery.identity_events_per_minute);
         let delivery = Arc::new(Delivery::new(
@@ -206,15 +232,6 @@ impl Application {
         let listener = TcpListener::bind(&settings.server.bind)
             .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
         let addr = listener.local_addr()?;
-        let open = settings.unauthenticated_sources();
-        if !addr.ip().is_loopback() && !open.is_empty() {
-            tracing::warn!(
-                bind = %addr,
-                sources = %open.join(", "),
-                "these sources accept requests without authentication on a non-loopback address; set \
-                 [sources.<name>.auth] (docs/security.md)"
-            );
-        }
         let gates = Arc::new(build_gates(&settings)?);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let workers_running = Arc::new(AtomicUsize::new(0));
@@ -248,6 +265,7 @@ impl Application {
         }
         background.push(spawn_retention(store.clone(), Duration::from_secs(settings.store.retention_hours * 3600)));
 
+        let cap = exposure::connection_cap(settings.server.max_connections, exposure::open_file_limit());
         let state = AppState {
             intake: Intaker { pipeline, store, delivery, metrics, clock },
             max_body_bytes: settings.server.max_body_bytes,
@@ -256,28 +274,74 @@ impl Application {
             workers_running,
             gates,
             body_read_timeout: Duration::from_secs(settings.server.body_read_timeout_secs.max(1)),
+            inflight: InflightBytes::with_pressure(settings.server.max_inflight_body_bytes, cap.connections / 2),
+            origins: Arc::new(AllowedOrigins::new(&settings.server.allowed_origins)),
+            proxies: Arc::new(TrustedProxies::new(&settings.server.trusted_proxies)),
+            auth_log: Arc::new(AuthFailureLog::new(Duration::from_secs(settings.log.auth_failure_interval_secs))),
         };
         let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
         let data = web::Data::new(state.clone());
+        let health_listener = match settings.server.health_bind.trim() {
+            "" => None,
+            bind => Some(TcpListener::bind(bind).with_context(|| format!("cannot listen on {bind}"))?),
+        };
+        let health_data = data.clone();
         let mut server = HttpServer::new(move || {
             App::new()
-                .wrap(tracing_actix_web::TracingLogger::default())
+                .wrap(actix_web::middleware::NormalizePath::new(TrailingSlash::MergeOnly))
+                .wrap(tracing_actix_web::TracingLogger::<RelayRootSpan>::new())
                 .app_data(data.clone())
+                .app_data(web::QueryConfig::default().error_handler(routes::query_error))
                 .configure(routes::configure)
         })
         .listen(listener)?
         .shutdown_timeout(grace.as_secs())
         .client_request_timeout(Duration::from_secs(settings.server.header_read_timeout_secs.max(1)))
-        .client_disconnect_timeout(Duration::from_secs(5));
+        .client_disconnect_timeout(Duration::from_secs(1));
         let http_workers = if settings.server.workers > 0 {
             settings.server.workers
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         };
         // actix counts connections per worker; split the total so the cap holds for the whole process.
-        server = server.workers(http_workers).max_connections(settings.server.max_connections.div_ceil(http_workers));
-        tracing::info!(%addr, heap = %settings.heap.base_url, store = %store_location(&settings), "heap-relay listening");
-        Ok(Self { port: addr.port(), server: server.run(), state, shutdown, workers, background, grace })
+        server = server.workers(http_workers).max_connections(cap.connections.div_ceil(http_workers));
+        tracing::info!(
+            max_connections = cap.connections,
+            open_file_limit = cap.open_files.map_or_else(|| "unknown".into(), |n| n.to_string()),
+            "{}",
+            cap.why
+        );
+        let health = match health_listener {
+            Some(l) => {
+                let health_addr = l.local_addr()?;
+                let server = HttpServer::new(move || {
+                    App::new().app_data(health_data.clone()).configure(routes::configure_health)
+                })
+                .listen(l)?
+                .workers(1)
+                .max_connections(64)
+                .client_request_timeout(Duration::from_secs(5))
+                .shutdown_timeout(1)
+                .disable_signals()
+                .run();
+                tracing::info!(%health_addr, "health and metrics also served here");
+                let handle = server.handle();
+                background.push(tokio::spawn(async move {
+                    if let Err(e) = server.await {
+                        tracing::error!(error = %e, "the health listener stopped");
+                    }
+                }));
+                Some(handle)
+            }
+            None => None,
+        };
+        tracing::info!(
+            %addr,
+            heap = %exposure::redact_url(&settings.heap.base_url),
+            store = %store_location(&settings),
+            "heap-relay listening"
+        );
+        Ok(Self { port: addr.port(), server: server.run(), state, shutdown, workers, background, grace, health })
     }
 
     pub fn port(&self) -> u16 {
@@ -297,6 +361,9 @@ impl Application {
     /// release their leases, within the grace period.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.server.await?;
+        if let Some(h) = &self.health {
+            h.stop(true).await;
+        }
         tracing::info!("HTTP server stopped; finishing deliveries in flight");
         let _ = self.shutdown.send(true);
         let all = futures_util::future::join_all(self.workers);

@@ -1,5 +1,11 @@
 //! One shared HTTP client for Heap. Builds bulk bodies from stored payloads and reports what happened; it makes no
 //! retry decisions (that is `policy`).
+//!
+//! What a misbehaving answer cannot do: redirects are never followed (a 307 would re-post the batch, personal data,
+//! to another host; a 301 would turn into a GET whose 200 looks like a delivery), so a 3xx comes back as it is and
+//! `policy` retries it with its own reason; `Retry-After` is capped at `delivery.backoff_max_secs` (a huge value
+//! would park an event forever); and at most `MAX_ANSWER_BYTES` of an answer's body are read (the rest is dropped
+//! with the connection).
 
 use super::policy::{HttpOutcome, parse_retry_after};
 use crate::domain::CallKind;
@@ -9,7 +15,12 @@ use std::time::{Duration, Instant};
 pub struct HeapClient {
     client: reqwest::Client,
     base_url: String,
+    /// The longest Retry-After honoured; longer ones are cut to it.
+    retry_after_cap: Duration,
 }
+
+/// The most of an answer's body read from Heap: enough for any error message it sends.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 impl HeapClient {
     pub fn new(base_url: &str, timeout: Duration) -> Result<Self, reqwest::Error> {
@@ -18,8 +29,19 @@ impl HeapClient {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("heap-relay/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(16)
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(Self { client, base_url: base_url.trim_end_matches('/').to_owned() })
+        Ok(Self {
+            client,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            retry_after_cap: Duration::from_secs(600),
+        })
+    }
+
+    /// Caps Retry-After (`delivery.backoff_max_secs`).
+    pub fn with_retry_after_cap(mut self, cap: Duration) -> Self {
+        self.retry_after_cap = cap;
+        self
     }
 
     pub fn base_url(&self) -> &str {
@@ -45,8 +67,15 @@ impl HeapClient {
                     .headers()
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| parse_retry_after(v, chrono::Utc::now().timestamp()));
-                let body = resp.text().await.unwrap_or_default();
+                    .and_then(|v| parse_retry_after(v, chrono::Utc::now().timestamp()))
+                    .map(|d| d.min(self.retry_after_cap));
+                let mut body = match resp.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()) {
+                    Some(loc) if (300..400).contains(&code) => {
+                        format!("redirect to {} (not followed) ", loc.chars().take(200).collect::<String>())
+                    }
+                    _ => String::new(),
+                };
+                body.push_str(&read_prefix(resp, MAX_ANSWER_BYTES).await);
                 HttpOutcome::Status { code, retry_after, body }
             }
             Err(e) if e.is_timeout() => HttpOutcome::Timeout,
@@ -55,6 +84,21 @@ impl HeapClient {
         };
         (outcome, started.elapsed())
     }
+}
+
+/// At most `max` bytes of an answer's body, as text; the rest is never read.
+async fn read_prefix(mut resp: reqwest::Response, max: usize) -> String {
+    let mut buf = Vec::new();
+    while buf.len() < max {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                let take = chunk.len().min(max - buf.len());
+                buf.extend_from_slice(&chunk[..take]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 pub fn bulk_body(kind: CallKind, app_id: &str, payloads: &[&str]) -> String {

@@ -3,6 +3,9 @@
 //! Heap publishes no status codes for its ingestion endpoints; this policy follows heap-api.md §5: 2xx delivered;
 //! 400/413/422 split a batch to isolate the bad event, and dead-letter a single one; 408, 423, 429 and 5xx (but
 //! 501) retry with backoff, honouring Retry-After; other 4xx dead-letter; timeouts and connection errors retry.
+//! A 3xx is never followed (see `heap_client`) and never counts as delivered: it is retried with its own reason
+//! ("Heap answered 3xx: redirect to ... (not followed)"), so the delivery log shows a misconfigured base URL and the
+//! event is dead after `delivery.max_retry_hours` if nothing changes.
 
 use std::time::Duration;
 
@@ -44,6 +47,7 @@ pub fn classify(outcome: &HttpOutcome, batch_len: usize) -> Decision {
             let reason = format!("Heap answered {code}: {}", summarize(body));
             match *code {
                 200..=299 => Decision::Delivered,
+                300..=399 => Decision::Retry { after: None, reason },
                 400 | 413 | 422 if batch_len > 1 => Decision::Split { reason },
                 429 => Decision::Throttled { after: *retry_after, reason },
                 408 | 423 => Decision::Retry { after: *retry_after, reason },
@@ -69,8 +73,9 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration, unit: f64) -> Durati
 /// Parses Retry-After: delta-seconds or an HTTP date. `now_unix` is the current time in Unix seconds.
 pub fn parse_retry_after(value: &str, now_unix: i64) -> Option<Duration> {
     let v = value.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // Saturates: a value past u64 is "very long", which the client caps at delivery.backoff_max_secs.
+        return Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)));
     }
     let when = chrono::DateTime::parse_from_rfc2822(v).ok()?.timestamp();
     Some(Duration::from_secs(when.saturating_sub(now_unix).max(0) as u64))
@@ -125,5 +130,24 @@ mod tests {
         let now = chrono::DateTime::parse_from_rfc2822("Wed, 21 Oct 2015 07:28:00 GMT").unwrap().timestamp();
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now), Some(Duration::from_secs(30)));
         assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    #[test]
+    fn a_retry_after_past_u64_saturates_instead_of_failing() {
+        assert_eq!(parse_retry_after("99999999999999999999999", 0), Some(Duration::from_secs(u64::MAX)));
+        assert_eq!(parse_retry_after("18446744073709551615", 0), Some(Duration::from_secs(u64::MAX)));
+    }
+
+    #[test]
+    fn a_redirect_is_retried_with_its_own_reason_never_delivered() {
+        for code in [301, 302, 307, 308] {
+            let o =
+                HttpOutcome::Status { code, retry_after: None, body: "redirect to https://x (not followed)".into() };
+            match classify(&o, 3) {
+                Decision::Retry { reason, .. } => assert!(reason.contains("not followed"), "{reason}"),
+                d => panic!("{code}: {d:?}"),
+            }
+        }
     }
 }

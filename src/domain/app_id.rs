@@ -44,18 +44,36 @@ impl std::fmt::Display for AppId {
 /// Which app_ids events may be sent to. Built once from configuration.
 #[derive(Debug, Clone, Default)]
 pub struct AppIdPolicy {
-    /// Empty: any well-formed app_id is allowed. Otherwise only these.
+    /// Empty: any well-formed app_id is allowed (unless `strict`). Otherwise only these.
     allowed: Vec<AppId>,
+    /// Only the listed app_ids, even when the list is empty (the Heap-compatible routes, where the body names the
+    /// app_id: anyone who can reach the relay could otherwise write into any Heap project through it).
+    strict: bool,
 }
 
 impl AppIdPolicy {
     pub fn new(allowed: Vec<AppId>) -> Self {
-        Self { allowed }
+        Self { allowed, strict: false }
+    }
+
+    /// Only these app_ids; none at all when the list is empty.
+    pub fn only(allowed: Vec<AppId>) -> Self {
+        Self { allowed, strict: true }
     }
 
     /// Parses `raw` and checks it against the allow-list.
     pub fn admit(&self, raw: &str) -> Result<AppId, FieldError> {
         let id = AppId::parse(raw)?;
+        if self.strict && !self.allowed.contains(&id) {
+            return Err(FieldError::new(
+                "app_id",
+                "not_allowed",
+                format!(
+                    "app_id {id} is not configured: the Heap-compatible routes accept only heap.allowed_app_ids, or \
+                     when that is empty, heap.app_id and sources.<name>.app_id"
+                ),
+            ));
+        }
         if !self.allowed.is_empty() && !self.allowed.contains(&id) {
             return Err(FieldError::new(
                 "app_id",

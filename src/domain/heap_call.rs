@@ -244,6 +244,17 @@ impl HeapCall {
         }
     }
 
+    /// The identity string when the call names one (not Heap's numeric user_id).
+    pub fn named_identity(&self) -> Option<&str> {
+        match self {
+            HeapCall::Track(t) => match &t.who {
+                Who::Identity(i) => Some(i.as_str()),
+                Who::UserId(_) => None,
+            },
+            HeapCall::UserProperties(u) => Some(u.identity.as_str()),
+        }
+    }
+
     /// Heap has no idempotency key for user properties (last write wins), so only track events carry one.
     pub fn idempotency_key(&self) -> Option<&IdempotencyKey> {
         match self {

@@ -15,6 +15,6 @@ pub use event_name::EventName;
 pub use field_error::FieldError;
 pub use heap_call::{CallKind, HeapCall, TrackEvent, UserProperties, Who};
 pub use idempotency::IdempotencyKey;
-pub use identity::{Identity, UserId};
+pub use identity::{Identity, IdentityPolicy, UserId};
 pub use properties::{Properties, PropertyLimits};
 pub use timestamp::Timestamp;

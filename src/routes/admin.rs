@@ -93,7 +93,18 @@ pub struct ReplayBody {
     rerender: bool,
 }
 
-pub async fn replay(_: Admin, body: web::Bytes, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// Largest `/admin/replay` body: a selector, a few hundred bytes.
+const MAX_REPLAY_BODY: usize = 64 * 1024;
+
+pub async fn replay(
+    _: Admin,
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let body = super::body::read_limited(&req, payload, MAX_REPLAY_BODY, state.body_read_timeout, &state.inflight)
+        .await?
+        .bytes;
     let b: ReplayBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             ErrorCode::InvalidBody,
@@ -109,7 +120,15 @@ pub async fn replay(_: Admin, body: web::Bytes, state: web::Data<AppState>) -> R
         }
     })
     .await
-    .map_err(|e| ApiError::internal(&e))?;
+    .map_err(|e| match e {
+        StoreError::Full(why) => {
+            tracing::warn!(reason = %why, "replay refused: the store is full");
+            let mut e = ApiError::new(ErrorCode::StoreFull, "the relay's store is full; retry later");
+            e.retry_after = Some(state.retry_after_secs);
+            e
+        }
+        e => ApiError::internal(&e),
+    })?;
     i.delivery.wake();
     Ok(HttpResponse::Ok().json(report))
 }

@@ -1,13 +1,21 @@
-//! The checks a request passes before its body is used: the source's authentication (`crate::auth`) and its
-//! request budget (`crate::request_rate`). Header credentials are checked first, so requests without them do not
-//! spend the sender's budget; signatures over the body are checked on the raw bytes, before parsing.
+//! The checks a request passes before its body is used: a browser's cross-site post is refused (`origin`), then
+//! the source's authentication (`crate::auth`) and its request budget (`crate::request_rate`). Header credentials
+//! are checked first, so requests without them do not spend the sender's budget; signatures over the body are
+//! checked on the raw bytes, before parsing, and a request whose signature fails gives its budget back, so forged
+//! requests cannot spend the real sender's budget.
+//!
+//! Failed authentication is counted in `/metrics` (`heap_relay_auth_failures_total`) every time, and logged at
+//! most once per source per `log.auth_failure_interval_secs`, with the number of failures since the last line.
 
 use super::AppState;
 use crate::auth::{AuthError, Verifier};
 use crate::error::{ApiError, ErrorCode};
+use crate::metrics::SourceLabels;
 use crate::request_rate::RequestRate;
 use actix_web::HttpRequest;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// One source's authentication and request budget.
 #[derive(Debug)]
@@ -16,51 +24,118 @@ pub struct Gate {
     pub rate: RequestRate,
 }
 
+/// When each source last logged an authentication failure, and how many it has not logged since.
+#[derive(Debug)]
+pub struct AuthFailureLog {
+    every: Duration,
+    state: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl AuthFailureLog {
+    pub fn new(every: Duration) -> Self {
+        Self { every, state: Mutex::new(HashMap::new()) }
+    }
+
+    /// Some(failures not logged since the last line) when this failure should be logged.
+    pub fn should_log(&self, source: &str, now: Instant) -> Option<u64> {
+        let mut m = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get_mut(source) {
+            Some((last, quiet)) if now.saturating_duration_since(*last) < self.every => {
+                *quiet += 1;
+                None
+            }
+            Some((last, quiet)) => {
+                let n = *quiet;
+                *last = now;
+                *quiet = 0;
+                Some(n)
+            }
+            None => {
+                m.insert(source.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-fn unauthorized(source: &str, e: &AuthError) -> ApiError {
-    tracing::warn!(source, header = e.header(), reason = %e, "request refused: authentication failed");
+fn unauthorized(req: &HttpRequest, source: &str, e: &AuthError, state: &AppState) -> ApiError {
+    state.intake.metrics.auth_failures.get_or_create(&SourceLabels { source: source.to_owned() }).inc();
+    state.intake.metrics.request(source, 401);
+    if let Some(not_logged) = state.auth_log.should_log(source, Instant::now()) {
+        let client = super::client_ip(req).map(|ip| ip.to_string()).unwrap_or_default();
+        tracing::warn!(
+            source,
+            client,
+            header = e.header(),
+            reason = %e,
+            failures_not_logged = not_logged,
+            "request refused: authentication failed (logged at most once per log.auth_failure_interval_secs)"
+        );
+    }
     ApiError::new(ErrorCode::Unauthorized, e.to_string()).with_field(e.header())
 }
 
-/// Authentication from headers, then the request budget. Returns the gate for `after_body`.
+/// The Origin check, authentication from headers, then the request budget. Returns the gate for `after_body`.
 pub fn before_body<'s>(req: &HttpRequest, source: &str, state: &'s AppState) -> Result<Option<&'s Gate>, ApiError> {
+    if let Err(e) = state.origins.check(req.headers().get(actix_web::http::header::ORIGIN).map(|v| v.as_bytes())) {
+        state.intake.metrics.request(source, e.code.status().as_u16());
+        return Err(e);
+    }
     let Some(gate) = state.gates.get(source) else {
         return Ok(None);
     };
     let headers = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
-    let result = gate.verifier.before_body(&headers, now_secs()).map_err(|e| unauthorized(source, &e)).and_then(|()| {
-        gate.rate.take(Instant::now()).map_err(|wait| {
-            let mut e = ApiError::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "source {source} sent more than {} requests per minute (sources.{source}.requests_per_minute); \
-                     retry after {} s",
-                    gate.rate.per_minute(),
-                    wait.as_secs()
-                ),
-            );
-            e.retry_after = Some(wait.as_secs().max(1));
-            e
-        })
-    });
-    if let Err(e) = &result {
-        state.intake.metrics.request(source, e.code.status().as_u16());
-    }
-    result.map(|()| Some(gate))
+    gate.verifier.before_body(&headers, now_secs()).map_err(|e| unauthorized(req, source, &e, state))?;
+    gate.rate.take(Instant::now()).map_err(|wait| {
+        let mut e = ApiError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "source {source} sent more than {} requests per minute (sources.{source}.requests_per_minute); \
+                 retry after {} s",
+                gate.rate.per_minute(),
+                wait.as_secs()
+            ),
+        );
+        e.retry_after = Some(wait.as_secs().max(1));
+        state.intake.metrics.request(source, 429);
+        e
+    })?;
+    Ok(Some(gate))
 }
 
-/// A signature over the raw body, when the source's mode has one.
-pub fn after_body(req: &HttpRequest, gate: Option<&Gate>, body: &[u8], state: &AppState) -> Result<(), ApiError> {
+/// A signature over the raw body, when the source's mode has one. A failure gives the budget taken back.
+pub fn after_body(
+    req: &HttpRequest,
+    source: &str,
+    gate: Option<&Gate>,
+    body: &[u8],
+    state: &AppState,
+) -> Result<(), ApiError> {
     let Some(gate) = gate else {
         return Ok(());
     };
     let headers = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
     gate.verifier.after_body(&headers, body, now_secs()).map_err(|e| {
-        let source = req.match_info().get("source").unwrap_or("heap");
-        state.intake.metrics.request(source, 401);
-        unauthorized(source, &e)
+        gate.rate.give_back();
+        unauthorized(req, source, &e, state)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thousand_failures_in_one_interval_log_one_line_and_the_next_line_counts_them() {
+        let log = AuthFailureLog::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let logged = (0..1000).filter(|_| log.should_log("userpilot", t0).is_some()).count();
+        assert_eq!(logged, 1);
+        assert_eq!(log.should_log("segment", t0), Some(0), "each source has its own interval");
+        assert_eq!(log.should_log("userpilot", t0 + Duration::from_secs(10)), Some(999));
+    }
 }

@@ -7,6 +7,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::ingest::{IngestError, Route};
 use crate::intake::{Intake, IntakeError};
 use crate::json::JsonError;
+use crate::sanitize::Sanitized;
 use crate::sources::Source;
 use crate::store::StoreError;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -57,18 +58,44 @@ pub async fn take_body(
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
     let gate = gate::before_body(req, source, state)?;
-    let body = read_limited(req, payload, state.max_body_bytes, state.body_read_timeout).await?;
-    gate::after_body(req, gate, &body, state)?;
-    let result = state.intake.accept(route, body).await;
-    respond(source, result, state)
+    let body = read_limited(req, payload, state.max_body_bytes, state.body_read_timeout, &state.inflight)
+        .await
+        .inspect_err(|e| state.intake.metrics.request(source, e.code.status().as_u16()))?;
+    gate::after_body(req, source, gate, &body.bytes, state)?;
+    // NULs and lone surrogates are repaired (after the signature check, which covers the body as sent).
+    let (bytes, sanitized) = match crate::sanitize::sanitize(&body.bytes) {
+        Some((repaired, listed, total)) => {
+            let labels = crate::metrics::SourceLabels { source: source.to_owned() };
+            state.intake.metrics.sanitized_values.get_or_create(&labels).inc_by(total as u64);
+            (repaired, Some((listed, total)))
+        }
+        None => (body.bytes, None),
+    };
+    // The budget stays held (body.held) until the answer: the pipeline's copies of the body live that long.
+    let result = state.intake.accept(route, bytes).await;
+    drop(body.held);
+    respond(source, result, sanitized, state)
 }
 
-/// Maps an intake result to HTTP; shared with the Heap-compatible routes.
-pub fn respond(source: &str, result: Result<Intake, IntakeError>, state: &AppState) -> Result<HttpResponse, ApiError> {
+/// Maps an intake result to HTTP; shared with the Heap-compatible routes. `sanitized`: the repaired values
+/// (listed, and counted), added to the summary.
+pub fn respond(
+    source: &str,
+    result: Result<Intake, IntakeError>,
+    sanitized: Option<(Vec<Sanitized>, usize)>,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
     let response = match result {
         Ok(Intake::Ping) => Ok(HttpResponse::Ok()
             .json(json!({"ok": true, "test": true, "message": "test ping received; nothing sent to Heap"}))),
-        Ok(Intake::Stored { summary, nothing_accepted: false }) => Ok(HttpResponse::Accepted().json(summary)),
+        Ok(Intake::Stored { summary, nothing_accepted: false }) => {
+            let mut body = serde_json::to_value(&summary).unwrap_or_default();
+            if let (Some((listed, total)), Some(obj)) = (sanitized, body.as_object_mut()) {
+                obj.insert("sanitized".into(), json!(listed));
+                obj.insert("sanitized_count".into(), json!(total));
+            }
+            Ok(HttpResponse::Accepted().json(body))
+        }
         Ok(Intake::Stored { summary, nothing_accepted: true }) => {
             let first = summary.rejected.first().map(|r| r.field.clone());
             let mut e = ApiError::new(

@@ -8,6 +8,8 @@ pub mod health;
 pub mod heap_compat;
 pub mod hooks;
 pub mod metrics;
+pub mod origin;
+pub mod span;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::intake::Intaker;
@@ -25,6 +27,35 @@ pub struct AppState {
     pub gates: std::sync::Arc<std::collections::HashMap<&'static str, gate::Gate>>,
     /// How long a client may take to send its body (408 after).
     pub body_read_timeout: std::time::Duration,
+    /// Decoded bytes of every body in flight, against `server.max_inflight_body_bytes`.
+    pub inflight: std::sync::Arc<body::InflightBytes>,
+    /// Sites whose browsers may post to the ingest routes.
+    pub origins: std::sync::Arc<origin::AllowedOrigins>,
+    /// Proxies whose X-Forwarded-For names the client.
+    pub proxies: std::sync::Arc<crate::client_addr::TrustedProxies>,
+    /// Rate limit of the auth-failure log lines.
+    pub auth_log: std::sync::Arc<gate::AuthFailureLog>,
+}
+
+/// The client's address: the peer's, or from X-Forwarded-For when the peer is a trusted proxy.
+pub fn client_ip(req: &actix_web::HttpRequest) -> Option<std::net::IpAddr> {
+    let peer = req.peer_addr().map(|a| a.ip());
+    let proxies = req.app_data::<web::Data<AppState>>().map(|s| s.proxies.clone()).unwrap_or_default();
+    let xff: Vec<&str> = req.headers().get_all("X-Forwarded-For").filter_map(|v| v.to_str().ok()).collect();
+    proxies.client(peer, &xff)
+}
+
+/// How `web::Query` failures answer: the JSON error shape, naming the query.
+pub fn query_error(e: actix_web::error::QueryPayloadError, _: &actix_web::HttpRequest) -> actix_web::Error {
+    ApiError::new(ErrorCode::InvalidQuery, format!("query string: {e}")).with_field("query").into()
+}
+
+/// The probes alone, for the second listener (`server.health_bind`).
+pub fn configure_health(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(health::healthz))
+        .route("/readyz", web::get().to(health::readyz))
+        .route("/metrics", web::get().to(metrics::metrics))
+        .default_service(web::to(not_found));
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {

@@ -5,7 +5,7 @@
 //! every profileData key as sent, spaces included), `Event.<key>` (event_properties), `Campaign.id` (targetId),
 //! `KeyValues.<key>` (campaign key_values), and `body` (the raw profile). `$D_<epoch seconds>` dates become ISO-8601.
 
-use super::{Item, Parsed, get_ci};
+use super::{Item, Shape, get_ci};
 use crate::domain::FieldError;
 use crate::domain::timestamp::from_epoch;
 use crate::templates::context::{Ctx, CtxObject};
@@ -23,12 +23,12 @@ const PROFILE_FIELDS: &[(&str, &str)] = &[
     ("push_token", "Push_token"),
 ];
 
-pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
+pub fn for_each(body: &Value, f: &mut dyn FnMut(Result<Item, FieldError>)) -> Result<Shape, FieldError> {
     let Value::Object(root) = body else {
         return Err(FieldError::invalid("body", "a CleverTap webhook body must be a JSON object with `profiles`"));
     };
     if get_ci(root, "is_test").is_some_and(is_true) {
-        return Ok(Parsed::Ping);
+        return Ok(Shape::Ping);
     }
     let profiles: Vec<&Value> = match get_ci(root, "profiles") {
         Some(Value::Array(a)) => a.iter().collect(),
@@ -36,16 +36,18 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
         Some(_) => {
             return Err(FieldError::invalid("profiles", "profiles must be an array or an object"));
         }
-        None => return Ok(Parsed::Items(vec![Ok(custom_item(root))])),
+        None => {
+            f(Ok(custom_item(root)));
+            return Ok(Shape::Items);
+        }
     };
-    let target_id = get_ci(root, "targetId").cloned().unwrap_or(Value::Null);
-    let campaign_kv = get_ci(root, "key_values").cloned().unwrap_or(Value::Null);
-    let items = profiles
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| profile_item(p, &target_id, &campaign_kv).map_err(|e| e.under(&format!("profiles[{i}]"))))
-        .collect();
-    Ok(Parsed::Items(items))
+    let null = Value::Null;
+    let target_id = get_ci(root, "targetId").unwrap_or(&null);
+    let campaign_kv = get_ci(root, "key_values").unwrap_or(&null);
+    for (i, p) in profiles.into_iter().enumerate() {
+        f(profile_item(p, target_id, campaign_kv).map_err(|e| e.under(&format!("profiles[{i}]"))));
+    }
+    Ok(Shape::Items)
 }
 
 fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value) -> Result<Item, FieldError> {
@@ -142,7 +144,12 @@ fn is_true(v: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sources::{Parsed, Source, SourceOptions};
     use serde_json::json;
+
+    fn parse(body: &Value) -> Result<Parsed, FieldError> {
+        crate::sources::parse(Source::CleverTap, body, &SourceOptions::default())
+    }
 
     #[test]
     fn the_seed_is_the_same_text_idempotency_keys_were_derived_from() {

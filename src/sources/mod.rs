@@ -68,10 +68,55 @@ pub enum Parsed {
 }
 
 pub fn parse(source: Source, body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError> {
+    let mut items = Vec::new();
+    match for_each(source, body, options, &mut |item| items.push(item))? {
+        Shape::Ping => Ok(Parsed::Ping),
+        Shape::Items => Ok(Parsed::Items(items)),
+    }
+}
+
+/// What a body turned out to be, for `for_each`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Ping,
+    Items,
+}
+
+/// Builds the items one at a time and hands each to `f` before building the next, so at most one item's context
+/// exists at once: batch-level fields (a Segment batch's `context`, CleverTap's `key_values`) are merged into
+/// each item as it is rendered, not copied into every item up front. Call `count` first to refuse a body with too
+/// many items before any is built.
+pub fn for_each(
+    source: Source,
+    body: &Value,
+    options: &SourceOptions,
+    f: &mut dyn FnMut(Result<Item, FieldError>),
+) -> Result<Shape, FieldError> {
     match source {
-        Source::CleverTap => clevertap::parse(body),
-        Source::Userpilot => userpilot::parse(body),
-        Source::Segment => segment::parse(body, options),
+        Source::CleverTap => clevertap::for_each(body, f),
+        Source::Userpilot => userpilot::for_each(body, f),
+        Source::Segment => segment::for_each(body, options, f),
+    }
+}
+
+/// How many items `for_each` would build, counted without building any (1 for a single-item body; 0 for a body
+/// whose shape is wrong, which `for_each` then refuses).
+pub fn count(source: Source, body: &Value) -> usize {
+    let list = |key: &str| match body {
+        Value::Array(a) => a.len(),
+        Value::Object(o) => match get_ci(o, key) {
+            Some(Value::Array(a)) => a.len(),
+            _ => 1,
+        },
+        _ => 0,
+    };
+    match source {
+        Source::CleverTap => list("profiles"),
+        Source::Userpilot => match body {
+            Value::Array(a) => a.len(),
+            _ => 1,
+        },
+        Source::Segment => list("batch"),
     }
 }
 

@@ -9,12 +9,16 @@
 //! - `heap_traits`: `traits` (else `context.traits`) plus `anonymous_id`, for identify; absent when that is empty,
 //!   so an identify with nothing to set sends nothing (`ignored`) instead of being rejected.
 
-use super::{Item, Parsed, SourceOptions, as_list, get_ci};
+use super::{Item, Shape, SourceOptions, as_list, get_ci};
 use crate::domain::FieldError;
 use crate::templates::context::{Ctx, CtxObject};
 use serde_json::{Map, Value};
 
-pub fn parse(body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError> {
+pub fn for_each(
+    body: &Value,
+    options: &SourceOptions,
+    f: &mut dyn FnMut(Result<Item, FieldError>),
+) -> Result<Shape, FieldError> {
     let (messages, batch_context) = match body {
         Value::Object(o) if get_ci(o, "batch").is_some() => {
             let Some(list) = as_list(body, "batch") else {
@@ -34,19 +38,23 @@ pub fn parse(body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError
     let prefix = match body {
         Value::Object(o) if get_ci(o, "batch").is_some() => "batch",
         Value::Array(_) => "",
-        _ => return Ok(Parsed::Items(vec![message_item(body, None, options)])),
+        _ => {
+            f(message_item(body, None, options));
+            return Ok(Shape::Items);
+        }
     };
-    let items = messages
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| message_item(m, batch_context, options).map_err(|e| e.under(&format!("{prefix}[{i}]"))))
-        .collect();
-    Ok(Parsed::Items(items))
+    // The batch context becomes template values once; each message gets a copy as it is built (one at a time).
+    let batch = batch_context.map(|bc| (bc, CtxObject::from_json(bc)));
+    for (i, m) in messages.into_iter().enumerate() {
+        let b = batch.as_ref().map(|(v, c)| (*v, c));
+        f(message_item(m, b, options).map_err(|e| e.under(&format!("{prefix}[{i}]"))));
+    }
+    Ok(Shape::Items)
 }
 
 fn message_item(
     msg: &Value,
-    batch_context: Option<&Map<String, Value>>,
+    batch_context: Option<(&Map<String, Value>, &CtxObject)>,
     options: &SourceOptions,
 ) -> Result<Item, FieldError> {
     let Value::Object(m) = msg else {
@@ -61,18 +69,22 @@ fn message_item(
             ));
         }
     };
-    let mut merged = m.clone();
-    if let Some(bc) = batch_context {
-        let own = merged.get("context").and_then(Value::as_object).cloned().unwrap_or_default();
-        let mut context = bc.clone();
-        context.extend(own);
-        merged.insert("context".into(), Value::Object(context));
-    }
+    let merged = m;
     let user_id = ["userId", "userID", "user_id"].iter().find_map(|k| non_empty(merged.get(*k)));
-    let anonymous_id = non_empty(get_ci(&merged, "anonymousId"));
+    let anonymous_id = non_empty(get_ci(merged, "anonymousId"));
     let identity = user_id.clone().or_else(|| anonymous_id.clone().filter(|_| options.allow_anonymous));
 
-    let mut ctx = CtxObject::from_json(&merged);
+    let mut ctx = CtxObject::from_json(merged);
+    if let Some((_, bc)) = batch_context {
+        // The message's own context keys win over the batch's.
+        let mut context = bc.clone();
+        if let Some(Value::Object(own)) = merged.get("context") {
+            for (k, v) in own {
+                context.insert(k.clone(), Ctx::from_json(v));
+            }
+        }
+        ctx.insert("context", Ctx::Object(context));
+    }
     ctx.insert("type", Ctx::str(kind.clone()));
     if let Some(u) = &user_id {
         ctx.insert("userId", Ctx::str(u.clone()));
@@ -80,9 +92,9 @@ fn message_item(
     if let Some(i) = identity {
         ctx.insert("identity", Ctx::str(i));
     }
-    let name = get_ci(&merged, "name").cloned();
+    let name = get_ci(merged, "name").cloned();
     let heap_event = match kind.as_str() {
-        "track" => get_ci(&merged, "event").cloned(),
+        "track" => get_ci(merged, "event").cloned(),
         "page" => Some(Value::String("Page viewed".into())),
         "screen" => Some(Value::String("Screen viewed".into())),
         _ => None,
@@ -90,18 +102,19 @@ fn message_item(
     if let Some(e) = heap_event {
         ctx.insert("heap_event", Ctx::from_json(&e));
     }
-    let mut props = get_ci(&merged, "properties").and_then(Value::as_object).cloned().unwrap_or_default();
+    let mut props = get_ci(merged, "properties").and_then(Value::as_object).cloned().unwrap_or_default();
     if kind == "page" || kind == "screen" {
         if let Some(n) = name {
             props.entry("name").or_insert(n);
         }
-        if let Some(c) = get_ci(&merged, "category") {
+        if let Some(c) = get_ci(merged, "category") {
             props.entry("category").or_insert(c.clone());
         }
     }
     ctx.insert("heap_properties", Ctx::Object(CtxObject::from_json(&props)));
-    let mut traits = get_ci(&merged, "traits")
-        .or_else(|| get_ci(&merged, "context").and_then(Value::as_object).and_then(|c| get_ci(c, "traits")))
+    let mut traits = get_ci(merged, "traits")
+        .or_else(|| context_traits(merged.get("context").and_then(Value::as_object)))
+        .or_else(|| context_traits(batch_context.map(|(v, _)| v)))
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
@@ -112,6 +125,10 @@ fn message_item(
         ctx.insert("heap_traits", Ctx::Object(CtxObject::from_json(&traits)));
     }
     Ok(Item { ctx, seed: msg.to_string() })
+}
+
+fn context_traits(c: Option<&Map<String, Value>>) -> Option<&Value> {
+    c.and_then(|c| get_ci(c, "traits"))
 }
 
 /// A user id counts when it is a non-empty string or a number.
@@ -127,6 +144,12 @@ fn non_empty(v: Option<&Value>) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    use crate::sources::{Parsed, Source, parse as parse_any};
+
+    fn parse(body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError> {
+        parse_any(Source::Segment, body, options)
+    }
 
     fn items(body: Value) -> usize {
         match parse(&body, &SourceOptions::default()).unwrap() {

@@ -3,7 +3,7 @@
 //! The context is the event as sent, plus `heap_event`: the name Heap's own Userpilot integration uses for the
 //! event type (`Userpilot Experience (started)`, ...), or `Userpilot <event>` for a type the relay does not know.
 
-use super::{Item, Parsed, get_ci};
+use super::{Item, Shape, get_ci};
 use crate::domain::FieldError;
 use crate::templates::context::{Ctx, CtxObject};
 use serde_json::Value;
@@ -32,7 +32,7 @@ pub fn heap_event_name(event: &str) -> String {
         .map_or_else(|| format!("Userpilot {e}"), |(_, name)| (*name).to_owned())
 }
 
-pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
+pub fn for_each(body: &Value, f: &mut dyn FnMut(Result<Item, FieldError>)) -> Result<Shape, FieldError> {
     let events: Vec<&Value> = match body {
         Value::Array(a) => a.iter().collect(),
         Value::Object(_) => vec![body],
@@ -44,12 +44,10 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
         }
     };
     let many = matches!(body, Value::Array(_));
-    let items = events
-        .into_iter()
-        .enumerate()
-        .map(|(i, e)| event_item(e).map_err(|err| if many { err.under(&format!("[{i}]")) } else { err }))
-        .collect();
-    Ok(Parsed::Items(items))
+    for (i, e) in events.into_iter().enumerate() {
+        f(event_item(e).map_err(|err| if many { err.under(&format!("[{i}]")) } else { err }));
+    }
+    Ok(Shape::Items)
 }
 
 fn event_item(event: &Value) -> Result<Item, FieldError> {

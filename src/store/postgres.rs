@@ -17,13 +17,13 @@
 mod budget;
 mod listen;
 mod log;
+pub mod tls;
 mod writer;
 
 use super::*;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use writer::{PendingAppend, Writer};
@@ -142,6 +142,8 @@ pub struct PgStore {
     pool: Pool,
     appends: mpsc::Sender<PendingAppend>,
     config: Arc<tokio_postgres::Config>,
+    /// TLS for connections opened outside the pool (LISTEN).
+    tls: tls::MakeRustls,
     /// The schema the tables live in (the first existing schema of the connection's search_path).
     schema: Arc<str>,
     /// NOTIFY channel for "events were appended", one per schema.
@@ -193,10 +195,13 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
 impl PgStore {
     /// Connects to `url`, runs the migrations (idempotent, under an advisory lock) and starts the writer task.
     pub async fn open(url: &str, options: PgOptions) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config =
-            url.parse().map_err(|e| StoreError::Config(format!("store.url is not a PostgreSQL URL: {e}")))?;
-        let manager =
-            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        // sslmode / sslrootcert are honoured by `tls` (tokio-postgres knows only some of libpq's modes).
+        let (config, tls, _) = tls::connector(url)?;
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         // One connection more than asked: the writer keeps one for itself.
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(2) + 1)
@@ -219,7 +224,7 @@ impl PgStore {
         let (appends, rx) = mpsc::channel(4096);
         tokio::spawn(Writer { pool: pool.clone(), options, channel: channel.clone(), size: None }.run(rx));
         let dedupe_window_ms = options.dedupe_window_ms;
-        Ok(Self { pool, appends, config: Arc::new(config), schema: schema.into(), channel, dedupe_window_ms })
+        Ok(Self { pool, appends, config: Arc::new(config), tls, schema: schema.into(), channel, dedupe_window_ms })
     }
 
     pub fn schema(&self) -> &str {

@@ -143,14 +143,19 @@ async fn a_value_holding_json_syntax_cannot_change_app_id_or_add_fields() {
 
 #[tokio::test]
 async fn the_heap_recipe_from_clevertaps_guide_works_as_a_template_with_its_defaults() {
-    let app = spawn_app().await;
     let body = json!({"targetId": 3, "profiles": [
         {"email": "buyer@example.com", "event_properties": {"item_names": "Watch", "value": 42.5}},
         {"identity": "no-email", "event_properties": {}}
     ]});
+    // By default the recipe's constant fallback identity (user@example.com) is refused: every profile without an
+    // email would otherwise become one Heap user (identity.refuse_template_default).
+    let app = spawn_app().await;
     let (status, resp) = json(app.post_hook_template("clevertap", "heap_recipe", &body).await).await;
     assert_eq!(status, 202, "{resp}");
-    let items = app.wait_for_heap(2, WAIT).await;
+    assert_eq!(resp["accepted"], 1, "{resp}");
+    assert_eq!(resp["rejected"][0]["index"], 1, "{resp}");
+    assert!(resp["rejected"][0]["message"].as_str().unwrap_or_default().contains("constant default"), "{resp}");
+    let items = app.wait_for_heap(1, WAIT).await;
     let buyer = by_identity(&items, "buyer@example.com");
     assert_eq!(buyer["event"], "Purchase");
     assert_eq!(
@@ -158,6 +163,11 @@ async fn the_heap_recipe_from_clevertaps_guide_works_as_a_template_with_its_defa
         json!({"item_names": "Watch", "value": 42.5, "campaign_name": "NA"}),
         "a leaf that is one expression keeps the value's JSON type"
     );
+    // Allowed by configuration, the fallback goes through with the recipe's defaults.
+    let app = spawn_app_with(|s| s.identity.refuse_template_default = false).await;
+    let (status, resp) = json(app.post_hook_template("clevertap", "heap_recipe", &body).await).await;
+    assert_eq!(status, 202, "{resp}");
+    let items = app.wait_for_heap(2, WAIT).await;
     let fallback = by_identity(&items, "user@example.com");
     assert_eq!(
         fallback["properties"],

@@ -39,7 +39,8 @@ pub fn test_settings(dir: &Path, heap_uri: &str) -> Settings {
     s.delivery.linger_ms = 5;
     s.delivery.poll_interval_ms = 20;
     s.delivery.backoff_base_ms = 50;
-    s.delivery.backoff_max_secs = 1;
+    // Retry-After is capped at backoff_max_secs; 2 lets the delivery tests' Retry-After: 2 be honoured whole.
+    s.delivery.backoff_max_secs = 2;
     s.admin.token = ADMIN_TOKEN.to_owned().into();
     s
 }
@@ -222,4 +223,98 @@ pub async fn json(resp: reqwest::Response) -> (u16, Value) {
     let status = resp.status().as_u16();
     let body = resp.json::<Value>().await.unwrap_or(Value::Null);
     (status, body)
+}
+
+/// A free loopback port (bound, read and released).
+pub fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// The relay as a process of its own, for tests that read its memory (peak RSS only grows, so one process per
+/// memory test) or its log. Loopback only; killed when dropped. Its log goes to a file in its temp dir.
+pub struct RelayProcess {
+    pub child: std::process::Child,
+    pub address: String,
+    pub dir: TempDir,
+}
+
+impl RelayProcess {
+    /// Starts the relay binary against `heap_uri` with the test timings plus `env` (HEAP_RELAY__... pairs), and
+    /// waits (deadline 20 s) until /healthz answers.
+    pub async fn start(heap_uri: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_loopback_port();
+        let log = std::fs::File::create(dir.path().join("relay.log")).expect("log file");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_heap-relay"));
+        cmd.arg("serve")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("HEAP_RELAY__SERVER__BIND", format!("127.0.0.1:{port}"))
+            .env("HEAP_RELAY__SERVER__WORKERS", "2")
+            .env("HEAP_RELAY__SERVER__SHUTDOWN_GRACE_SECS", "1")
+            .env("HEAP_RELAY__HEAP__BASE_URL", heap_uri)
+            .env("HEAP_RELAY__HEAP__APP_ID", APP_ID)
+            .env("HEAP_RELAY__STORE__PATH", dir.path().join("relay.db"))
+            .env("HEAP_RELAY__TEMPLATES__RELOAD_INTERVAL_SECS", "0")
+            .env("HEAP_RELAY__DELIVERY__LINGER_MS", "5")
+            .env("HEAP_RELAY__DELIVERY__POLL_INTERVAL_MS", "50")
+            .env("HEAP_RELAY__DELIVERY__BACKOFF_BASE_MS", "50")
+            .env("HEAP_RELAY__DELIVERY__BACKOFF_MAX_SECS", "1")
+            .env("HEAP_RELAY__LOG__FORMAT", "json")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::from(log.try_clone().expect("log file")))
+            .stderr(std::process::Stdio::from(log));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("the relay binary starts");
+        let relay = Self { child, address: format!("http://127.0.0.1:{port}"), dir };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client.get(format!("{}/healthz", relay.address)).send().await.is_err() {
+            assert!(Instant::now() < deadline, "the relay did not come up:\n{}", relay.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        relay
+    }
+
+    fn status_kib(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("/proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{key} in /proc/<pid>/status"))
+    }
+
+    /// Peak resident memory so far (VmHWM), in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        self.status_kib("VmHWM:") as f64 / 1024.0
+    }
+
+    /// Resident memory now (VmRSS), in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        self.status_kib("VmRSS:") as f64 / 1024.0
+    }
+
+    /// Everything the relay logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("relay.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Userpilot signature header value: `t=<t>,v1=<hex HMAC-SHA256 of body + "." + t>`.
+pub fn userpilot_signature(secret: &str, body: &[u8], t: i64) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(body);
+    mac.update(b".");
+    mac.update(t.to_string().as_bytes());
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }

@@ -52,14 +52,6 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-fn userpilot_signature(secret: &str, body: &[u8], t: i64) -> String {
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(body);
-    mac.update(b".");
-    mac.update(t.to_string().as_bytes());
-    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
-}
-
 fn cio_signature(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).expect("any key length");
     mac.update(body);
@@ -205,10 +197,8 @@ fn cases() -> Vec<Case> {
             400,
             "nul_character",
         ),
-        Case::ct("a \\u0000 escape", r#"{"profiles": [{"identity": "a\u0000b"}]}"#, 400, "nul_character"),
+        // A \u0000 escape and lone surrogates are legal JSON: repaired and accepted (hardening.rs).
         Case::ct("a NUL byte after the JSON", b"{\"profiles\": []}\0".to_vec(), 400, "nul_character"),
-        Case::ct("a lone leading surrogate", r#"{"profiles": [{"identity": "\ud800"}]}"#, 400, "lone_surrogate"),
-        Case::ct("a lone trailing surrogate", r#"{"profiles": [{"identity": "\udfff"}]}"#, 400, "lone_surrogate"),
         Case::ct(
             "an integer beyond u64",
             r#"{"profiles": [{"identity": "u", "n": 18446744073709551616}]}"#,

@@ -3,7 +3,7 @@
 use super::PgStore;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 impl PgStore {
     /// LISTENs on this schema's channel on a connection of its own and calls `on_append` for every notification
@@ -11,10 +11,11 @@ impl PgStore {
     /// interval covers the gap.
     pub fn spawn_listener(&self, on_append: impl Fn() + Send + Sync + 'static) -> tokio::task::JoinHandle<()> {
         let config = self.config.clone();
+        let tls = self.tls.clone();
         let channel = self.channel.clone();
         tokio::spawn(async move {
             loop {
-                match listen(&config, &channel, &on_append).await {
+                match listen(&config, &tls, &channel, &on_append).await {
                     Ok(()) => tracing::warn!("the LISTEN connection to PostgreSQL closed; reconnecting"),
                     Err(e) => tracing::warn!(error = %e, "the LISTEN connection to PostgreSQL failed; reconnecting"),
                 }
@@ -28,10 +29,11 @@ impl PgStore {
 
 async fn listen(
     config: &tokio_postgres::Config,
+    tls: &super::tls::MakeRustls,
     channel: &str,
     on_append: &(impl Fn() + Send + Sync),
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = config.connect(tls.clone()).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
