@@ -249,6 +249,7 @@ fn backlog(b: usize, n: usize) -> Ingested {
         .collect();
     Ingested {
         source: "heap".into(),
+        environment: String::new(),
         template: "default".into(),
         body: b"{}".to_vec(),
         received_at: heap_relay::store::now_ms(),

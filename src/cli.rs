@@ -41,6 +41,9 @@ pub enum Command {
         /// clevertap, userpilot, segment or heap.
         #[arg(long)]
         source: Option<String>,
+        /// The environment a credential chose (dev, prod, ...).
+        #[arg(long)]
+        environment: Option<String>,
         /// Received at or after this time (ISO-8601).
         #[arg(long)]
         since: Option<String>,

@@ -66,13 +66,19 @@ pub struct Intaker {
 
 impl Intaker {
     pub async fn accept(&self, route: Route, body: Vec<u8>) -> Result<Intake, IntakeError> {
+        self.accept_in("", route, body).await
+    }
+
+    /// As [`Intaker::accept`], for the environment (`dev`, `prod`, …) the request's credential or path chose; it is
+    /// stored with each event. `""` is the default environment.
+    pub async fn accept_in(&self, environment: &str, route: Route, body: Vec<u8>) -> Result<Intake, IntakeError> {
         let started = std::time::Instant::now();
-        let result = self.accept_inner(route, body).await;
+        let result = self.accept_inner(environment, route, body).await;
         self.metrics.ingest_latency.observe(started.elapsed().as_secs_f64());
         result
     }
 
-    async fn accept_inner(&self, route: Route, body: Vec<u8>) -> Result<Intake, IntakeError> {
+    async fn accept_inner(&self, environment: &str, route: Route, body: Vec<u8>) -> Result<Intake, IntakeError> {
         let received_at = self.clock.now_ms();
         let ts = chrono::DateTime::from_timestamp_millis(received_at)
             .map(Timestamp::from_datetime)
@@ -98,6 +104,7 @@ impl Intaker {
         let request_key = retry_key(&route, &body);
         let (mut ingested, mut summary) = to_rows(source, outcome, body, received_at, None);
         ingested.request_key = request_key;
+        ingested.environment = environment.to_owned();
         let nothing_accepted = summary.accepted == 0 && !summary.rejected.is_empty();
         if !ingested.events.is_empty() || !ingested.rejections.is_empty() {
             let appended = self.store.append(ingested).await?;
@@ -197,6 +204,7 @@ pub fn to_rows(
     };
     let ingested = Ingested {
         source: source.to_owned(),
+        environment: String::new(),
         template: outcome.template,
         body,
         received_at,

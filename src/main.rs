@@ -28,8 +28,8 @@ async fn main() {
         }
         Command::Render { source, file, template } => commands::render::run(&settings, &source, &file, template),
         Command::Check => commands::check::run(&settings),
-        Command::Deliveries { status, source, since, until, limit, json } => {
-            let filters = commands::deliveries::Filters { status, source, since, until, limit, json };
+        Command::Deliveries { status, source, environment, since, until, limit, json } => {
+            let filters = commands::deliveries::Filters { status, source, environment, since, until, limit, json };
             commands::deliveries::run(&settings, filters).await
         }
         Command::Replay { id, status, since, until, rerender } => {

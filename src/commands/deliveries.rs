@@ -1,4 +1,5 @@
-//! `heap-relay deliveries [--status S] [--source S] [--since T] [--until T]`: the delivery log from the store.
+//! `heap-relay deliveries [--status S] [--source S] [--environment E] [--since T] [--until T]`: the delivery log
+//! from the store.
 
 use super::CommandError;
 use crate::replay::time_range;
@@ -10,6 +11,7 @@ use anyhow::Context;
 pub struct Filters {
     pub status: Option<String>,
     pub source: Option<String>,
+    pub environment: Option<String>,
     pub since: Option<String>,
     pub until: Option<String>,
     pub limit: i64,
@@ -31,7 +33,14 @@ pub async fn run(settings: &Settings, f: Filters) -> Result<i32, CommandError> {
     let range = time_range(f.since.as_deref(), f.until.as_deref()).map_err(CommandError::Usage)?;
     let store = open_store(settings).await?;
     let events = store
-        .list(Query { status, source: f.source, since: range.map(|r| r.0), until: range.map(|r| r.1), limit: f.limit })
+        .list(Query {
+            status,
+            source: f.source,
+            environment: f.environment,
+            since: range.map(|r| r.0),
+            until: range.map(|r| r.1),
+            limit: f.limit,
+        })
         .await
         .context("listing")?;
     if f.json {
@@ -39,15 +48,16 @@ pub async fn run(settings: &Settings, f: Filters) -> Result<i32, CommandError> {
         return Ok(0);
     }
     println!(
-        "{:<36}  {:<9}  {:<9}  {:<24}  {:>3}  {:<24}  error",
-        "id", "status", "source", "received_at", "try", "identity"
+        "{:<36}  {:<9}  {:<9}  {:<8}  {:<24}  {:>3}  {:<24}  error",
+        "id", "status", "source", "env", "received_at", "try", "identity"
     );
     for e in &events {
         println!(
-            "{:<36}  {:<9}  {:<9}  {:<24}  {:>3}  {:<24}  {}",
+            "{:<36}  {:<9}  {:<9}  {:<8}  {:<24}  {:>3}  {:<24}  {}",
             e.id,
             e.status,
             e.source,
+            if e.environment.is_empty() { "-" } else { e.environment.as_str() },
             e.received_at,
             e.attempts,
             e.identity.chars().take(24).collect::<String>(),

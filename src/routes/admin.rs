@@ -43,6 +43,7 @@ fn check_token(authorization: Option<&[u8]>, token_digest: &[u8; 32]) -> Result<
 pub struct ListParams {
     status: Option<String>,
     source: Option<String>,
+    environment: Option<String>,
     since: Option<String>,
     until: Option<String>,
     limit: Option<i64>,
@@ -64,6 +65,7 @@ pub async fn list(
     let q = Query {
         status,
         source: p.source,
+        environment: p.environment,
         since: range.map(|r| r.0),
         until: range.map(|r| r.1),
         limit: p.limit.unwrap_or(100).clamp(1, 10_000),

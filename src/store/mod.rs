@@ -86,6 +86,8 @@ pub struct NewRejection {
 #[derive(Debug, Clone)]
 pub struct Ingested {
     pub source: String,
+    /// The environment the request's credential (or path) chose (`dev`, `prod`, …); empty for the default one.
+    pub environment: String,
     pub template: String,
     pub body: Vec<u8>,
     pub received_at: Millis,
@@ -188,6 +190,7 @@ pub struct AttemptRecord {
 pub struct Query {
     pub status: Option<Status>,
     pub source: Option<String>,
+    pub environment: Option<String>,
     pub since: Option<Millis>,
     pub until: Option<Millis>,
     pub limit: i64,
@@ -215,6 +218,8 @@ pub struct EventView {
     pub id: String,
     pub status: &'static str,
     pub source: String,
+    /// Empty for the default environment.
+    pub environment: String,
     pub template: String,
     pub kind: &'static str,
     pub app_id: String,

@@ -59,7 +59,9 @@ CREATE TABLE IF NOT EXISTS events (
     received_at      BIGINT  NOT NULL,
     updated_at       BIGINT  NOT NULL,
     last_error       TEXT
-) WITH (fillfactor = 80); -- room on each page, so claims and renewals (no indexed column changes) update in place
+) WITH (fillfactor = 80);
+-- Added after the first release: the environment (dev, prod, ...) a request's credential chose.
+ALTER TABLE events ADD COLUMN IF NOT EXISTS environment TEXT NOT NULL DEFAULT ''; -- room on each page, so claims and renewals (no indexed column changes) update in place
 -- Claims scan waiting rows in id order (acceptance order); the partial index keeps delivered rows out of the way.
 CREATE INDEX IF NOT EXISTS events_ready_id ON events (id) WHERE status IN ('pending', 'retrying');
 CREATE INDEX IF NOT EXISTS events_status_time ON events (status, received_at);
@@ -117,7 +119,15 @@ async fn migrated(client: &tokio_postgres::Client) -> Result<bool, tokio_postgre
         )
         .await?
         .get(0);
-    Ok(found == RELATIONS.len() as i64)
+    let columns: i64 = client
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns
+             WHERE table_schema = current_schema() AND table_name = 'events' AND column_name = 'environment'",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(found == RELATIONS.len() as i64 && columns == 1)
 }
 
 /// Serialises migrations of instances starting together (`CREATE … IF NOT EXISTS` alone can race in PostgreSQL).

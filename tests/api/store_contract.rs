@@ -60,12 +60,14 @@ both!(
     requeue_sends_delivered_and_dead_events_again_and_prune_deletes_old_delivered_ones,
     the_raw_body_is_kept_for_a_rerender_and_a_rerender_replaces_the_old_rows,
     a_retried_request_or_message_within_the_window_is_answered_with_the_first_ids_and_stored_once,
+    each_event_keeps_the_environment_its_request_came_from_and_the_log_filters_by_it,
 );
 
 /// One body with `n` track events (keys `{tag}-0..n`) and one rejected item.
 pub fn body(tag: &str, n: usize) -> Ingested {
     Ingested {
         source: "heap".into(),
+        environment: String::new(),
         template: "default".into(),
         body: format!("{{\"tag\":\"{tag}\"}}").into_bytes(),
         received_at: now_ms(),
@@ -301,6 +303,18 @@ async fn a_retried_request_or_message_within_the_window_is_answered_with_the_fir
         .collect();
     tags.sort();
     assert_eq!(tags, vec!["m1-0", "m3-0", "r1-0", "r1-1", "r3-0", "r3-1"], "each stored once; the retries not at all");
+}
+
+async fn each_event_keeps_the_environment_its_request_came_from_and_the_log_filters_by_it(store: Store) {
+    store.append(Ingested { environment: "dev".into(), ..body("dev", 2) }).await.unwrap();
+    store.append(body("default", 1)).await.unwrap();
+    let dev = store.list(Query { environment: Some("dev".into()), limit: 10, ..Query::default() }).await.unwrap();
+    assert_eq!(dev.len(), 3, "two events and a refusal: {dev:?}");
+    assert!(dev.iter().all(|e| e.environment == "dev"));
+    let one = store.get(&dev[0].id).await.unwrap();
+    assert_eq!(one.environment, "dev");
+    let all = store.list(Query { limit: 10, ..Query::default() }).await.unwrap();
+    assert_eq!(all.iter().filter(|e| e.environment.is_empty()).count(), 2);
 }
 
 /// A store already over `store.max_bytes` refuses the append as `Full` (503 store_full upstream) and writes nothing.

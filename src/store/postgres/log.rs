@@ -21,6 +21,9 @@ impl PgStore {
         if let Some(s) = q.source {
             push("source =", Box::new(s));
         }
+        if let Some(s) = q.environment {
+            push("environment =", Box::new(s));
+        }
         if let Some(t) = q.since {
             push("received_at >=", Box::new(t));
         }
@@ -103,7 +106,7 @@ impl PgStore {
 
 const VIEW_COLUMNS: &str =
     "id, event_id, status, source, template, kind, app_id, identity, idempotency_key, item_index,
-     attempts, received_at, updated_at, next_attempt_at, last_error, payload";
+     attempts, received_at, updated_at, next_attempt_at, last_error, payload, environment";
 
 fn view(r: &tokio_postgres::Row) -> (i64, EventView) {
     let status = Status::parse(r.get(2)).unwrap_or(Status::Pending);
@@ -115,6 +118,7 @@ fn view(r: &tokio_postgres::Row) -> (i64, EventView) {
             id: r.get(1),
             status: status.as_str(),
             source: r.get(3),
+            environment: r.get(16),
             template: r.get(4),
             kind: CallKind::parse(r.get(5)).map_or("track", CallKind::as_str),
             app_id: r.get(6),

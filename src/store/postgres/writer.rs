@@ -314,13 +314,13 @@ async fn append_all(
             &tx.prepare_cached(
                 "INSERT INTO events (event_id, raw_id, item_index, source, template, kind, app_id, identity,
                                  idempotency_key, payload, status, enqueued_at, next_attempt_at, received_at,
-                                 updated_at, last_error)
+                                 updated_at, last_error, environment)
              SELECT u.event_id, u.raw_id, u.item_index, u.source, u.template, u.kind, u.app_id, u.identity,
-                    u.key, u.payload, u.status, $14, $14, u.received_at, $14, u.error
+                    u.key, u.payload, u.status, $14, $14, u.received_at, $14, u.error, u.environment
              FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[],
-                         $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[])
+                         $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[], $15::text[])
                   AS u(event_id, raw_id, item_index, source, template, kind, app_id, identity, key, payload, status,
-                       received_at, error)",
+                       received_at, error, environment)",
             )
             .await?,
             &[
@@ -338,6 +338,7 @@ async fn append_all(
                 &cols.received_at,
                 &cols.error,
                 &now,
+                &cols.environment,
             ],
         )
         .await?;
@@ -366,6 +367,7 @@ struct EventColumns<'a> {
     status: Vec<&'a str>,
     received_at: Vec<i64>,
     error: Vec<Option<String>>,
+    environment: Vec<&'a str>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -389,6 +391,7 @@ impl<'a> EventColumns<'a> {
         self.app_id.push(app_id);
         self.identity.push(identity);
         self.received_at.push(b.received_at);
+        self.environment.push(&b.environment);
     }
 }
 

@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS log (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     received_at INTEGER NOT NULL,
     source      TEXT    NOT NULL,
+    environment TEXT    NOT NULL DEFAULT '',
     template    TEXT    NOT NULL,
     n_events    INTEGER NOT NULL,
     n_rejected  INTEGER NOT NULL,
@@ -246,11 +247,21 @@ fn append(
     let (items, n_events, n_rejected) = codec::encode_items(ing, &keep)?;
     let body: Option<&[u8]> = ing.replay_of_raw.is_none().then_some(ing.body.as_slice());
     c.prepare_cached(
-        "INSERT INTO log (received_at, source, template, n_events, n_rejected, replay_of, body, items)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO log (received_at, source, environment, template, n_events, n_rejected, replay_of, body, items)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )
     .map_err(full_or)?
-    .execute(params![ing.received_at, ing.source, ing.template, n_events, n_rejected, ing.replay_of_raw, body, items])
+    .execute(params![
+        ing.received_at,
+        ing.source,
+        ing.environment,
+        ing.template,
+        n_events,
+        n_rejected,
+        ing.replay_of_raw,
+        body,
+        items
+    ])
     .map_err(full_or)?;
     let seq = c.last_insert_rowid();
     let mut next = 0;

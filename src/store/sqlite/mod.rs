@@ -266,6 +266,7 @@ mod tests {
     fn body(n: i64) -> Ingested {
         Ingested {
             source: "heap".into(),
+            environment: String::new(),
             template: "track".into(),
             body: format!("{{\"n\": {n}}}").into_bytes(),
             received_at: n,

@@ -23,6 +23,7 @@ pub struct LogEntry {
     pub seq: i64,
     pub received_at: Millis,
     pub source: String,
+    pub environment: String,
     pub template: String,
     pub replay_of: Option<i64>,
     pub items: Vec<StoredItem>,
@@ -37,15 +38,18 @@ pub struct OwnRow {
     pub calls: Vec<i64>,
 }
 
-const ENTRY_COLUMNS: &str = "seq, received_at, source, template, replay_of, items";
+const ENTRY_COLUMNS: &str = "seq, received_at, source, environment, template, replay_of, items";
 
-fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, Millis, String, String, Option<i64>, Vec<u8>)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+/// A log row as read, before its items are decoded.
+type EntryRow = (i64, Millis, String, String, String, Option<i64>, Vec<u8>);
+
+fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<EntryRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
 }
 
-fn decode(row: (i64, Millis, String, String, Option<i64>, Vec<u8>)) -> Result<LogEntry, StoreError> {
-    let (seq, received_at, source, template, replay_of, items) = row;
-    Ok(LogEntry { seq, received_at, source, template, replay_of, items: codec::decode_items(&items)? })
+fn decode(row: EntryRow) -> Result<LogEntry, StoreError> {
+    let (seq, received_at, source, environment, template, replay_of, items) = row;
+    Ok(LogEntry { seq, received_at, source, environment, template, replay_of, items: codec::decode_items(&items)? })
 }
 
 pub fn read_entry(log: &Connection, seq: i64) -> Result<Option<LogEntry>, StoreError> {
@@ -172,6 +176,7 @@ fn view(st: &State, e: &LogEntry, pos: usize, own: Option<&OwnRow>, detail: bool
         id: codec::event_id(id),
         status: status.as_str(),
         source: e.source.clone(),
+        environment: e.environment.clone(),
         template: e.template.clone(),
         kind: ev.map_or(CallKind::Track, |v| v.kind()).as_str(),
         app_id: ev.map(|v| v.app_id.clone()).unwrap_or_default(),
@@ -201,6 +206,7 @@ pub fn get(st: &State, event_id: &str) -> Result<EventView, StoreError> {
 
 fn matches_query(q: &Query, e: &LogEntry) -> bool {
     q.source.as_ref().is_none_or(|s| *s == e.source)
+        && q.environment.as_ref().is_none_or(|s| *s == e.environment)
         && q.since.is_none_or(|t| e.received_at >= t)
         && q.until.is_none_or(|t| e.received_at < t)
 }
