@@ -19,7 +19,7 @@ mod servers;
 use bodies::{Scenario, clevertap_with, scenarios};
 use client::{Load, LoadResult, drive, probe, wait_for_heap};
 use relay::{Relay, Sampler, cpu_time, mb, rss_kb, write_bytes};
-use servers::{HeapCounters, spawn_actix};
+use servers::{HeapCounters, spawn_actix, spawn_minimal_writer};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -300,6 +300,18 @@ fn backlog(rt: &tokio::runtime::Runtime, heap: &Arc<HeapCounters>, heap_port: u1
         drive(&base_url, &small, 202, load).await
     });
     rt.block_on(base_handle.stop(false));
+    eprintln!("[backlog] minimal durable writer ({} s) ...", secs.as_secs());
+    let scratch = tempfile::Builder::new()
+        .prefix("minimal-writer-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("temp dir");
+    let (min_port, min_handle) = spawn_minimal_writer(cpus(), scratch.path());
+    let min_url = format!("http://127.0.0.1:{min_port}/hooks/clevertap");
+    let minimal = rt.block_on(async {
+        drive(&min_url, &small, 202, warm).await;
+        drive(&min_url, &small, 202, load).await
+    });
+    rt.block_on(min_handle.stop(false));
 
     heap.reset();
     let relay = Relay::start(&bin, heap_port, &[]);
@@ -371,6 +383,19 @@ fn backlog(rt: &tokio::runtime::Runtime, heap: &Arc<HeapCounters>, heap_port: u1
         base.rps(),
         base.ms(0.99),
         empty.rps() / base.rps()
+    );
+    println!(
+        "| minimal durable writer req/s (actix + one SQLite group-commit writer, whole body; p99 {:.1} ms) | {:.0} | bare actix {:.0} | {:.3} |",
+        minimal.ms(0.99),
+        minimal.rps(),
+        base.rps(),
+        minimal.rps() / base.rps()
+    );
+    println!(
+        "| relay ingest, empty queue, beside the minimal durable writer | {:.0} | minimal writer {:.0} | {:.3} |",
+        empty.rps(),
+        minimal.rps(),
+        empty.rps() / minimal.rps()
     );
     println!(
         "| ingest req/s, clevertap-2, {} events held back (p99 {:.1} ms) | {:.0} | empty queue {:.0} | {:.3} |",

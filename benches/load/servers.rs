@@ -91,3 +91,67 @@ pub fn spawn_actix(workers: usize, counters: Option<Arc<HeapCounters>>) -> (u16,
     });
     rx.recv().expect("server thread started")
 }
+
+/// One request body waiting for the minimal writer's commit.
+type Pending = (web::Bytes, tokio::sync::oneshot::Sender<bool>);
+
+/// The durable reference: actix reads the body, one SQLite writer thread (WAL, `synchronous=FULL`) appends every
+/// waiting body to one table in one transaction (group commit), and the 202 follows the commit. What any durable
+/// relay on this machine's disk costs at least; the relay does this plus parsing, rendering and validation.
+pub fn spawn_minimal_writer(workers: usize, dir: &std::path::Path) -> (u16, actix_web::dev::ServerHandle) {
+    let conn = rusqlite::Connection::open(dir.join("minimal.db")).expect("open");
+    conn.pragma_update(None, "journal_mode", "WAL").expect("wal");
+    conn.pragma_update(None, "synchronous", "FULL").expect("full");
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS bodies (id INTEGER PRIMARY KEY, body BLOB NOT NULL)").expect("table");
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Pending>(4096);
+    std::thread::spawn(move || {
+        let mut conn = conn;
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            while let Ok(p) = rx.try_recv() {
+                group.push(p);
+            }
+            let t = conn.transaction().expect("begin");
+            {
+                let mut ins = t.prepare_cached("INSERT INTO bodies (body) VALUES (?1)").expect("prepare");
+                for (body, _) in &group {
+                    ins.execute([body.as_ref()]).expect("insert");
+                }
+            }
+            let ok = t.commit().is_ok();
+            for (_, reply) in group {
+                let _ = reply.send(ok);
+            }
+        }
+    });
+    let (ptx, prx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+            let port = listener.local_addr().expect("local addr").port();
+            let data = web::Data::new(tx);
+            let server = HttpServer::new(move || {
+                App::new().app_data(data.clone()).app_data(web::PayloadConfig::new(5 << 20)).default_service(web::to(
+                    |body: web::Bytes, w: web::Data<std::sync::mpsc::SyncSender<Pending>>| async move {
+                        let (reply, done) = tokio::sync::oneshot::channel();
+                        if w.send((body, reply)).is_err() {
+                            return HttpResponse::ServiceUnavailable().finish();
+                        }
+                        match done.await {
+                            Ok(true) => HttpResponse::Accepted().finish(),
+                            _ => HttpResponse::ServiceUnavailable().finish(),
+                        }
+                    },
+                ))
+            })
+            .workers(workers)
+            .disable_signals()
+            .listen(listener)
+            .expect("listen")
+            .run();
+            ptx.send((port, server.handle())).expect("report port");
+            let _ = server.await;
+        })
+    });
+    prx.recv().expect("server thread started")
+}

@@ -42,13 +42,32 @@ CREATE TABLE IF NOT EXISTS dedupe (
 const MAX_GROUP: usize = 512;
 
 pub enum Cmd {
-    Append(Ingested, oneshot::Sender<Result<Appended, StoreError>>),
+    Append(Box<Prepared>, oneshot::Sender<Result<Appended, StoreError>>),
     /// Deletes the given entries and dedupe records older than `dedupe_before`; answers the events deleted.
     Prune {
         seqs: Vec<i64>,
         dedupe_before: Millis,
         reply: oneshot::Sender<Result<usize, StoreError>>,
     },
+}
+
+/// An append with its items already encoded, on the caller's thread: the one writer thread only writes.
+pub struct Prepared {
+    pub ing: Ingested,
+    /// `codec::encode_items` of every event (re-encoded by the writer only if the dedupe drops some).
+    pub items: Vec<u8>,
+    pub n_events: i64,
+    pub n_rejected: i64,
+}
+
+impl Prepared {
+    pub fn new(mut ing: Ingested) -> Result<Self, StoreError> {
+        if ing.replay_of_raw.is_none() {
+            ing.body = codec::compress(std::mem::take(&mut ing.body));
+        }
+        let (items, n_events, n_rejected) = codec::encode_items(&ing, &vec![true; ing.events.len()])?;
+        Ok(Self { ing, items, n_events, n_rejected })
+    }
 }
 
 /// What the writer has committed since start; read by `stats` for /metrics and by the tests.
@@ -97,10 +116,10 @@ impl Writer {
             let mut fresh: HashMap<String, String> = HashMap::new();
             for cmd in group {
                 replies.push(match cmd {
-                    Cmd::Append(ing, r) => {
+                    Cmd::Append(prepared, r) => {
                         let res = match &full {
                             Some(why) => Err(StoreError::Full(why.clone())),
-                            None => in_savepoint(&tx, |t| append(t, &ing, window, &mut fresh)),
+                            None => in_savepoint(&tx, |t| append(t, &prepared, window, &mut fresh)),
                         };
                         Reply::Append(r, res)
                     }
@@ -218,10 +237,11 @@ fn remember(
 
 fn append(
     c: &Connection,
-    ing: &Ingested,
+    prepared: &Prepared,
     window_ms: i64,
     fresh: &mut HashMap<String, String>,
 ) -> Result<Appended, StoreError> {
+    let ing = &prepared.ing;
     let since = ing.received_at.saturating_sub(window_ms);
     let dedupes = window_ms > 0 && ing.replay_of_raw.is_none();
     if let Some(key) = ing.request_key.as_deref().filter(|_| dedupes) {
@@ -244,7 +264,11 @@ fn append(
         let event_ids = earlier.into_iter().flatten().collect();
         return Ok(Appended { event_ids, duplicate: true, duplicates, entry: None });
     }
-    let (items, n_events, n_rejected) = codec::encode_items(ing, &keep)?;
+    let reencoded = if duplicates > 0 { Some(codec::encode_items(ing, &keep)?) } else { None };
+    let (items, n_events, n_rejected) = match &reencoded {
+        Some((items, n, r)) => (items.as_slice(), *n, *r),
+        None => (prepared.items.as_slice(), prepared.n_events, prepared.n_rejected),
+    };
     let body: Option<&[u8]> = ing.replay_of_raw.is_none().then_some(ing.body.as_slice());
     c.prepare_cached(
         "INSERT INTO log (received_at, source, environment, template, n_events, n_rejected, replay_of, body, items)

@@ -160,13 +160,11 @@ impl SqliteStore {
 
     /// Appends a body and everything rendered from it, durably (see [`Store::append`]). A re-render then marks
     /// what it replaces in the books.
-    pub async fn append(&self, mut ingested: Ingested) -> Result<Appended, StoreError> {
+    pub async fn append(&self, ingested: Ingested) -> Result<Appended, StoreError> {
         let replay_of = ingested.replay_of_raw;
-        if replay_of.is_none() {
-            // Compressed here, on the caller's thread, so the one writer thread only writes.
-            ingested.body = codec::compress(std::mem::take(&mut ingested.body));
-        }
-        let appended = self.call(|r| log::Cmd::Append(ingested, r)).await?;
+        // Compressed and encoded here, on the caller's thread, so the one writer thread only writes.
+        let prepared = Box::new(log::Prepared::new(ingested)?);
+        let appended = self.call(|r| log::Cmd::Append(prepared, r)).await?;
         if let (Some(root), Some(seq)) = (replay_of, appended.entry) {
             let now = now_ms();
             self.books(move |st| {
