@@ -301,10 +301,8 @@ fn backlog(rt: &tokio::runtime::Runtime, heap: &Arc<HeapCounters>, heap_port: u1
     });
     rt.block_on(base_handle.stop(false));
     eprintln!("[backlog] minimal durable writer ({} s) ...", secs.as_secs());
-    let scratch = tempfile::Builder::new()
-        .prefix("minimal-writer-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .expect("temp dir");
+    let scratch =
+        tempfile::Builder::new().prefix("minimal-writer-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
     let (min_port, min_handle) = spawn_minimal_writer(cpus(), scratch.path());
     let min_url = format!("http://127.0.0.1:{min_port}/hooks/clevertap");
     let minimal = rt.block_on(async {

@@ -102,7 +102,8 @@ pub fn spawn_minimal_writer(workers: usize, dir: &std::path::Path) -> (u16, acti
     let conn = rusqlite::Connection::open(dir.join("minimal.db")).expect("open");
     conn.pragma_update(None, "journal_mode", "WAL").expect("wal");
     conn.pragma_update(None, "synchronous", "FULL").expect("full");
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS bodies (id INTEGER PRIMARY KEY, body BLOB NOT NULL)").expect("table");
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS bodies (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+        .expect("table");
     let (tx, rx) = std::sync::mpsc::sync_channel::<Pending>(4096);
     std::thread::spawn(move || {
         let mut conn = conn;

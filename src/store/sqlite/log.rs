@@ -1,8 +1,10 @@
 //! The ingest log: the only database file an ingest commit waits on, and the only writer that writes it.
 //!
 //! One append per request: a row holding the raw body and the items rendered from it (both compressed), keyed by a
-//! sequence number that only grows. The dedupe record of a request (its body hash, or its items' message ids) is
-//! written in the same commit, so that a sender's retry after a crash between commit and answer is recognised.
+//! sequence number that only grows. The dedupe keys of a request (its body hash, or its items' message ids) are
+//! written in that same row, so a sender's retry after a crash between commit and answer is recognised; they are
+//! looked up in memory (`DedupeIndex`, rebuilt from the log's last window at start), so no index page with random
+//! keys is written on the ingest commit.
 //! One writer thread takes every append waiting in its channel and commits them together (group commit); each
 //! caller is answered only after the fsync. Delivery never writes here: its books are another file (`books`).
 
@@ -26,16 +28,13 @@ CREATE TABLE IF NOT EXISTS log (
     n_rejected  INTEGER NOT NULL,
     replay_of   INTEGER,
     body        BLOB,
-    items       BLOB    NOT NULL
+    items       BLOB    NOT NULL,
+    -- Dedupe keys, one a line: `r <key>` for the request, `m <event index> <key>` for a message.
+    dedupe      TEXT
 );
 -- Only entries with refusals or re-renders are indexed: an ordinary append touches the table alone.
 CREATE INDEX IF NOT EXISTS log_rejected ON log (seq) WHERE n_rejected > 0;
 CREATE INDEX IF NOT EXISTS log_replays ON log (replay_of) WHERE replay_of IS NOT NULL;
-CREATE TABLE IF NOT EXISTS dedupe (
-    key       TEXT    PRIMARY KEY,
-    at        INTEGER NOT NULL,
-    event_ids TEXT    NOT NULL
-) WITHOUT ROWID;
 ";
 
 /// Appends waiting at most this many to a transaction.
@@ -43,10 +42,9 @@ const MAX_GROUP: usize = 512;
 
 pub enum Cmd {
     Append(Box<Prepared>, oneshot::Sender<Result<Appended, StoreError>>),
-    /// Deletes the given entries and dedupe records older than `dedupe_before`; answers the events deleted.
+    /// Deletes the given entries; answers the events deleted.
     Prune {
         seqs: Vec<i64>,
-        dedupe_before: Millis,
         reply: oneshot::Sender<Result<usize, StoreError>>,
     },
 }
@@ -84,6 +82,98 @@ pub struct Writer {
     pub counters: Arc<Counters>,
     /// Bytes the books file holds, kept up to date by the books; `max_bytes` counts both files.
     pub books_bytes: Arc<AtomicI64>,
+    pub index: DedupeIndex,
+}
+
+/// Where a dedupe key was first stored: the event ids `seq-first` … `seq-(first + count - 1)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FirstSeen {
+    at: Millis,
+    seq: i64,
+    first: u32,
+    count: u32,
+}
+
+impl FirstSeen {
+    fn event_ids(&self) -> Vec<String> {
+        (self.first..self.first + self.count).map(|i| codec::event_id(pack(self.seq, i as usize))).collect()
+    }
+}
+
+/// The dedupe keys of the window, in memory: a 64-bit keyed hash of each key (SipHash with a per-process key, so a
+/// sender cannot aim collisions), where it was stored, oldest first for eviction. At most `MAX_DEDUPE_KEYS` are
+/// kept: under a flood the window shortens rather than memory growing (about 40 bytes a key).
+pub struct DedupeIndex {
+    map: HashMap<u64, FirstSeen>,
+    order: std::collections::VecDeque<(Millis, u64)>,
+    hasher: std::collections::hash_map::RandomState,
+    window_ms: i64,
+}
+
+pub const MAX_DEDUPE_KEYS: usize = 1_000_000;
+
+impl DedupeIndex {
+    pub fn new(window_ms: i64) -> Self {
+        Self { map: HashMap::new(), order: Default::default(), hasher: Default::default(), window_ms }
+    }
+
+    fn hash(&self, key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key)
+    }
+
+    fn get(&self, key: &str, since: Millis) -> Option<FirstSeen> {
+        self.map.get(&self.hash(key)).copied().filter(|s| s.at >= since)
+    }
+
+    fn insert(&mut self, key: &str, seen: FirstSeen) {
+        let h = self.hash(key);
+        self.map.insert(h, seen);
+        self.order.push_back((seen.at, h));
+        let horizon = seen.at.saturating_sub(self.window_ms);
+        while let Some(&(at, old)) = self.order.front() {
+            if at >= horizon && self.order.len() <= MAX_DEDUPE_KEYS {
+                break;
+            }
+            self.order.pop_front();
+            if self.map.get(&old).is_some_and(|s| s.at == at) {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    /// Reads the keys of the log's entries received within the window before `now`, newest first, stopping at the
+    /// first entry a minute older than the window (entries commit in about the order they arrive).
+    pub fn rebuild(&mut self, c: &Connection, now: Millis) -> Result<(), StoreError> {
+        if self.window_ms <= 0 {
+            return Ok(());
+        }
+        let horizon = now.saturating_sub(self.window_ms);
+        let mut found = Vec::new();
+        let mut stmt =
+            c.prepare("SELECT seq, received_at, n_events, dedupe FROM log WHERE replay_of IS NULL ORDER BY seq DESC")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let (seq, at, n): (i64, Millis, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            if at < horizon - 60_000 || found.len() >= MAX_DEDUPE_KEYS {
+                break;
+            }
+            let Some(keys) = r.get::<_, Option<String>>(3)? else { continue };
+            for line in keys.lines() {
+                if let Some(key) = line.strip_prefix("r ") {
+                    found.push((key.to_owned(), FirstSeen { at, seq, first: 0, count: n as u32 }));
+                } else if let Some((idx, key)) = line.strip_prefix("m ").and_then(|l| l.split_once(' ')) {
+                    if let Ok(idx) = idx.parse::<u32>() {
+                        found.push((key.to_owned(), FirstSeen { at, seq, first: idx, count: 1 }));
+                    }
+                }
+            }
+        }
+        for (key, seen) in found.into_iter().rev().filter(|(_, s)| s.at >= horizon) {
+            self.insert(&key, seen);
+        }
+        Ok(())
+    }
 }
 
 enum Reply {
@@ -110,22 +200,30 @@ impl Writer {
         let full = if appends > 0 { self.over_limit() } else { None };
         let window = self.dedupe_window_ms;
         let mut replies = Vec::with_capacity(group.len());
+        // Keys written in this transaction: a retry can arrive in the same group as its original. They join the
+        // index only once the commit succeeds.
+        let mut fresh: HashMap<String, FirstSeen> = HashMap::new();
+        let index = &self.index;
+        let conn = &mut self.conn;
         let commit = (|| -> Result<(), String> {
-            let tx = self.conn.transaction().map_err(|e| e.to_string())?;
-            // Keys written earlier in this same transaction: a retry can arrive in the same group as its original.
-            let mut fresh: HashMap<String, String> = HashMap::new();
+            let tx = conn.transaction().map_err(|e| e.to_string())?;
             for cmd in group {
                 replies.push(match cmd {
                     Cmd::Append(prepared, r) => {
                         let res = match &full {
                             Some(why) => Err(StoreError::Full(why.clone())),
-                            None => in_savepoint(&tx, |t| append(t, &prepared, window, &mut fresh)),
+                            None => {
+                                let mut mine = Vec::new();
+                                let res = in_savepoint(&tx, |t| append(t, &prepared, window, index, &fresh, &mut mine));
+                                if res.is_ok() {
+                                    fresh.extend(mine);
+                                }
+                                res
+                            }
                         };
                         Reply::Append(r, res)
                     }
-                    Cmd::Prune { seqs, dedupe_before, reply } => {
-                        Reply::Count(reply, in_savepoint(&tx, |t| prune(t, &seqs, dedupe_before)))
-                    }
+                    Cmd::Prune { seqs, reply } => Reply::Count(reply, in_savepoint(&tx, |t| prune(t, &seqs))),
                 });
             }
             tx.commit().map_err(|e| e.to_string())
@@ -134,6 +232,9 @@ impl Writer {
             Ok(()) => {
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 self.counters.bodies.fetch_add(appends, Ordering::Relaxed);
+                for (key, seen) in fresh {
+                    self.index.insert(&key, seen);
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "ingest log commit failed; every append in the group is answered with an error")
@@ -202,60 +303,31 @@ fn in_savepoint<T>(
     }
 }
 
-/// The first delivery's ids for `key`, if it was stored at or after `since`.
-fn seen(
-    c: &Connection,
-    fresh: &HashMap<String, String>,
-    key: &str,
-    since: Millis,
-) -> Result<Option<String>, StoreError> {
-    if let Some(ids) = fresh.get(key) {
-        return Ok(Some(ids.clone()));
-    }
-    Ok(c.prepare_cached("SELECT event_ids FROM dedupe WHERE key = ?1 AND at >= ?2")?
-        .query_row(params![key, since], |r| r.get::<_, String>(0))
-        .optional()?)
-}
-
-fn remember(
-    c: &Connection,
-    fresh: &mut HashMap<String, String>,
-    key: &str,
-    at: Millis,
-    ids: &str,
-) -> Result<(), StoreError> {
-    c.prepare_cached(
-        "INSERT INTO dedupe (key, at, event_ids) VALUES (?1, ?2, ?3)
-         ON CONFLICT (key) DO UPDATE SET at = excluded.at, event_ids = excluded.event_ids",
-    )
-    .map_err(full_or)?
-    .execute(params![key, at, ids])
-    .map_err(full_or)?;
-    fresh.insert(key.to_owned(), ids.to_owned());
-    Ok(())
+/// Where `key` was first stored, if at or after `since`: in this transaction, or in the index.
+fn seen(index: &DedupeIndex, fresh: &HashMap<String, FirstSeen>, key: &str, since: Millis) -> Option<FirstSeen> {
+    fresh.get(key).copied().filter(|s| s.at >= since).or_else(|| index.get(key, since))
 }
 
 fn append(
     c: &Connection,
     prepared: &Prepared,
     window_ms: i64,
-    fresh: &mut HashMap<String, String>,
+    index: &DedupeIndex,
+    fresh: &HashMap<String, FirstSeen>,
+    mine: &mut Vec<(String, FirstSeen)>,
 ) -> Result<Appended, StoreError> {
     let ing = &prepared.ing;
     let since = ing.received_at.saturating_sub(window_ms);
     let dedupes = window_ms > 0 && ing.replay_of_raw.is_none();
-    if let Some(key) = ing.request_key.as_deref().filter(|_| dedupes) {
-        if let Some(ids) = seen(c, fresh, key, since)? {
-            let event_ids: Vec<String> = ids.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
-            return Ok(Appended { duplicates: event_ids.len(), event_ids, duplicate: true, entry: None });
-        }
+    if let Some(first) = ing.request_key.as_deref().filter(|_| dedupes).and_then(|k| seen(index, fresh, k, since)) {
+        let event_ids = first.event_ids();
+        return Ok(Appended { duplicates: event_ids.len(), event_ids, duplicate: true, entry: None });
     }
     let mut earlier: Vec<Option<String>> = vec![None; ing.events.len()];
     if dedupes {
         for (i, e) in ing.events.iter().enumerate() {
-            if let Some(key) = &e.dedupe_key {
-                earlier[i] = seen(c, fresh, key, since)?;
-            }
+            let first = e.dedupe_key.as_deref().and_then(|k| seen(index, fresh, k, since));
+            earlier[i] = first.map(|f| codec::event_id(pack(f.seq, f.first as usize)));
         }
     }
     let keep: Vec<bool> = earlier.iter().map(Option::is_none).collect();
@@ -270,9 +342,27 @@ fn append(
         None => (prepared.items.as_slice(), prepared.n_events, prepared.n_rejected),
     };
     let body: Option<&[u8]> = ing.replay_of_raw.is_none().then_some(ing.body.as_slice());
+    // The keys this entry is the first of, for the index (after the commit) and for a rebuild after a restart.
+    let mut keys = String::new();
+    if dedupes {
+        if let Some(key) = &ing.request_key {
+            keys.push_str(&format!("r {key}\n"));
+        }
+        let mut idx = 0;
+        for (e, first) in ing.events.iter().zip(&earlier) {
+            if first.is_none() {
+                if let Some(key) = &e.dedupe_key {
+                    keys.push_str(&format!("m {idx} {key}\n"));
+                }
+                idx += 1;
+            }
+        }
+    }
+    let dedupe: Option<&str> = (!keys.is_empty()).then_some(keys.as_str());
     c.prepare_cached(
-        "INSERT INTO log (received_at, source, environment, template, n_events, n_rejected, replay_of, body, items)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO log (received_at, source, environment, template, n_events, n_rejected, replay_of, body, items,
+                          dedupe)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )
     .map_err(full_or)?
     .execute(params![
@@ -284,7 +374,8 @@ fn append(
         n_rejected,
         ing.replay_of_raw,
         body,
-        items
+        items,
+        dedupe
     ])
     .map_err(full_or)?;
     let seq = c.last_insert_rowid();
@@ -294,22 +385,21 @@ fn append(
         match first {
             Some(id) => event_ids.push(id),
             None => {
-                let id = codec::event_id(pack(seq, next));
-                next += 1;
                 if let Some(key) = e.dedupe_key.as_deref().filter(|_| dedupes) {
-                    remember(c, fresh, key, ing.received_at, &id)?;
+                    mine.push((key.to_owned(), FirstSeen { at: ing.received_at, seq, first: next as u32, count: 1 }));
                 }
-                event_ids.push(id);
+                event_ids.push(codec::event_id(pack(seq, next)));
+                next += 1;
             }
         }
     }
     if let Some(key) = ing.request_key.as_deref().filter(|_| dedupes) {
-        remember(c, fresh, key, ing.received_at, &event_ids.join(","))?;
+        mine.push((key.to_owned(), FirstSeen { at: ing.received_at, seq, first: 0, count: next as u32 }));
     }
     Ok(Appended { event_ids, duplicate: false, duplicates, entry: Some(seq) })
 }
 
-fn prune(c: &Connection, seqs: &[i64], dedupe_before: Millis) -> Result<usize, StoreError> {
+fn prune(c: &Connection, seqs: &[i64]) -> Result<usize, StoreError> {
     let mut events = 0;
     let mut count = c.prepare_cached("SELECT n_events FROM log WHERE seq = ?1")?;
     let mut delete = c.prepare_cached("DELETE FROM log WHERE seq = ?1")?;
@@ -319,6 +409,5 @@ fn prune(c: &Connection, seqs: &[i64], dedupe_before: Millis) -> Result<usize, S
             events += n as usize;
         }
     }
-    c.execute("DELETE FROM dedupe WHERE at < ?1", params![dedupe_before])?;
     Ok(events)
 }

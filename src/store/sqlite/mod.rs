@@ -41,7 +41,6 @@ pub struct SqliteStore {
     books: Arc<Mutex<State>>,
     counters: Arc<log::Counters>,
     books_bytes: Arc<AtomicI64>,
-    options: SqliteOptions,
     path: PathBuf,
 }
 
@@ -100,15 +99,18 @@ impl SqliteStore {
         let books_bytes = Arc::new(AtomicI64::new(log::used_bytes(&state.conn)));
         let (tx, rx) = mpsc::sync_channel::<log::Cmd>(4096);
         let counters = Arc::new(log::Counters::default());
+        let mut index = log::DedupeIndex::new(options.dedupe_window_ms);
+        index.rebuild(&writer, now_ms())?;
         let w = log::Writer {
             conn: writer,
             max_bytes: options.max_bytes,
             dedupe_window_ms: options.dedupe_window_ms,
             counters: counters.clone(),
             books_bytes: books_bytes.clone(),
+            index,
         };
         std::thread::Builder::new().name("ingest-log-writer".into()).spawn(move || w.run(rx))?;
-        Ok(Self { tx, books: Arc::new(Mutex::new(state)), counters, books_bytes, options, path: path.to_owned() })
+        Ok(Self { tx, books: Arc::new(Mutex::new(state)), counters, books_bytes, path: path.to_owned() })
     }
 
     pub fn path(&self) -> &Path {
@@ -222,8 +224,7 @@ impl SqliteStore {
     /// number of events deleted.
     pub async fn prune(&self, before: Millis) -> Result<usize, StoreError> {
         let seqs = self.books(move |st| st.prune(before, PRUNE_CHUNK)).await?;
-        let dedupe_before = now_ms().saturating_sub(self.options.dedupe_window_ms);
-        self.call(|reply| log::Cmd::Prune { seqs, dedupe_before, reply }).await
+        self.call(|reply| log::Cmd::Prune { seqs, reply }).await
     }
 
     pub async fn list(&self, q: Query) -> Result<Vec<EventView>, StoreError> {
@@ -290,6 +291,21 @@ mod tests {
         assert_eq!(stats.bodies_committed, Some(64));
         let commits = stats.commits.unwrap();
         assert!(commits < 32, "64 concurrent appends took {commits} commits; group commit should share them");
+    }
+
+    #[tokio::test]
+    async fn a_retry_is_recognised_after_a_restart_from_the_keys_kept_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let options = SqliteOptions { dedupe_window_ms: 60_000, ..SqliteOptions::default() };
+        let now = now_ms();
+        let keyed = || Ingested { request_key: Some("body:1".into()), received_at: now, ..body(now) };
+        let first = SqliteStore::open(&path, options).unwrap().append(keyed()).await.unwrap();
+        assert!(!first.duplicate);
+        let again = SqliteStore::open(&path, options).unwrap().append(keyed()).await.unwrap();
+        assert!(again.duplicate, "the index was rebuilt from the log: {again:?}");
+        let later = Ingested { received_at: now + 61_000, ..keyed() };
+        assert!(!SqliteStore::open(&path, options).unwrap().append(later).await.unwrap().duplicate);
     }
 
     #[test]
