@@ -48,6 +48,7 @@ pub struct Metrics {
     pub store_bytes: Gauge,
     pub store_commits: Gauge,
     pub store_bodies_committed: Gauge,
+    pub store_delivery_commits: Gauge,
     pub template_reloads: Family<AttemptLabels, Counter>,
     /// Requests refused for failed authentication, by source (every one, though the log is rate-limited).
     pub auth_failures: Family<SourceLabels, Counter>,
@@ -84,6 +85,7 @@ impl Metrics {
             store_bytes: Gauge::default(),
             store_commits: Gauge::default(),
             store_bodies_committed: Gauge::default(),
+            store_delivery_commits: Gauge::default(),
             template_reloads: Family::default(),
             auth_failures: Family::default(),
             sanitized_values: Family::default(),
@@ -106,13 +108,18 @@ impl Metrics {
         registry.register("store_bytes", "Size of the store", m.store_bytes.clone());
         registry.register(
             "store_commits",
-            "Write transactions committed since start (SQLite)",
+            "Ingest log transactions committed since start (SQLite; delivery never writes through them)",
             m.store_commits.clone(),
         );
         registry.register(
             "store_bodies_committed",
             "Request bodies those transactions carried; divided by store_commits, the group-commit size",
             m.store_bodies_committed.clone(),
+        );
+        registry.register(
+            "store_delivery_commits",
+            "Transactions of delivery's books (SQLite: their own file): about one per Heap call",
+            m.store_delivery_commits.clone(),
         );
         registry.register(
             "template_reloads",

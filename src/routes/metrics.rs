@@ -14,6 +14,9 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
                 m.store_commits.set(c as i64);
                 m.store_bodies_committed.set(b as i64);
             }
+            if let Some(d) = s.delivery_commits {
+                m.store_delivery_commits.set(d as i64);
+            }
             let age = s.oldest_pending_ms.map_or(0.0, |t| (crate::store::now_ms() - t).max(0) as f64 / 1000.0);
             m.oldest_pending_seconds.set(age);
         }
