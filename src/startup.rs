@@ -263,7 +263,11 @@ impl Application {
                 d.wake();
             }));
         }
-        background.push(spawn_retention(store.clone(), Duration::from_secs(settings.store.retention_hours * 3600)));
+        background.push(spawn_retention(
+            store.clone(),
+            Duration::from_secs(settings.store.retention_hours * 3600),
+            Duration::from_secs(settings.store.refused_retention_hours * 3600),
+        ));
 
         let cap = exposure::connection_cap(settings.server.max_connections, exposure::open_file_limit());
         let state = AppState {
@@ -408,11 +412,22 @@ fn spawn_template_reload(templates: Arc<TemplateStore>, every: Duration, metrics
     })
 }
 
-fn spawn_retention(store: Store, keep: Duration) -> JoinHandle<()> {
+fn spawn_retention(store: Store, keep: Duration, keep_refused: Duration) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(600));
         loop {
             tick.tick().await;
+            let refused_before = now_ms() - keep_refused.as_millis() as i64;
+            loop {
+                match store.prune_refused(refused_before).await {
+                    Ok(n) if n > 0 => tracing::info!(deleted = n, "pruned refused items past their retention"),
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention prune of refused items failed");
+                        break;
+                    }
+                }
+            }
             let before = now_ms() - keep.as_millis() as i64;
             loop {
                 match store.prune(before).await {

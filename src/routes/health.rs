@@ -15,6 +15,14 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         tracing::error!(error = %e, "readiness: the store does not answer");
         return Err(ApiError::new(ErrorCode::NotReady, "the store does not answer"));
     }
+    match state.intake.store.full_reason().await {
+        Ok(Some(why)) => {
+            tracing::warn!(reason = %why, "readiness: the store is full; bodies get 503 store_full");
+            return Err(ApiError::new(ErrorCode::NotReady, "the store is full (store.max_bytes); bodies are refused"));
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "readiness: could not measure the store"),
+    }
     let workers = state.workers_running.load(Ordering::SeqCst);
     if workers == 0 {
         return Err(ApiError::new(ErrorCode::NotReady, "no delivery worker is running"));

@@ -358,6 +358,11 @@ impl Store {
         delegate!(self, s => s.prune(before).await)
     }
 
+    /// Deletes refused items (with their bodies, where nothing else needs them) received before `before`.
+    pub async fn prune_refused(&self, before: Millis) -> Result<usize, StoreError> {
+        delegate!(self, s => s.prune_refused(before).await)
+    }
+
     pub async fn list(&self, q: Query) -> Result<Vec<EventView>, StoreError> {
         delegate!(self, s => s.list(q).await)
     }
@@ -377,6 +382,14 @@ impl Store {
 
     pub async fn ping(&self) -> Result<(), StoreError> {
         delegate!(self, s => s.ping().await)
+    }
+
+    /// Why the store refuses new bodies now (`store.max_bytes` reached), if it does: `/readyz` says so.
+    pub async fn full_reason(&self) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Sqlite(s) => Ok(s.full_reason()),
+            Store::Postgres(s) => s.full_reason().await,
+        }
     }
 }
 

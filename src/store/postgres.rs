@@ -159,6 +159,7 @@ pub struct PgStore {
     /// NOTIFY channel for "events were appended", one per schema.
     channel: Arc<str>,
     dedupe_window_ms: i64,
+    max_bytes: u64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -233,8 +234,28 @@ impl PgStore {
         let channel: Arc<str> = channel_for(&schema).into();
         let (appends, rx) = mpsc::channel(4096);
         tokio::spawn(Writer { pool: pool.clone(), options, channel: channel.clone(), size: None }.run(rx));
-        let dedupe_window_ms = options.dedupe_window_ms;
-        Ok(Self { pool, appends, config: Arc::new(config), tls, schema: schema.into(), channel, dedupe_window_ms })
+        let (dedupe_window_ms, max_bytes) = (options.dedupe_window_ms, options.max_bytes);
+        Ok(Self {
+            pool,
+            appends,
+            config: Arc::new(config),
+            tls,
+            schema: schema.into(),
+            channel,
+            dedupe_window_ms,
+            max_bytes,
+        })
+    }
+
+    /// Why the schema takes no more bodies now (`store.max_bytes` reached), if it does not.
+    pub async fn full_reason(&self) -> Result<Option<String>, StoreError> {
+        if self.max_bytes == 0 {
+            return Ok(None);
+        }
+        let client = self.pool.get().await?;
+        let used = writer::schema_bytes(&client).await?;
+        Ok((used as u64 >= self.max_bytes)
+            .then(|| format!("the schema holds {used} bytes; store.max_bytes is {}", self.max_bytes)))
     }
 
     pub fn schema(&self) -> &str {
@@ -470,6 +491,23 @@ impl PgStore {
         let dedupe_before = now_ms().saturating_sub(self.dedupe_window_ms);
         tx.execute(&tx.prepare_cached("DELETE FROM dedupe WHERE at < $1").await?, &[&dedupe_before]).await?;
         tx.commit().await?;
+        Ok(n as usize)
+    }
+
+    /// Deletes refused items received before `before` (their own retention), and raw bodies no event refers to.
+    pub async fn prune_refused(&self, before: Millis) -> Result<usize, StoreError> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                &client
+                    .prepare_cached(
+                        "DELETE FROM events WHERE id IN (
+                         SELECT id FROM events WHERE status = 'rejected' AND received_at < $1 LIMIT $2)",
+                    )
+                    .await?,
+                &[&before, &PRUNE_CHUNK],
+            )
+            .await?;
         Ok(n as usize)
     }
 

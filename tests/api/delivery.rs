@@ -155,6 +155,14 @@ async fn a_full_store_answers_503_with_retry_after_and_takes_bodies_again_when_s
     assert_eq!(refused.headers()["retry-after"], "7");
     let (_, body) = json(refused).await;
     assert_eq!(body["error"]["code"], "store_full");
+    let ready = |app: &TestApp| {
+        let url = format!("{}/readyz", app.address);
+        let client = app.client.clone();
+        async move { json(client.get(url).send().await.expect("readyz")).await }
+    };
+    let (status, why) = ready(&app).await;
+    assert_eq!(status, 503, "/readyz tells the truth while bodies are refused: {why}");
+    assert!(why["error"]["message"].as_str().unwrap_or_default().contains("full"), "{why}");
     // Everything acknowledged is delivered; pruning delivered rows frees the space.
     let got = wait_for_keys(&app, accepted * 50, Duration::from_secs(30)).await;
     assert_eq!(got.len(), accepted * 50);
@@ -162,6 +170,7 @@ async fn a_full_store_answers_503_with_retry_after_and_takes_bodies_again_when_s
     while app.app.intake.store.prune(heap_relay::store::now_ms() + 1).await.unwrap() > 0 {}
     let (status, body) = json(app.post("/api/track", track_bulk(1_000_000, 50).to_string()).await).await;
     assert_eq!(status, 202, "{body}");
+    assert_eq!(ready(&app).await.0, 200, "ready again once there is room");
 }
 
 #[tokio::test]

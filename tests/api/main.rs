@@ -16,6 +16,7 @@ mod pg_tls;
 mod postgres;
 mod proptests;
 mod segment;
+mod store_bounds;
 mod store_contract;
 mod templates;
 mod userpilot;

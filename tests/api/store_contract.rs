@@ -242,6 +242,15 @@ async fn requeue_sends_delivered_and_dead_events_again_and_prune_deletes_old_del
     assert!(matches!(store.get(&done[0].event_id).await, Err(StoreError::NotFound)));
     let rejected = store.list(Query { status: Some(Status::Rejected), limit: 10, ..Query::default() }).await.unwrap();
     assert_eq!(rejected.len(), 1, "the refusal stays: {rejected:?}");
+    // Refusals have a retention of their own.
+    store.prune_refused(now_ms() - 60_000).await.unwrap();
+    assert_eq!(
+        store.list(Query { status: Some(Status::Rejected), limit: 10, ..Query::default() }).await.unwrap().len(),
+        1
+    );
+    store.prune_refused(now_ms() + 1).await.unwrap();
+    let left = store.list(Query { status: Some(Status::Rejected), limit: 10, ..Query::default() }).await.unwrap();
+    assert!(left.is_empty(), "past their retention refusals go: {left:?}");
 }
 
 async fn the_raw_body_is_kept_for_a_rerender_and_a_rerender_replaces_the_old_rows(store: Store) {

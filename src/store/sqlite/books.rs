@@ -559,9 +559,9 @@ impl State {
     }
 
     /// Deletes delivered and replaced rows of their own, and call records, older than `before`; returns the log
-    /// entries that may go (resolved, older than `before`, with no refusal kept, no event waiting or dead, and not
-    /// the body of a re-render).
-    pub fn prune(&mut self, before: Millis, chunk: i64) -> Result<Vec<i64>, StoreError> {
+    /// entries that may go: resolved, older than `before`, with no event waiting or dead, not the body of a
+    /// re-render, and holding no refusal (`refused: false`) or holding one (`refused: true`, their own retention).
+    pub fn prune(&mut self, before: Millis, chunk: i64, refused: bool) -> Result<Vec<i64>, StoreError> {
         self.conn.execute(
             "DELETE FROM own WHERE id IN (SELECT id FROM own WHERE status IN ('delivered', 'replaced') AND updated_at < ?1 LIMIT ?2)",
             params![before, chunk],
@@ -572,11 +572,12 @@ impl State {
         )?;
         self.commits += 2;
         let candidates: Vec<i64> = {
-            let mut stmt = self.log.prepare(
-                "SELECT seq FROM log l WHERE seq <= ?1 AND received_at < ?2 AND n_rejected = 0
+            let refusals = if refused { "n_rejected > 0" } else { "n_rejected = 0" };
+            let mut stmt = self.log.prepare(&format!(
+                "SELECT seq FROM log l WHERE seq <= ?1 AND received_at < ?2 AND {refusals}
                    AND NOT EXISTS (SELECT 1 FROM log r WHERE r.replay_of = l.seq)
-                 ORDER BY seq LIMIT ?3",
-            )?;
+                 ORDER BY seq LIMIT ?3"
+            ))?;
             stmt.query_map(params![self.cursor, before, chunk], |r| r.get(0))?.collect::<Result<_, _>>()?
         };
         let mut waiting = self.conn.prepare_cached(
@@ -598,7 +599,11 @@ INSERT INTO own (id, status, attempts, next_attempt_at, enqueued_at, updated_at,
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
 ON CONFLICT (id) DO UPDATE SET status = excluded.status, attempts = own.attempts + excluded.attempts,
     next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at,
-    last_error = coalesce(excluded.last_error, own.last_error), calls = own.calls || excluded.calls";
+    last_error = coalesce(excluded.last_error, own.last_error),
+    -- The newest calls only (about 25): an event retried for 72 h must not grow without bound. A leading `~`
+    -- marks the cut, so the partial first number is never read.
+    calls = CASE WHEN length(own.calls || excluded.calls) > 240
+                 THEN '~' || substr(own.calls || excluded.calls, -240) ELSE own.calls || excluded.calls END";
 
 struct CallRow {
     at: Millis,

@@ -82,6 +82,8 @@ pub struct Writer {
     pub counters: Arc<Counters>,
     /// Bytes the books file holds, kept up to date by the books; `max_bytes` counts both files.
     pub books_bytes: Arc<AtomicI64>,
+    /// Bytes this file holds, measured after each commit (for `/readyz`).
+    pub log_bytes: Arc<AtomicI64>,
     pub index: DedupeIndex,
 }
 
@@ -234,6 +236,9 @@ impl Writer {
                 self.counters.bodies.fetch_add(appends, Ordering::Relaxed);
                 for (key, seen) in fresh {
                     self.index.insert(&key, seen);
+                }
+                if self.max_bytes > 0 {
+                    self.log_bytes.store(used_bytes(&self.conn), Ordering::Relaxed);
                 }
             }
             Err(e) => {

@@ -41,6 +41,8 @@ pub struct SqliteStore {
     books: Arc<Mutex<State>>,
     counters: Arc<log::Counters>,
     books_bytes: Arc<AtomicI64>,
+    log_bytes: Arc<AtomicI64>,
+    max_bytes: u64,
     path: PathBuf,
 }
 
@@ -99,6 +101,7 @@ impl SqliteStore {
         let books_bytes = Arc::new(AtomicI64::new(log::used_bytes(&state.conn)));
         let (tx, rx) = mpsc::sync_channel::<log::Cmd>(4096);
         let counters = Arc::new(log::Counters::default());
+        let log_bytes = Arc::new(AtomicI64::new(log::used_bytes(&writer)));
         let mut index = log::DedupeIndex::new(options.dedupe_window_ms);
         index.rebuild(&writer, now_ms())?;
         let w = log::Writer {
@@ -107,10 +110,19 @@ impl SqliteStore {
             dedupe_window_ms: options.dedupe_window_ms,
             counters: counters.clone(),
             books_bytes: books_bytes.clone(),
+            log_bytes: log_bytes.clone(),
             index,
         };
         std::thread::Builder::new().name("ingest-log-writer".into()).spawn(move || w.run(rx))?;
-        Ok(Self { tx, books: Arc::new(Mutex::new(state)), counters, books_bytes, path: path.to_owned() })
+        Ok(Self {
+            tx,
+            books: Arc::new(Mutex::new(state)),
+            counters,
+            books_bytes,
+            log_bytes,
+            max_bytes: options.max_bytes,
+            path: path.to_owned(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -223,7 +235,14 @@ impl SqliteStore {
     /// Entries holding a refusal, a waiting or dead event, or a body a re-render points at are kept. Returns the
     /// number of events deleted.
     pub async fn prune(&self, before: Millis) -> Result<usize, StoreError> {
-        let seqs = self.books(move |st| st.prune(before, PRUNE_CHUNK)).await?;
+        let seqs = self.books(move |st| st.prune(before, PRUNE_CHUNK, false)).await?;
+        self.call(|reply| log::Cmd::Prune { seqs, reply }).await
+    }
+
+    /// Deletes bodies holding refused items received before `before` (their own retention), unless an event of
+    /// theirs still waits or is dead. Returns the number of events deleted with them.
+    pub async fn prune_refused(&self, before: Millis) -> Result<usize, StoreError> {
+        let seqs = self.books(move |st| st.prune(before, PRUNE_CHUNK, true)).await?;
         self.call(|reply| log::Cmd::Prune { seqs, reply }).await
     }
 
@@ -246,6 +265,13 @@ impl SqliteStore {
     /// The raw bodies behind the selected events, for a re-render.
     pub async fn raw_bodies(&self, selector: Selector) -> Result<Vec<RawBody>, StoreError> {
         self.books(move |st| views::raw_bodies(st, &selector)).await
+    }
+
+    /// Why the store takes no more bodies now, if it does not: both files together at `store.max_bytes`.
+    pub fn full_reason(&self) -> Option<String> {
+        let used = self.log_bytes.load(Ordering::Relaxed) + self.books_bytes.load(Ordering::Relaxed);
+        (self.max_bytes > 0 && used as u64 >= self.max_bytes)
+            .then(|| format!("the store holds {used} bytes; store.max_bytes is {}", self.max_bytes))
     }
 
     /// Checks that both files answer (for /readyz).
