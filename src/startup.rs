@@ -1,7 +1,7 @@
 //! Builds the application from settings: templates, store, delivery workers, background tasks and the HTTP
 //! server on a bound listener. Tests and `main` share this path; tests bind port 0 and read `port()`.
 
-use crate::auth::Verifier;
+use crate::auth::{Verifier, WriteKeys};
 use crate::client_addr::TrustedProxies;
 use crate::delivery::heap_client::HeapClient;
 use crate::delivery::rate_limit::RateLimiter;
@@ -19,7 +19,7 @@ use crate::routes::gate::Gate;
 use crate::routes::origin::AllowedOrigins;
 use crate::routes::span::RelayRootSpan;
 use crate::routes::{self, AppState};
-use crate::settings::Settings;
+use crate::settings::{DEFAULT_ENVIRONMENT_KEY, Settings};
 use crate::sources::{Source, SourceOptions};
 use crate::store::postgres::{self, PgOptions};
 use crate::store::sqlite::SqliteOptions;
@@ -78,7 +78,11 @@ pub fn build_gates(settings: &Settings) -> anyhow::Result<HashMap<&'static str, 
         .zip(rates)
         .map(|((name, auth), per_minute)| {
             let verifier = Verifier::from_settings(name, auth)?;
-            Ok((name, Gate { verifier, rate: RequestRate::new(per_minute) }))
+            let write_keys = match name {
+                "segment" => WriteKeys::new(&settings.sources.segment.write_keys, DEFAULT_ENVIRONMENT_KEY),
+                _ => WriteKeys::default(),
+            };
+            Ok((name, Gate { verifier, rate: RequestRate::new(per_minute), write_keys }))
         })
         .collect()
 }
@@ -110,7 +114,10 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
     } else {
         allowed.clone()
     };
+    let environments =
+        settings.environments.iter().map(|(name, e)| (name.clone(), e.app_id.trim().to_owned())).collect();
     Pipeline {
+        environments,
         templates,
         policy: AppIdPolicy::new(allowed),
         heap_compat_policy: AppIdPolicy::only(configured),
