@@ -739,4 +739,44 @@ mod tests {
         let v = Verifier::from_settings("heap", &s).unwrap();
         assert!(!format!("{v:?}").contains("very-secret-value"));
     }
+
+    #[test]
+    fn a_credential_listed_for_an_environment_names_it_and_the_source_secret_names_none() {
+        let mut s = settings(AuthMode::Bearer, "tok-default");
+        s.environments.insert("prod".into(), "tok-prod".into());
+        let v = Verifier::from_settings("heap", &s).unwrap();
+        let env = |token: &str| {
+            let value = format!("Bearer {token}");
+            let pairs = [("Authorization", value.as_str())];
+            v.before_body_in(&with(&pairs), 0)
+        };
+        assert_eq!(env("tok-default"), Ok(None));
+        assert_eq!(env("tok-prod"), Ok(Some("prod".into())));
+        assert!(matches!(env("tok-other"), Err(AuthError::Wrong { .. })));
+
+        let mut s = settings(AuthMode::HmacSha1Hex, "cio-other");
+        s.environments.insert("dev".into(), "cio-secret".into());
+        let v = Verifier::from_settings("segment", &s).unwrap();
+        let h = with(&[("X-Signature", CIO_SIG)]);
+        assert_eq!(v.before_body_in(&h, 0), Ok(None), "a signature's environment is known after the body");
+        assert_eq!(v.after_body_in(&h, br#"{"type":"track"}"#, 0), Ok(Some("dev".into())));
+        assert!(v.after_body_in(&h, b"{}", 0).is_err());
+        assert!(!format!("{v:?}").contains("cio-secret"));
+    }
+
+    #[test]
+    fn write_keys_map_to_their_environment_and_a_basic_user_is_read_whatever_the_password() {
+        let prod: Vec<SecretString> = vec!["wk-prod".into()];
+        let def: Vec<SecretString> = vec!["wk-default".into()];
+        let by_env = [("prod".to_owned(), prod), ("default".to_owned(), def)];
+        let keys = WriteKeys::new(by_env.iter().map(|(k, v)| (k, v)), "default");
+        assert_eq!(keys.environment_of(b"wk-prod"), Some("prod"));
+        assert_eq!(keys.environment_of(b"wk-default"), Some(""));
+        assert_eq!(keys.environment_of(b"wk-nope"), None);
+        let b64 = |s: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s));
+        assert_eq!(basic_user(Some(b64("wk-prod:").as_bytes())), Some(b"wk-prod".to_vec()));
+        assert_eq!(basic_user(Some(b64("wk-prod").as_bytes())), Some(b"wk-prod".to_vec()));
+        assert_eq!(basic_user(Some(b"Bearer wk-prod")), None);
+        assert!(!format!("{keys:?}").contains("wk-prod"));
+    }
 }

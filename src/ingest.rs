@@ -160,10 +160,19 @@ impl Pipeline {
     /// The environment decides the app_id: an item with a call whose app_id is another environment's project (a
     /// template's literal app_id, or a Heap body's) is refused whole, as every rejection is.
     fn refuse_other_environments(&self, environment: &str, out: &mut Outcome) {
-        let own = self.environments.get(environment);
+        // The default environment's own app_ids are heap.app_id and the sources' (one may equal a named
+        // environment's: a default that is also "prod" stays valid).
+        let own: Vec<&str> = match self.environments.get(environment) {
+            Some(id) => vec![id.as_str()],
+            None => self
+                .default_app_id
+                .iter()
+                .chain(self.sources.values().filter_map(|c| c.app_id.as_ref()))
+                .map(String::as_str)
+                .collect(),
+        };
         let foreign = |app_id: &str| {
-            own.map(String::as_str) != Some(app_id)
-                && self.environments.iter().any(|(name, id)| name != environment && id == app_id)
+            !own.contains(&app_id) && self.environments.iter().any(|(name, id)| name != environment && id == app_id)
         };
         let bad: Vec<(usize, String)> = out
             .accepted
@@ -192,7 +201,7 @@ impl Pipeline {
                 code: "wrong_environment",
                 message: format!(
                     "app_id {app_id} is environment {owner:?}'s Heap project; this request is in {here}, which \
-                     decides the app_id (remove the template's literal app_id, or send with {owner:?}'s credential)"
+                     decides the app_id (drop the literal app_id from the template or body, or send with {owner:?}'s credential)"
                 ),
             });
         }

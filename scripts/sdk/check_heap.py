@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Checks what the mock Heap received for one library's run (scripts/sdk-check): for USER_ID, each of track,
-page and screen exactly once, identify exactly once as user properties, everything to APP_ID.
+page and screen exactly once (with `heap`: the one track only), identify exactly once as user properties,
+everything to APP_ID.
 
-    check_heap.py MOCK_HEAP_URL USER_ID APP_ID LABEL
+    check_heap.py MOCK_HEAP_URL USER_ID APP_ID LABEL [heap]
 """
 import json
 import sys
@@ -10,7 +11,8 @@ import time
 import urllib.request
 
 url, user, app_id, label = sys.argv[1:5]
-want_events = ["Page viewed", "Screen viewed", "Signed Up"]
+heap_lib = len(sys.argv) > 5 and sys.argv[5] == "heap"
+want_events = ["Signed Up"] if heap_lib else ["Page viewed", "Screen viewed", "Signed Up"]
 deadline = time.time() + 15
 while True:
     calls = json.load(urllib.request.urlopen(url + "/_calls"))
@@ -42,6 +44,6 @@ if wrong:
 for p in problems:
     print(f"FAIL {label}: {p}")
 if not problems:
-    print(f"ok   {label}: Heap got Signed Up, Page viewed, Screen viewed once each and identify once as user "
-          f"properties, all to app_id {app_id}")
+    print(f"ok   {label}: Heap got {', '.join(want_events)} once each and identify once as user properties, "
+          f"all to app_id {app_id}")
 sys.exit(1 if problems else 0)

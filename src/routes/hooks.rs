@@ -98,6 +98,11 @@ pub async fn take_body(
         }
         None => (body.bytes, None),
     };
+    // A Segment body's `writeKey` is a secret: checked by the gate, never stored.
+    let bytes = match source {
+        "segment" => super::segment_api::without_write_key(&bytes, state).unwrap_or(bytes),
+        _ => bytes,
+    };
     // The budget stays held (body.held) until the answer: the pipeline's copies of the body live that long.
     let result = state.intake.accept_in(&environment, route, bytes).await;
     drop(body.held);

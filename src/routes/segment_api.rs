@@ -94,6 +94,17 @@ async fn take(
     }
 }
 
+/// A Segment body's `writeKey` removed before the body is stored (it is a secret), for bodies posted to
+/// `/hooks/segment`; None when it has none (or is not JSON: the pipeline reports that).
+pub fn without_write_key(bytes: &[u8], state: &AppState) -> Option<Vec<u8>> {
+    if !bytes.windows(10).any(|w| w == b"\"writeKey\"") {
+        return None;
+    }
+    let mut value = crate::json::parse(bytes, &state.intake.pipeline.json_limits).ok()?;
+    value.as_object_mut()?.remove("writeKey")?;
+    serde_json::to_vec(&value).ok()
+}
+
 /// Segment's size limits, then the body as the pipeline takes it (`sources::segment::prepare_tracking_call`):
 /// NULs and lone surrogates repaired, type from the path, `writeKey` removed, timestamps corrected for skew.
 fn prepare(raw: &[u8], single: Option<&str>, state: &AppState) -> Result<Vec<u8>, ApiError> {

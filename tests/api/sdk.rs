@@ -197,21 +197,21 @@ async fn an_unknown_write_key_gets_401_with_the_code_and_message_the_libraries_r
 #[tokio::test]
 async fn a_write_key_in_the_body_authenticates_routes_and_is_not_stored() {
     let app = spawn_app_with(two_environments).await;
-    let body = json!({"event": "Clicked", "userId": "u-9", "messageId": "m-1", "writeKey": DEV_KEY});
-    let (status, answer) = json(app.post("/v1/track", body.to_string()).await).await;
-    assert_eq!(status, 200, "{answer}");
-    let items = app.wait_for_heap(1, WAIT).await;
-    assert_eq!((items[0].1["event"].clone(), items[0].1["app_id"].clone()), (json!("Clicked"), json!(DEV_APP)));
-    let raw = app
-        .app
-        .intake
-        .store
-        .raw_bodies(heap_relay::store::Selector::Id(answer["event_ids"][0].as_str().unwrap().to_owned()))
-        .await
-        .unwrap();
-    assert_eq!(raw.len(), 1);
-    let stored = String::from_utf8_lossy(&raw[0].4).to_string();
-    assert!(!stored.contains(DEV_KEY) && !stored.contains("writeKey"), "the write key is a secret: {stored}");
+    for (path, id) in [("/v1/track", "m-1"), ("/hooks/segment", "m-2")] {
+        let mut body = json!({"event": "Clicked", "userId": "u-9", "messageId": id, "writeKey": DEV_KEY});
+        if path == "/hooks/segment" {
+            body["type"] = json!("track");
+        }
+        let (status, answer) = json(app.post(path, body.to_string()).await).await;
+        assert!(status == 200 || status == 202, "{path}: {answer}");
+        let event_id = answer["event_ids"][0].as_str().unwrap().to_owned();
+        let raw = app.app.intake.store.raw_bodies(heap_relay::store::Selector::Id(event_id)).await.unwrap();
+        assert_eq!(raw.len(), 1);
+        let stored = String::from_utf8_lossy(&raw[0].4).to_string();
+        assert!(!stored.contains(DEV_KEY) && !stored.contains("writeKey"), "{path}: a secret, not stored: {stored}");
+    }
+    let items = app.wait_for_heap(2, WAIT).await;
+    assert!(items.iter().all(|(_, e)| e["event"] == "Clicked" && e["app_id"] == DEV_APP), "{items:#?}");
 }
 
 #[tokio::test]
@@ -360,4 +360,62 @@ async fn a_path_prefix_chooses_the_environment_of_a_sender_without_credentials()
         .unwrap();
     let (status, answer) = json(resp).await;
     assert_eq!((status, answer["code"].clone()), (403, json!("wrong_environment")), "{answer}");
+}
+
+#[tokio::test]
+async fn a_bearer_token_or_signing_secret_listed_for_an_environment_routes_there() {
+    let app = spawn_app_with(|s| {
+        two_environments(s);
+        s.sources.heap.auth.mode = heap_relay::auth::AuthMode::Bearer;
+        s.sources.heap.auth.secret = "tok-default".to_owned().into();
+        s.sources.heap.auth.environments.insert("prod".into(), "tok-prod".to_owned().into());
+        s.sources.userpilot.auth.mode = heap_relay::auth::AuthMode::HmacUserpilot;
+        s.sources.userpilot.auth.secret = "whsec-default".to_owned().into();
+        s.sources.userpilot.auth.environments.insert("dev".into(), "whsec-dev".to_owned().into());
+    })
+    .await;
+    // A Heap body names its app_id: prod's token may send to prod's project, not to dev's.
+    let heap_body = |app_id: &str| json!({"app_id": app_id, "identity": "u", "event": "E"}).to_string();
+    let post_heap = |token: &'static str, body: String| {
+        app.client.post(format!("{}/api/track", app.address)).bearer_auth(token).body(body).send()
+    };
+    let (status, answer) = json(post_heap("tok-prod", heap_body(PROD_APP)).await.unwrap()).await;
+    assert_eq!(status, 202, "{answer}");
+    let (status, answer) = json(post_heap("tok-prod", heap_body(DEV_APP)).await.unwrap()).await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["rejected"][0]["code"], "wrong_environment");
+
+    let body = fixture("userpilot-nps-score.json").to_string();
+    let t = chrono::Utc::now().timestamp();
+    let resp = app
+        .client
+        .post(format!("{}/hooks/userpilot", app.address))
+        .header("X-Signature", userpilot_signature("whsec-dev", body.as_bytes(), t))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let (status, answer) = json(resp).await;
+    assert_eq!(status, 202, "{answer}");
+    let items = app.wait_until_idle(WAIT).await;
+    let userpilot: Vec<_> = items.iter().filter(|(_, e)| e["identity"] != "u").collect();
+    assert!(!userpilot.is_empty() && userpilot.iter().all(|(_, e)| e["app_id"] == DEV_APP), "{items:#?}");
+    let (_, listed) = json(app.admin_get("/admin/deliveries?environment=prod").await).await;
+    let statuses: Vec<&str> =
+        listed["events"].as_array().unwrap().iter().map(|e| e["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["rejected", "delivered"], "the refusal is in the delivery log too: {listed}");
+}
+
+#[tokio::test]
+async fn the_default_environment_may_share_its_app_id_with_a_named_one() {
+    let app = spawn_app_with(|s| {
+        two_environments(s);
+        s.heap.app_id = PROD_APP.into();
+    })
+    .await;
+    // Userpilot has no credential here: the default environment.
+    let (status, answer) = json(app.post_hook("userpilot", &fixture("userpilot-nps-score.json")).await).await;
+    assert_eq!(status, 202, "the default environment's own app_id is not another environment's: {answer}");
+    let items = app.wait_for_heap(1, WAIT).await;
+    assert_eq!(items[0].1["app_id"], PROD_APP);
 }
