@@ -64,6 +64,17 @@ pub fn load_limits(settings: &Settings) -> LoadLimits {
     }
 }
 
+/// `prod=1111111111 dev=2222222222` (with the number of write keys each; never the keys), for the start line.
+fn environment_list(settings: &Settings) -> String {
+    let keys = |env: &str| settings.sources.segment.write_keys.get(env).map_or(0, Vec::len);
+    settings
+        .environments
+        .iter()
+        .map(|(name, e)| format!("{name}={} ({} write keys)", e.app_id.trim(), keys(name)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Each source's authentication and request budget, for the HTTP handlers.
 pub fn build_gates(settings: &Settings) -> anyhow::Result<HashMap<&'static str, Gate>> {
     let rates = [
@@ -346,6 +357,7 @@ impl Application {
             %addr,
             heap = %exposure::redact_url(&settings.heap.base_url),
             store = %store_location(&settings),
+            environments = %environment_list(&settings),
             "heap-relay listening"
         );
         Ok(Self { port: addr.port(), server: server.run(), state, shutdown, workers, background, grace, health })

@@ -419,3 +419,20 @@ async fn the_default_environment_may_share_its_app_id_with_a_named_one() {
     let items = app.wait_for_heap(1, WAIT).await;
     assert_eq!(items[0].1["app_id"], PROD_APP);
 }
+
+#[tokio::test]
+async fn a_segment_route_s_error_body_has_success_code_and_message_beside_the_relay_s_error_object() {
+    let app = spawn_app().await;
+    let (status, body) = json(app.post("/v1/purchase", "{}").await).await;
+    let message = "no Segment call \"purchase\"; calls are batch, track, identify, page, screen, group, alias";
+    assert_eq!(status, 404);
+    assert_eq!(
+        body,
+        json!({"success": false, "code": "not_found", "message": message,
+            "error": {"code": "not_found", "field": null, "message": message}})
+    );
+    let resp = app.client.get(format!("{}/v1/batch", app.address)).send().await.unwrap();
+    assert_eq!(resp.status(), 405, "the route exists for POST");
+    let resp = app.client.get(format!("{}/hooks/segment/v1/track", app.address)).send().await.unwrap();
+    assert_eq!(resp.status(), 405);
+}
