@@ -75,6 +75,11 @@ pub struct AuthSettings {
     pub hash: HashAlg,
     /// `hmac_userpilot`: how far the signed timestamp may be from the relay's clock, in seconds.
     pub tolerance_secs: u64,
+    /// Credentials that choose an environment, by environment name (`[environments.<name>]`): in the mode's own
+    /// form (bearer token, header value, signing secret; for `basic`, the password of `user`). A request passing
+    /// with `secret` (or `previous_secret`) goes to the default environment.
+    #[serde(default)]
+    pub environments: std::collections::BTreeMap<String, SecretString>,
 }
 
 impl Default for AuthSettings {
@@ -89,6 +94,7 @@ impl Default for AuthSettings {
             header: String::new(),
             hash: HashAlg::Sha256,
             tolerance_secs: 300,
+            environments: Default::default(),
         }
     }
 }
@@ -142,6 +148,8 @@ pub type Headers<'r, 'h> = &'r dyn Fn(&str) -> Option<&'h [u8]>;
 pub struct Verifier {
     check: Check,
     previous: Option<Check>,
+    /// Credentials that choose an environment, by its name.
+    environments: Vec<(String, Check)>,
 }
 
 #[derive(Clone)]
@@ -188,7 +196,7 @@ fn matches(presented: &[u8], expected: &[u8; 32]) -> bool {
 
 impl Verifier {
     pub fn none() -> Self {
-        Self { check: Check::None, previous: None }
+        Self { check: Check::None, previous: None, environments: Vec::new() }
     }
 
     /// Builds the check for `source_name` from its settings; refuses a mode whose secret is missing. With a
@@ -208,7 +216,22 @@ impl Verifier {
             }
             _ => None,
         };
-        Ok(Self { check, previous })
+        if s.mode == AuthMode::None && !s.environments.is_empty() {
+            return Err(AuthConfigError {
+                source_name: source_name.to_owned(),
+                message: "environments need a mode with a credential (mode \"none\" has none)".into(),
+            });
+        }
+        let mut environments = Vec::new();
+        for (env, credential) in &s.environments {
+            let c = credential.expose_secret().trim();
+            let c = match s.mode {
+                AuthMode::Basic => Self::check_from(source_name, s, "", &SecretString::from(c.to_owned()))?,
+                _ => Self::check_from(source_name, s, c, &s.password)?,
+            };
+            environments.push((env.clone(), c));
+        }
+        Ok(Self { check, previous, environments })
     }
 
     fn check_from(
@@ -294,6 +317,40 @@ impl Verifier {
         }
     }
 
+    /// As [`Verifier::before_body`], saying which environment's credential passed (`None`: the source's own
+    /// `secret`, the default environment; for signature modes the environment is known only `after_body_in`).
+    pub fn before_body_in(&self, headers: Headers<'_, '_>, now_secs: i64) -> Result<Option<String>, AuthError> {
+        let first = self.before_body(headers, now_secs);
+        if first.is_ok() {
+            return Ok(None);
+        }
+        for (env, check) in &self.environments {
+            if check.before_body(headers, now_secs).is_ok() {
+                return Ok(Some(env.clone()));
+            }
+        }
+        first.map(|()| None)
+    }
+
+    /// As [`Verifier::after_body`], saying which environment's signing secret matched.
+    pub fn after_body_in(
+        &self,
+        headers: Headers<'_, '_>,
+        body: &[u8],
+        now_secs: i64,
+    ) -> Result<Option<String>, AuthError> {
+        let first = self.after_body(headers, body, now_secs);
+        if first.is_ok() {
+            return Ok(None);
+        }
+        for (env, check) in &self.environments {
+            if check.after_body(headers, body, now_secs).is_ok() {
+                return Ok(Some(env.clone()));
+            }
+        }
+        first.map(|()| None)
+    }
+
     /// Checks a signature over the raw body (after `before_body`), with either secret.
     pub fn after_body(&self, headers: Headers<'_, '_>, body: &[u8], now_secs: i64) -> Result<(), AuthError> {
         let first = self.check.after_body(headers, body, now_secs);
@@ -348,6 +405,68 @@ fn mode_name(m: AuthMode) -> &'static str {
 
 pub fn valid_header_name(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Segment write keys, each naming its environment (`""`: the default one). Kept as SHA-256 digests; a lookup
+/// compares against every key in constant time, so neither which key matched nor how much of it shows in timing.
+#[derive(Clone, Default)]
+pub struct WriteKeys {
+    keys: Vec<([u8; 32], String)>,
+}
+
+impl std::fmt::Debug for WriteKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteKeys").field("keys", &self.keys.len()).finish_non_exhaustive()
+    }
+}
+
+impl WriteKeys {
+    /// `by_environment`: environment name → its keys; `default_name` maps to the default environment `""`.
+    pub fn new<'a>(
+        by_environment: impl IntoIterator<Item = (&'a String, &'a Vec<SecretString>)>,
+        default_name: &str,
+    ) -> Self {
+        let mut keys = Vec::new();
+        for (env, list) in by_environment {
+            let env = if env == default_name { String::new() } else { env.clone() };
+            for k in list {
+                keys.push((digest(k.expose_secret().trim().as_bytes()), env.clone()));
+            }
+        }
+        Self { keys }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The environment of a presented write key, or None when it is not one of ours.
+    pub fn environment_of(&self, presented: &[u8]) -> Option<&str> {
+        let d = digest(presented.trim_ascii());
+        let mut found = None;
+        for (k, env) in &self.keys {
+            if bool::from(d.ct_eq(k)) {
+                found = Some(env.as_str());
+            }
+        }
+        found
+    }
+}
+
+/// What a request presents as a write key in `Authorization: Basic base64(writeKey:)`: the user part (the
+/// password is ignored; Segment's libraries send it empty). None when the header is absent or not Basic.
+pub fn basic_user(authorization: Option<&[u8]>) -> Option<Vec<u8>> {
+    let value = std::str::from_utf8(authorization?).ok()?.trim();
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let user = match decoded.iter().position(|b| *b == b':') {
+        Some(i) => decoded[..i].to_vec(),
+        None => decoded,
+    };
+    Some(user)
 }
 
 /// `Authorization: Basic base64(user:password)`.
@@ -619,5 +738,45 @@ mod tests {
         assert!(!format!("{s:?}").contains("very-secret-value"));
         let v = Verifier::from_settings("heap", &s).unwrap();
         assert!(!format!("{v:?}").contains("very-secret-value"));
+    }
+
+    #[test]
+    fn a_credential_listed_for_an_environment_names_it_and_the_source_secret_names_none() {
+        let mut s = settings(AuthMode::Bearer, "tok-default");
+        s.environments.insert("prod".into(), "tok-prod".into());
+        let v = Verifier::from_settings("heap", &s).unwrap();
+        let env = |token: &str| {
+            let value = format!("Bearer {token}");
+            let pairs = [("Authorization", value.as_str())];
+            v.before_body_in(&with(&pairs), 0)
+        };
+        assert_eq!(env("tok-default"), Ok(None));
+        assert_eq!(env("tok-prod"), Ok(Some("prod".into())));
+        assert!(matches!(env("tok-other"), Err(AuthError::Wrong { .. })));
+
+        let mut s = settings(AuthMode::HmacSha1Hex, "cio-other");
+        s.environments.insert("dev".into(), "cio-secret".into());
+        let v = Verifier::from_settings("segment", &s).unwrap();
+        let h = with(&[("X-Signature", CIO_SIG)]);
+        assert_eq!(v.before_body_in(&h, 0), Ok(None), "a signature's environment is known after the body");
+        assert_eq!(v.after_body_in(&h, br#"{"type":"track"}"#, 0), Ok(Some("dev".into())));
+        assert!(v.after_body_in(&h, b"{}", 0).is_err());
+        assert!(!format!("{v:?}").contains("cio-secret"));
+    }
+
+    #[test]
+    fn write_keys_map_to_their_environment_and_a_basic_user_is_read_whatever_the_password() {
+        let prod: Vec<SecretString> = vec!["wk-prod".into()];
+        let def: Vec<SecretString> = vec!["wk-default".into()];
+        let by_env = [("prod".to_owned(), prod), ("default".to_owned(), def)];
+        let keys = WriteKeys::new(by_env.iter().map(|(k, v)| (k, v)), "default");
+        assert_eq!(keys.environment_of(b"wk-prod"), Some("prod"));
+        assert_eq!(keys.environment_of(b"wk-default"), Some(""));
+        assert_eq!(keys.environment_of(b"wk-nope"), None);
+        let b64 = |s: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s));
+        assert_eq!(basic_user(Some(b64("wk-prod:").as_bytes())), Some(b"wk-prod".to_vec()));
+        assert_eq!(basic_user(Some(b64("wk-prod").as_bytes())), Some(b"wk-prod".to_vec()));
+        assert_eq!(basic_user(Some(b"Bearer wk-prod")), None);
+        assert!(!format!("{keys:?}").contains("wk-prod"));
     }
 }

@@ -49,6 +49,10 @@ error_codes! {
     Overloaded => ("overloaded", SERVICE_UNAVAILABLE),
     Forbidden => ("forbidden_origin", FORBIDDEN),
     Internal => ("internal", INTERNAL_SERVER_ERROR),
+    BatchTooLarge => ("batch_too_large", BAD_REQUEST),
+    MessageTooLarge => ("message_too_large", BAD_REQUEST),
+    UnknownEnvironment => ("unknown_environment", NOT_FOUND),
+    WrongEnvironment => ("wrong_environment", FORBIDDEN),
 }
 
 #[derive(thiserror::Error)]
@@ -61,6 +65,9 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// Per-item reasons for 422 nothing_accepted.
     pub rejected: Option<serde_json::Value>,
+    /// Answered on a Segment tracking-API route (`/v1/*`): `success`, `code` and `message` also at the top level,
+    /// where Segment's and RudderStack's libraries read them.
+    pub segment_api: bool,
 }
 
 /// A summary, never the whole `rejected` array: a 30 KB body can hold 10,000 reasons, and a log line per request
@@ -80,7 +87,7 @@ impl std::fmt::Debug for ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None, retry_after: None, rejected: None }
+        Self { code, message: message.into(), field: None, retry_after: None, rejected: None, segment_api: false }
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
@@ -118,12 +125,21 @@ impl ResponseError for ApiError {
         if let Some(secs) = self.retry_after {
             resp.insert_header(("Retry-After", secs.to_string()));
         }
-        resp.json(json!({ "error": Body {
+        let error = Body {
             code: self.code.as_str(),
             message: &self.message,
             field: self.field.as_deref(),
             rejected: self.rejected.as_ref(),
-        }}))
+        };
+        if self.segment_api {
+            return resp.json(json!({
+                "success": false,
+                "code": self.code.as_str(),
+                "message": &self.message,
+                "error": error,
+            }));
+        }
+        resp.json(json!({ "error": error }))
     }
 }
 

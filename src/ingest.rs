@@ -62,6 +62,9 @@ pub struct Rejection {
 pub struct Accepted {
     pub index: usize,
     pub call: HeapCall,
+    /// The sender's own id of the item (a Segment `messageId`): a retry of a call Heap gives no idempotency key
+    /// (add_user_properties) is still recognised by it.
+    pub message_id: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -108,19 +111,101 @@ pub struct Pipeline {
     pub max_items: usize,
     /// Bounds a body must meet before it is parsed (nesting depth).
     pub json_limits: JsonLimits,
+    /// Each named environment's Heap app_id (`[environments.<name>]`); the default environment (`""`) has none
+    /// and uses the source's or `heap.app_id`.
+    pub environments: HashMap<String, String>,
 }
 
 impl Pipeline {
     pub fn ingest(&self, route: &Route, body: &[u8], received_at: &Timestamp) -> Result<Outcome, IngestError> {
+        self.ingest_in("", route, body, received_at)
+    }
+
+    /// As [`Pipeline::ingest`], in an environment (`""`: the default one): its app_id is the one events get, and
+    /// a call naming another environment's app_id is refused (`wrong_environment`).
+    pub fn ingest_in(
+        &self,
+        environment: &str,
+        route: &Route,
+        body: &[u8],
+        received_at: &Timestamp,
+    ) -> Result<Outcome, IngestError> {
         let value = crate::json::parse(body, &self.json_limits)?;
-        self.ingest_value(route, &value, received_at)
+        self.ingest_value_in(environment, route, &value, received_at)
     }
 
     pub fn ingest_value(&self, route: &Route, value: &Value, received_at: &Timestamp) -> Result<Outcome, IngestError> {
-        match route {
-            Route::Heap(kind) => self.ingest_heap(*kind, value, received_at),
-            Route::Hook { source, template } => self.ingest_hook(*source, template.as_deref(), value, received_at),
+        self.ingest_value_in("", route, value, received_at)
+    }
+
+    pub fn ingest_value_in(
+        &self,
+        environment: &str,
+        route: &Route,
+        value: &Value,
+        received_at: &Timestamp,
+    ) -> Result<Outcome, IngestError> {
+        let mut out = match route {
+            Route::Heap(kind) => self.ingest_heap(*kind, value, received_at)?,
+            Route::Hook { source, template } => {
+                self.ingest_hook(*source, template.as_deref(), value, received_at, environment)?
+            }
+        };
+        if !self.environments.is_empty() {
+            self.refuse_other_environments(environment, &mut out);
         }
+        Ok(out)
+    }
+
+    /// The environment decides the app_id: an item with a call whose app_id is another environment's project (a
+    /// template's literal app_id, or a Heap body's) is refused whole, as every rejection is.
+    fn refuse_other_environments(&self, environment: &str, out: &mut Outcome) {
+        // The default environment's own app_ids are heap.app_id and the sources' (one may equal a named
+        // environment's: a default that is also "prod" stays valid).
+        let own: Vec<&str> = match self.environments.get(environment) {
+            Some(id) => vec![id.as_str()],
+            None => self
+                .default_app_id
+                .iter()
+                .chain(self.sources.values().filter_map(|c| c.app_id.as_ref()))
+                .map(String::as_str)
+                .collect(),
+        };
+        let foreign = |app_id: &str| {
+            !own.contains(&app_id) && self.environments.iter().any(|(name, id)| name != environment && id == app_id)
+        };
+        let bad: Vec<(usize, String)> = out
+            .accepted
+            .iter()
+            .filter(|a| foreign(a.call.app_id().as_str()))
+            .map(|a| (a.index, a.call.app_id().as_str().to_owned()))
+            .collect();
+        if bad.is_empty() {
+            return;
+        }
+        let mut refused = std::collections::BTreeMap::new();
+        for (index, app_id) in bad {
+            refused.entry(index).or_insert(app_id);
+        }
+        out.accepted.retain(|a| !refused.contains_key(&a.index));
+        let here = if environment.is_empty() {
+            "the default environment".to_owned()
+        } else {
+            format!("environment {environment:?}")
+        };
+        for (index, app_id) in refused {
+            let owner = self.environments.iter().find(|(_, id)| **id == app_id).map(|(n, _)| n.as_str()).unwrap_or("");
+            out.rejected.push(Rejection {
+                index,
+                field: "app_id".into(),
+                code: "wrong_environment",
+                message: format!(
+                    "app_id {app_id} is environment {owner:?}'s Heap project; this request is in {here}, which \
+                     decides the app_id (drop the literal app_id from the template or body, or send with {owner:?}'s credential)"
+                ),
+            });
+        }
+        out.rejected.sort_by_key(|r| r.index);
     }
 
     fn ingest_hook(
@@ -129,6 +214,7 @@ impl Pipeline {
         template: Option<&str>,
         value: &Value,
         received_at: &Timestamp,
+        environment: &str,
     ) -> Result<Outcome, IngestError> {
         let cfg = self.sources.get(&source).cloned().unwrap_or_else(|| SourceConfig {
             enabled: true,
@@ -147,7 +233,10 @@ impl Pipeline {
         let tpl = self.templates.get(source.as_str(), name).ok_or_else(unknown)?;
         // Counted before any item is built: a body past limits.max_items costs nothing more.
         self.check_count(sources::count(source, value))?;
-        let app_id = cfg.app_id.as_deref().or(self.default_app_id.as_deref());
+        let app_id = match self.environments.get(environment) {
+            Some(id) => Some(id.as_str()),
+            None => cfg.app_id.as_deref().or(self.default_app_id.as_deref()),
+        };
         let mut out = Outcome { template: name.to_owned(), ..Default::default() };
         let defaults = self.template_defaults(&tpl);
         let mut index = 0usize;
@@ -197,7 +286,7 @@ impl Pipeline {
                 }
             });
             match built {
-                Ok(call) => out.accepted.push(Accepted { index, call }),
+                Ok(call) => out.accepted.push(Accepted { index, call, message_id: None }),
                 Err(e) => out.rejected.push(rejection(index, e)),
             }
         }
@@ -251,6 +340,10 @@ impl Pipeline {
                 return;
             }
         };
+        if item.excluded {
+            out.ignored.push(index);
+            return;
+        }
         let drafts = match tpl.render(&item.ctx, &self.render_limits) {
             Ok(d) => d,
             Err(e) => {
@@ -284,7 +377,14 @@ impl Pipeline {
             .map(|d| build(d, &cx).and_then(|c| self.admit_identity(c, defaults)))
             .collect::<Result<Vec<_>, _>>()
         {
-            Ok(calls) => out.accepted.extend(calls.into_iter().map(|call| Accepted { index, call })),
+            Ok(calls) => {
+                let message_id = message_id_of(source, &item.ctx);
+                out.accepted.extend(calls.into_iter().map(|call| Accepted {
+                    index,
+                    call,
+                    message_id: message_id.clone(),
+                }))
+            }
             Err(e) => out.rejected.push(rejection(index, e)),
         }
     }
@@ -306,6 +406,19 @@ struct ItemAt<'a> {
     name: &'a str,
     app_id: Option<&'a str>,
     defaults: &'a [String],
+}
+
+/// A Segment message's `messageId`, as the sender set it.
+fn message_id_of(source: Source, ctx: &crate::templates::context::CtxObject) -> Option<String> {
+    use crate::templates::context::Ctx;
+    use liquid_core::ValueView;
+    if source != Source::Segment {
+        return None;
+    }
+    match ctx.lookup("messageId") {
+        Some(Ctx::Scalar(s)) => Some(s.to_kstr().to_string()).filter(|m| !m.trim().is_empty()),
+        _ => None,
+    }
 }
 
 fn is_empty_user_properties(d: &Draft) -> bool {

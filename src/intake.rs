@@ -87,11 +87,12 @@ impl Intaker {
         // Large bodies render for a while; keep that off the HTTP threads.
         let (outcome, body) = if body.len() > 64 * 1024 {
             let r = route.clone();
-            tokio::task::spawn_blocking(move || (pipeline.ingest(&r, &body, &ts), body))
+            let env = environment.to_owned();
+            tokio::task::spawn_blocking(move || (pipeline.ingest_in(&env, &r, &body, &ts), body))
                 .await
                 .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
         } else {
-            (pipeline.ingest(&route, &body, &ts), body)
+            (pipeline.ingest_in(environment, &route, &body, &ts), body)
         };
         let outcome = outcome?;
         if outcome.ping {
@@ -101,6 +102,13 @@ impl Intaker {
         self.metrics.item(source, "accepted", outcome.accepted.len());
         self.metrics.item(source, "rejected", outcome.rejected.len());
         self.metrics.item(source, "ignored", outcome.ignored.len());
+        for (outcome_name, n) in [
+            ("accepted", outcome.accepted.len()),
+            ("rejected", outcome.rejected.len()),
+            ("ignored", outcome.ignored.len()),
+        ] {
+            self.metrics.environment_item(source, environment, outcome_name, n);
+        }
         let request_key = retry_key(&route, &body);
         let (mut ingested, mut summary) = to_rows(source, outcome, body, received_at, None);
         ingested.request_key = request_key;
@@ -110,16 +118,18 @@ impl Intaker {
             let appended = self.store.append(ingested).await?;
             answer_with(&mut summary, appended);
             self.metrics.item(source, "duplicate", summary.duplicates);
+            self.metrics.environment_item(source, environment, "duplicate", summary.duplicates);
             if summary.duplicates < summary.accepted {
                 self.delivery.wake();
             }
         }
         // Inside the request's span: ties each event id to this request; delivery spans log it at every attempt.
         for id in &summary.event_ids {
-            tracing::debug!(event_id = %id, source, "event accepted");
+            tracing::debug!(event_id = %id, source, environment, "event accepted");
         }
         tracing::info!(
             source,
+            environment,
             items = summary.items,
             accepted = summary.accepted,
             rejected = summary.rejected.len(),
@@ -179,7 +189,16 @@ pub fn to_rows(
                 .call
                 .idempotency_key()
                 .filter(|k| !k.is_derived())
-                .map(|k| format!("msg:{source}:{}:{}", a.call.app_id().as_str(), k.as_str())),
+                .map(|k| format!("msg:{source}:{}:{}", a.call.app_id().as_str(), k.as_str()))
+                // Heap's add_user_properties carries no idempotency key: a Segment identify's retry is known by
+                // its messageId (its own key space, so an item's track and user properties never collide).
+                .or_else(|| match a.call.kind() {
+                    crate::domain::CallKind::UserProperties => a
+                        .message_id
+                        .as_ref()
+                        .map(|m| format!("msg:{source}:{}:user_properties:{m}", a.call.app_id().as_str())),
+                    _ => None,
+                }),
         })
         .collect();
     let rejections = outcome

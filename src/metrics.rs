@@ -16,6 +16,16 @@ pub struct IngestLabels {
     pub outcome: String,
 }
 
+/// Items of a named environment (`[environments.<name>]`); the default environment is counted only in
+/// `ingest_items`, so adding environments changes no existing series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EnvironmentLabels {
+    pub source: String,
+    pub environment: String,
+    /// accepted | rejected | ignored | duplicate
+    pub outcome: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub source: String,
@@ -37,6 +47,7 @@ pub struct Metrics {
     registry: Registry,
     pub ingest_items: Family<IngestLabels, Counter>,
     pub ingest_requests: Family<RequestLabels, Counter>,
+    pub environment_items: Family<EnvironmentLabels, Counter>,
     pub ingest_latency: Histogram,
     pub delivery_attempts: Family<AttemptLabels, Counter>,
     pub delivery_events: Family<AttemptLabels, Counter>,
@@ -74,6 +85,7 @@ impl Metrics {
         let m = Self {
             ingest_items: Family::default(),
             ingest_requests: Family::default(),
+            environment_items: Family::default(),
             ingest_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             delivery_attempts: Family::default(),
             delivery_events: Family::default(),
@@ -93,6 +105,11 @@ impl Metrics {
         };
         registry.register("ingest_items", "Items received, by source and outcome", m.ingest_items.clone());
         registry.register("ingest_requests", "Ingest requests, by source and HTTP status", m.ingest_requests.clone());
+        registry.register(
+            "environment_items",
+            "Items received in a named environment, by source, environment and outcome",
+            m.environment_items.clone(),
+        );
         registry.register("ingest_latency_seconds", "Time from request to durable answer", m.ingest_latency.clone());
         registry.register("delivery_attempts", "HTTP calls to Heap, by result", m.delivery_attempts.clone());
         registry.register("delivery_events", "Events carried by calls to Heap, by result", m.delivery_events.clone());
@@ -144,6 +161,15 @@ impl Metrics {
             self.ingest_items
                 .get_or_create(&IngestLabels { source: source.into(), outcome: outcome.into() })
                 .inc_by(n as u64);
+        }
+    }
+
+    /// Counts `n` items of a named environment (nothing for the default environment `""`).
+    pub fn environment_item(&self, source: &str, environment: &str, outcome: &str, n: usize) {
+        if n > 0 && !environment.is_empty() {
+            let l =
+                EnvironmentLabels { source: source.into(), environment: environment.into(), outcome: outcome.into() };
+            self.environment_items.get_or_create(&l).inc_by(n as u64);
         }
     }
 

@@ -5,7 +5,7 @@
 use crate::domain::Timestamp;
 use crate::ingest::{Pipeline, Route};
 use crate::intake::to_rows;
-use crate::store::{Millis, Selector, Status, Store, StoreError};
+use crate::store::{Millis, RawBody, Selector, Status, Store, StoreError};
 use serde::Serialize;
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
@@ -74,7 +74,8 @@ pub async fn replay(
     }
     let bodies = store.raw_bodies(selector).await?;
     let total = bodies.len();
-    for (done, (raw_id, source, template, received_at, body)) in bodies.into_iter().enumerate() {
+    for (done, raw) in bodies.into_iter().enumerate() {
+        let RawBody { id: raw_id, source, environment, template, received_at, body } = raw;
         let Some(route) = Route::from_stored(&source, &template) else {
             tracing::warn!(raw_id, source, template, "cannot re-render: unknown route");
             report.failed += 1;
@@ -83,9 +84,12 @@ pub async fn replay(
         let ts = chrono::DateTime::from_timestamp_millis(received_at)
             .map(Timestamp::from_datetime)
             .unwrap_or_else(Timestamp::now);
-        match pipeline.ingest(&route, &body, &ts) {
+        // The same environment as the first time: its app_id, not the default one.
+        match pipeline.ingest_in(&environment, &route, &body, &ts) {
             Ok(outcome) => {
-                let (ingested, summary) = to_rows(route.source_name(), outcome, Vec::new(), received_at, Some(raw_id));
+                let (mut ingested, summary) =
+                    to_rows(route.source_name(), outcome, Vec::new(), received_at, Some(raw_id));
+                ingested.environment = environment;
                 report.accepted += summary.accepted;
                 report.rejected += summary.rejected.len();
                 report.bodies += 1;

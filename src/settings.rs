@@ -5,7 +5,7 @@ use crate::auth::{AuthMode, AuthSettings, Verifier};
 use config::{Config, Environment, File, FileFormat};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -33,6 +33,19 @@ pub struct Settings {
     pub log: LogSettings,
     pub sources: SourcesSettings,
     pub identity: IdentitySettings,
+    /// Named environments (`dev`, `prod`, ...), each with its own Heap app_id, chosen per request by the
+    /// credential it carries or by a `/env/{name}/` path prefix. Empty: one default environment.
+    #[serde(default)]
+    pub environments: BTreeMap<String, EnvironmentSettings>,
+}
+
+/// `[environments.<name>]`: one Heap project (app_id) that requests can be routed to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentSettings {
+    /// The Heap app_id every event of this environment goes to (templates naming another environment's app_id
+    /// have their items refused).
+    pub app_id: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +198,10 @@ pub struct SourceSettings {
     /// Requests per minute this source may send (a token bucket holding one minute's budget); 0: no limit.
     pub requests_per_minute: u32,
     pub auth: AuthSettings,
+    /// Segment only: write keys by environment (`default` = the default environment). A request carrying one (HTTP
+    /// Basic user, or `writeKey` in the body) is authenticated and routed to that environment. Secrets.
+    #[serde(default, deserialize_with = "secret_lists")]
+    pub write_keys: BTreeMap<String, Vec<SecretString>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -212,6 +229,24 @@ fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
         Either::Many(v) => v.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
     })
 }
+
+/// Each environment's list of secrets: a TOML list, or a comma-separated string (from the environment).
+fn secret_lists<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Vec<SecretString>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Wrap(#[serde(deserialize_with = "string_or_list")] Vec<String>);
+    let raw: BTreeMap<String, Wrap> = BTreeMap::deserialize(d)?;
+    Ok(raw.into_iter().map(|(k, Wrap(v))| (k, v.into_iter().map(SecretString::from).collect())).collect())
+}
+
+/// Environment names: what a path prefix and a metrics label can hold.
+pub fn valid_environment_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// The environment name a `write_keys` or `auth.environments` entry uses for the default environment.
+pub const DEFAULT_ENVIRONMENT_KEY: &str = "default";
 
 /// A configuration error names the key and what was expected, never the value given: it may be a secret.
 /// serde and `config` quote values in double quotes (`invalid type: string "hunter2", expected ...`).
@@ -336,6 +371,7 @@ impl Settings {
         for (name, auth) in self.source_auth() {
             Verifier::from_settings(name, auth).map_err(|e| SettingsError::Invalid(e.to_string()))?;
         }
+        self.validate_environments()?;
         if let Some(url) = self.store_url() {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return bad("store.url must start with postgres:// (or be empty for SQLite)".into());
@@ -367,6 +403,53 @@ impl Settings {
         Ok(())
     }
 
+    /// Environment names, the write keys' and the credentials' environments.
+    fn validate_environments(&self) -> Result<(), SettingsError> {
+        let bad = |m: String| Err(SettingsError::Invalid(m));
+        for name in self.environments.keys() {
+            if !valid_environment_name(name) || name == DEFAULT_ENVIRONMENT_KEY {
+                return bad(format!(
+                    "environments.{name}: names hold only a-z, 0-9, _ and - (at most 64), and \"default\" is the \
+                     default environment's (heap.app_id)"
+                ));
+            }
+        }
+        let known = |env: &str| env == DEFAULT_ENVIRONMENT_KEY || self.environments.contains_key(env);
+        let mut seen = std::collections::HashSet::new();
+        for (source, s) in self.hook_sources() {
+            if source != "segment" && !s.write_keys.is_empty() {
+                return bad(format!("sources.{source}.write_keys: only the segment source takes write keys"));
+            }
+            for (env, keys) in &s.write_keys {
+                if !known(env) {
+                    return bad(format!("sources.{source}.write_keys.{env}: no [environments.{env}]"));
+                }
+                for k in keys {
+                    let k = k.expose_secret().trim();
+                    if k.is_empty() || k.contains(':') {
+                        return bad(format!("sources.{source}.write_keys.{env}: a write key is empty or holds ':'"));
+                    }
+                    if !seen.insert(k.to_owned()) {
+                        return bad(format!("sources.{source}.write_keys.{env}: a write key is listed twice"));
+                    }
+                }
+            }
+        }
+        for (source, auth) in self.source_auth() {
+            for env in auth.environments.keys() {
+                if !known(env) {
+                    return bad(format!("sources.{source}.auth.environments.{env}: no [environments.{env}]"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The app_id of an environment (`""`: the default one, which has none of its own).
+    pub fn environment_app_id(&self, environment: &str) -> Option<&str> {
+        self.environments.get(environment).map(|e| e.app_id.trim())
+    }
+
     /// Every non-empty app_id in the configuration, with its key.
     pub fn configured_app_ids(&self) -> Vec<(String, &str)> {
         let mut v = Vec::new();
@@ -377,6 +460,9 @@ impl Settings {
             if !s.app_id.trim().is_empty() {
                 v.push((format!("sources.{name}.app_id"), s.app_id.trim()));
             }
+        }
+        for (name, e) in &self.environments {
+            v.push((format!("environments.{name}.app_id"), e.app_id.trim()));
         }
         v
     }
@@ -405,7 +491,13 @@ impl Settings {
             "heap" => self.sources.heap.enabled,
             n => self.hook_sources().iter().any(|(h, s)| *h == n && s.enabled),
         };
-        self.source_auth().into_iter().filter(|(n, a)| a.mode == AuthMode::None && enabled(n)).map(|(n, _)| n).collect()
+        // A segment source with write keys refuses requests without one.
+        let keyed = |name: &str| name == "segment" && !self.sources.segment.write_keys.is_empty();
+        self.source_auth()
+            .into_iter()
+            .filter(|(n, a)| a.mode == AuthMode::None && enabled(n) && !keyed(n))
+            .map(|(n, _)| n)
+            .collect()
     }
 
     /// The PostgreSQL URL, when one is set (the store is PostgreSQL then).
@@ -564,5 +656,37 @@ mod tests {
         .unwrap();
         assert_eq!(s.admin_token(), Some("s3cr3t-token-value"));
         assert!(!format!("{s:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn environments_and_write_keys_come_from_the_environment_and_never_show_in_debug() {
+        let s = Settings::load(
+            &ConfigPath::Default(PathBuf::from("/nonexistent")),
+            env(&[
+                ("HEAP_RELAY__ENVIRONMENTS__PROD__APP_ID", "111"),
+                ("HEAP_RELAY__ENVIRONMENTS__DEV__APP_ID", "222"),
+                ("HEAP_RELAY__SOURCES__SEGMENT__WRITE_KEYS__PROD", "wk-prod-s3cr3t, wk-prod-2"),
+                ("HEAP_RELAY__SOURCES__SEGMENT__WRITE_KEYS__DEV", "wk-dev-s3cr3t"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.environment_app_id("prod"), Some("111"));
+        assert_eq!(s.sources.segment.write_keys["prod"].len(), 2);
+        assert!(s.unauthenticated_sources().iter().all(|n| *n != "segment"), "write keys authenticate segment");
+        assert!(!format!("{s:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn a_write_key_of_an_unknown_environment_or_an_environment_without_app_id_is_refused() {
+        let load = |pairs: &[(&str, &str)]| {
+            Settings::load(&ConfigPath::Default(PathBuf::from("/nonexistent")), env(pairs)).map(|_| ())
+        };
+        let err = load(&[("HEAP_RELAY__SOURCES__SEGMENT__WRITE_KEYS__STAGING", "wk")]).unwrap_err();
+        assert!(err.to_string().contains("no [environments.staging]"), "{err}");
+        assert!(load(&[("HEAP_RELAY__ENVIRONMENTS__PROD__APP_ID", "")]).is_err());
+        assert!(load(&[("HEAP_RELAY__SOURCES__CLEVERTAP__WRITE_KEYS__DEFAULT", "wk")]).is_err());
+        let err = load(&[("HEAP_RELAY__SOURCES__SEGMENT__WRITE_KEYS__DEFAULT", "dup-s3cr3t,dup-s3cr3t")]).unwrap_err();
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        assert!(load(&[("HEAP_RELAY__SOURCES__SEGMENT__WRITE_KEYS__DEFAULT", "wk")]).is_ok());
     }
 }

@@ -1,7 +1,7 @@
 //! Builds the application from settings: templates, store, delivery workers, background tasks and the HTTP
 //! server on a bound listener. Tests and `main` share this path; tests bind port 0 and read `port()`.
 
-use crate::auth::Verifier;
+use crate::auth::{Verifier, WriteKeys};
 use crate::client_addr::TrustedProxies;
 use crate::delivery::heap_client::HeapClient;
 use crate::delivery::rate_limit::RateLimiter;
@@ -19,7 +19,7 @@ use crate::routes::gate::Gate;
 use crate::routes::origin::AllowedOrigins;
 use crate::routes::span::RelayRootSpan;
 use crate::routes::{self, AppState};
-use crate::settings::Settings;
+use crate::settings::{DEFAULT_ENVIRONMENT_KEY, Settings};
 use crate::sources::{Source, SourceOptions};
 use crate::store::postgres::{self, PgOptions};
 use crate::store::sqlite::SqliteOptions;
@@ -64,6 +64,17 @@ pub fn load_limits(settings: &Settings) -> LoadLimits {
     }
 }
 
+/// `prod=1111111111 dev=2222222222` (with the number of write keys each; never the keys), for the start line.
+fn environment_list(settings: &Settings) -> String {
+    let keys = |env: &str| settings.sources.segment.write_keys.get(env).map_or(0, Vec::len);
+    settings
+        .environments
+        .iter()
+        .map(|(name, e)| format!("{name}={} ({} write keys)", e.app_id.trim(), keys(name)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Each source's authentication and request budget, for the HTTP handlers.
 pub fn build_gates(settings: &Settings) -> anyhow::Result<HashMap<&'static str, Gate>> {
     let rates = [
@@ -78,7 +89,11 @@ pub fn build_gates(settings: &Settings) -> anyhow::Result<HashMap<&'static str, 
         .zip(rates)
         .map(|((name, auth), per_minute)| {
             let verifier = Verifier::from_settings(name, auth)?;
-            Ok((name, Gate { verifier, rate: RequestRate::new(per_minute) }))
+            let write_keys = match name {
+                "segment" => WriteKeys::new(&settings.sources.segment.write_keys, DEFAULT_ENVIRONMENT_KEY),
+                _ => WriteKeys::default(),
+            };
+            Ok((name, Gate { verifier, rate: RequestRate::new(per_minute), write_keys }))
         })
         .collect()
 }
@@ -110,7 +125,10 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
     } else {
         allowed.clone()
     };
+    let environments =
+        settings.environments.iter().map(|(name, e)| (name.clone(), e.app_id.trim().to_owned())).collect();
     Pipeline {
+        environments,
         templates,
         policy: AppIdPolicy::new(allowed),
         heap_compat_policy: AppIdPolicy::only(configured),
@@ -343,6 +361,7 @@ impl Application {
             %addr,
             heap = %exposure::redact_url(&settings.heap.base_url),
             store = %store_location(&settings),
+            environments = %environment_list(&settings),
             "heap-relay listening"
         );
         Ok(Self { port: addr.port(), server: server.run(), state, shutdown, workers, background, grace, health })

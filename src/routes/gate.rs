@@ -8,7 +8,7 @@
 //! most once per source per `log.auth_failure_interval_secs`, with the number of failures since the last line.
 
 use super::AppState;
-use crate::auth::{AuthError, Verifier};
+use crate::auth::{AuthError, AuthMode, Verifier, WriteKeys};
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::SourceLabels;
 use crate::request_rate::RequestRate;
@@ -22,6 +22,27 @@ use std::time::{Duration, Instant};
 pub struct Gate {
     pub verifier: Verifier,
     pub rate: RequestRate,
+    /// Segment write keys (empty for the other sources, and for a segment source without any).
+    pub write_keys: WriteKeys,
+}
+
+/// What a request showed before its body was read.
+#[derive(Debug)]
+pub struct Passed<'s> {
+    gate: Option<&'s Gate>,
+    /// The environment its credential chose: `Some("")` for a write key of the default environment, `None` when
+    /// the credential names none (the source's own secret, or no authentication).
+    environment: Option<String>,
+    /// No write key in the headers of a source that has write keys and no other authentication: the body's
+    /// `writeKey` must name one.
+    needs_write_key: bool,
+}
+
+impl Passed<'_> {
+    /// For routes without a gate (tests, disabled sources).
+    pub fn open() -> Self {
+        Self { gate: None, environment: None, needs_write_key: false }
+    }
 }
 
 /// When each source last logged an authentication failure, and how many it has not logged since.
@@ -79,17 +100,41 @@ fn unauthorized(req: &HttpRequest, source: &str, e: &AuthError, state: &AppState
     ApiError::new(ErrorCode::Unauthorized, e.to_string()).with_field(e.header())
 }
 
-/// The Origin check, authentication from headers, then the request budget. Returns the gate for `after_body`.
-pub fn before_body<'s>(req: &HttpRequest, source: &str, state: &'s AppState) -> Result<Option<&'s Gate>, ApiError> {
+/// The Origin check, authentication from headers (a write key, or the source's auth), then the request budget.
+/// Returns what `after_body` finishes with.
+pub fn before_body<'s>(req: &HttpRequest, source: &str, state: &'s AppState) -> Result<Passed<'s>, ApiError> {
     if let Err(e) = state.origins.check(req.headers().get(actix_web::http::header::ORIGIN).map(|v| v.as_bytes())) {
         state.intake.metrics.request(source, e.code.status().as_u16());
         return Err(e);
     }
     let Some(gate) = state.gates.get(source) else {
-        return Ok(None);
+        return Ok(Passed::open());
     };
     let headers = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
-    gate.verifier.before_body(&headers, now_secs()).map_err(|e| unauthorized(req, source, &e, state))?;
+    let mut passed = Passed { gate: Some(gate), environment: None, needs_write_key: false };
+    let mut by_key = false;
+    if !gate.write_keys.is_empty() {
+        match crate::auth::basic_user(headers("Authorization")) {
+            Some(user) => match gate.write_keys.environment_of(&user) {
+                Some(env) => {
+                    passed.environment = Some(env.to_owned());
+                    by_key = true;
+                }
+                // The source's own Basic credentials may still pass.
+                None if gate.verifier.mode() == AuthMode::Basic => {}
+                None => {
+                    let e = AuthError::Wrong { header: "Authorization".into(), what: "write key (Basic user)" };
+                    return Err(unauthorized(req, source, &e, state));
+                }
+            },
+            None if gate.verifier.mode() == AuthMode::None => passed.needs_write_key = true,
+            None => {}
+        }
+    }
+    if !by_key && !passed.needs_write_key {
+        passed.environment =
+            gate.verifier.before_body_in(&headers, now_secs()).map_err(|e| unauthorized(req, source, &e, state))?;
+    }
     gate.rate.take(Instant::now()).map_err(|wait| {
         let mut e = ApiError::new(
             ErrorCode::RateLimited,
@@ -104,25 +149,51 @@ pub fn before_body<'s>(req: &HttpRequest, source: &str, state: &'s AppState) -> 
         state.intake.metrics.request(source, 429);
         e
     })?;
-    Ok(Some(gate))
+    Ok(passed)
 }
 
-/// A signature over the raw body, when the source's mode has one. A failure gives the budget taken back.
+/// A signature over the raw body, when the source's mode has one, or the body's `writeKey` when the headers had
+/// none. A failure gives the budget taken back. Returns the environment the credential chose (see `Passed`).
 pub fn after_body(
     req: &HttpRequest,
     source: &str,
-    gate: Option<&Gate>,
+    passed: Passed<'_>,
     body: &[u8],
     state: &AppState,
-) -> Result<(), ApiError> {
-    let Some(gate) = gate else {
-        return Ok(());
+) -> Result<Option<String>, ApiError> {
+    let Some(gate) = passed.gate else {
+        return Ok(None);
     };
-    let headers = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
-    gate.verifier.after_body(&headers, body, now_secs()).map_err(|e| {
+    let fail = |e: AuthError| {
         gate.rate.give_back();
         unauthorized(req, source, &e, state)
-    })
+    };
+    if passed.needs_write_key {
+        let Some(key) = body_write_key(body) else {
+            return Err(fail(AuthError::Missing {
+                header: "Authorization".into(),
+                expected: "a write key (HTTP Basic user, or writeKey in the body)".into(),
+            }));
+        };
+        return match gate.write_keys.environment_of(key.as_bytes()) {
+            Some(env) => Ok(Some(env.to_owned())),
+            None => Err(fail(AuthError::Wrong { header: "writeKey".into(), what: "write key" })),
+        };
+    }
+    let headers = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
+    let signed = gate.verifier.after_body_in(&headers, body, now_secs()).map_err(fail)?;
+    Ok(passed.environment.or(signed))
+}
+
+/// The top-level `writeKey` string of a JSON object body (the body is already bounded by `read_limited`; only
+/// that one field is kept).
+pub fn body_write_key(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Key {
+        #[serde(rename = "writeKey")]
+        write_key: Option<String>,
+    }
+    serde_json::from_slice::<Key>(body).ok()?.write_key.filter(|k| !k.trim().is_empty())
 }
 
 #[cfg(test)]

@@ -30,5 +30,5 @@ async fn take(
     payload: web::Payload,
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
-    take_body(req, "heap", Route::Heap(kind), payload, state).await
+    take_body(req, "heap", None, Route::Heap(kind), payload, state).await
 }

@@ -2,7 +2,7 @@
 
 use super::AppState;
 use super::body::read_limited;
-use super::gate;
+use super::{environment, gate};
 use crate::error::{ApiError, ErrorCode};
 use crate::ingest::{IngestError, Route};
 use crate::intake::{Intake, IntakeError};
@@ -19,7 +19,7 @@ pub async fn hook(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    take(&req, &path.into_inner(), None, payload, &state).await
+    take(&req, None, &path.into_inner(), None, payload, &state).await
 }
 
 pub async fn hook_with_template(
@@ -29,11 +29,34 @@ pub async fn hook_with_template(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let (source, template) = path.into_inner();
-    take(&req, &source, Some(template), payload, &state).await
+    take(&req, None, &source, Some(template), payload, &state).await
+}
+
+/// `POST /env/{environment}/hooks/{source}`: for senders that can carry no credential naming an environment.
+pub async fn hook_in(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (environment, source) = path.into_inner();
+    take(&req, Some(&environment), &source, None, payload, &state).await
+}
+
+/// `POST /env/{environment}/hooks/{source}/{template}`.
+pub async fn hook_with_template_in(
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (environment, source, template) = path.into_inner();
+    take(&req, Some(&environment), &source, Some(template), payload, &state).await
 }
 
 async fn take(
     req: &HttpRequest,
+    path_environment: Option<&str>,
     source: &str,
     template: Option<String>,
     payload: web::Payload,
@@ -46,22 +69,26 @@ async fn take(
         )
         .with_field("source"));
     };
-    take_body(req, source.as_str(), Route::Hook { source, template }, payload, state).await
+    take_body(req, source.as_str(), path_environment, Route::Hook { source, template }, payload, state).await
 }
 
-/// What every ingest route does: the source's gate, the body (bounded), the gate's body check, intake, answer.
+/// What every ingest route does: the source's gate, the body (bounded), the gate's body check, the environment
+/// (the credential's, else `path_environment`'s), intake, answer.
 pub async fn take_body(
     req: &HttpRequest,
     source: &str,
+    path_environment: Option<&str>,
     route: Route,
     payload: web::Payload,
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
+    environment::check_path(path_environment, source, state)?;
     let gate = gate::before_body(req, source, state)?;
     let body = read_limited(req, payload, state.max_body_bytes, state.body_read_timeout, &state.inflight)
         .await
         .inspect_err(|e| state.intake.metrics.request(source, e.code.status().as_u16()))?;
-    gate::after_body(req, source, gate, &body.bytes, state)?;
+    let credential = gate::after_body(req, source, gate, &body.bytes, state)?;
+    let environment = environment::resolve(credential, path_environment, source, state)?;
     // NULs and lone surrogates are repaired (after the signature check, which covers the body as sent).
     let (bytes, sanitized) = match crate::sanitize::sanitize(&body.bytes) {
         Some((repaired, listed, total)) => {
@@ -71,8 +98,13 @@ pub async fn take_body(
         }
         None => (body.bytes, None),
     };
+    // A Segment body's `writeKey` is a secret: checked by the gate, never stored.
+    let bytes = match source {
+        "segment" => super::segment_api::without_write_key(&bytes, state).unwrap_or(bytes),
+        _ => bytes,
+    };
     // The budget stays held (body.held) until the answer: the pipeline's copies of the body live that long.
-    let result = state.intake.accept(route, bytes).await;
+    let result = state.intake.accept_in(&environment, route, bytes).await;
     drop(body.held);
     respond(source, result, sanitized, state)
 }
@@ -123,7 +155,7 @@ pub fn respond(
     response
 }
 
-fn ingest_error(e: IngestError) -> ApiError {
+pub(super) fn ingest_error(e: IngestError) -> ApiError {
     let message = e.to_string();
     match e {
         IngestError::Json(e) => {

@@ -3,12 +3,14 @@
 
 pub mod admin;
 pub mod body;
+pub mod environment;
 pub mod gate;
 pub mod health;
 pub mod heap_compat;
 pub mod hooks;
 pub mod metrics;
 pub mod origin;
+pub mod segment_api;
 pub mod span;
 
 use crate::error::{ApiError, ErrorCode};
@@ -64,6 +66,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics::metrics))
         .route("/hooks/{source}", web::post().to(hooks::hook))
         .route("/hooks/{source}/{template}", web::post().to(hooks::hook_with_template))
+        // Segment's tracking API, at the root and under a base URL with a path.
+        .route("/v1/{call}", web::post().to(segment_api::call))
+        .route("/hooks/segment/v1/{call}", web::post().to(segment_api::call))
+        // An environment by path prefix, for senders that can carry no credential naming one.
+        .route("/env/{environment}/hooks/{source}", web::post().to(hooks::hook_in))
+        .route("/env/{environment}/hooks/{source}/{template}", web::post().to(hooks::hook_with_template_in))
+        .route("/env/{environment}/v1/{call}", web::post().to(segment_api::call_in))
+        .route("/env/{environment}/hooks/segment/v1/{call}", web::post().to(segment_api::call_in))
         .route("/api/track", web::post().to(heap_compat::track))
         .route("/api/add_user_properties", web::post().to(heap_compat::add_user_properties))
         .route("/admin/deliveries", web::get().to(admin::list))
@@ -83,6 +93,12 @@ async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError
                 | ["admin", "deliveries", _]
                 | ["hooks", _]
                 | ["hooks", _, _]
+                | ["v1", _]
+                | ["hooks", "segment", "v1", _]
+                | ["env", _, "hooks", _]
+                | ["env", _, "hooks", _, _]
+                | ["env", _, "v1", _]
+                | ["env", _, "hooks", "segment", "v1", _]
         );
     if route_exists {
         return Err(ApiError::new(

@@ -93,7 +93,7 @@ fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value) -> Resu
     );
     ctx.insert("body", Ctx::from_json_with(profile, &ct_date));
     ctx.insert("targetId", Ctx::from_json(target_id));
-    Ok(Item { ctx, seed: seed(target_id, profile) })
+    Ok(Item { ctx, seed: seed(target_id, profile), excluded: false })
 }
 
 /// The item's canonical JSON, `{"profile":..,"targetId":..}`: byte for byte what
@@ -122,7 +122,7 @@ fn custom_item(root: &Map<String, Value>) -> Item {
     let mut campaign = CtxObject::new();
     campaign.insert("id", Ctx::from_json(get_ci(root, "targetId").unwrap_or(&Value::Null)));
     ctx.insert_missing("Campaign", Ctx::Object(campaign));
-    Item { ctx, seed: serde_json::to_string(root).unwrap_or_default() }
+    Item { ctx, seed: serde_json::to_string(root).unwrap_or_default(), excluded: false }
 }
 
 fn insert_all(obj: &mut CtxObject, data: &Map<String, Value>) {

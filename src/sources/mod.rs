@@ -56,6 +56,9 @@ pub struct Item {
     pub ctx: CtxObject,
     /// The item's own body as canonical JSON; hashed into the idempotency key when the sender gives no message id.
     pub seed: String,
+    /// The sender asked for this item to be kept out of Heap (a Segment message's `integrations`): reported as
+    /// ignored, never rendered.
+    pub excluded: bool,
 }
 
 /// What an adapter made of a body.

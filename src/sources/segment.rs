@@ -7,7 +7,14 @@
 //! - `heap_event`: the event name for track; `Page viewed` / `Screen viewed` for page and screen;
 //! - `heap_properties`: `properties`, plus `name` and `category` of a page or screen;
 //! - `heap_traits`: `traits` (else `context.traits`) plus `anonymous_id`, for identify; absent when that is empty,
-//!   so an identify with nothing to set sends nothing (`ignored`) instead of being rejected.
+//!   so an identify with nothing to set sends nothing (`ignored`) instead of being rejected;
+//!
+//! Bodies arriving on Segment's tracking API (`/v1/*`, straight from a library) are first prepared by
+//! [`prepare_tracking_call`]: the type from the path, `writeKey` removed (a secret, not stored), and each
+//! `timestamp` corrected for the sender's clock skew as Segment's API does.
+//!
+//! `integrations: {"Heap": false}`, or `{"All": false}` without `"Heap": true`, keeps a message out of Heap: the
+//! item is excluded (reported as ignored), as Segment keeps it from a disabled destination.
 
 use super::{Item, Shape, SourceOptions, as_list, get_ci};
 use crate::domain::FieldError;
@@ -124,7 +131,67 @@ fn message_item(
     if !traits.is_empty() {
         ctx.insert("heap_traits", Ctx::Object(CtxObject::from_json(&traits)));
     }
-    Ok(Item { ctx, seed: msg.to_string() })
+    Ok(Item { ctx, seed: msg.to_string(), excluded: !sends_to_heap(merged) })
+}
+
+/// Segment's `integrations` object: `"Heap": false` turns Heap off; `"All": false` turns every destination off
+/// unless `"Heap": true` turns it back on.
+fn sends_to_heap(m: &Map<String, Value>) -> bool {
+    let Some(Value::Object(i)) = get_ci(m, "integrations") else {
+        return true;
+    };
+    match i.get("Heap") {
+        Some(Value::Bool(b)) => *b,
+        // A destination settings object counts as enabled, as in Segment.
+        Some(Value::Object(_)) => true,
+        _ => !matches!(i.get("All"), Some(Value::Bool(false))),
+    }
+}
+
+/// Prepares a body sent to Segment's tracking API (`/v1/{call}`) by a library: a single call takes its `type` from
+/// the path (`call`; Segment's documented bodies carry none); `writeKey` is removed (a secret: it is checked, not
+/// stored); and when a message (or its batch) carries `sentAt`, its `timestamp` (else `originalTimestamp`) is moved
+/// by `receivedAt - sentAt`, as Segment's API does, so a device whose clock is an hour off still records events at
+/// the right time. Without `sentAt` a timestamp is kept as sent. Returns whether anything changed.
+pub fn prepare_tracking_call(body: &mut Value, call: Option<&str>, received_at_ms: i64) -> bool {
+    let Value::Object(root) = body else {
+        return false;
+    };
+    let mut changed = root.remove("writeKey").is_some();
+    if let Some(call) = call {
+        root.insert("type".into(), Value::String(call.to_owned()));
+        changed = true;
+    }
+    let batch_sent_at = get_ci(root, "sentAt").and_then(parse_time);
+    let correct = |m: &mut Map<String, Value>, batch_sent_at: Option<i64>| {
+        let sent = get_ci(m, "sentAt").and_then(parse_time).or(batch_sent_at)?;
+        let t = corrected_timestamp(m, received_at_ms - sent)?;
+        m.insert("timestamp".into(), Value::String(t));
+        Some(())
+    };
+    if let Some(Value::Array(batch)) = root.get_mut("batch") {
+        for m in batch.iter_mut().filter_map(Value::as_object_mut) {
+            changed |= correct(m, batch_sent_at).is_some();
+        }
+    } else {
+        changed |= correct(root, None).is_some();
+    }
+    changed
+}
+
+/// An RFC 3339 date-time as Unix milliseconds.
+fn parse_time(v: &Value) -> Option<i64> {
+    let s = v.as_str()?;
+    chrono::DateTime::parse_from_rfc3339(s.trim()).ok().map(|d| d.timestamp_millis())
+}
+
+/// The message's time moved by `skew_ms` (receivedAt - sentAt), as ISO-8601 UTC with milliseconds; None when it
+/// has no RFC 3339 `timestamp` or `originalTimestamp` to move.
+fn corrected_timestamp(m: &Map<String, Value>, skew_ms: i64) -> Option<String> {
+    let t =
+        get_ci(m, "timestamp").and_then(parse_time).or_else(|| get_ci(m, "originalTimestamp").and_then(parse_time))?;
+    let dt = chrono::DateTime::from_timestamp_millis(t.checked_add(skew_ms)?)?;
+    Some(dt.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
 fn context_traits(c: Option<&Map<String, Value>>) -> Option<&Value> {
@@ -164,6 +231,47 @@ mod tests {
         assert_eq!(items(m.clone()), 1);
         assert_eq!(items(json!({"batch": [m.clone(), m.clone()]})), 2);
         assert_eq!(items(json!([m.clone(), m.clone(), m])), 3);
+    }
+
+    fn timestamp_of(mut body: Value, received_at_ms: i64) -> Option<String> {
+        prepare_tracking_call(&mut body, None, received_at_ms);
+        let m = body.get("batch").map(|b| b[0].clone()).unwrap_or(body);
+        m.get("timestamp").and_then(Value::as_str).map(str::to_owned)
+    }
+
+    #[test]
+    fn a_timestamp_is_moved_by_received_at_minus_sent_at() {
+        // The device's clock is one hour fast: it says it sent at 13:00:10, the relay received at 12:00:10.
+        let received = chrono::DateTime::parse_from_rfc3339("2026-01-01T12:00:10Z").unwrap().timestamp_millis();
+        let msg = json!({"type": "track", "event": "E", "userId": "u",
+            "timestamp": "2026-01-01T13:00:00.000Z", "sentAt": "2026-01-01T13:00:10.000Z"});
+        assert_eq!(timestamp_of(msg, received).as_deref(), Some("2026-01-01T12:00:00.000Z"));
+        let batch = json!({"batch": [{"type": "track", "event": "E", "userId": "u",
+            "originalTimestamp": "2026-01-01T13:00:00+01:00"}], "sentAt": "2026-01-01T12:00:12Z"});
+        assert_eq!(timestamp_of(batch, received).as_deref(), Some("2026-01-01T11:59:58.000Z"), "batch-level sentAt");
+        let unsent = json!({"type": "track", "event": "E", "userId": "u", "timestamp": "2026-01-01T13:00:00Z"});
+        assert_eq!(timestamp_of(unsent, received).as_deref(), Some("2026-01-01T13:00:00Z"), "no sentAt: as sent");
+    }
+
+    #[test]
+    fn a_single_call_takes_its_type_from_the_path_and_loses_its_write_key() {
+        let mut body = json!({"event": "E", "userId": "u", "writeKey": "wk_secret"});
+        assert!(prepare_tracking_call(&mut body, Some("track"), 0));
+        assert_eq!(body, json!({"event": "E", "userId": "u", "type": "track"}));
+    }
+
+    #[test]
+    fn integrations_heap_false_or_all_false_without_heap_true_exclude_a_message() {
+        let excluded = |integrations: Value| {
+            let m = json!({"type": "track", "event": "E", "userId": "u", "integrations": integrations});
+            let Parsed::Items(v) = parse(&m, &SourceOptions::default()).unwrap() else { panic!() };
+            v[0].as_ref().unwrap().excluded
+        };
+        assert!(excluded(json!({"Heap": false})));
+        assert!(excluded(json!({"All": false})));
+        assert!(!excluded(json!({"All": false, "Heap": true})));
+        assert!(!excluded(json!({"All": true, "Mixpanel": false})));
+        assert!(!excluded(json!({})));
     }
 
     #[test]

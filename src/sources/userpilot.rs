@@ -62,7 +62,7 @@ fn event_item(event: &Value) -> Result<Item, FieldError> {
     };
     let mut ctx = CtxObject::from_json(obj);
     ctx.insert("heap_event", Ctx::str(heap_event_name(&name)));
-    Ok(Item { ctx, seed: event.to_string() })
+    Ok(Item { ctx, seed: event.to_string(), excluded: false })
 }
 
 #[cfg(test)]

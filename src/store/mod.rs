@@ -402,5 +402,14 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     }
 }
 
-/// A stored request body: (raw id, source, template, received_at, body).
-pub type RawBody = (i64, String, String, Millis, Vec<u8>);
+/// A stored request body, with what a re-render needs to run it through the same route again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawBody {
+    /// The body's row (SQLite: its log entry); a re-render's append names it in `replay_of_raw`.
+    pub id: i64,
+    pub source: String,
+    pub environment: String,
+    pub template: String,
+    pub received_at: Millis,
+    pub body: Vec<u8>,
+}

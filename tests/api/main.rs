@@ -15,6 +15,7 @@ mod hostile;
 mod pg_tls;
 mod postgres;
 mod proptests;
+mod sdk;
 mod segment;
 mod store_bounds;
 mod store_contract;

@@ -258,8 +258,12 @@ async fn the_raw_body_is_kept_for_a_rerender_and_a_rerender_replaces_the_old_row
     let rejected = store.list(Query { status: Some(Status::Rejected), limit: 1, ..Query::default() }).await.unwrap();
     let raws = store.raw_bodies(Selector::Id(rejected[0].id.clone())).await.unwrap();
     assert_eq!(raws.len(), 1);
-    let (raw_id, source, template, _, raw) = raws[0].clone();
-    assert_eq!((source.as_str(), template.as_str(), raw.as_slice()), ("heap", "default", &b"{\"tag\":\"f\"}"[..]));
+    let raw = raws[0].clone();
+    let raw_id = raw.id;
+    assert_eq!(
+        (raw.source.as_str(), raw.template.as_str(), raw.body.as_slice()),
+        ("heap", "default", &b"{\"tag\":\"f\"}"[..])
+    );
 
     let mut again = body("g", 3);
     again.rejections.clear();

@@ -376,14 +376,14 @@ pub fn raw_bodies(st: &State, sel: &Selector) -> Result<Vec<RawBody>, StoreError
     }
     roots.sort_unstable();
     let mut out = Vec::with_capacity(roots.len());
-    let mut stmt = st
-        .log
-        .prepare_cached("SELECT source, template, received_at, body FROM log WHERE seq = ?1 AND body IS NOT NULL")?;
+    let mut stmt = st.log.prepare_cached(
+        "SELECT source, environment, template, received_at, body FROM log WHERE seq = ?1 AND body IS NOT NULL",
+    )?;
     for seq in roots {
-        let row: Option<(String, String, Millis, Vec<u8>)> =
-            stmt.query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).optional()?;
-        if let Some((source, template, at, body)) = row {
-            out.push((seq, source, template, at, codec::decompress(body)?));
+        let row: Option<(String, String, String, Millis, Vec<u8>)> =
+            stmt.query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))).optional()?;
+        if let Some((source, environment, template, received_at, body)) = row {
+            out.push(RawBody { id: seq, source, environment, template, received_at, body: codec::decompress(body)? });
         }
     }
     Ok(out)

@@ -1,0 +1,142 @@
+//! Segment's HTTP tracking API on the segment source, so Segment's and RudderStack's libraries send to the relay by
+//! changing one URL: `POST /v1/batch`, `/v1/track`, `/v1/identify`, `/v1/page`, `/v1/screen`, `/v1/group`,
+//! `/v1/alias`, at the root, under `/hooks/segment/` (a base URL with a path) and under `/env/{environment}/`.
+//!
+//! Answers as those libraries expect: `200 {"success": true, ...}` once stored (RudderStack's Python library treats
+//! only 200 as success), and errors with `success`, `code` and `message` at the top level beside the relay's own
+//! `error` object (both libraries read `code`; without it one raised `KeyError` and retried forever). Segment's
+//! size limits apply, each with its own error: 500 KB per batch (`batch_too_large`), 32 KB per message
+//! (`message_too_large`), both 400 as Segment answers. Authentication is the source's gate (write keys as HTTP
+//! Basic user or `writeKey` in the body, or `[sources.segment.auth]`); a retried batch is answered from the
+//! messageId dedupe (`store.dedupe_window_secs`), so it makes no copies.
+
+use super::AppState;
+use super::body::read_limited;
+use super::hooks::{ingest_error, respond};
+use super::{environment, gate};
+use crate::error::{ApiError, ErrorCode};
+use crate::ingest::{IngestError, Route};
+use crate::intake::Intake;
+use crate::sources::Source;
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde_json::Value;
+
+/// Segment's documented limit on one batch request, in bytes (decoded).
+pub const MAX_BATCH_BYTES: usize = 500 * 1024;
+/// Segment's documented limit on one message, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
+
+const CALLS: [&str; 7] = ["batch", "track", "identify", "page", "screen", "group", "alias"];
+const SOURCE: &str = "segment";
+
+pub async fn call(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    take(&req, None, &path.into_inner(), payload, &state).await.map_err(segment_shaped)
+}
+
+/// `POST /env/{environment}/v1/{call}` (and under `/env/{environment}/hooks/segment/`).
+pub async fn call_in(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (environment, call) = path.into_inner();
+    take(&req, Some(&environment), &call, payload, &state).await.map_err(segment_shaped)
+}
+
+fn segment_shaped(mut e: ApiError) -> ApiError {
+    e.segment_api = true;
+    e
+}
+
+async fn take(
+    req: &HttpRequest,
+    path_environment: Option<&str>,
+    call: &str,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    if !CALLS.contains(&call) {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no Segment call {call:?}; calls are {}", CALLS.join(", ")),
+        ));
+    }
+    environment::check_path(path_environment, SOURCE, state)?;
+    let passed = gate::before_body(req, SOURCE, state)?;
+    let body = read_limited(req, payload, state.max_body_bytes, state.body_read_timeout, &state.inflight)
+        .await
+        .inspect_err(|e| state.intake.metrics.request(SOURCE, e.code.status().as_u16()))?;
+    let credential = gate::after_body(req, SOURCE, passed, &body.bytes, state)?;
+    let environment = environment::resolve(credential, path_environment, SOURCE, state)?;
+    let single = (call != "batch").then_some(call);
+    let bytes = prepare(&body.bytes, single, state).inspect_err(|e| {
+        state.intake.metrics.request(SOURCE, e.code.status().as_u16());
+    })?;
+    let result =
+        state.intake.accept_in(&environment, Route::Hook { source: Source::Segment, template: None }, bytes).await;
+    drop(body.held);
+    match result {
+        Ok(Intake::Stored { summary, nothing_accepted: false }) => {
+            state.intake.metrics.request(SOURCE, 200);
+            let mut answer = serde_json::to_value(&summary).unwrap_or_default();
+            if let Some(o) = answer.as_object_mut() {
+                o.insert("success".into(), Value::Bool(true));
+            }
+            Ok(HttpResponse::Ok().json(answer))
+        }
+        other => respond(SOURCE, other, None, state),
+    }
+}
+
+/// A Segment body's `writeKey` removed before the body is stored (it is a secret), for bodies posted to
+/// `/hooks/segment`; None when it has none (or is not JSON: the pipeline reports that).
+pub fn without_write_key(bytes: &[u8], state: &AppState) -> Option<Vec<u8>> {
+    if !bytes.windows(10).any(|w| w == b"\"writeKey\"") {
+        return None;
+    }
+    let mut value = crate::json::parse(bytes, &state.intake.pipeline.json_limits).ok()?;
+    value.as_object_mut()?.remove("writeKey")?;
+    serde_json::to_vec(&value).ok()
+}
+
+/// Segment's size limits, then the body as the pipeline takes it (`sources::segment::prepare_tracking_call`):
+/// NULs and lone surrogates repaired, type from the path, `writeKey` removed, timestamps corrected for skew.
+fn prepare(raw: &[u8], single: Option<&str>, state: &AppState) -> Result<Vec<u8>, ApiError> {
+    let (limit, code, what) = match single {
+        None => (MAX_BATCH_BYTES, ErrorCode::BatchTooLarge, "a batch"),
+        Some(_) => (MAX_MESSAGE_BYTES, ErrorCode::MessageTooLarge, "a message"),
+    };
+    if raw.len() > limit {
+        return Err(ApiError::new(
+            code,
+            format!("{} bytes is more than Segment's limit of {limit} bytes for {what}", raw.len()),
+        ));
+    }
+    let repaired = crate::sanitize::sanitize(raw).map(|(bytes, _, _)| bytes);
+    let bytes = repaired.as_deref().unwrap_or(raw);
+    let mut value = crate::json::parse(bytes, &state.intake.pipeline.json_limits)
+        .map_err(|e| ingest_error(IngestError::Json(e)))?;
+    if let Some(Value::Array(batch)) = value.get("batch") {
+        for (i, m) in batch.iter().enumerate() {
+            let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(0);
+            if size > MAX_MESSAGE_BYTES {
+                return Err(ApiError::new(
+                    ErrorCode::MessageTooLarge,
+                    format!("message {i} is {size} bytes, more than Segment's limit of {MAX_MESSAGE_BYTES} bytes"),
+                )
+                .with_field(format!("batch[{i}]")));
+            }
+        }
+    }
+    let received_at = state.intake.clock.now_ms();
+    if crate::sources::segment::prepare_tracking_call(&mut value, single, received_at) {
+        return serde_json::to_vec(&value).map_err(|e| ApiError::internal(&e));
+    }
+    Ok(repaired.unwrap_or_else(|| raw.to_vec()))
+}
