@@ -209,7 +209,12 @@ impl Worker {
         let admission: Option<Arc<dyn Admission>> =
             (in_claim && (app_rate > 0 || identity_rate > 0)).then(|| d.limiter.clone() as Arc<dyn Admission>);
         let lease_ms = d.config.lease.as_millis() as i64;
-        let claimed = d.store.claim(&self.owner, now, lease_ms, limit, d.paused_apps(now), admission).await?;
+        let mut paused = d.paused_apps(now);
+        if let Store::Postgres(pg) = &d.store {
+            // The shared budgets live in the database: app_ids whose budget is spent are not claimed at all.
+            paused.extend(pg.spent_apps(app_rate, now).await?);
+        }
+        let claimed = d.store.claim(&self.owner, now, lease_ms, limit, paused, admission).await?;
         let mut out = RoundOutcome { claimed: claimed.len(), ..Default::default() };
         if claimed.is_empty() {
             return Ok(out);

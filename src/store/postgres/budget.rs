@@ -8,6 +8,28 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 impl PgStore {
+    /// The app_ids whose shared budget holds less than one event's worth at `now` (read, not taken): a claim skips
+    /// them, so a backlog held back by the app budget is not claimed and released row by row.
+    pub async fn spent_apps(&self, app_per_min: u32, now: Millis) -> Result<Vec<String>, StoreError> {
+        if app_per_min == 0 {
+            return Ok(Vec::new());
+        }
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(&client.prepare_cached("SELECT app_id, tokens, at FROM rate_budget WHERE identity = ''").await?, &[])
+            .await
+            .map_err(pg_err)?;
+        let rate = app_per_min as f64 / 60_000.0;
+        Ok(rows
+            .iter()
+            .filter(|r| {
+                let (tokens, at): (f64, i64) = (r.get(1), r.get(2));
+                (tokens + (now - at).max(0) as f64 * rate).min(app_per_min as f64) < 1.0
+            })
+            .map(|r| r.get(0))
+            .collect())
+    }
+
     /// Takes one event's worth from the shared budgets of each `(app_id, identity)` in `wants`, in order, and says
     /// for each whether it may go now (`None`) or how long until it may. Every instance on this database takes from
     /// the same rows, under row locks, so together they keep to one budget. A rate of 0 turns that budget off.
