@@ -8,7 +8,7 @@ use crate::domain::{
 use crate::json::{JsonError, JsonLimits};
 use crate::sources::{self, Parsed, Source, SourceOptions};
 use crate::templates::render::RenderLimits;
-use crate::templates::{Draft, TemplateStore, valid_name};
+use crate::templates::{Draft, Render, TemplateStore, valid_name};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -73,8 +73,17 @@ pub struct Outcome {
     pub items: usize,
     pub accepted: Vec<Accepted>,
     pub rejected: Vec<Rejection>,
-    /// Items the template chose to send nothing for (a Segment `group` message, say).
+    /// Items the template chose to send nothing for (a Segment `group` message, say, or `{% abort %}`).
     pub ignored: Vec<usize>,
+    /// Version of the template that rendered the accepted items (`Template::version`): store it with each event,
+    /// so that a re-render can select events by the version that produced them. `None` for Heap-compatible routes.
+    pub template_version: Option<String>,
+    /// Set when the route's template exists as a file but does not load (and has no last good version): the
+    /// template's load error, `file:line:column: message`. Then `accepted`, `rejected` and `ignored` are empty and
+    /// `items` counts the body's items: store the raw body with its items held, and render them again once the
+    /// template is fixed. Only returned when `Pipeline::hold_broken_templates` is on; otherwise such a body is
+    /// refused with `IngestError::UnknownTemplate` naming the load error.
+    pub held: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,8 +92,13 @@ pub enum IngestError {
     Json(#[from] JsonError),
     #[error("source {0:?} is disabled in config.toml")]
     SourceDisabled(&'static str),
-    #[error("no template {name:?} for source {source_name} (looked for templates/{source_name}/{name}.json)")]
-    UnknownTemplate { source_name: &'static str, name: String },
+    #[error("{}", unknown_template(source_name, name, broken.as_deref()))]
+    UnknownTemplate {
+        source_name: &'static str,
+        name: String,
+        /// The template's load error when its file exists but does not load.
+        broken: Option<String>,
+    },
     #[error("{0}")]
     Body(FieldError),
     #[error("{items} items in one body; the limit is {limit} (limits.max_items)")]
@@ -104,6 +118,18 @@ pub struct Pipeline {
     pub max_items: usize,
     /// Bounds a body must meet before it is parsed (nesting depth).
     pub json_limits: JsonLimits,
+    /// Answer a body whose template does not load with `Outcome::held` instead of `UnknownTemplate` (turn on once
+    /// the store keeps held items).
+    pub hold_broken_templates: bool,
+}
+
+fn unknown_template(source: &str, name: &str, broken: Option<&str>) -> String {
+    match broken {
+        Some(e) => format!("template {name:?} of source {source} does not load: {e}"),
+        None => {
+            format!("no template {name:?} for source {source} (looked for templates/{source}/{name}.json)")
+        }
+    }
 }
 
 impl Pipeline {
@@ -136,11 +162,20 @@ impl Pipeline {
             return Err(IngestError::SourceDisabled(source.as_str()));
         }
         let name = template.unwrap_or(&cfg.template);
-        let unknown = || IngestError::UnknownTemplate { source_name: source.as_str(), name: name.to_owned() };
+        let unknown =
+            |broken| IngestError::UnknownTemplate { source_name: source.as_str(), name: name.to_owned(), broken };
         if !valid_name(name) {
-            return Err(unknown());
+            return Err(unknown(None));
         }
-        let tpl = self.templates.get(source.as_str(), name).ok_or_else(unknown)?;
+        let tpl = self.templates.get(source.as_str(), name);
+        let held = match &tpl {
+            Some(_) => None,
+            None => match self.templates.broken(source.as_str(), name) {
+                Some(e) if self.hold_broken_templates => Some(e.to_string()),
+                Some(e) => return Err(unknown(Some(e.to_string()))),
+                None => return Err(unknown(None)),
+            },
+        };
         let parsed = sources::parse(source, value, &cfg.options).map_err(IngestError::Body)?;
         let items = match parsed {
             Parsed::Ping => {
@@ -149,8 +184,16 @@ impl Pipeline {
             Parsed::Items(items) => items,
         };
         self.check_count(items.len())?;
+        let Some(tpl) = tpl else {
+            return Ok(Outcome { template: name.to_owned(), items: items.len(), held, ..Default::default() });
+        };
         let app_id = cfg.app_id.as_deref().or(self.default_app_id.as_deref());
-        let mut out = Outcome { template: name.to_owned(), items: items.len(), ..Default::default() };
+        let mut out = Outcome {
+            template: name.to_owned(),
+            items: items.len(),
+            template_version: Some(tpl.version.clone()),
+            ..Default::default()
+        };
         for (index, item) in items.into_iter().enumerate() {
             let item = match item {
                 Ok(i) => i,
@@ -159,8 +202,12 @@ impl Pipeline {
                     continue;
                 }
             };
-            let drafts = match tpl.render(&item.ctx, &self.render_limits) {
-                Ok(d) => d,
+            let drafts = match tpl.render_item(&item.ctx, &self.render_limits) {
+                Ok(Render::Calls(d)) => d,
+                Ok(Render::Aborted) => {
+                    out.ignored.push(index);
+                    continue;
+                }
                 Err(e) => {
                     out.rejected.push(Rejection {
                         index,

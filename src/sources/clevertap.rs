@@ -2,7 +2,7 @@
 //! `profiles` as an array (broadcast) or one object (non-broadcast), and the creation ping (`"is_test": true`).
 //!
 //! Template variables mirror CleverTap's own Liquid: `Profile.<key>` (Email, Identity, Name, Phone, ObjectId and
-//! every profileData key as sent, spaces included), `Event.<key>` (event_properties), `Campaign.id` (targetId),
+//! every profileData key as sent, spaces included), `Event.<key>` (event_properties), `Campaign.id` and `Campaign.campaignId` (targetId),
 //! `KeyValues.<key>` (campaign key_values), and `body` (the raw profile). `$D_<epoch seconds>` dates become ISO-8601.
 
 use super::{Item, Parsed, get_ci};
@@ -78,6 +78,8 @@ fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value) -> Resu
     };
     let mut campaign = CtxObject::new();
     campaign.insert("id", Ctx::from_json(target_id));
+    // CleverTap's own Liquid name for the campaign id.
+    campaign.insert("campaignId", Ctx::from_json(target_id));
     let mut ctx = CtxObject::new();
     ctx.insert("Profile", Ctx::Object(prof));
     ctx.insert("Event", Ctx::Object(event));
@@ -119,6 +121,7 @@ fn custom_item(root: &Map<String, Value>) -> Item {
     ctx.insert_missing("KeyValues", nested("key_values"));
     let mut campaign = CtxObject::new();
     campaign.insert("id", Ctx::from_json(get_ci(root, "targetId").unwrap_or(&Value::Null)));
+    campaign.insert("campaignId", Ctx::from_json(get_ci(root, "targetId").unwrap_or(&Value::Null)));
     ctx.insert_missing("Campaign", Ctx::Object(campaign));
     Item { ctx, seed: serde_json::to_string(root).unwrap_or_default() }
 }

@@ -1,27 +1,50 @@
-//! User-editable templates: `templates/<source>/<name>.json`, JSON documents whose string leaves may hold Liquid.
+//! User-editable templates under `templates/<source>/`: `<name>.json` or `<name>.liquid`, one per Heap mapping.
 //!
-//! A template is either a Heap track body (the form CleverTap's Heap guide uses: `app_id`, `identity`, `event`,
-//! `properties`), or an object with a `track` and/or an `add_user_properties` section, each an object in Heap's
-//! shape with an optional `when` leaf: the section is emitted only when `when` renders to something other than
-//! nothing or `false`. Root keys starting with `_` are comments. The set is parsed once at load and reloaded when a
-//! file changes; a reload that fails keeps the last good set and logs why.
+//! Two kinds, one renderer (see `document`):
+//! - a **JSON template** is a JSON document whose string leaves may hold Liquid: a Heap track body (the form
+//!   CleverTap's Heap guide uses: `app_id`, `identity`, `event`, `properties`), or an object with a `track`
+//!   and/or an `add_user_properties` section, each in Heap's shape with an optional `when` leaf (the section is
+//!   sent only when `when` renders to something other than nothing or `false`). Root keys starting with `_` are
+//!   comments.
+//! - a **text template** is any `.liquid` or `.json` file that is not itself valid JSON: the payload text exactly
+//!   as written in CleverTap's webhook editor, Liquid around structure and unquoted outputs included. What it
+//!   renders to must be JSON of the same shapes.
+//!
+//! Every output is escaped for the JSON context it lands in (`output`), so no value can end a string, add a field
+//! or change `app_id`. Partials for `{% include %}` live in `templates/<source>/_partials/<name>.liquid`.
+//! Examples (template tests) live beside a template in `<name>.tests/*.json` (see `commands::test`).
+//!
+//! A template that does not load never stops the relay: it is reported (`TemplateStore::broken`), the others
+//! work, and a reload replaces templates one by one, keeping the last good version of a template whose edit is
+//! broken. Each template has a version (`Template::version`): a short hash of its text and its source's partials.
 
 pub mod bounds;
 pub mod context;
+pub mod dialect;
+pub mod document;
+mod if_block;
+pub mod output;
 pub mod render;
+#[cfg(test)]
+mod specs;
 
 use crate::domain::CallKind;
 use bounds::LoadLimits;
 use context::CtxObject;
-use render::{Leaf, LeafError, Node, RenderLimits, compile_leaf, json_len};
+use document::{Document, Rendered};
+use render::{LeafError, RenderLimits, json_len};
 use serde_json::{Map, Value};
-use std::collections::HashMap;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 /// Largest template file accepted by default, in bytes (`templates.max_template_bytes`).
 pub const MAX_TEMPLATE_BYTES: u64 = 256 * 1024;
+
+/// Directory of a source's partials, for `{% include 'name' %}`.
+pub const PARTIALS_DIR: &str = "_partials";
 
 /// Checks a template name taken from a URL or the command line: `[A-Za-z0-9_-]`, 1 to 64 characters, so that no
 /// name can reach outside `templates/<source>/`.
@@ -76,11 +99,20 @@ pub struct Draft {
     pub body: Map<String, Value>,
 }
 
-#[derive(Debug)]
-struct Section {
-    kind: CallKind,
-    when: Option<Leaf>,
-    body: Node,
+/// What rendering one item gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Render {
+    /// The calls to make; empty when every section's `when` was false.
+    Calls(Vec<Draft>),
+    /// `{% abort %}` ran: send nothing for this item.
+    Aborted,
+}
+
+/// The two kinds of template (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateKind {
+    Json,
+    Text,
 }
 
 #[derive(Debug)]
@@ -89,7 +121,24 @@ pub struct Template {
     pub name: String,
     /// Path as shown in messages, e.g. `templates/clevertap/default.json`.
     pub file: String,
-    sections: Vec<Section>,
+    pub kind: TemplateKind,
+    /// First 16 hex digits of the SHA-256 of the template's text and its source's partials: names the version
+    /// of the template that rendered an event.
+    pub version: String,
+    doc: Document,
+}
+
+/// Version hash of a template's text and the partials it may include.
+pub fn version_of(text: &str, partials: &[(String, String)]) -> String {
+    let mut h = Sha256::new();
+    h.update(text.as_bytes());
+    for (name, body) in partials {
+        h.update([0u8]);
+        h.update(name.as_bytes());
+        h.update([0u8]);
+        h.update(body.as_bytes());
+    }
+    hex::encode(&h.finalize()[..8])
 }
 
 impl Template {
@@ -104,7 +153,8 @@ impl Template {
         Self::compile_with(parser, source, name, file, text, &LoadLimits::default())
     }
 
-    /// Parses template `text`, refusing range loops past `limits` (see `bounds`).
+    /// Parses template `text`, refusing range loops past `limits` (see `bounds`). Valid JSON is a JSON template;
+    /// anything else is a text template.
     pub fn compile_with(
         parser: &liquid::Parser,
         source: &str,
@@ -113,208 +163,297 @@ impl Template {
         text: &str,
         limits: &LoadLimits,
     ) -> Result<Self, LoadError> {
-        let err = |line, column, message: String| LoadError { file: file.to_owned(), line, column, message };
-        let root: Value = serde_json::from_str(text)
-            .map_err(|e| err(Some(e.line()), Some(e.column()), format!("not valid JSON: {e}")))?;
-        let Value::Object(root) = root else {
-            return Err(err(Some(1), None, "a template must be a JSON object".into()));
-        };
-        let compile_node = |v: &Value, path: &str| {
-            compile_node(parser, v, path, text, limits).map_err(|(pos, m)| {
-                let (line, column) = pos.map_or((None, None), |(l, c)| (Some(l), Some(c)));
-                err(line, column, m)
-            })
-        };
-        let sectioned = root.keys().any(|k| k == "track" || k == "add_user_properties");
-        let mut sections = Vec::new();
-        if sectioned {
-            for (key, value) in root.iter().filter(|(k, _)| !k.starts_with('_')) {
-                let kind = match key.as_str() {
-                    "track" => CallKind::Track,
-                    "add_user_properties" => CallKind::UserProperties,
-                    other => {
-                        return Err(err(
-                            None,
-                            None,
-                            format!(
-                                "unknown section {other:?}: a template's sections are `track` and `add_user_properties`"
-                            ),
-                        ));
-                    }
-                };
-                let Value::Object(obj) = value else {
-                    return Err(err(None, None, format!("section {key:?} must be an object")));
-                };
-                let when = match obj.get("when") {
-                    None => None,
-                    Some(Value::String(s)) => {
-                        bounds::check_loops(s, limits).map_err(|m| {
-                            let pos = find_leaf(text, s);
-                            err(pos.map(|p| p.0), pos.map(|p| p.1), format!("leaf {key}.when: {m}"))
-                        })?;
-                        compile_leaf_guarded(parser, s, &format!("{key}.when"))
-                            .map_err(|e| liquid_error(file, text, s, &format!("{key}.when"), &e))?
-                    }
-                    Some(_) => return Err(err(None, None, format!("{key}.when must be a string"))),
-                };
-                let body: Map<String, Value> =
-                    obj.iter().filter(|(k, _)| *k != "when").map(|(k, v)| (k.clone(), v.clone())).collect();
-                sections.push(Section { kind, when, body: compile_node(&Value::Object(body), key)? });
-            }
-        } else {
-            let body: Map<String, Value> = root.into_iter().filter(|(k, _)| !k.starts_with('_')).collect();
-            if !body.contains_key("event") {
-                return Err(err(
-                    None,
-                    None,
-                    "a template is a Heap track body (with `event`) or has `track` / `add_user_properties` sections"
-                        .into(),
-                ));
-            }
-            sections.push(Section { kind: CallKind::Track, when: None, body: compile_node(&Value::Object(body), "")? });
-        }
-        Ok(Self { source: source.to_owned(), name: name.to_owned(), file: file.to_owned(), sections })
+        Self::compile_versioned(parser, source, name, file, text, limits, version_of(text, &[]))
     }
 
-    /// Renders every section whose `when` holds. An empty result means the template chose to send nothing.
-    /// The whole item shares one deadline (`limits.timeout`) and one output budget (`limits.max_event_bytes`).
-    pub fn render(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Vec<Draft>, RenderError> {
+    fn compile_versioned(
+        parser: &liquid::Parser,
+        source: &str,
+        name: &str,
+        file: &str,
+        text: &str,
+        limits: &LoadLimits,
+        version: String,
+    ) -> Result<Self, LoadError> {
+        let err = |line, column, message: String| LoadError { file: file.to_owned(), line, column, message };
+        let at = |offset: usize, message: String| {
+            let (l, c) = document::line_col(text, offset);
+            err(Some(l), Some(c), message)
+        };
+        let (kind, doc_text, leaves) = match serde_json::from_str::<Value>(text) {
+            Ok(root) => {
+                check_json_shape(&root).map_err(|m| err(None, None, m))?;
+                let (doc, leaves) = document::json_to_document(text, limits).map_err(|(o, m)| at(o, m))?;
+                (TemplateKind::Json, doc, leaves)
+            }
+            Err(_) => {
+                bounds::check_loops(text, limits).map_err(|m| err(None, None, m))?;
+                (TemplateKind::Text, text.to_owned(), Vec::new())
+            }
+        };
+        let doc = match Document::parse(parser, doc_text, leaves) {
+            Ok(d) => d,
+            Err(e) if kind == TemplateKind::Json => return Err(json_leaf_error(parser, file, text, e)),
+            Err(e) => return Err(err(e.line, e.column, e.message)),
+        };
+        Ok(Self { source: source.to_owned(), name: name.to_owned(), file: file.to_owned(), kind, version, doc })
+    }
+
+    /// Renders one item: the calls whose sections hold, or `Aborted`. The item shares one deadline
+    /// (`limits.timeout`) and one output budget (`limits.max_event_bytes`).
+    pub fn render_item(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Render, RenderError> {
         let wrap = |source| RenderError { file: self.file.clone(), source };
         let limits = &limits.started(std::time::Instant::now());
+        let value = match self.doc.render(ctx, limits).map_err(wrap)? {
+            Rendered::Aborted => return Ok(Render::Aborted),
+            Rendered::Json(v) => v,
+        };
+        let drafts = shape(value).map_err(|message| wrap(LeafError { path: "template".into(), message }))?;
         let mut event_bytes = 0usize;
-        let mut out = Vec::with_capacity(self.sections.len());
-        for section in &self.sections {
-            if let Some(when) = &section.when {
-                let on = match when.render_value(ctx, limits).map_err(wrap)? {
-                    None | Some(Value::Bool(false)) => false,
-                    Some(Value::String(s)) => !s.trim().eq_ignore_ascii_case("false"),
-                    Some(_) => true,
-                };
-                if !on {
-                    continue;
-                }
-            }
-            if let Some(Value::Object(body)) = section.body.render(ctx, limits).map_err(wrap)? {
-                event_bytes += json_len(&body);
-                if event_bytes > limits.max_event_bytes {
-                    return Err(wrap(LeafError {
-                        path: section.kind.as_str().to_owned(),
-                        message: format!(
-                            "the item renders to more than {} bytes (templates.max_event_bytes)",
-                            limits.max_event_bytes
-                        ),
-                    }));
-                }
-                out.push(Draft { kind: section.kind, body });
+        for d in &drafts {
+            event_bytes += json_len(&d.body);
+            if event_bytes > limits.max_event_bytes {
+                return Err(wrap(LeafError {
+                    path: d.kind.as_str().to_owned(),
+                    message: format!(
+                        "the item renders to more than {} bytes (templates.max_event_bytes)",
+                        limits.max_event_bytes
+                    ),
+                }));
             }
         }
-        Ok(out)
+        Ok(Render::Calls(drafts))
+    }
+
+    /// As `render_item`, with an abort reported as no calls.
+    pub fn render(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Vec<Draft>, RenderError> {
+        Ok(match self.render_item(ctx, limits)? {
+            Render::Calls(d) => d,
+            Render::Aborted => Vec::new(),
+        })
     }
 }
 
-type CompileError = (Option<(usize, usize)>, String);
-
-fn compile_node(
-    parser: &liquid::Parser,
-    v: &Value,
-    path: &str,
-    file_text: &str,
-    limits: &LoadLimits,
-) -> Result<Node, CompileError> {
-    let join = |k: &str| {
-        if path.is_empty() { k.to_owned() } else { format!("{path}.{k}") }
+/// The load-time checks a JSON template's shape gets (a text template's shape is known only once rendered).
+fn check_json_shape(root: &Value) -> Result<(), String> {
+    let Value::Object(root) = root else {
+        return Err("a template must be a JSON object".into());
     };
-    Ok(match v {
-        Value::String(s) => {
-            if let Err(message) = bounds::check_loops(s, limits) {
-                return Err((find_leaf(file_text, s), format!("leaf {path}: {message}")));
+    let sectioned = root.keys().any(|k| k == "track" || k == "add_user_properties");
+    if sectioned {
+        for (key, value) in root.iter().filter(|(k, _)| !k.starts_with('_')) {
+            if key != "track" && key != "add_user_properties" {
+                return Err(format!(
+                    "unknown section {key:?}: a template's sections are `track` and `add_user_properties`"
+                ));
             }
-            match compile_leaf_guarded(parser, s, path) {
-                Ok(None) => Node::Literal(v.clone()),
-                Ok(Some(leaf)) => Node::Liquid(leaf),
-                Err(e) => {
-                    let pos = find_leaf(file_text, s);
-                    return Err((pos, format!("leaf {path}: {e}")));
-                }
+            let Value::Object(obj) = value else {
+                return Err(format!("section {key:?} must be an object"));
+            };
+            if obj.get("when").is_some_and(|w| !w.is_string()) {
+                return Err(format!("{key}.when must be a string"));
             }
         }
-        Value::Object(m) => Node::Object(
-            m.iter()
-                .map(|(k, v)| Ok((k.clone(), compile_node(parser, v, &join(k), file_text, limits)?)))
-                .collect::<Result<_, _>>()?,
-        ),
-        Value::Array(a) => Node::Array(
-            a.iter()
-                .enumerate()
-                .map(|(i, v)| compile_node(parser, v, &format!("{path}[{i}]"), file_text, limits))
-                .collect::<Result<_, _>>()?,
-        ),
-        other => Node::Literal(other.clone()),
-    })
+    } else if !root.contains_key("event") {
+        return Err(
+            "a template is a Heap track body (with `event`) or has `track` / `add_user_properties` sections".into()
+        );
+    }
+    Ok(())
 }
 
-/// `compile_leaf`, with a panic inside liquid's parser turned into an error: liquid-core panics on some inputs
-/// (integer literals beyond i64, which `bounds` refuses first), and a template must never take the relay down.
-fn compile_leaf_guarded(parser: &liquid::Parser, text: &str, path: &str) -> Result<Option<Leaf>, String> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compile_leaf(parser, text, path))) {
-        Ok(Ok(leaf)) => Ok(leaf),
-        Ok(Err(e)) => Err(one_line(&e.to_string())),
-        Err(_) => Err("the Liquid parser failed on this leaf (a liquid-core panic)".into()),
+/// A JSON template whose document does not parse: find the leaf that fails on its own, for its path and line.
+fn json_leaf_error(parser: &liquid::Parser, file: &str, text: &str, whole: document::DocError) -> LoadError {
+    fn leaves<'a>(v: &'a Value, path: String, out: &mut Vec<(String, &'a str)>) {
+        match v {
+            Value::String(s) => out.push((path, s)),
+            Value::Object(m) => {
+                for (k, v) in m {
+                    if path.is_empty() && k.starts_with('_') {
+                        continue;
+                    }
+                    leaves(v, if path.is_empty() { k.clone() } else { format!("{path}.{k}") }, out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    leaves(v, format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
     }
-}
-
-fn liquid_error(file: &str, file_text: &str, leaf: &str, path: &str, e: &str) -> LoadError {
-    let pos = find_leaf(file_text, leaf);
-    LoadError {
-        file: file.to_owned(),
-        line: pos.map(|p| p.0),
-        column: pos.map(|p| p.1),
-        message: format!("leaf {path}: {e}"),
+    let root: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let mut all = Vec::new();
+    leaves(&root, String::new(), &mut all);
+    for (path, leaf) in all {
+        let Ok(source) = document::rewrite(leaf, false) else { continue };
+        let failed = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parser.parse(&source))) {
+            Ok(Ok(_)) => continue,
+            Ok(Err(_)) => parser.parse(leaf).err().map_or_else(|| whole.message.clone(), |e| e.to_string()),
+            Err(_) => "the Liquid parser failed on this leaf (a liquid-core panic)".into(),
+        };
+        let pos = find_leaf(text, leaf);
+        return LoadError {
+            file: file.to_owned(),
+            line: pos.map(|p| p.0),
+            column: pos.map(|p| p.1),
+            message: format!("leaf {path}: {}", document::one_line(&failed)),
+        };
     }
+    LoadError { file: file.to_owned(), line: whole.line, column: whole.column, message: whole.message }
 }
 
 /// Line and column (1-based) where the JSON string `leaf` appears in the file.
 fn find_leaf(file_text: &str, leaf: &str) -> Option<(usize, usize)> {
     let needle = serde_json::to_string(leaf).ok()?;
     let at = file_text.find(&needle)?;
-    let before = &file_text[..at];
-    let line = before.matches('\n').count() + 1;
-    let column = at - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    Some((line, column))
+    Some(document::line_col(file_text, at))
 }
 
-fn one_line(s: &str) -> String {
-    s.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "|").collect::<Vec<_>>().join(" ")
+/// From a rendered document to Heap calls: comments out, empty values out, `...` keys merged, sections chosen.
+fn shape(value: Value) -> Result<Vec<Draft>, String> {
+    let Value::Object(mut root) = value else {
+        return Err(format!("the template must render to a JSON object, not {}", type_name(&value)));
+    };
+    root.retain(|k, _| !k.starts_with('_'));
+    let sectioned = root.keys().any(|k| k == "track" || k == "add_user_properties");
+    if !sectioned {
+        return Ok(vec![Draft { kind: CallKind::Track, body: clean_object(root)? }]);
+    }
+    let mut out = Vec::new();
+    for (key, section) in root {
+        let kind = match key.as_str() {
+            "track" => CallKind::Track,
+            "add_user_properties" => CallKind::UserProperties,
+            other => {
+                return Err(format!(
+                    "unknown section {other:?}: a template's sections are `track` and `add_user_properties`"
+                ));
+            }
+        };
+        let mut body = match section {
+            Value::Object(m) => m,
+            Value::Null => continue,
+            other => return Err(format!("section {key:?} must be an object, not {}", type_name(&other))),
+        };
+        let on = match body.remove("when") {
+            None => true,
+            Some(Value::Null | Value::Bool(false)) => false,
+            Some(Value::String(s)) => !(s.trim().is_empty() || s.trim().eq_ignore_ascii_case("false")),
+            Some(_) => true,
+        };
+        if on {
+            out.push(Draft { kind, body: clean_object(body)? });
+        }
+    }
+    // Track before user properties, as the sections of a JSON template were always sent.
+    out.sort_by_key(|d| d.kind != CallKind::Track);
+    Ok(out)
 }
 
-/// Every template under a directory, by (source, name).
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn is_nothing(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.trim().is_empty(),
+        _ => false,
+    }
+}
+
+fn clean(v: Value) -> Result<Value, String> {
+    Ok(match v {
+        Value::Object(m) => Value::Object(clean_object(m)?),
+        Value::Array(a) => Value::Array(a.into_iter().filter(|v| !is_nothing(v)).map(clean).collect::<Result<_, _>>()?),
+        other => other,
+    })
+}
+
+fn clean_object(m: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    for (k, v) in m {
+        if is_nothing(&v) {
+            continue;
+        }
+        if k.starts_with("...") {
+            match clean(v)? {
+                Value::Object(inner) => out.extend(inner),
+                other => return Err(format!("a `...` key must render to an object, got {other}")),
+            }
+        } else {
+            out.insert(k, clean(v)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Every template under a directory, by (source, name), and the ones that did not load.
 #[derive(Debug, Default)]
 pub struct TemplateSet {
     by_name: HashMap<(String, String), Arc<Template>>,
+    broken: HashMap<(String, String), LoadError>,
+}
+
+/// A source's partials: `(name, text)` for each `_partials/<name>.liquid`, registered as `name` and
+/// `name.liquid`, sorted by name.
+fn read_partials(dir: &Path, errors: &mut Vec<LoadError>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for f in std::fs::read_dir(dir.join(PARTIALS_DIR)).into_iter().flatten().flatten() {
+        let path = f.path();
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+        if !matches!(path.extension().and_then(|e| e.to_str()), Some("liquid" | "json")) {
+            continue;
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match document::rewrite(&text, true) {
+                Ok(rewritten) => {
+                    let file = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    out.push((stem.to_owned(), rewritten.clone()));
+                    out.push((file, rewritten));
+                }
+                Err((at, m)) => {
+                    let (l, c) = document::line_col(&text, at);
+                    errors.push(LoadError {
+                        file: path.display().to_string(),
+                        line: Some(l),
+                        column: Some(c),
+                        message: m,
+                    });
+                }
+            },
+            Err(e) => errors.push(LoadError {
+                file: path.display().to_string(),
+                line: None,
+                column: None,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    out.sort();
+    out
 }
 
 impl TemplateSet {
-    /// Loads `dir/<source>/<name>.json` for every source directory under the default load limits.
+    /// Loads every template under `dir` under the default load limits.
     pub fn load_dir(dir: &Path) -> (Self, Vec<LoadError>) {
         Self::load_dir_with(dir, &LoadLimits::default())
     }
 
-    /// Loads `dir/<source>/<name>.json` for every source directory. Returns what loaded and every problem found.
+    /// Loads `dir/<source>/<name>.json` and `.liquid` for every source directory. Returns what loaded and every
+    /// problem found; a template that failed is also listed in `broken`.
     pub fn load_dir_with(dir: &Path, limits: &LoadLimits) -> (Self, Vec<LoadError>) {
         let mut set = Self::default();
         let mut errors = Vec::new();
-        let parser = match render::parser() {
-            Ok(p) => p,
-            Err(e) => {
-                errors.push(LoadError {
-                    file: dir.display().to_string(),
-                    line: None,
-                    column: None,
-                    message: e.to_string(),
-                });
-                return (set, errors);
-            }
-        };
         let sources = match std::fs::read_dir(dir) {
             Ok(rd) => rd,
             Err(e) => {
@@ -327,54 +466,64 @@ impl TemplateSet {
                 return (set, errors);
             }
         };
-        let mut files: Vec<(String, String, PathBuf)> = Vec::new();
-        for entry in sources.flatten() {
-            let source = entry.file_name().to_string_lossy().into_owned();
-            if !entry.path().is_dir() || source.starts_with('.') {
-                continue;
-            }
-            for f in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
-                let path = f.path();
-                if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                    continue;
-                }
-                let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                files.push((source.clone(), name, path));
-            }
-        }
-        files.sort();
-        for (source, name, path) in files {
-            let shown = path.display().to_string();
-            let fail = |message: String| LoadError { file: shown.clone(), line: None, column: None, message };
-            if !valid_name(&name) {
-                errors.push(fail(format!("template names may hold only letters, digits, `_` and `-`: {name:?}")));
-                continue;
-            }
-            let text = match std::fs::metadata(&path) {
-                Ok(m) if m.len() > limits.max_template_bytes => {
-                    errors.push(fail(format!(
-                        "template is {} bytes; the limit is {} (templates.max_template_bytes)",
-                        m.len(),
-                        limits.max_template_bytes
-                    )));
-                    continue;
-                }
-                _ => match std::fs::read_to_string(&path) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        errors.push(fail(format!("cannot read: {e}")));
-                        continue;
-                    }
-                },
-            };
-            match Template::compile_with(&parser, &source, &name, &shown, &text, limits) {
-                Ok(t) => {
-                    set.by_name.insert((source, name), Arc::new(t));
-                }
-                Err(e) => errors.push(e),
-            }
+        let mut source_dirs: Vec<(String, PathBuf)> = sources
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .filter(|(s, _)| !s.starts_with('.'))
+            .collect();
+        source_dirs.sort();
+        for (source, path) in source_dirs {
+            set.load_source(&source, &path, limits, &mut errors);
         }
         (set, errors)
+    }
+
+    fn load_source(&mut self, source: &str, dir: &Path, limits: &LoadLimits, errors: &mut Vec<LoadError>) {
+        let mut files: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+        for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = f.path();
+            if path.is_dir() || !matches!(path.extension().and_then(|e| e.to_str()), Some("json" | "liquid")) {
+                continue;
+            }
+            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            files.entry(name).or_default().push(path);
+        }
+        let mut partial_errors = Vec::new();
+        let partials = read_partials(dir, &mut partial_errors);
+        let parser = dialect::parser(&partials).map_err(|e| format!("the partials in {PARTIALS_DIR}/: {e}"));
+        errors.extend(partial_errors.iter().cloned());
+        for (name, mut paths) in files {
+            paths.sort();
+            let path = &paths[0];
+            let shown = path.display().to_string();
+            let key = (source.to_owned(), name.clone());
+            let fail = |message: String| LoadError { file: shown.clone(), line: None, column: None, message };
+            let result = if !valid_name(&name) {
+                Err(fail(format!("template names may hold only letters, digits, `_` and `-`: {name:?}")))
+            } else if paths.len() > 1 {
+                Err(fail(format!("two templates are named {name:?} ({} files); keep one", paths.len())))
+            } else if let Some(e) = partial_errors.first() {
+                Err(fail(format!("a partial of this source does not load: {e}")))
+            } else {
+                match &parser {
+                    Err(m) => Err(fail(document::one_line(m))),
+                    Ok(parser) => read_template(path, limits).and_then(|text| {
+                        let version = version_of(&text, &partials);
+                        Template::compile_versioned(parser, source, &name, &shown, &text, limits, version)
+                    }),
+                }
+            };
+            match result {
+                Ok(t) => {
+                    self.by_name.insert(key, Arc::new(t));
+                }
+                Err(e) => {
+                    errors.push(e.clone());
+                    self.broken.insert(key, e);
+                }
+            }
+        }
     }
 
     pub fn insert(&mut self, template: Template) {
@@ -385,10 +534,28 @@ impl TemplateSet {
         self.by_name.get(&(source.to_owned(), name.to_owned())).cloned()
     }
 
+    /// The load error of a template whose file exists but does not load.
+    pub fn broken(&self, source: &str, name: &str) -> Option<&LoadError> {
+        self.broken.get(&(source.to_owned(), name.to_owned()))
+    }
+
+    /// The (source, name) of every template that loaded, sorted.
     pub fn names(&self) -> Vec<(String, String)> {
         let mut v: Vec<_> = self.by_name.keys().cloned().collect();
         v.sort();
         v
+    }
+}
+
+fn read_template(path: &Path, limits: &LoadLimits) -> Result<String, LoadError> {
+    let fail = |message: String| LoadError { file: path.display().to_string(), line: None, column: None, message };
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > limits.max_template_bytes => Err(fail(format!(
+            "template is {} bytes; the limit is {} (templates.max_template_bytes)",
+            m.len(),
+            limits.max_template_bytes
+        ))),
+        _ => std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}"))),
     }
 }
 
@@ -402,23 +569,31 @@ pub struct TemplateStore {
 }
 
 impl TemplateStore {
-    /// Loads `dir`; fails with every problem when any template is broken, so a bad deploy is caught at start.
+    /// Loads `dir`, failing with every problem when any template does not load (for tools and tests that want
+    /// all or nothing; `serve` uses `open_with`).
     pub fn load(dir: &Path) -> Result<Self, Vec<LoadError>> {
         Self::load_with(dir, LoadLimits::default())
     }
 
     /// As `load`, under `limits`; reloads use the same limits.
     pub fn load_with(dir: &Path, limits: LoadLimits) -> Result<Self, Vec<LoadError>> {
-        let (set, errors) = TemplateSet::load_dir_with(dir, &limits);
-        if !errors.is_empty() {
-            return Err(errors);
+        match Self::open_with(dir, limits) {
+            (store, errors) if errors.is_empty() => Ok(store),
+            (_, errors) => Err(errors),
         }
-        Ok(Self {
+    }
+
+    /// Loads `dir` under `limits`. Templates that do not load are returned as problems and listed by `broken`;
+    /// the others work. Reloads use the same limits.
+    pub fn open_with(dir: &Path, limits: LoadLimits) -> (Self, Vec<LoadError>) {
+        let (set, errors) = TemplateSet::load_dir_with(dir, &limits);
+        let store = Self {
             dir: dir.to_owned(),
             limits,
             current: RwLock::new(Arc::new(set)),
             fingerprint: Mutex::new(fingerprint(dir)),
-        })
+        };
+        (store, errors)
     }
 
     pub fn from_set(dir: &Path, set: TemplateSet) -> Self {
@@ -430,16 +605,24 @@ impl TemplateStore {
         }
     }
 
+    /// The template to render with: the current file's, or the last good version of a file whose edit is broken.
     pub fn get(&self, source: &str, name: &str) -> Option<Arc<Template>> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).get(source, name)
+    }
+
+    /// The load error of a template whose file exists but does not load (whether or not an older version is
+    /// still in use).
+    pub fn broken(&self, source: &str, name: &str) -> Option<LoadError> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).broken(source, name).cloned()
     }
 
     pub fn snapshot(&self) -> Arc<TemplateSet> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Reloads when any file under the directory changed. Returns the problems of a failed reload (the previous
-    /// set stays in use), or `Ok(true)` when a new set was installed.
+    /// Reloads when any file under the directory changed, template by template: a template whose new text does
+    /// not load keeps its last good version. Returns `Ok(true)` when everything loaded, `Err(problems)` when some
+    /// template did not (the rest of the new set is installed all the same), `Ok(false)` when nothing changed.
     pub fn reload_if_changed(&self) -> Result<bool, Vec<LoadError>> {
         let now = fingerprint(&self.dir);
         let mut seen = self.fingerprint.lock().unwrap_or_else(|p| p.into_inner());
@@ -447,24 +630,35 @@ impl TemplateStore {
             return Ok(false);
         }
         *seen = now;
-        let (set, errors) = TemplateSet::load_dir_with(&self.dir, &self.limits);
-        if !errors.is_empty() {
-            return Err(errors);
+        let (mut set, errors) = TemplateSet::load_dir_with(&self.dir, &self.limits);
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        for key in set.broken.keys().cloned().collect::<Vec<_>>() {
+            if let Some(good) = current.by_name.get(&key) {
+                set.by_name.insert(key, good.clone());
+            }
         }
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
-        Ok(true)
+        *current = Arc::new(set);
+        if errors.is_empty() { Ok(true) } else { Err(errors) }
     }
 }
 
 fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<(PathBuf, Option<SystemTime>, u64)>) {
+        for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = f.path();
             if let Ok(m) = f.metadata() {
-                out.push((f.path(), m.modified().ok(), m.len()));
+                if m.is_dir() {
+                    if depth < 2 {
+                        walk(&path, depth + 1, out);
+                    }
+                } else {
+                    out.push((path, m.modified().ok(), m.len()));
+                }
             }
         }
     }
+    let mut out = Vec::new();
+    walk(dir, 0, &mut out);
     out.sort();
     out
 }
@@ -539,10 +733,11 @@ mod tests {
     }
 
     #[test]
-    fn invalid_json_names_line_and_column() {
-        let err = compile("{\n \"event\": \"x\",,\n}").unwrap_err();
-        assert_eq!(err.line, Some(2));
-        assert!(err.message.contains("not valid JSON"));
+    fn a_file_that_is_not_json_is_a_text_template_and_its_bad_output_names_line_and_column() {
+        let t = compile("{\n \"event\": \"x\",,\n}").unwrap();
+        assert_eq!(t.kind, TemplateKind::Text);
+        let err = t.render(&CtxObject::new(), &RenderLimits::default()).unwrap_err();
+        assert!(err.source.message.contains("not valid JSON") && err.source.message.contains("line 2"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,587 @@
+//! A template as one Liquid document whose output is JSON text.
+//!
+//! Both kinds of template become a document:
+//! - a text template (the payload text as CleverTap's editor has it) is its own document;
+//! - a JSON template becomes one by writing each string leaf's Liquid out of its JSON string (`json_to_document`),
+//!   so its leaves render in document order and `assign` / `capture` carry from one leaf to the next.
+//!
+//! `rewrite` then ends every `{{ }}` (outside `capture`, whose text is escaped when it is output) with the `__out`
+//! filter, which escapes the value for the JSON context it lands in (see `output`), and applies CleverTap's
+//! spellings: `{{ @Profile.city }}` is `{{ Profile.city }}`, and `{{ Event.NPS Score }}` reads the key
+//! `NPS Score`. A render's text must parse as JSON; if it does not, the error names the template line and column
+//! of the last output before the fault and shows the rendered text around it.
+
+use super::bounds::{self, LoadLimits};
+use super::context::{CtxObject, Globals};
+use super::output::{self, OutputSink, Stop};
+use super::render::{LeafError, RenderLimits};
+use serde_json::Value;
+
+/// A parsed document, ready to render.
+pub struct Document {
+    template: liquid::Template,
+    /// The document before `rewrite`: positions in errors refer to it.
+    text: String,
+    /// JSON templates: where each Liquid leaf is in `text`, and its path, so errors can name the leaf.
+    leaves: Vec<LeafSpan>,
+}
+
+impl std::fmt::Debug for Document {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Document").field("bytes", &self.text.len()).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LeafSpan {
+    pub start: usize,
+    pub end: usize,
+    pub path: String,
+}
+
+/// What a render gave.
+#[derive(Debug)]
+pub enum Rendered {
+    Json(Value),
+    /// `{% abort %}` ran.
+    Aborted,
+}
+
+/// Where a problem is in the template, as `(line, column)`, 1-based.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let col = offset - before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+impl Document {
+    /// Parses a document; `text` is the document before `rewrite`. A parse error comes back with the line and
+    /// column liquid reports for the author's own text.
+    pub fn parse(parser: &liquid::Parser, text: String, leaves: Vec<LeafSpan>) -> Result<Self, DocError> {
+        let rewritten = rewrite(&text, false).map_err(|(at, message)| DocError::at(&text, at, message))?;
+        let template = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parser.parse(&rewritten))) {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                // Report the author's text: parse it without the relay's additions for liquid's position.
+                let shown = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parser.parse(&text))) {
+                    Ok(Err(original)) => original,
+                    _ => e,
+                };
+                return Err(DocError::from_liquid(&shown.to_string()));
+            }
+            Err(_) => {
+                return Err(DocError {
+                    line: None,
+                    column: None,
+                    message: "the Liquid parser failed on this template (a liquid-core panic)".into(),
+                });
+            }
+        };
+        Ok(Self { template, text, leaves })
+    }
+
+    /// The leaf of a JSON template at `offset` of the document.
+    fn leaf_at(&self, offset: usize) -> Option<&LeafSpan> {
+        self.leaves.iter().find(|l| l.start <= offset && offset < l.end)
+    }
+
+    /// Names a template position for an error: the leaf of a JSON template, else line and column.
+    pub fn describe(&self, offset: u32) -> String {
+        if offset == u32::MAX {
+            return "in a partial".into();
+        }
+        let offset = offset as usize;
+        if let Some(leaf) = self.leaf_at(offset) {
+            return format!("leaf {}", leaf.path);
+        }
+        let (l, c) = line_col(&self.text, offset);
+        format!("line {l} column {c}")
+    }
+
+    /// Renders against `ctx` and parses the text as JSON.
+    pub fn render(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Rendered, LeafError> {
+        let mut patched: Option<CtxObject> = None;
+        for _ in 0..=MAX_FILL_RETRIES {
+            let sink = OutputSink::new(limits.max_event_bytes, limits.max_leaf_bytes, limits.deadline);
+            let globals = Globals(patched.as_ref().unwrap_or(ctx));
+            let (sink, result) = sink.run(|w| self.template.render_to(w, &globals));
+            match (result, sink.stop) {
+                (_, Some(Stop::Abort)) => return Ok(Rendered::Aborted),
+                (Err(_), Some(Stop::TooLarge)) => {
+                    return Err(self.error(
+                        &sink,
+                        format!("renders to more than {} bytes (templates.max_event_bytes)", limits.max_event_bytes),
+                    ));
+                }
+                (Err(_), Some(Stop::LeafTooLarge)) => {
+                    return Err(self.error(
+                        &sink,
+                        format!(
+                            "a string renders to more than {} bytes (templates.max_leaf_bytes)",
+                            limits.max_leaf_bytes
+                        ),
+                    ));
+                }
+                (Err(_), Some(Stop::Timeout)) => {
+                    return Err(self.error(
+                        &sink,
+                        format!(
+                            "rendering took longer than {} ms (templates.render_timeout_ms)",
+                            limits.timeout.as_millis()
+                        ),
+                    ));
+                }
+                (Err(e), None) => {
+                    let message = e.to_string();
+                    // A strict copy of a value (a loop variable, `assign`) missed a key: render again with that key
+                    // present as nil, which is what a lenient lookup gives. Bounded; paid only on this path.
+                    if let Some(key) = requested_index(&message) {
+                        patched.get_or_insert_with(|| ctx.clone()).fill_missing_key(key);
+                        continue;
+                    }
+                    return Err(self.error(&sink, one_line(&message)));
+                }
+                (Ok(()), _) => return self.parse_output(&sink),
+            }
+        }
+        Err(LeafError { path: "template".into(), message: "too many missing keys in copied values".into() })
+    }
+
+    fn error(&self, sink: &OutputSink, message: String) -> LeafError {
+        let at = sink.at.or_else(|| sink.outputs.last().map(|o| o.1));
+        LeafError { path: at.map_or_else(|| "template".into(), |a| self.describe(a)), message }
+    }
+
+    fn parse_output(&self, sink: &OutputSink) -> Result<Rendered, LeafError> {
+        let e = match serde_json::from_slice::<Value>(&sink.buf) {
+            Ok(v) => return Ok(Rendered::Json(v)),
+            Err(e) => e,
+        };
+        let text = String::from_utf8_lossy(&sink.buf);
+        let fault = offset_of(&text, e.line(), e.column());
+        let near = sink.outputs.iter().rev().find(|(pos, _)| *pos <= fault);
+        let place = match near {
+            Some((_, at)) => format!("after the output at {}", self.describe(*at)),
+            // Nothing was output before the fault: the text so far is the template's own.
+            None => format!("line {} column {}", e.line(), e.column()),
+        };
+        let lo = floor_char(&text, fault.saturating_sub(40));
+        let hi = floor_char(&text, (fault + 40).min(text.len()));
+        let around = format!("{}⟨here⟩{}", &text[lo..floor_char(&text, fault)], &text[floor_char(&text, fault)..hi]);
+        Err(LeafError {
+            path: place,
+            message: format!(
+                "the rendered payload is not valid JSON ({e}; rendered line {}, column {}): …{}…",
+                e.line(),
+                e.column(),
+                around.replace('\n', "⏎")
+            ),
+        })
+    }
+}
+
+const MAX_FILL_RETRIES: usize = 8;
+
+/// The key named by liquid's "Unknown index" error (`requested index=name`).
+fn requested_index(message: &str) -> Option<&str> {
+    if !message.contains("Unknown index") {
+        return None;
+    }
+    let rest = &message[message.find("requested index=")? + "requested index=".len()..];
+    let key = rest.lines().next()?.trim();
+    (!key.is_empty()).then_some(key)
+}
+
+fn floor_char(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Byte offset of serde_json's 1-based line and column.
+fn offset_of(text: &str, line: usize, column: usize) -> usize {
+    let mut start = 0;
+    for _ in 1..line {
+        match text[start..].find('\n') {
+            Some(i) => start += i + 1,
+            None => break,
+        }
+    }
+    (start + column.saturating_sub(1)).min(text.len())
+}
+
+pub fn one_line(s: &str) -> String {
+    s.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "|").collect::<Vec<_>>().join(" ")
+}
+
+/// A document that does not parse.
+#[derive(Debug, Clone)]
+pub struct DocError {
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl DocError {
+    fn at(text: &str, offset: usize, message: String) -> Self {
+        let (l, c) = line_col(text, offset);
+        Self { line: Some(l), column: Some(c), message }
+    }
+
+    /// liquid's parse errors carry ` --> line:column` for syntax errors.
+    fn from_liquid(message: &str) -> Self {
+        let pos = message.find("-->").and_then(|i| {
+            let rest = message[i + 3..].trim_start();
+            let end = rest.find(|c: char| !(c.is_ascii_digit() || c == ':')).unwrap_or(rest.len());
+            let mut it = rest[..end].split(':');
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        });
+        Self { line: pos.map(|p: (usize, usize)| p.0), column: pos.map(|p| p.1), message: one_line(message) }
+    }
+}
+
+// ---- rewrite -----------------------------------------------------------------------------------------------------
+
+/// End of the markup opened at `from` (just after `{{` or `{%`): the index after `close`, skipping quoted strings.
+fn markup_end(text: &str, from: usize, close: &str) -> Option<usize> {
+    let b = text.as_bytes();
+    let mut i = from;
+    let mut quote: Option<u8> = None;
+    while i < b.len() {
+        match quote {
+            Some(q) if b[i] == q => quote = None,
+            Some(_) => {}
+            None if b[i] == b'"' || b[i] == b'\'' => quote = Some(b[i]),
+            None if text[i..].starts_with(close) => return Some(i + close.len()),
+            None => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+fn next_open(text: &str, from: usize) -> Option<usize> {
+    let rest = &text[from..];
+    match (rest.find("{{"), rest.find("{%")) {
+        (Some(a), Some(b)) => Some(from + a.min(b)),
+        (Some(a), None) | (None, Some(a)) => Some(from + a),
+        (None, None) => None,
+    }
+}
+
+fn tag_name(inner: &str) -> &str {
+    let t = inner.trim_start_matches('-').trim_start();
+    let end = t.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(t.len());
+    &t[..end]
+}
+
+/// Index after the `{% end<name> %}` that closes a raw or comment block starting after `from`.
+fn block_end(text: &str, from: usize, end_name: &str) -> Option<usize> {
+    let mut i = from;
+    while let Some(at) = text[i..].find("{%").map(|a| a + i) {
+        let end = markup_end(text, at + 2, "%}")?;
+        if tag_name(&text[at + 2..end - 2]) == end_name {
+            return Some(end);
+        }
+        i = end;
+    }
+    None
+}
+
+/// Byte index of the first `|` outside quotes.
+fn first_pipe(s: &str) -> Option<usize> {
+    let mut quote: Option<char> = None;
+    for (i, c) in s.char_indices() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None if c == '|' => return Some(i),
+            None => {}
+        }
+    }
+    None
+}
+
+/// CleverTap's `@Profile.x` personalisation: drops an `@` that starts a name, outside quotes.
+fn strip_at(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut quote: Option<char> = None;
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None if c == '@' && chars.peek().is_some_and(|n| n.is_ascii_alphabetic() || *n == '_') => continue,
+            None => {}
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `Event.NPS Score` → `Event["NPS Score"]`: an output's variable whose last name has spaces. Only where the
+/// expression is nothing but names, dots and spaces (in an output nothing else may follow a variable).
+fn spaced_name(base: &str) -> Option<String> {
+    let b = base.trim();
+    let space = b.find(' ')?;
+    if !b.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.' || c == ' ' || c == '-') {
+        return None;
+    }
+    let head = &b[..space];
+    let dot = head.rfind('.')?;
+    let key = format!("{}{}", &head[dot + 1..], &b[space..]);
+    if key.contains('.') || head[..dot].is_empty() {
+        return None;
+    }
+    Some(format!("{}[\"{}\"]", &head[..dot], key))
+}
+
+/// Ends every output (outside `capture`) with `__out`, marks outputs with filters with `{% __at N %}`, and
+/// applies CleverTap's spellings. `N` is the output's offset in `text`; in a partial (`partial`) it is unknown.
+pub fn rewrite(text: &str, partial: bool) -> Result<String, (usize, String)> {
+    let mut out = String::with_capacity(text.len() + text.len() / 4 + 16);
+    let mut i = 0;
+    let mut capture_depth = 0usize;
+    while let Some(start) = next_open(text, i) {
+        out.push_str(&text[i..start]);
+        let at = if partial { u32::MAX } else { u32::try_from(start).unwrap_or(u32::MAX) };
+        if text[start..].starts_with("{%") {
+            let end = markup_end(text, start + 2, "%}").ok_or((start, "a `{%` without its `%}`".to_string()))?;
+            let inner = &text[start + 2..end - 2];
+            match tag_name(inner) {
+                name @ ("raw" | "comment") => {
+                    let close = block_end(text, end, &format!("end{name}"))
+                        .ok_or((start, format!("a `{{% {name} %}}` without its `{{% end{name} %}}`")))?;
+                    out.push_str(&text[start..close]);
+                    i = close;
+                    continue;
+                }
+                "capture" => capture_depth += 1,
+                "endcapture" => capture_depth = capture_depth.saturating_sub(1),
+                _ => {}
+            }
+            out.push_str("{%");
+            out.push_str(&strip_at(inner));
+            out.push_str("%}");
+            i = end;
+        } else {
+            let end = markup_end(text, start + 2, "}}").ok_or((start, "a `{{` without its `}}`".to_string()))?;
+            let inner = &text[start + 2..end - 2];
+            let ltrim = inner.starts_with('-');
+            let rtrim = inner.len() > 1 && inner.ends_with('-');
+            let body = &inner[usize::from(ltrim)..inner.len() - usize::from(rtrim)];
+            let mut body = strip_at(body);
+            let pipe = first_pipe(&body);
+            if let Some(named) = spaced_name(&body[..pipe.unwrap_or(body.len())]) {
+                body = format!("{named} {}", &body[pipe.unwrap_or(body.len())..]);
+            }
+            if body.trim().is_empty() || capture_depth > 0 {
+                out.push_str(&text[start..start + 2 + usize::from(ltrim)]);
+                out.push_str(&body);
+                out.push_str(&text[end - 2 - usize::from(rtrim)..end]);
+            } else {
+                if pipe.is_some() {
+                    out.push_str(if ltrim { "{%- __at " } else { "{% __at " });
+                    out.push_str(&at.to_string());
+                    out.push_str(" %}");
+                }
+                out.push_str(if ltrim { "{{-" } else { "{{" });
+                out.push_str(&body);
+                out.push_str(" | __out: ");
+                out.push_str(&at.to_string());
+                out.push_str(if rtrim { " -}}" } else { " }}" });
+            }
+            i = end;
+        }
+    }
+    out.push_str(&text[i..]);
+    Ok(out)
+}
+
+// ---- JSON template → document ------------------------------------------------------------------------------------
+
+fn has_liquid(s: &str) -> bool {
+    s.contains("{{") || s.contains("{%")
+}
+
+/// `{{ expr }}` (with optional `-` trim markers) and nothing else → `expr`.
+pub fn single_expression(text: &str) -> Option<&str> {
+    let t = text.trim();
+    let inner = t.strip_prefix("{{")?.strip_suffix("}}")?;
+    let inner = inner.strip_prefix('-').unwrap_or(inner);
+    let inner = inner.strip_suffix('-').unwrap_or(inner);
+    if inner.contains("{{") || inner.contains("}}") || inner.contains("{%") || inner.trim().is_empty() {
+        return None;
+    }
+    Some(inner.trim())
+}
+
+/// Writes a leaf's Liquid out of its JSON string: markup as it is, the text between JSON-escaped.
+fn leaf_source(leaf: &str, out: &mut String) {
+    if let Some(expr) = single_expression(leaf) {
+        out.push_str("\"{{ ");
+        out.push_str(expr);
+        out.push_str(" }}\"");
+        return;
+    }
+    out.push('"');
+    let mut i = 0;
+    while let Some(start) = next_open(leaf, i) {
+        output::escape_into(&leaf[i..start], out);
+        let close = if leaf[start..].starts_with("{%") { "%}" } else { "}}" };
+        let end = markup_end(leaf, start + 2, close).unwrap_or(leaf.len());
+        let inner = &leaf[start..end];
+        out.push_str(inner);
+        i = end;
+    }
+    output::escape_into(&leaf[i..], out);
+    out.push('"');
+}
+
+#[derive(Debug)]
+struct Frame {
+    object: bool,
+    key: Option<String>,
+    index: usize,
+}
+
+fn path_of(stack: &[Frame]) -> String {
+    let mut p = String::new();
+    for f in stack {
+        if f.object {
+            if let Some(k) = &f.key {
+                if !p.is_empty() {
+                    p.push('.');
+                }
+                p.push_str(k);
+            }
+        } else {
+            p.push_str(&format!("[{}]", f.index));
+        }
+    }
+    p
+}
+
+/// A JSON template (valid JSON) as a document: string values holding Liquid become Liquid in a string literal;
+/// keys, comments (root keys starting with `_`) and plain strings stay as they are. Range loops are checked per
+/// leaf. Returns the document and where each leaf is in it.
+pub fn json_to_document(text: &str, limits: &LoadLimits) -> Result<(String, Vec<LeafSpan>), (usize, String)> {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut leaves = Vec::new();
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut expect_key = false;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'"' => {
+                let mut j = i + 1;
+                while j < b.len() && b[j] != b'"' {
+                    j += if b[j] == b'\\' { 2 } else { 1 };
+                }
+                let token = &text[i..=j.min(b.len() - 1)];
+                let decoded: String = serde_json::from_str(token).map_err(|e| (i, format!("not valid JSON: {e}")))?;
+                let in_comment = stack.first().and_then(|f| f.key.as_deref()).is_some_and(|k| k.starts_with('_'));
+                if expect_key {
+                    if let Some(f) = stack.last_mut() {
+                        f.key = Some(decoded.clone());
+                    }
+                    push_verbatim(token, &decoded, &mut out);
+                } else if in_comment || !has_liquid(&decoded) {
+                    push_verbatim(token, &decoded, &mut out);
+                } else {
+                    let path = path_of(&stack);
+                    bounds::check_loops(&decoded, limits).map_err(|m| (i, format!("leaf {path}: {m}")))?;
+                    let start = out.len();
+                    leaf_source(&decoded, &mut out);
+                    leaves.push(LeafSpan { start, end: out.len(), path });
+                }
+                i = j + 1;
+                continue;
+            }
+            b'{' => {
+                stack.push(Frame { object: true, key: None, index: 0 });
+                expect_key = true;
+            }
+            b'[' => {
+                stack.push(Frame { object: false, key: None, index: 0 });
+                expect_key = false;
+            }
+            b'}' | b']' => {
+                stack.pop();
+                expect_key = false;
+            }
+            b',' => {
+                if let Some(f) = stack.last_mut() {
+                    f.index += 1;
+                    expect_key = f.object;
+                }
+            }
+            b':' => expect_key = false,
+            _ => {}
+        }
+        // Copy runs of structure and scalars in one go, up to the next string.
+        let next = text[i + 1..].find(['"', '{', '}', '[', ']', ',', ':']).map_or(b.len(), |n| i + 1 + n);
+        out.push_str(&text[i..next]);
+        i = next;
+    }
+    Ok((out, leaves))
+}
+
+fn push_verbatim(token: &str, decoded: &str, out: &mut String) {
+    if has_liquid(decoded) || has_liquid(token) {
+        out.push_str("{% raw %}");
+        out.push_str(token);
+        out.push_str("{% endraw %}");
+    } else {
+        out.push_str(token);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_end_in_the_escaping_filter_and_captures_do_not() {
+        let r = rewrite(r#"{"a": "{{ x }}", "b": {{- y | plus: 1 -}}}{% capture c %}{{ z }}{% endcapture %}"#, false)
+            .unwrap();
+        assert!(r.contains(r#""{{ x  | __out: 7 }}""#), "{r}");
+        assert!(r.contains("{%- __at 22 %}{{- y | plus: 1  | __out: 22 -}}"), "{r}");
+        assert!(r.contains("{% capture c %}{{ z }}{% endcapture %}"), "{r}");
+    }
+
+    #[test]
+    fn clevertap_spellings_are_rewritten() {
+        let r = rewrite("{{ @Profile.city }} {{ Event.NPS Score | default: 0 }} {{ 'a@b' }}", false).unwrap();
+        assert!(r.contains("{{ Profile.city  | __out: 0 }}"), "{r}");
+        assert!(r.contains(r#"Event["NPS Score"] | default: 0"#), "{r}");
+        assert!(r.contains("'a@b'"), "{r}");
+    }
+
+    #[test]
+    fn raw_blocks_are_left_alone() {
+        let r = rewrite("{% raw %}{{ x }}{% endraw %}", false).unwrap();
+        assert_eq!(r, "{% raw %}{{ x }}{% endraw %}");
+    }
+
+    #[test]
+    fn a_json_template_becomes_a_document_with_its_leaves_named() {
+        let (doc, leaves) = json_to_document(
+            r#"{"_c": "{{ not liquid }}", "event": "Buy {{ x | default: \"a\\\"b\" }}", "n": 1, "p": {"q": "{{ y }}"}}"#,
+            &LoadLimits::default(),
+        )
+        .unwrap();
+        assert!(doc.contains(r#"{% raw %}"{{ not liquid }}"{% endraw %}"#), "{doc}");
+        assert!(doc.contains(r#""Buy {{ x | default: "a\"b" }}""#), "{doc}");
+        assert!(doc.contains(r#""q": "{{ y }}""#), "{doc}");
+        let paths: Vec<_> = leaves.iter().map(|l| l.path.as_str()).collect();
+        assert_eq!(paths, ["event", "p.q"]);
+    }
+}
