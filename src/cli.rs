@@ -35,7 +35,11 @@ pub enum Command {
     /// report each problem. Exit status 1 on any.
     Check,
     /// Run every template's examples (templates/<source>/<name>.tests/*.json); print a diff per failure.
-    Test,
+    Test {
+        /// Rewrite failing examples with what the templates give now (review the diff before committing).
+        #[arg(long)]
+        bless: bool,
+    },
     /// List events in the delivery log, newest first.
     Deliveries {
         /// pending, retrying, delivered, dead, rejected or replaced.

@@ -54,14 +54,15 @@ pub fn example_files(dir: &Path) -> Vec<(String, String, PathBuf)> {
 
 /// Runs one example against `pipeline`.
 pub fn run_example(pipeline: &Pipeline, source: &str, template: &str, file: &Path) -> ExampleResult {
-    let failure = match check_example(pipeline, source, template, file) {
+    let failure = match check_example(pipeline, source, template, file, false) {
         Ok(()) => None,
         Err(why) => Some(why),
     };
     ExampleResult { file: file.to_owned(), failure }
 }
 
-fn check_example(pipeline: &Pipeline, source: &str, template: &str, file: &Path) -> Result<(), String> {
+/// Runs one example; with `bless`, a failing example's expectations are replaced by what the template gave.
+fn check_example(pipeline: &Pipeline, source: &str, template: &str, file: &Path, bless: bool) -> Result<(), String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read: {e}"))?;
     let example: Value = serde_json::from_str(&text).map_err(|e| format!("not valid JSON: {e}"))?;
     let body = example.get("body").ok_or("an example needs a `body`")?;
@@ -112,6 +113,13 @@ fn check_example(pipeline: &Pipeline, source: &str, template: &str, file: &Path)
         return Ok(());
     }
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    if bless {
+        let mut updated = example.clone();
+        for key in ["calls", "rejected", "ignored"] {
+            updated[key] = got[key].clone();
+        }
+        std::fs::write(file, pretty(&updated) + "\n").map_err(|e| format!("cannot write: {e}"))?;
+    }
     Err(diff(&pretty(&want), &pretty(&got)))
 }
 
@@ -145,8 +153,9 @@ pub fn diff(want: &str, got: &str) -> String {
 }
 
 /// Runs every example under the configured templates directory; prints each result. Exit 1 on any failure or
-/// any template that does not load.
-pub fn run(settings: &Settings) -> Result<i32, CommandError> {
+/// any template that does not load. With `bless`, failing examples are rewritten to what the templates give
+/// (review the diff before committing them).
+pub fn run(settings: &Settings, bless: bool) -> Result<i32, CommandError> {
     let dir = &settings.templates.dir;
     let (store, errors) = TemplateStore::open_with(dir, load_limits(settings));
     for e in &errors {
@@ -156,12 +165,12 @@ pub fn run(settings: &Settings) -> Result<i32, CommandError> {
     let mut failed = 0;
     let files = example_files(dir);
     for (source, template, file) in &files {
-        let r = run_example(&pipeline, source, template, file);
-        match r.failure {
-            None => println!("ok    {}", r.file.display()),
-            Some(why) => {
+        match check_example(&pipeline, source, template, file, bless) {
+            Ok(()) => println!("ok    {}", file.display()),
+            Err(why) => {
                 failed += 1;
-                println!("FAIL  {}\n{}", r.file.display(), indent(&why));
+                let verb = if bless { "BLESSED" } else { "FAIL " };
+                println!("{verb} {}\n{}", file.display(), indent(&why));
             }
         }
     }
