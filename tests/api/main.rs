@@ -2,6 +2,7 @@
 
 mod admin;
 mod clevertap;
+mod clevertap_liquid;
 mod cli;
 mod crash;
 mod delivery;
