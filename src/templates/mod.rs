@@ -753,4 +753,30 @@ mod tests {
         assert_eq!(drafts.len(), 1);
         assert_eq!(drafts[0].kind, CallKind::Track);
     }
+
+    #[test]
+    fn a_reload_replaces_templates_one_by_one_and_a_broken_edit_keeps_its_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("segment");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("a.json"), r#"{"event": "A1", "identity": "u"}"#).unwrap();
+        std::fs::write(src.join("b.json"), r#"{"event": "{{ broken", "identity": "u"}"#).unwrap();
+        let (store, errors) = TemplateStore::open_with(dir.path(), LoadLimits::default());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(store.get("segment", "b").is_none() && store.broken("segment", "b").is_some());
+        let v1 = store.get("segment", "a").unwrap().version.clone();
+
+        std::fs::write(src.join("a.json"), r#"{"event": "{% if %}", "identity": "u"}"#).unwrap();
+        std::fs::write(src.join("b.json"), r#"{"event": "B2", "identity": "u"}"#).unwrap();
+        std::fs::write(src.join("c.liquid"), r#"{"event": "C{{ n }}", "identity": "u"}"#).unwrap();
+        let errors = store.reload_if_changed().unwrap_err();
+        assert!(errors[0].to_string().contains("a.json"), "{errors:?}");
+        assert_eq!(store.get("segment", "a").unwrap().version, v1, "the last good version of a stays in use");
+        assert!(store.broken("segment", "a").is_some(), "and its edit is reported");
+        assert!(store.broken("segment", "b").is_none(), "the fixed template is no longer broken");
+        assert_eq!(store.get("segment", "b").unwrap().kind, TemplateKind::Json);
+        assert_eq!(store.get("segment", "c").unwrap().kind, TemplateKind::Json, "valid JSON is a JSON template");
+        assert_ne!(store.get("segment", "b").unwrap().version, v1);
+        assert_eq!(store.get("segment", "a").unwrap().version.len(), 16);
+    }
 }
