@@ -184,3 +184,19 @@ fn loop_variables_missing_keys_render_as_nothing_not_an_error() {
     assert_eq!(text_of("{% for i in items %}{{ i.a }}{% endfor %}", data.clone()), json!("1"));
     assert_eq!(text_of("{{ items[1].a | default: 'd' }}", data), json!("d"));
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+    #[test]
+    fn no_value_can_end_a_string_add_a_field_or_change_app_id(v in ".{0,40}", w in "[\"\\\\{}\\[\\],:a-z\n ]{0,20}") {
+        let t = r#"{"app_id": "111", "event": "E {{ v }}", "identity": "{{ w }}", "properties": {"a": {{ v }}, "b": "<{{ w | append: v }}>", "c": [{{ w }}, "{{ v }}"]}}"#;
+        let body = track(t, json!({"v": v, "w": w}));
+        proptest::prop_assert_eq!(&body["app_id"], "111");
+        let keys: Vec<&String> = body.as_object().unwrap().keys().collect();
+        proptest::prop_assert!(keys.iter().all(|k| ["app_id", "event", "identity", "properties"].contains(&k.as_str())), "{:?}", keys);
+        proptest::prop_assert_eq!(&body["event"], &json!(format!("E {v}")));
+        let p = body["properties"].as_object().unwrap();
+        proptest::prop_assert!(p.keys().all(|k| ["a", "b", "c"].contains(&k.as_str())), "{:?}", p);
+        proptest::prop_assert_eq!(&p["b"], &json!(format!("<{w}{v}>")));
+    }
+}
