@@ -14,7 +14,6 @@
 //! output budget and the render deadline, and records where each output came from for error messages.
 //! One render runs on one thread; the sink in use is a thread-local for the filter to reach.
 
-use liquid_core::model::ScalarCow;
 use liquid_core::{Display_filter, Expression, Filter, FilterParameters, FilterReflection, FromFilterParameters};
 use liquid_core::{ParseFilter, Runtime, Value as LiquidValue, ValueView};
 use std::cell::RefCell;
@@ -44,14 +43,12 @@ enum Lex {
     InString { key: bool, escape: bool },
 }
 
-/// A value written as string text that becomes the value's JSON if its string literal closes right after it.
+/// A value that becomes its JSON if its string literal closes right after it, else string text.
 #[derive(Debug)]
 struct Pending {
     /// Where the opening quote is in the buffer.
     quote_at: usize,
     json: String,
-    /// The in-string text, when it is not the JSON text without its quotes (arrays, objects, nil, numbers).
-    text: Option<String>,
 }
 
 /// The buffer a document renders into, with the JSON lexical state of what has been written so far.
@@ -112,11 +109,17 @@ impl OutputSink {
         (sink, result)
     }
 
+    /// Writes a pending value as string text: a string's own text, nothing for nil, anything else as its JSON
+    /// text (a number as is; an array or object as JSON, escaped).
     fn flush_pending(&mut self) {
         if let Some(p) = self.pending.take() {
-            match p.text {
-                Some(t) => self.buf.extend_from_slice(t.as_bytes()),
-                None => self.buf.extend_from_slice(&p.json.as_bytes()[1..p.json.len() - 1]),
+            let json = p.json.as_str();
+            if json.starts_with('"') {
+                self.buf.extend_from_slice(&json.as_bytes()[1..json.len() - 1]);
+            } else if json != "null" {
+                let mut escaped = String::with_capacity(json.len() + 8);
+                escape_into(json, &mut escaped);
+                self.buf.extend_from_slice(escaped.as_bytes());
             }
         }
     }
@@ -146,10 +149,11 @@ impl OutputSink {
             self.stop = Some(Stop::TooLarge);
             return Err(std::io::Error::other("render output limit reached"));
         }
-        for &b in data {
-            self.lex_byte(b);
-            self.buf.push(b);
+        let base = self.buf.len();
+        for (i, &b) in data.iter().enumerate() {
+            self.lex_byte(b, base + i);
         }
+        self.buf.extend_from_slice(data);
         if matches!(self.lex, Lex::InString { .. }) && self.buf.len() - self.string_start > self.max_leaf {
             self.stop = Some(Stop::LeafTooLarge);
             return Err(std::io::Error::other("render leaf limit reached"));
@@ -157,7 +161,8 @@ impl OutputSink {
         Ok(())
     }
 
-    fn lex_byte(&mut self, b: u8) {
+    /// Follows one byte, which goes at `at` in `buf`.
+    fn lex_byte(&mut self, b: u8, at: usize) {
         match self.lex {
             Lex::InString { key, escape: true } => self.lex = Lex::InString { key, escape: false },
             Lex::InString { key, escape: false } => match b {
@@ -171,7 +176,7 @@ impl OutputSink {
             Lex::Outside => match b {
                 b'"' => {
                     self.lex = Lex::InString { key: self.expect_key, escape: false };
-                    self.string_start = self.buf.len();
+                    self.string_start = at;
                 }
                 b'{' => {
                     self.stack.push(true);
@@ -201,11 +206,7 @@ impl OutputSink {
             Lex::InString { key: false, escape: false } if self.buf.len() == self.string_start + 1 => {
                 let mut json = String::new();
                 write_json(v, &mut json);
-                let text = match v.as_scalar() {
-                    Some(s) if is_string(&s) => None,
-                    _ => Some(string_text(v)),
-                };
-                self.pending = Some(Pending { quote_at: self.string_start, json, text });
+                self.pending = Some(Pending { quote_at: self.string_start, json });
                 String::new()
             }
             Lex::InString { .. } => string_text(v),
@@ -251,19 +252,20 @@ pub fn set_abort() {
     });
 }
 
-fn is_string(s: &ScalarCow<'_>) -> bool {
-    !matches!(s.type_name(), "boolean" | "whole number" | "fractional number")
-}
-
-/// The value's text as liquid prints it, JSON-string-escaped (no quotes).
+/// The value's text inside a string, JSON-string-escaped (no quotes): a scalar as liquid prints it, nothing for
+/// nil, an array or object as its JSON text (liquid would glue its items together).
 fn string_text(v: &dyn ValueView) -> String {
     let mut out = String::new();
-    if v.is_nil() {
+    if v.is_nil() || v.as_state().is_some() {
         return out;
     }
     match v.as_scalar() {
         Some(s) => escape_into(s.to_kstr().as_str(), &mut out),
-        None => escape_into(&v.render().to_string(), &mut out),
+        None => {
+            let mut json = String::new();
+            write_json(v, &mut json);
+            escape_into(&json, &mut out);
+        }
     }
     out
 }
@@ -393,6 +395,7 @@ mod tests {
         assert_eq!(lexed(r#"{"a": "x\" y"#).lex, Lex::InString { key: false, escape: false });
         assert_eq!(lexed(r#"{"a": ["x", "#).lex, Lex::Outside);
         assert_eq!(lexed(r#"{"a": ["x", "y"], "b"#).lex, Lex::InString { key: true, escape: false });
+        assert_eq!(lexed(r#"{"a": "x", "b": "#).string_start, 11);
     }
 
     #[test]
