@@ -308,3 +308,55 @@ fn rejection(index: usize, e: FieldError) -> Rejection {
 pub fn parse_json(body: &[u8]) -> Result<Value, IngestError> {
     Ok(crate::json::parse(body, &JsonLimits::default())?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pipeline_with(files: &[(&str, &str)], hold: bool) -> (Pipeline, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        for (rel, text) in files {
+            let p = dir.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        let mut settings = crate::settings::Settings::defaults();
+        settings.heap.app_id = "1234567890".into();
+        let (store, _) = TemplateStore::open_with(dir.path(), Default::default());
+        let mut p = crate::startup::build_pipeline(&settings, Arc::new(store));
+        p.hold_broken_templates = hold;
+        (p, dir)
+    }
+
+    fn route(name: &str) -> Route {
+        Route::Hook { source: Source::Segment, template: Some(name.into()) }
+    }
+
+    #[test]
+    fn an_outcome_names_the_version_of_the_template_that_rendered_it() {
+        let (p, _d) = pipeline_with(&[("segment/t.json", r#"{"event": "E", "identity": "{{ userId }}"}"#)], false);
+        let out = p.ingest_value(&route("t"), &json!({"type": "track", "userId": "u"}), &Timestamp::now()).unwrap();
+        assert_eq!(out.accepted.len(), 1);
+        let version = out.template_version.expect("a version");
+        assert_eq!(version, p.templates.get("segment", "t").unwrap().version);
+        assert_eq!(out.held, None);
+    }
+
+    #[test]
+    fn a_body_for_a_template_that_does_not_load_is_held_with_the_load_error_when_holding_is_on() {
+        let broken = "{\n \"event\": \"{{ x | nosuch }}\", \"identity\": \"u\"\n}";
+        let body = json!({"batch": [{"type": "track", "userId": "u"}, {"type": "track", "userId": "v"}]});
+        let (p, _d) = pipeline_with(&[("segment/b.json", broken)], true);
+        let out = p.ingest_value(&route("b"), &body, &Timestamp::now()).unwrap();
+        let held = out.held.expect("held");
+        assert!(held.contains("segment/b.json:2:") && held.contains("nosuch"), "{held}");
+        assert_eq!((out.items, out.accepted.len(), out.rejected.len(), out.ignored.len()), (2, 0, 0, 0));
+        assert_eq!(out.template_version, None);
+
+        let (p, _d) = pipeline_with(&[("segment/b.json", broken)], false);
+        let err = p.ingest_value(&route("b"), &body, &Timestamp::now()).unwrap_err();
+        assert!(matches!(&err, IngestError::UnknownTemplate { broken: Some(_), .. }), "{err}");
+        assert!(err.to_string().contains("does not load") && err.to_string().contains("nosuch"), "{err}");
+    }
+}
