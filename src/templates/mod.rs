@@ -32,7 +32,7 @@ use crate::domain::CallKind;
 use bounds::LoadLimits;
 use context::CtxObject;
 use document::{Document, Rendered};
-use render::{LeafError, RenderLimits, json_len};
+use render::{LeafError, RenderLimits};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -208,20 +208,9 @@ impl Template {
             Rendered::Aborted => return Ok(Render::Aborted),
             Rendered::Json(v) => v,
         };
+        // The rendered text stayed within `limits.max_event_bytes` (the output sink stops it past that), and the
+        // calls made from it are no longer than that text: no second count is needed.
         let drafts = shape(value).map_err(|message| wrap(LeafError { path: "template".into(), message }))?;
-        let mut event_bytes = 0usize;
-        for d in &drafts {
-            event_bytes += json_len(&d.body);
-            if event_bytes > limits.max_event_bytes {
-                return Err(wrap(LeafError {
-                    path: d.kind.as_str().to_owned(),
-                    message: format!(
-                        "the item renders to more than {} bytes (templates.max_event_bytes)",
-                        limits.max_event_bytes
-                    ),
-                }));
-            }
-        }
         Ok(Render::Calls(drafts))
     }
 
@@ -374,17 +363,30 @@ fn is_nothing(v: &Value) -> bool {
 fn clean(v: Value) -> Result<Value, String> {
     Ok(match v {
         Value::Object(m) => Value::Object(clean_object(m)?),
-        Value::Array(a) => Value::Array(a.into_iter().filter(|v| !is_nothing(v)).map(clean).collect::<Result<_, _>>()?),
+        Value::Array(mut a) => {
+            a.retain(|v| !is_nothing(v));
+            for item in &mut a {
+                *item = clean(std::mem::take(item))?;
+            }
+            Value::Array(a)
+        }
         other => other,
     })
 }
 
-fn clean_object(m: Map<String, Value>) -> Result<Map<String, Value>, String> {
+/// Drops empty values and merges `...` keys, in place when there is nothing to merge (the common case).
+fn clean_object(mut m: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    m.retain(|_, v| !is_nothing(v));
+    if !m.keys().any(|k| k.starts_with("...")) {
+        for v in m.values_mut() {
+            if matches!(v, Value::Object(_) | Value::Array(_)) {
+                *v = clean(std::mem::take(v))?;
+            }
+        }
+        return Ok(m);
+    }
     let mut out = Map::new();
     for (k, v) in m {
-        if is_nothing(&v) {
-            continue;
-        }
         if k.starts_with("...") {
             match clean(v)? {
                 Value::Object(inner) => out.extend(inner),
