@@ -49,6 +49,7 @@ pub fn parser(partials: &[(String, String)]) -> Result<liquid::Parser, liquid::E
         .tag(stdlib::RenderTag)
         .tag(AbortTag)
         .tag(AtTag)
+        .tag(VarTag)
         .block(stdlib::RawBlock)
         .block(IfBlock)
         .block(UnlessBlock)
@@ -550,6 +551,58 @@ struct At(u32);
 impl Renderable for At {
     fn render_to(&self, _writer: &mut dyn Write, _runtime: &dyn Runtime) -> liquid_core::Result<()> {
         output::set_position(self.0);
+        Ok(())
+    }
+}
+
+/// `{% __var N path %}`: `{{ path }}` for a plain path of global variables, read in place (see
+/// `output::write_var`); liquid evaluates `path` when the fast read does not apply.
+#[derive(Clone, Copy, Debug, Default)]
+struct VarTag;
+
+impl TagReflection for VarTag {
+    fn tag(&self) -> &'static str {
+        "__var"
+    }
+    fn description(&self) -> &'static str {
+        "Outputs a global variable, escaped for where it lands (added by the relay)."
+    }
+}
+
+impl ParseTag for VarTag {
+    fn parse(&self, mut arguments: TagTokenIter<'_>, _options: &Language) -> liquid_core::Result<Box<dyn Renderable>> {
+        let at = arguments
+            .expect_next("a position")?
+            .as_str()
+            .parse::<u32>()
+            .map_err(|_| liquid_core::Error::with_msg("__var takes a number"))?;
+        let token = arguments.expect_next("a variable")?;
+        let path = token.as_str().split('.').map(str::to_owned).collect();
+        let expression = token.expect_value().into_result()?;
+        arguments.expect_nothing()?;
+        Ok(Box::new(Var { at, path, expression }))
+    }
+    fn reflection(&self) -> &dyn TagReflection {
+        self
+    }
+}
+
+#[derive(Debug)]
+struct Var {
+    at: u32,
+    path: Vec<String>,
+    expression: Expression,
+}
+
+impl Renderable for Var {
+    fn render_to(&self, writer: &mut dyn Write, runtime: &dyn Runtime) -> liquid_core::Result<()> {
+        let written = output::write_var(&self.path, self.at, writer)
+            .map_err(|e| liquid_core::Error::with_msg(format!("output: {e}")))?;
+        if !written {
+            let value = self.expression.evaluate(runtime)?;
+            let text = output::escape_value(value.as_view(), self.at);
+            writer.write_all(text.as_bytes()).map_err(|e| liquid_core::Error::with_msg(format!("output: {e}")))?;
+        }
         Ok(())
     }
 }

@@ -106,7 +106,7 @@ impl Document {
         for _ in 0..=MAX_FILL_RETRIES {
             let sink = OutputSink::new(limits.max_event_bytes, limits.max_leaf_bytes, limits.deadline);
             let globals = Globals(patched.as_ref().unwrap_or(ctx));
-            let (sink, result) = sink.run(|w| self.template.render_to(w, &globals));
+            let (sink, result) = sink.run_with(Some(globals.0), |w| self.template.render_to(w, &globals));
             match (result, sink.stop) {
                 (_, Some(Stop::Abort)) => return Ok(Rendered::Aborted),
                 (Err(_), Some(Stop::TooLarge)) => {
@@ -344,6 +344,7 @@ fn spaced_name(base: &str) -> Option<String> {
 /// Ends every output (outside `capture`) with `__out`, marks outputs with filters with `{% __at N %}`, and
 /// applies CleverTap's spellings. `N` is the output's offset in `text`; in a partial (`partial`) it is unknown.
 pub fn rewrite(text: &str, partial: bool) -> Result<String, (usize, String)> {
+    let locals = if partial { None } else { local_names(text) };
     let mut out = String::with_capacity(text.len() + text.len() / 4 + 16);
     let mut i = 0;
     let mut capture_depth = 0usize;
@@ -380,10 +381,17 @@ pub fn rewrite(text: &str, partial: bool) -> Result<String, (usize, String)> {
             if let Some(named) = spaced_name(&body[..pipe.unwrap_or(body.len())]) {
                 body = format!("{named} {}", &body[pipe.unwrap_or(body.len())..]);
             }
+            let global_path = plain_global_path(body.trim(), locals.as_ref());
             if body.trim().is_empty() || capture_depth > 0 {
                 out.push_str(&text[start..start + 2 + usize::from(ltrim)]);
                 out.push_str(&body);
                 out.push_str(&text[end - 2 - usize::from(rtrim)..end]);
+            } else if let Some(path) = global_path {
+                out.push_str(if ltrim { "{%- __var " } else { "{% __var " });
+                out.push_str(&at.to_string());
+                out.push(' ');
+                out.push_str(path);
+                out.push_str(if rtrim { " -%}" } else { " %}" });
             } else {
                 if pipe.is_some() {
                     out.push_str(if ltrim { "{%- __at " } else { "{% __at " });
@@ -401,6 +409,50 @@ pub fn rewrite(text: &str, partial: bool) -> Result<String, (usize, String)> {
     }
     out.push_str(&text[i..]);
     Ok(out)
+}
+
+/// Names a template binds itself (`assign`, `capture`, loop variables, `increment`), which shadow the globals;
+/// `None` when it includes partials, which may bind any name.
+fn local_names(text: &str) -> Option<std::collections::HashSet<String>> {
+    let mut names: std::collections::HashSet<String> =
+        ["forloop", "tablerowloop"].into_iter().map(str::to_owned).collect();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("{%").map(|a| a + i) {
+        let end = markup_end(text, at + 2, "%}").unwrap_or(text.len());
+        let inner = text[at + 2..end.saturating_sub(2).max(at + 2)].trim_matches('-').trim();
+        let mut words = inner.split_whitespace();
+        match words.next() {
+            Some("include" | "render") => return None,
+            Some("assign" | "capture" | "for" | "increment" | "decrement" | "tablerow") => {
+                if let Some(w) = words.next() {
+                    let name: String =
+                        w.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '-').collect();
+                    names.insert(name);
+                }
+            }
+            _ => {}
+        }
+        i = end;
+    }
+    Some(names)
+}
+
+/// `Event`, `Profile.Email`: a dotted path of names whose root is a global variable (not bound by the template,
+/// not a literal), so `{% __var %}` may read it in place.
+fn plain_global_path<'a>(expr: &'a str, locals: Option<&std::collections::HashSet<String>>) -> Option<&'a str> {
+    let locals = locals?;
+    let ident = |s: &str| {
+        s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let root = expr.split('.').next()?;
+    if !expr.split('.').all(ident)
+        || locals.contains(root)
+        || matches!(root, "nil" | "null" | "true" | "false" | "empty" | "blank")
+    {
+        return None;
+    }
+    Some(expr)
 }
 
 // ---- JSON template → document ------------------------------------------------------------------------------------
@@ -552,7 +604,7 @@ mod tests {
     fn outputs_end_in_the_escaping_filter_and_captures_do_not() {
         let r = rewrite(r#"{"a": "{{ x }}", "b": {{- y | plus: 1 -}}}{% capture c %}{{ z }}{% endcapture %}"#, false)
             .unwrap();
-        assert!(r.contains(r#""{{ x  | __out: 7 }}""#), "{r}");
+        assert!(r.contains(r#""{% __var 7 x %}""#), "a global read in place: {r}");
         assert!(r.contains("{%- __at 22 %}{{- y | plus: 1  | __out: 22 -}}"), "{r}");
         assert!(r.contains("{% capture c %}{{ z }}{% endcapture %}"), "{r}");
     }
@@ -560,9 +612,17 @@ mod tests {
     #[test]
     fn clevertap_spellings_are_rewritten() {
         let r = rewrite("{{ @Profile.city }} {{ Event.NPS Score | default: 0 }} {{ 'a@b' }}", false).unwrap();
-        assert!(r.contains("{{ Profile.city  | __out: 0 }}"), "{r}");
+        assert!(r.contains("{% __var 0 Profile.city %}"), "{r}");
         assert!(r.contains(r#"Event["NPS Score"] | default: 0"#), "{r}");
         assert!(r.contains("'a@b'"), "{r}");
+    }
+
+    #[test]
+    fn names_the_template_binds_and_partials_keep_outputs_in_liquid() {
+        let r = rewrite("{% assign x = 1 %}{% for i in l %}{{ i }}{{ x }}{{ y }}{% endfor %}", false).unwrap();
+        assert!(r.contains("{{ i  | __out:") && r.contains("{{ x  | __out:") && r.contains("{% __var"), "{r}");
+        let r = rewrite("{% include 'p' %}{{ y }}", false).unwrap();
+        assert!(!r.contains("__var"), "{r}");
     }
 
     #[test]

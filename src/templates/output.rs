@@ -14,6 +14,7 @@
 //! output budget and the render deadline, and records where each output came from for error messages.
 //! One render runs on one thread; the sink in use is a thread-local for the filter to reach.
 
+use super::context::{Ctx, CtxObject};
 use liquid_core::{Display_filter, Expression, Filter, FilterParameters, FilterReflection, FromFilterParameters};
 use liquid_core::{ParseFilter, Runtime, Value as LiquidValue, ValueView};
 use std::cell::RefCell;
@@ -72,6 +73,8 @@ pub struct OutputSink {
     /// Template offset of the output being evaluated (set by the `__at` tag before an output with filters).
     pub(crate) at: Option<u32>,
     pub(crate) stop: Option<Stop>,
+    /// The render's variables, for `{% __var %}` (see `run_with`).
+    globals: Option<std::ptr::NonNull<CtxObject>>,
 }
 
 impl OutputSink {
@@ -90,11 +93,18 @@ impl OutputSink {
             outputs: Vec::new(),
             at: None,
             stop: None,
+            globals: None,
         }
     }
 
     /// Runs `render` with this sink installed for the `__out` filter; returns the sink with what was written.
     pub fn run<T>(self, render: impl FnOnce(&mut dyn Write) -> T) -> (Self, T) {
+        self.run_with(None, render)
+    }
+
+    /// As `run`, with `globals` (the variables the render reads) reachable by `{% __var %}` for the duration.
+    pub fn run_with<T>(mut self, globals: Option<&CtxObject>, render: impl FnOnce(&mut dyn Write) -> T) -> (Self, T) {
+        self.globals = globals.map(std::ptr::NonNull::from);
         let previous = SINK.with(|s| s.borrow_mut().replace(self));
         let result = render(&mut ThreadSink);
         let mut sink = SINK
@@ -105,6 +115,7 @@ impl OutputSink {
                 sink
             })
             .unwrap_or_else(|| OutputSink::new(0, 0, None));
+        sink.globals = None;
         sink.flush_pending();
         (sink, result)
     }
@@ -198,7 +209,7 @@ impl OutputSink {
     }
 
     /// The text an output writes here: escaped for the current JSON context (see the module docs).
-    fn escape(&mut self, v: &dyn ValueView, at: u32) -> String {
+    pub(crate) fn escape(&mut self, v: &dyn ValueView, at: u32) -> String {
         self.flush_pending();
         self.outputs.push((self.buf.len(), at));
         self.at = None;
@@ -232,6 +243,45 @@ impl Write for ThreadSink {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Writes the value at `path` of the render's variables, escaped for where it lands: `{% __var N path %}`, which
+/// `document::rewrite` puts in place of `{{ path }}` when `path` is a plain dotted path of global variables.
+/// liquid copies every global it reads (the whole `Event` object for `{{ Event }}`); this reads it where it is.
+/// `Ok(false)` when the path has to be left to liquid (it crosses an array or a scalar, where liquid has rules of
+/// its own such as `.size` and `.first`).
+pub fn write_var(path: &[String], at: u32, writer: &mut dyn Write) -> std::io::Result<bool> {
+    let text = SINK.with(|s| {
+        let mut slot = s.borrow_mut();
+        let sink = slot.as_mut()?;
+        // SAFETY: `globals` points at the `CtxObject` given to `run_with`, which outlives the render it wraps; it
+        // is set only for that call and cleared before `run_with` returns. Renders run on this one thread.
+        let globals = unsafe { sink.globals?.as_ref() };
+        let found = resolve(globals, path)?;
+        Some(sink.escape(found.unwrap_or(&NIL), at))
+    });
+    match text {
+        Some(t) => writer.write_all(t.as_bytes()).map(|()| true),
+        None => Ok(false),
+    }
+}
+
+static NIL: Ctx = Ctx::Nil;
+
+/// Follows a plain path the way a lenient liquid lookup does: a missing key, or any key below nil, is nil.
+/// `None` when the path crosses a scalar or an array, or asks an object for a `size` it does not have.
+fn resolve<'a>(ctx: &'a CtxObject, path: &[String]) -> Option<Option<&'a Ctx>> {
+    let (first, rest) = path.split_first()?;
+    let mut cur = ctx.lookup(first);
+    for key in rest {
+        cur = match cur {
+            None | Some(Ctx::Nil) => None,
+            Some(Ctx::Object(o)) if key == "size" && o.lookup(key).is_none() => return None,
+            Some(Ctx::Object(o)) => o.lookup(key),
+            Some(Ctx::Scalar(_) | Ctx::Array(_)) => return None,
+        };
+    }
+    Some(cur)
 }
 
 /// Records the template offset of the output about to be evaluated (`{% __at N %}`), for render errors.
@@ -364,16 +414,19 @@ struct OutFilter {
     args: OutArgs,
 }
 
+/// The text `v` writes at the current place of the render's sink (as the `__out` filter does).
+pub fn escape_value(v: &dyn ValueView, at: u32) -> String {
+    SINK.with(|s| match s.borrow_mut().as_mut() {
+        Some(sink) => sink.escape(v, at),
+        None => string_text(v),
+    })
+}
+
 impl Filter for OutFilter {
     fn evaluate(&self, input: &dyn ValueView, runtime: &dyn Runtime) -> liquid_core::Result<LiquidValue> {
         let args = self.args.evaluate(runtime)?;
         let at = u32::try_from(args.at).unwrap_or(u32::MAX);
-        let text = SINK.with(|s| match s.borrow_mut().as_mut() {
-            Some(sink) => sink.escape(input, at),
-            // Outside a document render (never in the relay): escape as a string's content.
-            None => string_text(input),
-        });
-        Ok(LiquidValue::scalar(text))
+        Ok(LiquidValue::scalar(escape_value(input, at)))
     }
 }
 
