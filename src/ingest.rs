@@ -176,7 +176,9 @@ impl Pipeline {
                 None => return Err(unknown(None)),
             },
         };
-        let parsed = sources::parse(source, value, &cfg.options).map_err(IngestError::Body)?;
+        let mut options = cfg.options.clone();
+        options.raw_body = tpl.as_ref().is_none_or(|t| t.reads("body"));
+        let parsed = sources::parse(source, value, &options).map_err(IngestError::Body)?;
         let items = match parsed {
             Parsed::Ping => {
                 return Ok(Outcome { ping: true, template: name.to_owned(), ..Default::default() });
@@ -358,5 +360,22 @@ mod tests {
         let err = p.ingest_value(&route("b"), &body, &Timestamp::now()).unwrap_err();
         assert!(matches!(&err, IngestError::UnknownTemplate { broken: Some(_), .. }), "{err}");
         assert!(err.to_string().contains("does not load") && err.to_string().contains("nosuch"), "{err}");
+    }
+
+    #[test]
+    fn a_clevertap_template_that_reads_body_gets_the_profile_as_sent() {
+        let t = r#"{"event": "E", "identity": "{{ body.identity }}", "properties": {"d": "{{ body.event_properties.When }}"}}"#;
+        let (p, _d) = pipeline_with(
+            &[("clevertap/b.json", t), ("clevertap/n.json", r#"{"event": "E", "identity": "u"}"#)],
+            false,
+        );
+        assert!(p.templates.get("clevertap", "b").unwrap().reads("body"));
+        assert!(!p.templates.get("clevertap", "n").unwrap().reads("body"));
+        let body = json!({"profiles": [{"identity": "u_9", "event_properties": {"When": "$D_1731956100"}}]});
+        let route = Route::Hook { source: Source::CleverTap, template: Some("b".into()) };
+        let out = p.ingest_value(&route, &body, &Timestamp::now()).unwrap();
+        let v = out.accepted[0].call.single_body();
+        assert_eq!(v["identity"], "u_9");
+        assert_eq!(v["properties"]["d"], "2024-11-18T18:55:00Z");
     }
 }

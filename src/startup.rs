@@ -94,7 +94,7 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
                 enabled: s.enabled,
                 template: s.template.clone(),
                 app_id: non_empty(&s.app_id),
-                options: SourceOptions { allow_anonymous: s.allow_anonymous },
+                options: SourceOptions { allow_anonymous: s.allow_anonymous, ..SourceOptions::default() },
             };
             (src, cfg)
         })

@@ -5,7 +5,7 @@
 //! every profileData key as sent, spaces included), `Event.<key>` (event_properties), `Campaign.id` and `Campaign.campaignId` (targetId),
 //! `KeyValues.<key>` (campaign key_values), and `body` (the raw profile). `$D_<epoch seconds>` dates become ISO-8601.
 
-use super::{Item, Parsed, get_ci};
+use super::{Item, Parsed, SourceOptions, get_ci};
 use crate::domain::FieldError;
 use crate::domain::timestamp::from_epoch;
 use crate::templates::context::{Ctx, CtxObject};
@@ -24,6 +24,11 @@ const PROFILE_FIELDS: &[(&str, &str)] = &[
 ];
 
 pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
+    parse_with(body, &SourceOptions::default())
+}
+
+/// As `parse`; `options.raw_body` off leaves `body` out of each profile's variables.
+pub fn parse_with(body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError> {
     let Value::Object(root) = body else {
         return Err(FieldError::invalid("body", "a CleverTap webhook body must be a JSON object with `profiles`"));
     };
@@ -43,12 +48,14 @@ pub fn parse(body: &Value) -> Result<Parsed, FieldError> {
     let items = profiles
         .into_iter()
         .enumerate()
-        .map(|(i, p)| profile_item(p, &target_id, &campaign_kv).map_err(|e| e.under(&format!("profiles[{i}]"))))
+        .map(|(i, p)| {
+            profile_item(p, &target_id, &campaign_kv, options.raw_body).map_err(|e| e.under(&format!("profiles[{i}]")))
+        })
         .collect();
     Ok(Parsed::Items(items))
 }
 
-fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value) -> Result<Item, FieldError> {
+fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value, raw_body: bool) -> Result<Item, FieldError> {
     let Value::Object(p) = profile else {
         return Err(FieldError::invalid("", "each profile must be a JSON object"));
     };
@@ -91,7 +98,9 @@ fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value) -> Resu
             _ => Ctx::Object(CtxObject::new()),
         },
     );
-    ctx.insert("body", Ctx::from_json_with(profile, &ct_date));
+    if raw_body {
+        ctx.insert("body", Ctx::from_json_with(profile, &ct_date));
+    }
     ctx.insert("targetId", Ctx::from_json(target_id));
     Ok(Item { ctx, seed: seed(target_id, profile) })
 }

@@ -41,11 +41,14 @@ impl Source {
 pub struct SourceOptions {
     /// Segment: use `anonymousId` as the identity when `userId` is missing.
     pub allow_anonymous: bool,
+    /// CleverTap: give each profile's template `body`, the profile as sent. Building it costs as much as the
+    /// rest of the context, so ingest turns it off for templates that never read `body` (`Template::reads`).
+    pub raw_body: bool,
 }
 
 impl Default for SourceOptions {
     fn default() -> Self {
-        Self { allow_anonymous: true }
+        Self { allow_anonymous: true, raw_body: true }
     }
 }
 
@@ -69,7 +72,7 @@ pub enum Parsed {
 
 pub fn parse(source: Source, body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError> {
     match source {
-        Source::CleverTap => clevertap::parse(body),
+        Source::CleverTap => clevertap::parse_with(body, options),
         Source::Userpilot => userpilot::parse(body),
         Source::Segment => segment::parse(body, options),
     }

@@ -82,6 +82,22 @@ impl Document {
         Ok(Self { template, text, leaves })
     }
 
+    /// Whether `name` appears as a name in the document's Liquid, or the document includes partials.
+    pub fn reads(&self, name: &str) -> bool {
+        let mut i = 0;
+        while let Some(start) = next_open(&self.text, i) {
+            let close = if self.text[start..].starts_with("{%") { "%}" } else { "}}" };
+            let end = markup_end(&self.text, start + 2, close).unwrap_or(self.text.len());
+            let markup = &self.text[start + 2..end.saturating_sub(2).max(start + 2)];
+            let is_name_char = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
+            if markup.split(|c: char| !is_name_char(c)).any(|w| w == name || w == "include" || w == "render") {
+                return true;
+            }
+            i = end;
+        }
+        false
+    }
+
     /// The leaf of a JSON template at `offset` of the document.
     fn leaf_at(&self, offset: usize) -> Option<&LeafSpan> {
         self.leaves.iter().find(|l| l.start <= offset && offset < l.end)
@@ -143,7 +159,11 @@ impl Document {
                     }
                     return Err(self.error(&sink, one_line(&message)));
                 }
-                (Ok(()), _) => return self.parse_output(&sink),
+                (Ok(()), _) => {
+                    let parsed = self.parse_output(&sink);
+                    sink.recycle();
+                    return parsed;
+                }
             }
         }
         Err(LeafError { path: "template".into(), message: "too many missing keys in copied values".into() })

@@ -214,6 +214,12 @@ impl Template {
         Ok(Render::Calls(drafts))
     }
 
+    /// Whether the template may read the variable `name`: it appears as a name in its Liquid (or the template
+    /// includes partials, which may read anything). Lets a source skip building variables nobody reads.
+    pub fn reads(&self, name: &str) -> bool {
+        self.doc.reads(name)
+    }
+
     /// As `render_item`, with an abort reported as no calls.
     pub fn render(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Vec<Draft>, RenderError> {
         Ok(match self.render_item(ctx, limits)? {

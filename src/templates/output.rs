@@ -23,6 +23,8 @@ use std::time::Instant;
 
 thread_local! {
     static SINK: RefCell<Option<OutputSink>> = const { RefCell::new(None) };
+    /// Buffers of finished renders, reused by the next render on this thread (`OutputSink::recycle`).
+    static SPARE: RefCell<(Vec<u8>, Vec<(usize, u32)>, Vec<bool>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Why a render stopped early, besides a liquid error.
@@ -79,10 +81,11 @@ pub struct OutputSink {
 
 impl OutputSink {
     pub fn new(max: usize, max_leaf: usize, deadline: Option<Instant>) -> Self {
+        let (buf, outputs, stack) = SPARE.with(|s| std::mem::take(&mut *s.borrow_mut()));
         Self {
-            buf: Vec::with_capacity(512),
+            buf,
             lex: Lex::Outside,
-            stack: Vec::new(),
+            stack,
             expect_key: false,
             string_start: 0,
             pending: None,
@@ -90,7 +93,7 @@ impl OutputSink {
             max_leaf,
             deadline,
             writes: 0,
-            outputs: Vec::new(),
+            outputs,
             at: None,
             stop: None,
             globals: None,
@@ -122,6 +125,16 @@ impl OutputSink {
 
     /// Writes a pending value as string text: a string's own text, nothing for nil, anything else as its JSON
     /// text (a number as is; an array or object as JSON, escaped).
+    /// Gives the buffers back for the next render on this thread (kept up to 64 KiB).
+    pub fn recycle(mut self) {
+        if self.buf.capacity() <= 64 * 1024 {
+            self.buf.clear();
+            self.outputs.clear();
+            self.stack.clear();
+            SPARE.with(|s| *s.borrow_mut() = (self.buf, self.outputs, self.stack));
+        }
+    }
+
     fn flush_pending(&mut self) {
         if let Some(p) = self.pending.take() {
             let json = p.json.as_str();
