@@ -176,7 +176,7 @@ impl Pipeline {
                 None => return Err(unknown(None)),
             },
         };
-        let mut options = cfg.options.clone();
+        let mut options = cfg.options;
         options.raw_body = tpl.as_ref().is_none_or(|t| t.reads("body"));
         let parsed = sources::parse(source, value, &options).map_err(IngestError::Body)?;
         let items = match parsed {

@@ -54,10 +54,7 @@ pub fn example_files(dir: &Path) -> Vec<(String, String, PathBuf)> {
 
 /// Runs one example against `pipeline`.
 pub fn run_example(pipeline: &Pipeline, source: &str, template: &str, file: &Path) -> ExampleResult {
-    let failure = match check_example(pipeline, source, template, file, false) {
-        Ok(()) => None,
-        Err(why) => Some(why),
-    };
+    let failure = check_example(pipeline, source, template, file, false).err();
     ExampleResult { file: file.to_owned(), failure }
 }
 

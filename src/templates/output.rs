@@ -21,10 +21,13 @@ use std::cell::RefCell;
 use std::io::Write;
 use std::time::Instant;
 
+/// The buffers an `OutputSink` owns, kept between renders.
+type Buffers = (Vec<u8>, Vec<(usize, u32)>, Vec<bool>);
+
 thread_local! {
     static SINK: RefCell<Option<OutputSink>> = const { RefCell::new(None) };
     /// Buffers of finished renders, reused by the next render on this thread (`OutputSink::recycle`).
-    static SPARE: RefCell<(Vec<u8>, Vec<(usize, u32)>, Vec<bool>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    static SPARE: RefCell<Buffers> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Why a render stopped early, besides a liquid error.

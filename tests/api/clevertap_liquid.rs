@@ -19,10 +19,6 @@ async fn app_with(extra: &[(&str, &str)]) -> (TestApp, tempfile::TempDir) {
     (spawn_app_with(|s| s.templates.dir = dir).await, templates)
 }
 
-fn charged_body(profile: Value) -> Value {
-    json!({"targetId": 1732101122, "profiles": [profile]})
-}
-
 #[tokio::test]
 async fn a_payload_pasted_from_clevertaps_editor_renders_unchanged_against_a_full_and_a_sparse_profile() {
     let (app, _t) = app_with(&[("clevertap/charged.liquid", &charged_template())]).await;
