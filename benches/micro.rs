@@ -189,6 +189,19 @@ fn summary() {
 criterion_group!(micro, benches);
 
 fn main() {
+    // `-- --fixed N`: N calls of the JSON template's render+validate and nothing else, for `perf stat` (instruction
+    // counts compare changes on a busy machine, where wall time does not).
+    if let Some(n) = std::env::args().skip_while(|a| a != "--fixed").nth(1).and_then(|n| n.parse::<usize>().ok()) {
+        let settings = settings();
+        let pipeline = build_pipeline(&settings, load_templates(&settings).expect("templates load"));
+        let body = clevertap_with(100);
+        let route = &kind_routes()[0].1;
+        let received_at = Timestamp::now();
+        for _ in 0..n {
+            black_box(pipeline.ingest_value(route, &body, &received_at).expect("ingests"));
+        }
+        return;
+    }
     // `cargo bench --bench micro -- --summary` prints only the events/s table.
     if !std::env::args().any(|a| a == "--summary") {
         micro();

@@ -23,10 +23,10 @@ pub enum Ctx {
 }
 
 /// An object's entries, sorted by key (as a JSON map iterates): one allocation per object instead of a B-tree's
-/// nodes, and binary search for the exact-case lookup.
+/// nodes, and binary search for the exact-case lookup. Keys are `KString`s, held inline when short.
 #[derive(Debug, Clone, Default)]
 pub struct CtxObject {
-    entries: Vec<(String, Ctx)>,
+    entries: Vec<(KString, Ctx)>,
 }
 
 static NIL: Ctx = Ctx::Nil;
@@ -76,7 +76,7 @@ impl CtxObject {
 
     pub fn from_json_with(o: &serde_json::Map<String, Value>, map_str: &dyn Fn(&str) -> Option<String>) -> Self {
         // A JSON map iterates in key order, so the entries come out sorted.
-        Self { entries: o.iter().map(|(k, v)| (k.clone(), Ctx::from_json_with(v, map_str))).collect() }
+        Self { entries: o.iter().map(|(k, v)| (KString::from_ref(k), Ctx::from_json_with(v, map_str))).collect() }
     }
 
     pub fn from_json(o: &serde_json::Map<String, Value>) -> Self {
@@ -84,10 +84,10 @@ impl CtxObject {
     }
 
     pub fn insert(&mut self, key: impl Into<String>, value: Ctx) {
-        let key = key.into();
+        let key: String = key.into();
         match self.entries.binary_search_by(|(k, _)| k.as_str().cmp(&key)) {
             Ok(i) => self.entries[i].1 = value,
-            Err(i) => self.entries.insert(i, (key, value)),
+            Err(i) => self.entries.insert(i, (KString::from_string(key), value)),
         }
     }
 
@@ -101,7 +101,11 @@ impl CtxObject {
     pub fn lookup(&self, key: &str) -> Option<&Ctx> {
         match self.entries.binary_search_by(|(k, _)| k.as_str().cmp(key)) {
             Ok(i) => Some(&self.entries[i].1),
-            Err(_) => self.entries.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v),
+            Err(_) => self
+                .entries
+                .iter()
+                .find(|(k, _)| k.len() == key.len() && k.as_bytes().eq_ignore_ascii_case(key.as_bytes()))
+                .map(|(_, v)| v),
         }
     }
 
@@ -109,8 +113,8 @@ impl CtxObject {
         self.entries.is_empty()
     }
 
-    pub fn entries(&self) -> impl Iterator<Item = (&String, &Ctx)> {
-        self.entries.iter().map(|(k, v)| (k, v))
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Ctx)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v))
     }
 }
 
@@ -149,7 +153,7 @@ impl ValueView for CtxObject {
         KStringCow::from_string(Glued(self).to_string())
     }
     fn to_value(&self) -> LiquidValue {
-        LiquidValue::Object(self.entries.iter().map(|(k, v)| (k.clone().into(), v.to_liquid())).collect())
+        LiquidValue::Object(self.entries.iter().map(|(k, v)| (k.clone(), v.to_liquid())).collect())
     }
     fn as_object(&self) -> Option<&dyn ObjectView> {
         Some(self)
