@@ -231,18 +231,38 @@ impl OutputSink {
         self.at = None;
         match self.lex {
             Lex::InString { key: false, escape: false } if self.buf.len() == self.string_start + 1 => {
-                let mut json = String::new();
+                let mut json = String::with_capacity(64);
                 write_json(v, &mut json);
                 self.pending = Some(Pending { quote_at: self.string_start, json });
                 String::new()
             }
             Lex::InString { .. } => string_text(v),
             Lex::Outside => {
-                let mut json = String::new();
+                let mut json = String::with_capacity(64);
                 write_json(v, &mut json);
                 json
             }
         }
+    }
+
+    /// As `escape`, appending the text to the buffer directly. The text is complete in its context (an escaped
+    /// string's content, or a whole JSON value outside strings), so the lexical state it leaves is the one it
+    /// found and it need not be lexed again.
+    fn append(&mut self, v: &dyn ValueView, at: u32) -> std::io::Result<()> {
+        let text = self.escape(v, at);
+        if self.buf.len() + text.len() > self.max {
+            self.stop = Some(Stop::TooLarge);
+            return Err(std::io::Error::other("render output limit reached"));
+        }
+        self.buf.extend_from_slice(text.as_bytes());
+        if matches!(self.lex, Lex::InString { .. }) && self.buf.len() - self.string_start > self.max_leaf {
+            self.stop = Some(Stop::LeafTooLarge);
+            return Err(std::io::Error::other("render leaf limit reached"));
+        }
+        if matches!(self.lex, Lex::Outside) {
+            self.expect_key = false;
+        }
+        Ok(())
     }
 }
 
@@ -266,20 +286,21 @@ impl Write for ThreadSink {
 /// liquid copies every global it reads (the whole `Event` object for `{{ Event }}`); this reads it where it is.
 /// `Ok(false)` when the path has to be left to liquid (it crosses an array or a scalar, where liquid has rules of
 /// its own such as `.size` and `.first`).
-pub fn write_var(path: &[String], at: u32, writer: &mut dyn Write) -> std::io::Result<bool> {
-    let text = SINK.with(|s| {
+/// Written straight into the sink, not through liquid's writer: `rewrite` emits `__var` only where liquid writes
+/// to the sink itself (not inside `capture` or `ifchanged`, which buffer).
+pub fn write_var(path: &[String], at: u32) -> std::io::Result<bool> {
+    SINK.with(|s| {
         let mut slot = s.borrow_mut();
-        let sink = slot.as_mut()?;
+        let Some(sink) = slot.as_mut() else { return Ok(false) };
+        let Some(globals) = sink.globals else { return Ok(false) };
         // SAFETY: `globals` points at the `CtxObject` given to `run_with`, which outlives the render it wraps; it
         // is set only for that call and cleared before `run_with` returns. Renders run on this one thread.
-        let globals = unsafe { sink.globals?.as_ref() };
-        let found = resolve(globals, path)?;
-        Some(sink.escape(found.unwrap_or(&NIL), at))
-    });
-    match text {
-        Some(t) => writer.write_all(t.as_bytes()).map(|()| true),
-        None => Ok(false),
-    }
+        let globals = unsafe { globals.as_ref() };
+        match resolve(globals, path) {
+            Some(found) => sink.append(found.unwrap_or(&NIL), at).map(|()| true),
+            None => Ok(false),
+        }
+    })
 }
 
 static NIL: Ctx = Ctx::Nil;

@@ -114,6 +114,8 @@ pub fn rewrite(text: &str, partial: bool) -> Result<String, (usize, String)> {
     let mut out = String::with_capacity(text.len() + text.len() / 4 + 16);
     let mut i = 0;
     let mut capture_depth = 0usize;
+    // `ifchanged` renders into a buffer of its own: outputs there go through liquid's writer (no `__var`).
+    let mut buffered_depth = 0usize;
     while let Some(start) = next_open(text, i) {
         out.push_str(&text[i..start]);
         let at = if partial { u32::MAX } else { u32::try_from(start).unwrap_or(u32::MAX) };
@@ -130,6 +132,8 @@ pub fn rewrite(text: &str, partial: bool) -> Result<String, (usize, String)> {
                 }
                 "capture" => capture_depth += 1,
                 "endcapture" => capture_depth = capture_depth.saturating_sub(1),
+                "ifchanged" => buffered_depth += 1,
+                "endifchanged" => buffered_depth = buffered_depth.saturating_sub(1),
                 _ => {}
             }
             out.push_str("{%");
@@ -147,7 +151,8 @@ pub fn rewrite(text: &str, partial: bool) -> Result<String, (usize, String)> {
             if let Some(named) = spaced_name(&body[..pipe.unwrap_or(body.len())]) {
                 body = format!("{named} {}", &body[pipe.unwrap_or(body.len())..]);
             }
-            let global_path = plain_global_path(body.trim(), locals.as_ref());
+            let global_path =
+                plain_global_path(body.trim(), locals.as_ref()).filter(|_| buffered_depth == 0);
             if body.trim().is_empty() || capture_depth > 0 {
                 out.push_str(&text[start..start + 2 + usize::from(ltrim)]);
                 out.push_str(&body);

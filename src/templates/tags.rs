@@ -116,7 +116,7 @@ struct Var {
 
 impl Renderable for Var {
     fn render_to(&self, writer: &mut dyn Write, runtime: &dyn Runtime) -> liquid_core::Result<()> {
-        let written = output::write_var(&self.path, self.at, writer)
+        let written = output::write_var(&self.path, self.at)
             .map_err(|e| liquid_core::Error::with_msg(format!("output: {e}")))?;
         if !written {
             let value = self.expression.evaluate(runtime)?;
