@@ -151,8 +151,7 @@ pub fn rewrite(text: &str, partial: bool) -> Result<String, (usize, String)> {
             if let Some(named) = spaced_name(&body[..pipe.unwrap_or(body.len())]) {
                 body = format!("{named} {}", &body[pipe.unwrap_or(body.len())..]);
             }
-            let global_path =
-                plain_global_path(body.trim(), locals.as_ref()).filter(|_| buffered_depth == 0);
+            let global_path = plain_global_path(body.trim(), locals.as_ref()).filter(|_| buffered_depth == 0);
             if body.trim().is_empty() || capture_depth > 0 {
                 out.push_str(&text[start..start + 2 + usize::from(ltrim)]);
                 out.push_str(&body);

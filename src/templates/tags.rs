@@ -116,8 +116,8 @@ struct Var {
 
 impl Renderable for Var {
     fn render_to(&self, writer: &mut dyn Write, runtime: &dyn Runtime) -> liquid_core::Result<()> {
-        let written = output::write_var(&self.path, self.at)
-            .map_err(|e| liquid_core::Error::with_msg(format!("output: {e}")))?;
+        let written =
+            output::write_var(&self.path, self.at).map_err(|e| liquid_core::Error::with_msg(format!("output: {e}")))?;
         if !written {
             let value = self.expression.evaluate(runtime)?;
             let text = output::escape_value(value.as_view(), self.at);
