@@ -1,7 +1,7 @@
 //! Criterion micro benchmarks of the ingest pipeline's steps: JSON parse, source adapter, template render per
 //! event for each default template, flattening, validation, and render+validate of the default CleverTap template.
 
-use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, black_box, criterion_group};
 use heap_relay::domain::heap_call::BuildContext;
 use heap_relay::domain::{AppIdPolicy, Properties, PropertyLimits, Timestamp, TrackEvent, UserProperties};
 use heap_relay::ingest::{Route, parse_json};
@@ -112,7 +112,100 @@ fn benches(c: &mut Criterion) {
         b.iter(|| pipeline.ingest(&route, black_box(&clevertap_100_bytes), &received_at).expect("ingests"))
     });
     g.finish();
+
+    // The two kinds of template side by side, and serde_json parsing the same body, per event.
+    let mut g = c.benchmark_group("template_kinds");
+    g.throughput(Throughput::Elements(100));
+    for (label, route) in kind_routes() {
+        g.bench_function(label, |b| {
+            b.iter(|| {
+                let out = pipeline.ingest_value(&route, black_box(&clevertap_100), &received_at).expect("ingests");
+                assert_eq!(out.accepted.len(), 100);
+            })
+        });
+    }
+    g.bench_function("serde_json_parse_same_body", |b| {
+        b.iter(|| serde_json::from_slice::<Value>(black_box(&clevertap_100_bytes)).expect("parses"))
+    });
+    g.finish();
+}
+
+/// The default CleverTap template as a JSON template and as its text twin (templates/clevertap/default_text.liquid).
+fn kind_routes() -> [(&'static str, Route); 2] {
+    [
+        ("json_template_render_validate", Route::Hook { source: Source::CleverTap, template: Some("default".into()) }),
+        (
+            "text_template_render_validate",
+            Route::Hook { source: Source::CleverTap, template: Some("default_text".into()) },
+        ),
+    ]
+}
+
+/// Events per second on one core for `f`, which handles `events` events per call: the best of five 300 ms runs.
+fn events_per_sec(events: usize, mut f: impl FnMut()) -> f64 {
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        let mut calls = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(300) {
+            f();
+            calls += 1;
+        }
+        best = best.max(calls as f64 * events as f64 / start.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Prints the figures issue 15 asks for: render+validate events/s per core for each kind of template, beside
+/// serde_json parsing the same body.
+fn summary() {
+    let settings = settings();
+    let pipeline = build_pipeline(&settings, load_templates(&settings).expect("templates load"));
+    let body = clevertap_with(100);
+    let bytes = serde_json::to_vec(&body).expect("serialises");
+    let received_at = Timestamp::now();
+    let mut rows = Vec::new();
+    for (label, route) in kind_routes() {
+        rows.push((
+            label,
+            events_per_sec(100, || {
+                black_box(pipeline.ingest_value(&route, &body, &received_at).expect("ingests"));
+            }),
+        ));
+    }
+    rows.push((
+        "serde_json_parse_same_body",
+        events_per_sec(100, || {
+            black_box(serde_json::from_slice::<Value>(&bytes).expect("parses"));
+        }),
+    ));
+    println!("\nCleverTap default template, 100-profile body, one core (best of 5 x 300 ms):");
+    for (label, eps) in &rows {
+        println!("  {label:<32} {:>12.0} events/s", eps);
+    }
+    println!("  text / JSON template            {:>12.2}x", rows[1].1 / rows[0].1);
 }
 
 criterion_group!(micro, benches);
-criterion_main!(micro);
+
+fn main() {
+    // `-- --fixed N`: N calls of the JSON template's render+validate and nothing else, for `perf stat` (instruction
+    // counts compare changes on a busy machine, where wall time does not).
+    if let Some(n) = std::env::args().skip_while(|a| a != "--fixed").nth(1).and_then(|n| n.parse::<usize>().ok()) {
+        let settings = settings();
+        let pipeline = build_pipeline(&settings, load_templates(&settings).expect("templates load"));
+        let body = clevertap_with(100);
+        let route = &kind_routes()[0].1;
+        let received_at = Timestamp::now();
+        for _ in 0..n {
+            black_box(pipeline.ingest_value(route, &body, &received_at).expect("ingests"));
+        }
+        return;
+    }
+    // `cargo bench --bench micro -- --summary` prints only the events/s table.
+    if !std::env::args().any(|a| a == "--summary") {
+        micro();
+        Criterion::default().configure_from_args().final_summary();
+    }
+    summary();
+}

@@ -1,4 +1,4 @@
-//! Command line: `heap-relay [--config PATH] [serve | render | check | deliveries | replay]`.
+//! Command line: `heap-relay [--config PATH] [serve | render | check | test | deliveries | replay]`.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -31,8 +31,15 @@ pub enum Command {
         #[arg(long)]
         template: Option<String>,
     },
-    /// Load the configuration and every template, and report each problem. Exit status 1 on any.
+    /// Load the configuration and every template, render each against its examples and an empty profile, and
+    /// report each problem. Exit status 1 on any.
     Check,
+    /// Run every template's examples (templates/<source>/<name>.tests/*.json); print a diff per failure.
+    Test {
+        /// Rewrite failing examples with what the templates give now (review the diff before committing).
+        #[arg(long)]
+        bless: bool,
+    },
     /// List events in the delivery log, newest first.
     Deliveries {
         /// pending, retrying, delivered, dead, rejected or replaced.

@@ -8,7 +8,7 @@ use crate::domain::{
 use crate::json::{JsonError, JsonLimits};
 use crate::sources::{self, Shape, Source, SourceOptions};
 use crate::templates::render::RenderLimits;
-use crate::templates::{Draft, Template, TemplateStore, valid_name};
+use crate::templates::{Draft, Render, Template, TemplateStore, valid_name};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -76,8 +76,17 @@ pub struct Outcome {
     pub items: usize,
     pub accepted: Vec<Accepted>,
     pub rejected: Vec<Rejection>,
-    /// Items the template chose to send nothing for (a Segment `group` message, say).
+    /// Items the template chose to send nothing for (a Segment `group` message, say, or `{% abort %}`).
     pub ignored: Vec<usize>,
+    /// Version of the template that rendered the accepted items (`Template::version`): store it with each event,
+    /// so that a re-render can select events by the version that produced them. `None` for Heap-compatible routes.
+    pub template_version: Option<String>,
+    /// Set when the route's template exists as a file but does not load (and has no last good version): the
+    /// template's load error, `file:line:column: message`. Then `accepted`, `rejected` and `ignored` are empty and
+    /// `items` counts the body's items: store the raw body with its items held, and render them again once the
+    /// template is fixed. Only returned when `Pipeline::hold_broken_templates` is on; otherwise such a body is
+    /// refused with `IngestError::UnknownTemplate` naming the load error.
+    pub held: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,8 +95,13 @@ pub enum IngestError {
     Json(#[from] JsonError),
     #[error("source {0:?} is disabled in config.toml")]
     SourceDisabled(&'static str),
-    #[error("no template {name:?} for source {source_name} (looked for templates/{source_name}/{name}.json)")]
-    UnknownTemplate { source_name: &'static str, name: String },
+    #[error("{}", unknown_template(source_name, name, broken.as_deref()))]
+    UnknownTemplate {
+        source_name: &'static str,
+        name: String,
+        /// The template's load error when its file exists but does not load.
+        broken: Option<String>,
+    },
     #[error("{0}")]
     Body(FieldError),
     #[error("{items} items in one body; the limit is {limit} (limits.max_items)")]
@@ -114,6 +128,18 @@ pub struct Pipeline {
     /// Each named environment's Heap app_id (`[environments.<name>]`); the default environment (`""`) has none
     /// and uses the source's or `heap.app_id`.
     pub environments: HashMap<String, String>,
+    /// Answer a body whose template does not load with `Outcome::held` instead of `UnknownTemplate`: the store
+    /// keeps such bodies with their items held, and a re-render after the fix delivers them.
+    pub hold_broken_templates: bool,
+}
+
+fn unknown_template(source: &str, name: &str, broken: Option<&str>) -> String {
+    match broken {
+        Some(e) => format!("template {name:?} of source {source} does not load: {e}"),
+        None => {
+            format!("no template {name:?} for source {source} (looked for templates/{source}/{name}.json)")
+        }
+    }
 }
 
 impl Pipeline {
@@ -226,21 +252,41 @@ impl Pipeline {
             return Err(IngestError::SourceDisabled(source.as_str()));
         }
         let name = template.unwrap_or(&cfg.template);
-        let unknown = || IngestError::UnknownTemplate { source_name: source.as_str(), name: name.to_owned() };
+        let unknown =
+            |broken| IngestError::UnknownTemplate { source_name: source.as_str(), name: name.to_owned(), broken };
         if !valid_name(name) {
-            return Err(unknown());
+            return Err(unknown(None));
         }
-        let tpl = self.templates.get(source.as_str(), name).ok_or_else(unknown)?;
+        let tpl = self.templates.get(source.as_str(), name);
+        let held = match &tpl {
+            Some(_) => None,
+            None => match self.templates.broken(source.as_str(), name) {
+                Some(e) if self.hold_broken_templates => Some(e.to_string()),
+                Some(e) => return Err(unknown(Some(e.to_string()))),
+                None => return Err(unknown(None)),
+            },
+        };
         // Counted before any item is built: a body past limits.max_items costs nothing more.
-        self.check_count(sources::count(source, value))?;
+        let items = sources::count(source, value);
+        self.check_count(items)?;
+        let Some(tpl) = tpl else {
+            // Held: the body is stored as it came, its items wait for the template to load.
+            if sources::for_each(source, value, &cfg.options, &mut |_| {}).map_err(IngestError::Body)? == Shape::Ping {
+                return Ok(Outcome { ping: true, template: name.to_owned(), ..Default::default() });
+            }
+            return Ok(Outcome { template: name.to_owned(), items, held, ..Default::default() });
+        };
         let app_id = match self.environments.get(environment) {
             Some(id) => Some(id.as_str()),
             None => cfg.app_id.as_deref().or(self.default_app_id.as_deref()),
         };
-        let mut out = Outcome { template: name.to_owned(), ..Default::default() };
+        let mut out =
+            Outcome { template: name.to_owned(), template_version: Some(tpl.version.clone()), ..Default::default() };
         let defaults = self.template_defaults(&tpl);
+        let mut options = cfg.options;
+        options.raw_body = tpl.reads("body");
         let mut index = 0usize;
-        let shape = sources::for_each(source, value, &cfg.options, &mut |item| {
+        let shape = sources::for_each(source, value, &options, &mut |item| {
             let at = ItemAt { index, source, name, app_id, defaults: &defaults };
             self.take_item(&mut out, item, &tpl, &at, received_at);
             index += 1;
@@ -344,8 +390,13 @@ impl Pipeline {
             out.ignored.push(index);
             return;
         }
-        let drafts = match tpl.render(&item.ctx, &self.render_limits) {
-            Ok(d) => d,
+        let drafts = match tpl.render_item(&item.ctx, &self.render_limits) {
+            Ok(Render::Calls(d)) => d,
+            // `{% abort %}`: the template chose to send nothing for this item.
+            Ok(Render::Aborted) => {
+                out.ignored.push(index);
+                return;
+            }
             Err(e) => {
                 out.rejected.push(Rejection {
                     index,
@@ -444,4 +495,73 @@ fn rejection(index: usize, e: FieldError) -> Rejection {
 /// Parses a body as strict JSON under the default limits (see `crate::json`), with line and column on failure.
 pub fn parse_json(body: &[u8]) -> Result<Value, IngestError> {
     Ok(crate::json::parse(body, &JsonLimits::default())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pipeline_with(files: &[(&str, &str)], hold: bool) -> (Pipeline, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        for (rel, text) in files {
+            let p = dir.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        let mut settings = crate::settings::Settings::defaults();
+        settings.heap.app_id = "1234567890".into();
+        let (store, _) = TemplateStore::open_with(dir.path(), Default::default());
+        let mut p = crate::startup::build_pipeline(&settings, Arc::new(store));
+        p.hold_broken_templates = hold;
+        (p, dir)
+    }
+
+    fn route(name: &str) -> Route {
+        Route::Hook { source: Source::Segment, template: Some(name.into()) }
+    }
+
+    #[test]
+    fn an_outcome_names_the_version_of_the_template_that_rendered_it() {
+        let (p, _d) = pipeline_with(&[("segment/t.json", r#"{"event": "E", "identity": "{{ userId }}"}"#)], false);
+        let out = p.ingest_value(&route("t"), &json!({"type": "track", "userId": "u"}), &Timestamp::now()).unwrap();
+        assert_eq!(out.accepted.len(), 1);
+        let version = out.template_version.expect("a version");
+        assert_eq!(version, p.templates.get("segment", "t").unwrap().version);
+        assert_eq!(out.held, None);
+    }
+
+    #[test]
+    fn a_body_for_a_template_that_does_not_load_is_held_with_the_load_error_when_holding_is_on() {
+        let broken = "{\n \"event\": \"{{ x | nosuch }}\", \"identity\": \"u\"\n}";
+        let body = json!({"batch": [{"type": "track", "userId": "u"}, {"type": "track", "userId": "v"}]});
+        let (p, _d) = pipeline_with(&[("segment/b.json", broken)], true);
+        let out = p.ingest_value(&route("b"), &body, &Timestamp::now()).unwrap();
+        let held = out.held.expect("held");
+        assert!(held.contains("segment/b.json:2:") && held.contains("nosuch"), "{held}");
+        assert_eq!((out.items, out.accepted.len(), out.rejected.len(), out.ignored.len()), (2, 0, 0, 0));
+        assert_eq!(out.template_version, None);
+
+        let (p, _d) = pipeline_with(&[("segment/b.json", broken)], false);
+        let err = p.ingest_value(&route("b"), &body, &Timestamp::now()).unwrap_err();
+        assert!(matches!(&err, IngestError::UnknownTemplate { broken: Some(_), .. }), "{err}");
+        assert!(err.to_string().contains("does not load") && err.to_string().contains("nosuch"), "{err}");
+    }
+
+    #[test]
+    fn a_clevertap_template_that_reads_body_gets_the_profile_as_sent() {
+        let t = r#"{"event": "E", "identity": "{{ body.identity }}", "properties": {"d": "{{ body.event_properties.When }}"}}"#;
+        let (p, _d) = pipeline_with(
+            &[("clevertap/b.json", t), ("clevertap/n.json", r#"{"event": "E", "identity": "u"}"#)],
+            false,
+        );
+        assert!(p.templates.get("clevertap", "b").unwrap().reads("body"));
+        assert!(!p.templates.get("clevertap", "n").unwrap().reads("body"));
+        let body = json!({"profiles": [{"identity": "u_9", "event_properties": {"When": "$D_1731956100"}}]});
+        let route = Route::Hook { source: Source::CleverTap, template: Some("b".into()) };
+        let out = p.ingest_value(&route, &body, &Timestamp::now()).unwrap();
+        let v = out.accepted[0].call.single_body();
+        assert_eq!(v["identity"], "u_9");
+        assert_eq!(v["properties"]["d"], "2024-11-18T18:55:00Z");
+    }
 }

@@ -6,8 +6,8 @@
 //!   is used, `routes::gate` checks the browser's Origin, the source's authentication (`auth`) and request budget
 //!   (`request_rate`); `routes::body` reads it bounded (decoded bytes, per request and across requests).
 //! - `intake`: body → pipeline → one durable write → summary.
-//! - `ingest`: the pure pipeline: `sources` (vendor body shapes) → `templates` (Liquid, one leaf at a time) →
-//!   `domain` (types that only hold values Heap accepts). `json` parses bodies strictly (depth, duplicate keys,
+//! - `ingest`: the pure pipeline: `sources` (vendor body shapes) → `templates` (one Liquid document per
+//!   template, every output escaped for its JSON context) → `domain` (types that only hold values Heap accepts). `json` parses bodies strictly (depth, duplicate keys,
 //!   NULs, surrogates, number ranges), each refusal with its own error.
 //! - `store`: the queue and delivery log (group commit, leases): SQLite by default, PostgreSQL for several instances.
 //! - `delivery`: workers that batch, send, classify (`policy`) and rate-limit.

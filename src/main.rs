@@ -28,6 +28,7 @@ async fn main() {
         }
         Command::Render { source, file, template } => commands::render::run(&settings, &source, &file, template),
         Command::Check => commands::check::run(&settings),
+        Command::Test { bless } => commands::test::run(&settings, bless),
         Command::Deliveries { status, source, environment, since, until, limit, json } => {
             let filters = commands::deliveries::Filters { status, source, environment, since, until, limit, json };
             commands::deliveries::run(&settings, filters).await

@@ -5,6 +5,7 @@ pub mod check;
 pub mod deliveries;
 pub mod render;
 pub mod replay;
+pub mod test;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {

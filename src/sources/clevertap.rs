@@ -2,10 +2,10 @@
 //! `profiles` as an array (broadcast) or one object (non-broadcast), and the creation ping (`"is_test": true`).
 //!
 //! Template variables mirror CleverTap's own Liquid: `Profile.<key>` (Email, Identity, Name, Phone, ObjectId and
-//! every profileData key as sent, spaces included), `Event.<key>` (event_properties), `Campaign.id` (targetId),
+//! every profileData key as sent, spaces included), `Event.<key>` (event_properties), `Campaign.id` and `Campaign.campaignId` (targetId),
 //! `KeyValues.<key>` (campaign key_values), and `body` (the raw profile). `$D_<epoch seconds>` dates become ISO-8601.
 
-use super::{Item, Shape, get_ci};
+use super::{Item, Shape, SourceOptions, get_ci};
 use crate::domain::FieldError;
 use crate::domain::timestamp::from_epoch;
 use crate::templates::context::{Ctx, CtxObject};
@@ -23,7 +23,12 @@ const PROFILE_FIELDS: &[(&str, &str)] = &[
     ("push_token", "Push_token"),
 ];
 
-pub fn for_each(body: &Value, f: &mut dyn FnMut(Result<Item, FieldError>)) -> Result<Shape, FieldError> {
+/// Builds each profile's item and hands it to `f`; `options.raw_body` off leaves `body` out of the variables.
+pub fn for_each(
+    body: &Value,
+    options: &SourceOptions,
+    f: &mut dyn FnMut(Result<Item, FieldError>),
+) -> Result<Shape, FieldError> {
     let Value::Object(root) = body else {
         return Err(FieldError::invalid("body", "a CleverTap webhook body must be a JSON object with `profiles`"));
     };
@@ -45,12 +50,12 @@ pub fn for_each(body: &Value, f: &mut dyn FnMut(Result<Item, FieldError>)) -> Re
     let target_id = get_ci(root, "targetId").unwrap_or(&null);
     let campaign_kv = get_ci(root, "key_values").unwrap_or(&null);
     for (i, p) in profiles.into_iter().enumerate() {
-        f(profile_item(p, target_id, campaign_kv).map_err(|e| e.under(&format!("profiles[{i}]"))));
+        f(profile_item(p, target_id, campaign_kv, options.raw_body).map_err(|e| e.under(&format!("profiles[{i}]"))));
     }
     Ok(Shape::Items)
 }
 
-fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value) -> Result<Item, FieldError> {
+fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value, raw_body: bool) -> Result<Item, FieldError> {
     let Value::Object(p) = profile else {
         return Err(FieldError::invalid("", "each profile must be a JSON object"));
     };
@@ -80,6 +85,8 @@ fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value) -> Resu
     };
     let mut campaign = CtxObject::new();
     campaign.insert("id", Ctx::from_json(target_id));
+    // CleverTap's own Liquid name for the campaign id.
+    campaign.insert("campaignId", Ctx::from_json(target_id));
     let mut ctx = CtxObject::new();
     ctx.insert("Profile", Ctx::Object(prof));
     ctx.insert("Event", Ctx::Object(event));
@@ -91,7 +98,9 @@ fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value) -> Resu
             _ => Ctx::Object(CtxObject::new()),
         },
     );
-    ctx.insert("body", Ctx::from_json_with(profile, &ct_date));
+    if raw_body {
+        ctx.insert("body", Ctx::from_json_with(profile, &ct_date));
+    }
     ctx.insert("targetId", Ctx::from_json(target_id));
     Ok(Item { ctx, seed: seed(target_id, profile), excluded: false })
 }
@@ -121,6 +130,7 @@ fn custom_item(root: &Map<String, Value>) -> Item {
     ctx.insert_missing("KeyValues", nested("key_values"));
     let mut campaign = CtxObject::new();
     campaign.insert("id", Ctx::from_json(get_ci(root, "targetId").unwrap_or(&Value::Null)));
+    campaign.insert("campaignId", Ctx::from_json(get_ci(root, "targetId").unwrap_or(&Value::Null)));
     ctx.insert_missing("Campaign", Ctx::Object(campaign));
     Item { ctx, seed: serde_json::to_string(root).unwrap_or_default(), excluded: false }
 }

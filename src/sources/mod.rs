@@ -41,11 +41,14 @@ impl Source {
 pub struct SourceOptions {
     /// Segment: use `anonymousId` as the identity when `userId` is missing.
     pub allow_anonymous: bool,
+    /// CleverTap: give each profile's template `body`, the profile as sent. Building it costs as much as the
+    /// rest of the context, so ingest turns it off for templates that never read `body` (`Template::reads`).
+    pub raw_body: bool,
 }
 
 impl Default for SourceOptions {
     fn default() -> Self {
-        Self { allow_anonymous: true }
+        Self { allow_anonymous: true, raw_body: true }
     }
 }
 
@@ -96,7 +99,7 @@ pub fn for_each(
     f: &mut dyn FnMut(Result<Item, FieldError>),
 ) -> Result<Shape, FieldError> {
     match source {
-        Source::CleverTap => clevertap::for_each(body, f),
+        Source::CleverTap => clevertap::for_each(body, options, f),
         Source::Userpilot => userpilot::for_each(body, f),
         Source::Segment => segment::for_each(body, options, f),
     }

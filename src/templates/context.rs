@@ -9,10 +9,9 @@
 //! Values copied into a plain liquid value (a `for` loop variable, `assign`) are strict again; the renderer treats
 //! an unknown-variable error there as "renders to nothing" (see `render.rs`).
 
-use liquid_core::model::{DisplayCow, KStringCow, Scalar, State};
+use liquid_core::model::{DisplayCow, KString, KStringCow, Scalar, State};
 use liquid_core::{ObjectView, Value as LiquidValue, ValueView};
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::fmt;
 
 #[derive(Debug, Clone)]
@@ -23,13 +22,15 @@ pub enum Ctx {
     Object(CtxObject),
 }
 
+/// An object's entries, sorted by key (as a JSON map iterates): one allocation per object instead of a B-tree's
+/// nodes, and binary search for the exact-case lookup. Keys are `KString`s, held inline when short.
 #[derive(Debug, Clone, Default)]
 pub struct CtxObject {
-    entries: BTreeMap<String, Ctx>,
+    entries: Vec<(KString, Ctx)>,
 }
 
 static NIL: Ctx = Ctx::Nil;
-static EMPTY: CtxObject = CtxObject { entries: BTreeMap::new() };
+static EMPTY: CtxObject = CtxObject { entries: Vec::new() };
 
 impl Ctx {
     /// Converts JSON into template values. `map_str` rewrites string leaves (CleverTap's `$D_` dates).
@@ -41,7 +42,10 @@ impl Ctx {
                 Some(i) => Ctx::Scalar(Scalar::new(i)),
                 None => Ctx::Scalar(Scalar::new(n.as_f64().unwrap_or(f64::NAN))),
             },
-            Value::String(s) => Ctx::Scalar(Scalar::new(map_str(s).unwrap_or_else(|| s.clone()))),
+            Value::String(s) => Ctx::Scalar(match map_str(s) {
+                Some(mapped) => Scalar::new(mapped),
+                None => Scalar::new(KString::from_ref(s)),
+            }),
             Value::Array(a) => Ctx::Array(a.iter().map(|x| Ctx::from_json_with(x, map_str)).collect()),
             Value::Object(o) => Ctx::Object(CtxObject::from_json_with(o, map_str)),
         }
@@ -71,7 +75,8 @@ impl CtxObject {
     }
 
     pub fn from_json_with(o: &serde_json::Map<String, Value>, map_str: &dyn Fn(&str) -> Option<String>) -> Self {
-        Self { entries: o.iter().map(|(k, v)| (k.clone(), Ctx::from_json_with(v, map_str))).collect() }
+        // A JSON map iterates in key order, so the entries come out sorted.
+        Self { entries: o.iter().map(|(k, v)| (KString::from_ref(k), Ctx::from_json_with(v, map_str))).collect() }
     }
 
     pub fn from_json(o: &serde_json::Map<String, Value>) -> Self {
@@ -79,26 +84,37 @@ impl CtxObject {
     }
 
     pub fn insert(&mut self, key: impl Into<String>, value: Ctx) {
-        self.entries.insert(key.into(), value);
+        let key: String = key.into();
+        match self.entries.binary_search_by(|(k, _)| k.as_str().cmp(&key)) {
+            Ok(i) => self.entries[i].1 = value,
+            Err(i) => self.entries.insert(i, (KString::from_string(key), value)),
+        }
     }
 
     /// Inserts only when no key of that name (in any casing) is there yet.
     pub fn insert_missing(&mut self, key: &str, value: Ctx) {
         if self.lookup(key).is_none() {
-            self.entries.insert(key.to_owned(), value);
+            self.insert(key, value);
         }
     }
 
     pub fn lookup(&self, key: &str) -> Option<&Ctx> {
-        self.entries.get(key).or_else(|| self.entries.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v))
+        match self.entries.binary_search_by(|(k, _)| k.as_str().cmp(key)) {
+            Ok(i) => Some(&self.entries[i].1),
+            Err(_) => self
+                .entries
+                .iter()
+                .find(|(k, _)| k.len() == key.len() && k.as_bytes().eq_ignore_ascii_case(key.as_bytes()))
+                .map(|(_, v)| v),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
-    pub fn entries(&self) -> impl Iterator<Item = (&String, &Ctx)> {
-        self.entries.iter()
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Ctx)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v))
     }
 }
 
@@ -137,7 +153,7 @@ impl ValueView for CtxObject {
         KStringCow::from_string(Glued(self).to_string())
     }
     fn to_value(&self) -> LiquidValue {
-        LiquidValue::Object(self.entries.iter().map(|(k, v)| (k.clone().into(), v.to_liquid())).collect())
+        LiquidValue::Object(self.entries.iter().map(|(k, v)| (k.clone(), v.to_liquid())).collect())
     }
     fn as_object(&self) -> Option<&dyn ObjectView> {
         Some(self)
@@ -152,10 +168,10 @@ impl ObjectView for CtxObject {
         self.entries.len() as i64
     }
     fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
-        Box::new(self.entries.keys().map(|k| KStringCow::from_ref(k.as_str())))
+        Box::new(self.entries.iter().map(|(k, _)| KStringCow::from_ref(k.as_str())))
     }
     fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
-        Box::new(self.entries.values().map(|v| v as &dyn ValueView))
+        Box::new(self.entries.iter().map(|(_, v)| v as &dyn ValueView))
     }
     fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
         Box::new(self.entries.iter().map(|(k, v)| (KStringCow::from_ref(k.as_str()), v as &dyn ValueView)))
@@ -306,7 +322,7 @@ impl CtxObject {
     /// variable) failed on a missing key: the same render with the key present as nil is what a lenient lookup
     /// would have produced.
     pub fn fill_missing_key(&mut self, key: &str) {
-        for v in self.entries.values_mut() {
+        for (_, v) in self.entries.iter_mut() {
             v.fill_missing_key(key);
         }
     }
@@ -317,7 +333,7 @@ impl Ctx {
         match self {
             Ctx::Object(o) => {
                 if o.lookup(key).is_none() {
-                    o.entries.insert(key.to_owned(), Ctx::Nil);
+                    o.insert(key, Ctx::Nil);
                 }
                 o.fill_missing_key(key);
             }

@@ -1,27 +1,52 @@
-//! User-editable templates: `templates/<source>/<name>.json`, JSON documents whose string leaves may hold Liquid.
+//! User-editable templates under `templates/<source>/`: `<name>.json` or `<name>.liquid`, one per Heap mapping.
 //!
-//! A template is either a Heap track body (the form CleverTap's Heap guide uses: `app_id`, `identity`, `event`,
-//! `properties`), or an object with a `track` and/or an `add_user_properties` section, each an object in Heap's
-//! shape with an optional `when` leaf: the section is emitted only when `when` renders to something other than
-//! nothing or `false`. Root keys starting with `_` are comments. The set is parsed once at load and reloaded when a
-//! file changes; a reload that fails keeps the last good set and logs why.
+//! Two kinds, one renderer (see `document`):
+//! - a **JSON template** is a JSON document whose string leaves may hold Liquid: a Heap track body (the form
+//!   CleverTap's Heap guide uses: `app_id`, `identity`, `event`, `properties`), or an object with a `track`
+//!   and/or an `add_user_properties` section, each in Heap's shape with an optional `when` leaf (the section is
+//!   sent only when `when` renders to something other than nothing or `false`). Root keys starting with `_` are
+//!   comments.
+//! - a **text template** is any `.liquid` or `.json` file that is not itself valid JSON: the payload text exactly
+//!   as written in CleverTap's webhook editor, Liquid around structure and unquoted outputs included. What it
+//!   renders to must be JSON of the same shapes.
+//!
+//! Every output is escaped for the JSON context it lands in (`output`), so no value can end a string, add a field
+//! or change `app_id`. Partials for `{% include %}` live in `templates/<source>/_partials/<name>.liquid`.
+//! Examples (template tests) live beside a template in `<name>.tests/*.json` (see `commands::test`).
+//!
+//! A template that does not load never stops the relay: it is reported (`TemplateStore::broken`), the others
+//! work, and a reload replaces templates one by one, keeping the last good version of a template whose edit is
+//! broken. Each template has a version (`Template::version`): a short hash of its text and its source's partials.
 
 pub mod bounds;
 pub mod context;
+pub mod dialect;
+pub mod document;
+mod if_block;
+mod loading;
+pub mod output;
 pub mod render;
+pub mod rewrite;
+mod shape;
+#[cfg(test)]
+mod specs;
+mod tags;
 
 use crate::domain::CallKind;
 use bounds::LoadLimits;
 use context::CtxObject;
-use render::{Leaf, LeafError, Node, RenderLimits, compile_leaf, json_len};
+use document::{Document, Rendered};
+pub use loading::{TemplateSet, TemplateStore};
+use render::{LeafError, RenderLimits};
 use serde_json::{Map, Value};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use sha2::{Digest, Sha256};
+use shape::shape;
 
 /// Largest template file accepted by default, in bytes (`templates.max_template_bytes`).
 pub const MAX_TEMPLATE_BYTES: u64 = 256 * 1024;
+
+/// Directory of a source's partials, for `{% include 'name' %}`.
+pub const PARTIALS_DIR: &str = "_partials";
 
 /// Checks a template name taken from a URL or the command line: `[A-Za-z0-9_-]`, 1 to 64 characters, so that no
 /// name can reach outside `templates/<source>/`.
@@ -76,11 +101,20 @@ pub struct Draft {
     pub body: Map<String, Value>,
 }
 
-#[derive(Debug)]
-struct Section {
-    kind: CallKind,
-    when: Option<Leaf>,
-    body: Node,
+/// What rendering one item gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Render {
+    /// The calls to make; empty when every section's `when` was false.
+    Calls(Vec<Draft>),
+    /// `{% abort %}` ran: send nothing for this item.
+    Aborted,
+}
+
+/// The two kinds of template (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateKind {
+    Json,
+    Text,
 }
 
 #[derive(Debug)]
@@ -89,7 +123,24 @@ pub struct Template {
     pub name: String,
     /// Path as shown in messages, e.g. `templates/clevertap/default.json`.
     pub file: String,
-    sections: Vec<Section>,
+    pub kind: TemplateKind,
+    /// First 16 hex digits of the SHA-256 of the template's text and its source's partials: names the version
+    /// of the template that rendered an event.
+    pub version: String,
+    doc: Document,
+}
+
+/// Version hash of a template's text and the partials it may include.
+pub fn version_of(text: &str, partials: &[(String, String)]) -> String {
+    let mut h = Sha256::new();
+    h.update(text.as_bytes());
+    for (name, body) in partials {
+        h.update([0u8]);
+        h.update(name.as_bytes());
+        h.update([0u8]);
+        h.update(body.as_bytes());
+    }
+    hex::encode(&h.finalize()[..8])
 }
 
 impl Template {
@@ -104,7 +155,8 @@ impl Template {
         Self::compile_with(parser, source, name, file, text, &LoadLimits::default())
     }
 
-    /// Parses template `text`, refusing range loops past `limits` (see `bounds`).
+    /// Parses template `text`, refusing range loops past `limits` (see `bounds`). Valid JSON is a JSON template;
+    /// anything else is a text template.
     pub fn compile_with(
         parser: &liquid::Parser,
         source: &str,
@@ -113,360 +165,147 @@ impl Template {
         text: &str,
         limits: &LoadLimits,
     ) -> Result<Self, LoadError> {
-        let err = |line, column, message: String| LoadError { file: file.to_owned(), line, column, message };
-        let root: Value = serde_json::from_str(text)
-            .map_err(|e| err(Some(e.line()), Some(e.column()), format!("not valid JSON: {e}")))?;
-        let Value::Object(root) = root else {
-            return Err(err(Some(1), None, "a template must be a JSON object".into()));
-        };
-        let compile_node = |v: &Value, path: &str| {
-            compile_node(parser, v, path, text, limits).map_err(|(pos, m)| {
-                let (line, column) = pos.map_or((None, None), |(l, c)| (Some(l), Some(c)));
-                err(line, column, m)
-            })
-        };
-        let sectioned = root.keys().any(|k| k == "track" || k == "add_user_properties");
-        let mut sections = Vec::new();
-        if sectioned {
-            for (key, value) in root.iter().filter(|(k, _)| !k.starts_with('_')) {
-                let kind = match key.as_str() {
-                    "track" => CallKind::Track,
-                    "add_user_properties" => CallKind::UserProperties,
-                    other => {
-                        return Err(err(
-                            None,
-                            None,
-                            format!(
-                                "unknown section {other:?}: a template's sections are `track` and `add_user_properties`"
-                            ),
-                        ));
-                    }
-                };
-                let Value::Object(obj) = value else {
-                    return Err(err(None, None, format!("section {key:?} must be an object")));
-                };
-                let when = match obj.get("when") {
-                    None => None,
-                    Some(Value::String(s)) => {
-                        bounds::check_loops(s, limits).map_err(|m| {
-                            let pos = find_leaf(text, s);
-                            err(pos.map(|p| p.0), pos.map(|p| p.1), format!("leaf {key}.when: {m}"))
-                        })?;
-                        compile_leaf_guarded(parser, s, &format!("{key}.when"))
-                            .map_err(|e| liquid_error(file, text, s, &format!("{key}.when"), &e))?
-                    }
-                    Some(_) => return Err(err(None, None, format!("{key}.when must be a string"))),
-                };
-                let body: Map<String, Value> =
-                    obj.iter().filter(|(k, _)| *k != "when").map(|(k, v)| (k.clone(), v.clone())).collect();
-                sections.push(Section { kind, when, body: compile_node(&Value::Object(body), key)? });
-            }
-        } else {
-            let body: Map<String, Value> = root.into_iter().filter(|(k, _)| !k.starts_with('_')).collect();
-            if !body.contains_key("event") {
-                return Err(err(
-                    None,
-                    None,
-                    "a template is a Heap track body (with `event`) or has `track` / `add_user_properties` sections"
-                        .into(),
-                ));
-            }
-            sections.push(Section { kind: CallKind::Track, when: None, body: compile_node(&Value::Object(body), "")? });
-        }
-        Ok(Self { source: source.to_owned(), name: name.to_owned(), file: file.to_owned(), sections })
+        Self::compile_versioned(parser, source, name, file, text, limits, version_of(text, &[]))
     }
 
-    /// Renders every section whose `when` holds. An empty result means the template chose to send nothing.
-    /// The whole item shares one deadline (`limits.timeout`) and one output budget (`limits.max_event_bytes`).
-    pub fn render(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Vec<Draft>, RenderError> {
+    fn compile_versioned(
+        parser: &liquid::Parser,
+        source: &str,
+        name: &str,
+        file: &str,
+        text: &str,
+        limits: &LoadLimits,
+        version: String,
+    ) -> Result<Self, LoadError> {
+        let err = |line, column, message: String| LoadError { file: file.to_owned(), line, column, message };
+        let at = |offset: usize, message: String| {
+            let (l, c) = document::line_col(text, offset);
+            err(Some(l), Some(c), message)
+        };
+        let (kind, doc_text, leaves) = match serde_json::from_str::<Value>(text) {
+            Ok(root) => {
+                check_json_shape(&root).map_err(|m| err(None, None, m))?;
+                let (doc, leaves) = rewrite::json_to_document(text, limits).map_err(|(o, m)| at(o, m))?;
+                (TemplateKind::Json, doc, leaves)
+            }
+            Err(_) => {
+                bounds::check_loops(text, limits).map_err(|m| err(None, None, m))?;
+                (TemplateKind::Text, text.to_owned(), Vec::new())
+            }
+        };
+        let doc = match Document::parse(parser, doc_text, leaves) {
+            Ok(d) => d,
+            Err(e) if kind == TemplateKind::Json => return Err(json_leaf_error(parser, file, text, e)),
+            Err(e) => return Err(err(e.line, e.column, e.message)),
+        };
+        Ok(Self { source: source.to_owned(), name: name.to_owned(), file: file.to_owned(), kind, version, doc })
+    }
+
+    /// Renders one item: the calls whose sections hold, or `Aborted`. The item shares one deadline
+    /// (`limits.timeout`) and one output budget (`limits.max_event_bytes`).
+    pub fn render_item(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Render, RenderError> {
         let wrap = |source| RenderError { file: self.file.clone(), source };
         let limits = &limits.started(std::time::Instant::now());
-        let mut event_bytes = 0usize;
-        let mut out = Vec::with_capacity(self.sections.len());
-        for section in &self.sections {
-            if let Some(when) = &section.when {
-                let on = match when.render_value(ctx, limits).map_err(wrap)? {
-                    None | Some(Value::Bool(false)) => false,
-                    Some(Value::String(s)) => !s.trim().eq_ignore_ascii_case("false"),
-                    Some(_) => true,
-                };
-                if !on {
-                    continue;
-                }
-            }
-            if let Some(Value::Object(body)) = section.body.render(ctx, limits).map_err(wrap)? {
-                event_bytes += json_len(&body);
-                if event_bytes > limits.max_event_bytes {
-                    return Err(wrap(LeafError {
-                        path: section.kind.as_str().to_owned(),
-                        message: format!(
-                            "the item renders to more than {} bytes (templates.max_event_bytes)",
-                            limits.max_event_bytes
-                        ),
-                    }));
-                }
-                out.push(Draft { kind: section.kind, body });
-            }
-        }
-        Ok(out)
+        let value = match self.doc.render(ctx, limits).map_err(wrap)? {
+            Rendered::Aborted => return Ok(Render::Aborted),
+            Rendered::Json(v) => v,
+        };
+        // The rendered text stayed within `limits.max_event_bytes` (the output sink stops it past that), and the
+        // calls made from it are no longer than that text: no second count is needed.
+        let drafts = shape(value).map_err(|message| wrap(LeafError { path: "template".into(), message }))?;
+        Ok(Render::Calls(drafts))
+    }
+
+    /// Whether the template may read the variable `name`: it appears as a name in its Liquid (or the template
+    /// includes partials, which may read anything). Lets a source skip building variables nobody reads.
+    pub fn reads(&self, name: &str) -> bool {
+        self.doc.reads(name)
+    }
+
+    /// As `render_item`, with an abort reported as no calls.
+    pub fn render(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Vec<Draft>, RenderError> {
+        Ok(match self.render_item(ctx, limits)? {
+            Render::Calls(d) => d,
+            Render::Aborted => Vec::new(),
+        })
     }
 }
 
-type CompileError = (Option<(usize, usize)>, String);
-
-fn compile_node(
-    parser: &liquid::Parser,
-    v: &Value,
-    path: &str,
-    file_text: &str,
-    limits: &LoadLimits,
-) -> Result<Node, CompileError> {
-    let join = |k: &str| {
-        if path.is_empty() { k.to_owned() } else { format!("{path}.{k}") }
+/// The load-time checks a JSON template's shape gets (a text template's shape is known only once rendered).
+fn check_json_shape(root: &Value) -> Result<(), String> {
+    let Value::Object(root) = root else {
+        return Err("a template must be a JSON object".into());
     };
-    Ok(match v {
-        Value::String(s) => {
-            if let Err(message) = bounds::check_loops(s, limits) {
-                return Err((find_leaf(file_text, s), format!("leaf {path}: {message}")));
+    let sectioned = root.keys().any(|k| k == "track" || k == "add_user_properties");
+    if sectioned {
+        for (key, value) in root.iter().filter(|(k, _)| !k.starts_with('_')) {
+            if key != "track" && key != "add_user_properties" {
+                return Err(format!(
+                    "unknown section {key:?}: a template's sections are `track` and `add_user_properties`"
+                ));
             }
-            match compile_leaf_guarded(parser, s, path) {
-                Ok(None) => Node::Literal(v.clone()),
-                Ok(Some(leaf)) => Node::Liquid(leaf),
-                Err(e) => {
-                    let pos = find_leaf(file_text, s);
-                    return Err((pos, format!("leaf {path}: {e}")));
-                }
+            let Value::Object(obj) = value else {
+                return Err(format!("section {key:?} must be an object"));
+            };
+            if obj.get("when").is_some_and(|w| !w.is_string()) {
+                return Err(format!("{key}.when must be a string"));
             }
         }
-        Value::Object(m) => Node::Object(
-            m.iter()
-                .map(|(k, v)| Ok((k.clone(), compile_node(parser, v, &join(k), file_text, limits)?)))
-                .collect::<Result<_, _>>()?,
-        ),
-        Value::Array(a) => Node::Array(
-            a.iter()
-                .enumerate()
-                .map(|(i, v)| compile_node(parser, v, &format!("{path}[{i}]"), file_text, limits))
-                .collect::<Result<_, _>>()?,
-        ),
-        other => Node::Literal(other.clone()),
-    })
+    } else if !root.contains_key("event") {
+        return Err(
+            "a template is a Heap track body (with `event`) or has `track` / `add_user_properties` sections".into()
+        );
+    }
+    Ok(())
 }
 
-/// `compile_leaf`, with a panic inside liquid's parser turned into an error: liquid-core panics on some inputs
-/// (integer literals beyond i64, which `bounds` refuses first), and a template must never take the relay down.
-fn compile_leaf_guarded(parser: &liquid::Parser, text: &str, path: &str) -> Result<Option<Leaf>, String> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compile_leaf(parser, text, path))) {
-        Ok(Ok(leaf)) => Ok(leaf),
-        Ok(Err(e)) => Err(one_line(&e.to_string())),
-        Err(_) => Err("the Liquid parser failed on this leaf (a liquid-core panic)".into()),
+/// A JSON template whose document does not parse: find the leaf that fails on its own, for its path and line.
+fn json_leaf_error(parser: &liquid::Parser, file: &str, text: &str, whole: document::DocError) -> LoadError {
+    fn leaves<'a>(v: &'a Value, path: String, out: &mut Vec<(String, &'a str)>) {
+        match v {
+            Value::String(s) => out.push((path, s)),
+            Value::Object(m) => {
+                for (k, v) in m {
+                    if path.is_empty() && k.starts_with('_') {
+                        continue;
+                    }
+                    leaves(v, if path.is_empty() { k.clone() } else { format!("{path}.{k}") }, out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    leaves(v, format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
     }
-}
-
-fn liquid_error(file: &str, file_text: &str, leaf: &str, path: &str, e: &str) -> LoadError {
-    let pos = find_leaf(file_text, leaf);
-    LoadError {
-        file: file.to_owned(),
-        line: pos.map(|p| p.0),
-        column: pos.map(|p| p.1),
-        message: format!("leaf {path}: {e}"),
+    let root: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let mut all = Vec::new();
+    leaves(&root, String::new(), &mut all);
+    for (path, leaf) in all {
+        let Ok(source) = rewrite::rewrite(leaf, false) else { continue };
+        let failed = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parser.parse(&source))) {
+            Ok(Ok(_)) => continue,
+            Ok(Err(_)) => parser.parse(leaf).err().map_or_else(|| whole.message.clone(), |e| e.to_string()),
+            Err(_) => "the Liquid parser failed on this leaf (a liquid-core panic)".into(),
+        };
+        let pos = find_leaf(text, leaf);
+        return LoadError {
+            file: file.to_owned(),
+            line: pos.map(|p| p.0),
+            column: pos.map(|p| p.1),
+            message: format!("leaf {path}: {}", document::one_line(&failed)),
+        };
     }
+    LoadError { file: file.to_owned(), line: whole.line, column: whole.column, message: whole.message }
 }
 
 /// Line and column (1-based) where the JSON string `leaf` appears in the file.
 fn find_leaf(file_text: &str, leaf: &str) -> Option<(usize, usize)> {
     let needle = serde_json::to_string(leaf).ok()?;
     let at = file_text.find(&needle)?;
-    let before = &file_text[..at];
-    let line = before.matches('\n').count() + 1;
-    let column = at - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    Some((line, column))
-}
-
-fn one_line(s: &str) -> String {
-    s.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "|").collect::<Vec<_>>().join(" ")
-}
-
-/// Every template under a directory, by (source, name).
-#[derive(Debug, Default)]
-pub struct TemplateSet {
-    by_name: HashMap<(String, String), Arc<Template>>,
-}
-
-impl TemplateSet {
-    /// Loads `dir/<source>/<name>.json` for every source directory under the default load limits.
-    pub fn load_dir(dir: &Path) -> (Self, Vec<LoadError>) {
-        Self::load_dir_with(dir, &LoadLimits::default())
-    }
-
-    /// Loads `dir/<source>/<name>.json` for every source directory. Returns what loaded and every problem found.
-    pub fn load_dir_with(dir: &Path, limits: &LoadLimits) -> (Self, Vec<LoadError>) {
-        let mut set = Self::default();
-        let mut errors = Vec::new();
-        let parser = match render::parser() {
-            Ok(p) => p,
-            Err(e) => {
-                errors.push(LoadError {
-                    file: dir.display().to_string(),
-                    line: None,
-                    column: None,
-                    message: e.to_string(),
-                });
-                return (set, errors);
-            }
-        };
-        let sources = match std::fs::read_dir(dir) {
-            Ok(rd) => rd,
-            Err(e) => {
-                errors.push(LoadError {
-                    file: dir.display().to_string(),
-                    line: None,
-                    column: None,
-                    message: format!("cannot read the templates directory: {e}"),
-                });
-                return (set, errors);
-            }
-        };
-        let mut files: Vec<(String, String, PathBuf)> = Vec::new();
-        for entry in sources.flatten() {
-            let source = entry.file_name().to_string_lossy().into_owned();
-            if !entry.path().is_dir() || source.starts_with('.') {
-                continue;
-            }
-            for f in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
-                let path = f.path();
-                if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                    continue;
-                }
-                let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                files.push((source.clone(), name, path));
-            }
-        }
-        files.sort();
-        for (source, name, path) in files {
-            let shown = path.display().to_string();
-            let fail = |message: String| LoadError { file: shown.clone(), line: None, column: None, message };
-            if !valid_name(&name) {
-                errors.push(fail(format!("template names may hold only letters, digits, `_` and `-`: {name:?}")));
-                continue;
-            }
-            let text = match std::fs::metadata(&path) {
-                Ok(m) if m.len() > limits.max_template_bytes => {
-                    errors.push(fail(format!(
-                        "template is {} bytes; the limit is {} (templates.max_template_bytes)",
-                        m.len(),
-                        limits.max_template_bytes
-                    )));
-                    continue;
-                }
-                _ => match std::fs::read_to_string(&path) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        errors.push(fail(format!("cannot read: {e}")));
-                        continue;
-                    }
-                },
-            };
-            match Template::compile_with(&parser, &source, &name, &shown, &text, limits) {
-                Ok(t) => {
-                    set.by_name.insert((source, name), Arc::new(t));
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        (set, errors)
-    }
-
-    pub fn insert(&mut self, template: Template) {
-        self.by_name.insert((template.source.clone(), template.name.clone()), Arc::new(template));
-    }
-
-    pub fn get(&self, source: &str, name: &str) -> Option<Arc<Template>> {
-        self.by_name.get(&(source.to_owned(), name.to_owned())).cloned()
-    }
-
-    pub fn names(&self) -> Vec<(String, String)> {
-        let mut v: Vec<_> = self.by_name.keys().cloned().collect();
-        v.sort();
-        v
-    }
-}
-
-/// The live template set, reloaded from disk when a file changes.
-#[derive(Debug)]
-pub struct TemplateStore {
-    dir: PathBuf,
-    limits: LoadLimits,
-    current: RwLock<Arc<TemplateSet>>,
-    fingerprint: Mutex<Vec<(PathBuf, Option<SystemTime>, u64)>>,
-}
-
-impl TemplateStore {
-    /// Loads `dir`; fails with every problem when any template is broken, so a bad deploy is caught at start.
-    pub fn load(dir: &Path) -> Result<Self, Vec<LoadError>> {
-        Self::load_with(dir, LoadLimits::default())
-    }
-
-    /// As `load`, under `limits`; reloads use the same limits.
-    pub fn load_with(dir: &Path, limits: LoadLimits) -> Result<Self, Vec<LoadError>> {
-        let (set, errors) = TemplateSet::load_dir_with(dir, &limits);
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        Ok(Self {
-            dir: dir.to_owned(),
-            limits,
-            current: RwLock::new(Arc::new(set)),
-            fingerprint: Mutex::new(fingerprint(dir)),
-        })
-    }
-
-    pub fn from_set(dir: &Path, set: TemplateSet) -> Self {
-        Self {
-            dir: dir.to_owned(),
-            limits: LoadLimits::default(),
-            current: RwLock::new(Arc::new(set)),
-            fingerprint: Mutex::new(fingerprint(dir)),
-        }
-    }
-
-    pub fn get(&self, source: &str, name: &str) -> Option<Arc<Template>> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).get(source, name)
-    }
-
-    pub fn snapshot(&self) -> Arc<TemplateSet> {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Reloads when any file under the directory changed. Returns the problems of a failed reload (the previous
-    /// set stays in use), or `Ok(true)` when a new set was installed.
-    pub fn reload_if_changed(&self) -> Result<bool, Vec<LoadError>> {
-        let now = fingerprint(&self.dir);
-        let mut seen = self.fingerprint.lock().unwrap_or_else(|p| p.into_inner());
-        if *seen == now {
-            return Ok(false);
-        }
-        *seen = now;
-        let (set, errors) = TemplateSet::load_dir_with(&self.dir, &self.limits);
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
-        Ok(true)
-    }
-}
-
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
-            if let Ok(m) = f.metadata() {
-                out.push((f.path(), m.modified().ok(), m.len()));
-            }
-        }
-    }
-    out.sort();
-    out
+    Some(document::line_col(file_text, at))
 }
 
 #[cfg(test)]
@@ -539,10 +378,11 @@ mod tests {
     }
 
     #[test]
-    fn invalid_json_names_line_and_column() {
-        let err = compile("{\n \"event\": \"x\",,\n}").unwrap_err();
-        assert_eq!(err.line, Some(2));
-        assert!(err.message.contains("not valid JSON"));
+    fn a_file_that_is_not_json_is_a_text_template_and_its_bad_output_names_line_and_column() {
+        let t = compile("{\n \"event\": \"x\",,\n}").unwrap();
+        assert_eq!(t.kind, TemplateKind::Text);
+        let err = t.render(&CtxObject::new(), &RenderLimits::default()).unwrap_err();
+        assert!(err.source.message.contains("not valid JSON") && err.source.message.contains("line 2"), "{err}");
     }
 
     #[test]
@@ -557,5 +397,31 @@ mod tests {
         let drafts = t.render(&ctx, &RenderLimits::default()).unwrap();
         assert_eq!(drafts.len(), 1);
         assert_eq!(drafts[0].kind, CallKind::Track);
+    }
+
+    #[test]
+    fn a_reload_replaces_templates_one_by_one_and_a_broken_edit_keeps_its_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("segment");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("a.json"), r#"{"event": "A1", "identity": "u"}"#).unwrap();
+        std::fs::write(src.join("b.json"), r#"{"event": "{{ broken", "identity": "u"}"#).unwrap();
+        let (store, errors) = TemplateStore::open_with(dir.path(), LoadLimits::default());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(store.get("segment", "b").is_none() && store.broken("segment", "b").is_some());
+        let v1 = store.get("segment", "a").unwrap().version.clone();
+
+        std::fs::write(src.join("a.json"), r#"{"event": "{% if %}", "identity": "u"}"#).unwrap();
+        std::fs::write(src.join("b.json"), r#"{"event": "B2", "identity": "u"}"#).unwrap();
+        std::fs::write(src.join("c.liquid"), r#"{"event": "C{{ n }}", "identity": "u"}"#).unwrap();
+        let errors = store.reload_if_changed().unwrap_err();
+        assert!(errors[0].to_string().contains("a.json"), "{errors:?}");
+        assert_eq!(store.get("segment", "a").unwrap().version, v1, "the last good version of a stays in use");
+        assert!(store.broken("segment", "a").is_some(), "and its edit is reported");
+        assert!(store.broken("segment", "b").is_none(), "the fixed template is no longer broken");
+        assert_eq!(store.get("segment", "b").unwrap().kind, TemplateKind::Json);
+        assert_eq!(store.get("segment", "c").unwrap().kind, TemplateKind::Json, "valid JSON is a JSON template");
+        assert_ne!(store.get("segment", "b").unwrap().version, v1);
+        assert_eq!(store.get("segment", "a").unwrap().version.len(), 16);
     }
 }

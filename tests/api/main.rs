@@ -3,6 +3,7 @@
 mod admin;
 mod budgets;
 mod clevertap;
+mod clevertap_liquid;
 mod cli;
 mod crash;
 mod dedupe;

@@ -1,21 +1,26 @@
 //! Templates: broken ones are reported with file and line, edits are picked up without a restart.
 
 use crate::helpers::*;
-use heap_relay::startup::Application;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
 #[tokio::test]
-async fn a_broken_template_stops_startup_naming_its_file_and_line() {
+async fn a_broken_template_does_not_stop_the_relay_other_sources_deliver_and_its_route_names_the_error() {
     let broken = "{\n  \"event\": \"E\",\n  \"identity\": \"{{ Profile.Email | no_such_filter }}\"\n}\n";
     let templates = templates_with(&[("clevertap/broken.json", broken)]);
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = test_settings(dir.path(), "http://127.0.0.1:9");
-    settings.templates.dir = templates.path().to_owned();
-    let err = Application::build(settings).await.err().expect("startup fails");
-    let msg = format!("{err:#}");
-    assert!(msg.contains("clevertap/broken.json:3:15: leaf identity:"), "{msg}");
-    assert!(msg.contains("no_such_filter"), "{msg}");
+    let dir = templates.path().to_owned();
+    let app = spawn_app_with(|s| s.templates.dir = dir).await;
+
+    let track = json!({"type": "track", "event": "Still Works", "userId": "u1", "messageId": "m-1"});
+    assert_eq!(app.post_hook("segment", &track).await.status(), 202);
+    let items = app.wait_for_heap(1, Duration::from_secs(10)).await;
+    assert_eq!(items[0].1["event"], "Still Works");
+
+    let (status, body) =
+        json(app.post_hook_template("clevertap", "broken", &fixture("clevertap-profile-batch.json")).await).await;
+    assert_eq!(status, 404, "{body}");
+    let m = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(m.contains("clevertap/broken.json:3:15: leaf identity:") && m.contains("no_such_filter"), "{m}");
 }
 
 #[tokio::test]
