@@ -257,6 +257,8 @@ fn backlog(b: usize, n: usize) -> Ingested {
         rejections: vec![],
         replay_of_raw: None,
         request_key: None,
+        template_version: None,
+        held: None,
     }
 }
 

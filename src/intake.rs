@@ -7,7 +7,7 @@ use crate::domain::Timestamp;
 use crate::ingest::{IngestError, Outcome, Pipeline, Rejection, Route};
 use crate::metrics::Metrics;
 use crate::sources::Source;
-use crate::store::{Appended, Ingested, NewEvent, NewRejection, Store, StoreError};
+use crate::store::{Appended, HeldItems, Ingested, NewEvent, NewRejection, Store, StoreError};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -32,6 +32,10 @@ pub struct Summary {
     /// Events left out as retries of ones already stored (their ids in `event_ids` are the first ones).
     #[serde(skip_serializing_if = "is_zero")]
     pub duplicates: usize,
+    /// The route's template does not load: the body is stored and its items held with this error until the
+    /// template is fixed and the body re-rendered (`heap-relay replay --status held --rerender`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -114,7 +118,12 @@ impl Intaker {
         ingested.request_key = request_key;
         ingested.environment = environment.to_owned();
         let nothing_accepted = summary.accepted == 0 && !summary.rejected.is_empty();
-        if !ingested.events.is_empty() || !ingested.rejections.is_empty() {
+        if let Some(why) = &summary.held {
+            tracing::error!(source, template = %summary.template, error = %why, items = summary.items,
+                "the route's template does not load: body stored, items held until the template is fixed");
+            self.metrics.item(source, "held", summary.items);
+        }
+        if !ingested.events.is_empty() || !ingested.rejections.is_empty() || ingested.held.is_some() {
             let appended = self.store.append(ingested).await?;
             answer_with(&mut summary, appended);
             self.metrics.item(source, "duplicate", summary.duplicates);
@@ -220,7 +229,9 @@ pub fn to_rows(
         template: outcome.template.clone(),
         duplicate: false,
         duplicates: 0,
+        held: outcome.held.clone(),
     };
+    let held = outcome.held.map(|reason| HeldItems { items: outcome.items, reason });
     let ingested = Ingested {
         source: source.to_owned(),
         environment: String::new(),
@@ -231,6 +242,8 @@ pub fn to_rows(
         rejections,
         replay_of_raw,
         request_key: None,
+        template_version: outcome.template_version,
+        held,
     };
     (ingested, summary)
 }

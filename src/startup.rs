@@ -155,8 +155,8 @@ pub fn build_pipeline(settings: &Settings, templates: Arc<TemplateStore>) -> Pip
         heap_compat_enabled: settings.sources.heap.enabled,
         max_items: settings.limits.max_items,
         json_limits: JsonLimits { max_depth: settings.limits.max_json_depth },
-        // Off until the store keeps held items: a broken template's bodies are refused as today.
-        hold_broken_templates: false,
+        // A broken template's bodies are stored with their items held (202), repaired by a re-render after the fix.
+        hold_broken_templates: true,
     }
 }
 

@@ -36,11 +36,20 @@ pub enum Status {
     Rejected,
     /// Superseded by a re-rendered copy.
     Replaced,
+    /// Received while its template did not load: kept with the template's error until a re-render after the fix.
+    Held,
 }
 
 impl Status {
-    pub const ALL: [Status; 6] =
-        [Status::Pending, Status::Retrying, Status::Delivered, Status::Dead, Status::Rejected, Status::Replaced];
+    pub const ALL: [Status; 7] = [
+        Status::Pending,
+        Status::Retrying,
+        Status::Delivered,
+        Status::Dead,
+        Status::Rejected,
+        Status::Replaced,
+        Status::Held,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -50,6 +59,7 @@ impl Status {
             Status::Dead => "dead",
             Status::Rejected => "rejected",
             Status::Replaced => "replaced",
+            Status::Held => "held",
         }
     }
 
@@ -98,6 +108,18 @@ pub struct Ingested {
     /// Names this request as a whole (a hash of source, template and body) for senders that retry by re-sending
     /// the same body: a second request with the same key within the dedupe window is not stored again.
     pub request_key: Option<String>,
+    /// Which version of the template rendered the events (`Template::version`), so a re-render can select by it.
+    pub template_version: Option<String>,
+    /// The body's template did not load: `held` items are kept with this error (the body is stored raw) until a
+    /// re-render after the fix.
+    pub held: Option<HeldItems>,
+}
+
+/// Items of a body whose template did not load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldItems {
+    pub items: usize,
+    pub reason: String,
 }
 
 /// What an append did.
@@ -201,7 +223,18 @@ pub struct Query {
 pub enum Selector {
     Id(String),
     Status(Status),
-    Range { from: Millis, to: Millis, status: Option<Status> },
+    /// Events rendered by a template version other than the current one: `(source, template, current version)`.
+    /// Held items (no version) count as other.
+    StaleTemplate {
+        source: String,
+        template: String,
+        current: String,
+    },
+    Range {
+        from: Millis,
+        to: Millis,
+        status: Option<Status>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -221,6 +254,9 @@ pub struct EventView {
     /// Empty for the default environment.
     pub environment: String,
     pub template: String,
+    /// The version of the template that rendered it (none for the Heap-compatible routes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template_version: Option<String>,
     pub kind: &'static str,
     pub app_id: String,
     pub identity: String,

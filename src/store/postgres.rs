@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS events (
     last_error       TEXT
 ) WITH (fillfactor = 80);
 -- Added after the first release: the environment (dev, prod, ...) a request's credential chose.
-ALTER TABLE events ADD COLUMN IF NOT EXISTS environment TEXT NOT NULL DEFAULT ''; -- room on each page, so claims and renewals (no indexed column changes) update in place
+ALTER TABLE events ADD COLUMN IF NOT EXISTS environment TEXT NOT NULL DEFAULT '';
+ALTER TABLE events ADD COLUMN IF NOT EXISTS template_version TEXT; -- room on each page, so claims and renewals (no indexed column changes) update in place
 -- Claims scan waiting rows in id order (acceptance order); the partial index keeps delivered rows out of the way.
 CREATE INDEX IF NOT EXISTS events_ready_id ON events (id) WHERE status IN ('pending', 'retrying');
 CREATE INDEX IF NOT EXISTS events_status_time ON events (status, received_at);
@@ -122,12 +123,13 @@ async fn migrated(client: &tokio_postgres::Client) -> Result<bool, tokio_postgre
     let columns: i64 = client
         .query_one(
             "SELECT count(*) FROM information_schema.columns
-             WHERE table_schema = current_schema() AND table_name = 'events' AND column_name = 'environment'",
+             WHERE table_schema = current_schema() AND table_name = 'events'
+               AND column_name IN ('environment', 'template_version')",
             &[],
         )
         .await?
         .get(0);
-    Ok(found == RELATIONS.len() as i64 && columns == 1)
+    Ok(found == RELATIONS.len() as i64 && columns == 2)
 }
 
 /// Serialises migrations of instances starting together (`CREATE … IF NOT EXISTS` alone can race in PostgreSQL).
@@ -527,6 +529,14 @@ fn selector_sql(sel: &Selector, first: usize) -> (String, Vec<Box<dyn ToSql + Sy
     match sel {
         Selector::Id(id) => (format!("event_id = ${first}"), vec![Box::new(id.clone())]),
         Selector::Status(s) => (format!("status = ${first}"), vec![Box::new(s.as_str())]),
+        Selector::StaleTemplate { source, template, current } => (
+            format!(
+                "source = ${first} AND template = ${} AND template_version IS DISTINCT FROM ${} AND status != 'replaced'",
+                first + 1,
+                first + 2
+            ),
+            vec![Box::new(source.clone()), Box::new(template.clone()), Box::new(current.clone())],
+        ),
         Selector::Range { from, to, status } => {
             let mut sql = format!("received_at >= ${first} AND received_at < ${}", first + 1);
             let mut args: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(*from), Box::new(*to)];

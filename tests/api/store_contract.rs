@@ -7,8 +7,8 @@ use heap_relay::domain::CallKind;
 use heap_relay::store::postgres::PgOptions;
 use heap_relay::store::sqlite::SqliteOptions;
 use heap_relay::store::{
-    AttemptLog, AttemptRecord, Ingested, NewEvent, NewRejection, PgStore, Query, Resolution, Selector, SqliteStore,
-    Status, Store, StoreError, now_ms,
+    AttemptLog, AttemptRecord, HeldItems, Ingested, NewEvent, NewRejection, PgStore, Query, Resolution, Selector,
+    SqliteStore, Status, Store, StoreError, now_ms,
 };
 use tempfile::TempDir;
 
@@ -61,6 +61,7 @@ both!(
     the_raw_body_is_kept_for_a_rerender_and_a_rerender_replaces_the_old_rows,
     a_retried_request_or_message_within_the_window_is_answered_with_the_first_ids_and_stored_once,
     each_event_keeps_the_environment_its_request_came_from_and_the_log_filters_by_it,
+    held_items_and_template_versions_are_kept_and_a_rerender_can_select_by_them,
 );
 
 /// One body with `n` track events (keys `{tag}-0..n`) and one rejected item.
@@ -94,6 +95,8 @@ pub fn body(tag: &str, n: usize) -> Ingested {
         }],
         replay_of_raw: None,
         request_key: None,
+        template_version: None,
+        held: None,
     }
 }
 
@@ -328,6 +331,29 @@ async fn each_event_keeps_the_environment_its_request_came_from_and_the_log_filt
     assert_eq!(one.environment, "dev");
     let all = store.list(Query { limit: 10, ..Query::default() }).await.unwrap();
     assert_eq!(all.iter().filter(|e| e.environment.is_empty()).count(), 2);
+}
+
+async fn held_items_and_template_versions_are_kept_and_a_rerender_can_select_by_them(store: Store) {
+    let reason = "clevertap/t.json:1:2: unknown filter";
+    let mut held = body("held", 0);
+    held.rejections.clear();
+    held.held = Some(HeldItems { items: 2, reason: reason.into() });
+    store.append(held).await.unwrap();
+    let listed = store.list(Query { status: Some(Status::Held), limit: 10, ..Query::default() }).await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed.iter().all(|e| e.last_error.as_deref() == Some(reason)));
+    assert_eq!(store.raw_bodies(Selector::Status(Status::Held)).await.unwrap().len(), 1);
+
+    store.append(Ingested { template_version: Some("v1".into()), ..body("v1", 1) }).await.unwrap();
+    store.append(Ingested { template_version: Some("v2".into()), ..body("v2", 1) }).await.unwrap();
+    let stale = Selector::StaleTemplate { source: "heap".into(), template: "default".into(), current: "v2".into() };
+    let bodies = store.raw_bodies(stale).await.unwrap();
+    let tags: Vec<String> = bodies.iter().map(|b| String::from_utf8_lossy(&b.body).into_owned()).collect();
+    assert_eq!(tags.len(), 2, "the held body and the one rendered by v1, not v2's: {tags:?}");
+    assert!(tags.iter().all(|t| !t.contains("v2")), "{tags:?}");
+    let v1 = store.list(Query { status: Some(Status::Pending), limit: 10, ..Query::default() }).await.unwrap();
+    let versions: Vec<Option<String>> = v1.iter().map(|e| e.template_version.clone()).collect();
+    assert!(versions.contains(&Some("v1".into())) && versions.contains(&Some("v2".into())), "{versions:?}");
 }
 
 /// A store already over `store.max_bytes` refuses the append as `Full` (503 store_full upstream) and writes nothing.

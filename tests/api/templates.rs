@@ -5,11 +5,15 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 #[tokio::test]
-async fn a_broken_template_does_not_stop_the_relay_other_sources_deliver_and_its_route_names_the_error() {
+async fn a_broken_template_does_not_stop_the_relay_its_bodies_are_held_and_a_rerender_after_the_fix_delivers_them() {
     let broken = "{\n  \"event\": \"E\",\n  \"identity\": \"{{ Profile.Email | no_such_filter }}\"\n}\n";
     let templates = templates_with(&[("clevertap/broken.json", broken)]);
     let dir = templates.path().to_owned();
-    let app = spawn_app_with(|s| s.templates.dir = dir).await;
+    let app = spawn_app_with(|s| {
+        s.templates.dir = dir.clone();
+        s.templates.reload_interval_secs = 1;
+    })
+    .await;
 
     let track = json!({"type": "track", "event": "Still Works", "userId": "u1", "messageId": "m-1"});
     assert_eq!(app.post_hook("segment", &track).await.status(), 202);
@@ -18,9 +22,31 @@ async fn a_broken_template_does_not_stop_the_relay_other_sources_deliver_and_its
 
     let (status, body) =
         json(app.post_hook_template("clevertap", "broken", &fixture("clevertap-profile-batch.json")).await).await;
-    assert_eq!(status, 404, "{body}");
-    let m = body["error"]["message"].as_str().unwrap_or_default();
+    assert_eq!(status, 202, "the broken route keeps taking bodies: {body}");
+    let m = body["held"].as_str().unwrap_or_default();
     assert!(m.contains("clevertap/broken.json:3:15: leaf identity:") && m.contains("no_such_filter"), "{m}");
+    let (_, held) = json(app.admin_get("/admin/deliveries?status=held").await).await;
+    assert_eq!(held["count"], 2, "each profile is held with the template's error: {held}");
+
+    // The fix: the file is corrected; once it loads, a re-render of what was held delivers it.
+    std::fs::write(dir.join("clevertap/broken.json"), "{\"event\": \"E\", \"identity\": \"{{ Profile.Email }}\"}")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, report) =
+            json(app.admin_post("/admin/replay", &json!({"status": "held", "rerender": true})).await).await;
+        assert_eq!(status, 200, "{report}");
+        if report["accepted"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fixed template never repaired the held items: {report}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let items = app.wait_for_heap(3, Duration::from_secs(10)).await;
+    let repaired: Vec<_> = items.iter().filter(|(_, e)| e["event"] == "E").collect();
+    assert_eq!(repaired.len(), 2, "{items:#?}");
+    let (_, left) = json(app.admin_get("/admin/deliveries?status=held").await).await;
+    assert_eq!(left["count"], 0, "the held items are replaced by their re-render: {left}");
 }
 
 #[tokio::test]

@@ -118,7 +118,7 @@ impl PgStore {
 
 const VIEW_COLUMNS: &str =
     "id, event_id, status, source, template, kind, app_id, identity, idempotency_key, item_index,
-     attempts, received_at, updated_at, next_attempt_at, last_error, payload, environment";
+     attempts, received_at, updated_at, next_attempt_at, last_error, payload, environment, template_version";
 
 fn view(r: &tokio_postgres::Row) -> (i64, EventView) {
     let status = Status::parse(r.get(2)).unwrap_or(Status::Pending);
@@ -132,6 +132,7 @@ fn view(r: &tokio_postgres::Row) -> (i64, EventView) {
             source: r.get(3),
             environment: r.get(16),
             template: r.get(4),
+            template_version: r.get(17),
             kind: CallKind::parse(r.get(5)).map_or("track", CallKind::as_str),
             app_id: r.get(6),
             identity: r.get(7),

@@ -286,9 +286,14 @@ async fn append_all(
         .await?;
     }
     let mut fresh_ids = raw_ids.into_iter();
+    // Ids for the rows of held items (a body whose template did not load), one per item.
+    let held_rows: Vec<Vec<String>> = kept
+        .iter()
+        .map(|(b, _)| (0..b.held.as_ref().map_or(0, |h| h.items)).map(|_| uuid::Uuid::now_v7().to_string()).collect())
+        .collect();
     let mut cols = EventColumns::default();
     let mut pending = 0usize;
-    for (b, s) in &kept {
+    for ((b, s), held_ids) in kept.iter().zip(&held_rows) {
         let raw_id = match b.replay_of_raw {
             Some(id) => id,
             None => fresh_ids.next().unwrap_or_default(),
@@ -308,19 +313,29 @@ async fn append_all(
             cols.status.push("rejected");
             cols.error.push(Some(format!("{}: {}", r.field, r.message)));
         }
+        if let Some(held) = &b.held {
+            for (i, id) in held_ids.iter().take(held.items).enumerate() {
+                cols.push(b, raw_id, id, i as i64, "track", "", "");
+                cols.key.push(None);
+                cols.payload.push(None);
+                cols.status.push("held");
+                cols.error.push(Some(held.reason.clone()));
+            }
+        }
     }
     if !cols.event_id.is_empty() {
         tx.execute(
             &tx.prepare_cached(
                 "INSERT INTO events (event_id, raw_id, item_index, source, template, kind, app_id, identity,
                                  idempotency_key, payload, status, enqueued_at, next_attempt_at, received_at,
-                                 updated_at, last_error, environment)
+                                 updated_at, last_error, environment, template_version)
              SELECT u.event_id, u.raw_id, u.item_index, u.source, u.template, u.kind, u.app_id, u.identity,
-                    u.key, u.payload, u.status, $14, $14, u.received_at, $14, u.error, u.environment
+                    u.key, u.payload, u.status, $14, $14, u.received_at, $14, u.error, u.environment, u.version
              FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[],
-                         $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[], $15::text[])
+                         $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[], $15::text[],
+                         $16::text[])
                   AS u(event_id, raw_id, item_index, source, template, kind, app_id, identity, key, payload, status,
-                       received_at, error, environment)",
+                       received_at, error, environment, version)",
             )
             .await?,
             &[
@@ -339,6 +354,7 @@ async fn append_all(
                 &cols.error,
                 &now,
                 &cols.environment,
+                &cols.version,
             ],
         )
         .await?;
@@ -368,6 +384,7 @@ struct EventColumns<'a> {
     received_at: Vec<i64>,
     error: Vec<Option<String>>,
     environment: Vec<&'a str>,
+    version: Vec<Option<&'a str>>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -392,6 +409,7 @@ impl<'a> EventColumns<'a> {
         self.identity.push(identity);
         self.received_at.push(b.received_at);
         self.environment.push(&b.environment);
+        self.version.push(b.template_version.as_deref());
     }
 }
 

@@ -572,7 +572,8 @@ impl State {
         )?;
         self.commits += 2;
         let candidates: Vec<i64> = {
-            let refusals = if refused { "n_rejected > 0" } else { "n_rejected = 0" };
+            // Held items stay until a re-render repairs them.
+            let refusals = if refused { "n_rejected > 0 AND n_held = 0" } else { "n_rejected = 0 AND n_held = 0" };
             let mut stmt = self.log.prepare(&format!(
                 "SELECT seq FROM log l WHERE seq <= ?1 AND received_at < ?2 AND {refusals}
                    AND NOT EXISTS (SELECT 1 FROM log r WHERE r.replay_of = l.seq)

@@ -49,6 +49,9 @@ pub struct StoredItem {
     /// `field: message` of a refusal.
     #[serde(rename = "r", skip_serializing_if = "Option::is_none", default)]
     pub rejected: Option<String>,
+    /// The template's load error, for an item held until the template loads.
+    #[serde(rename = "h", skip_serializing_if = "Option::is_none", default)]
+    pub held: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -111,6 +114,16 @@ pub fn encode_items(ing: &Ingested, keep: &[bool]) -> Result<(Vec<u8>, i64, i64)
         out.extend_from_slice(format!("{{\"x\":{},\"r\":", r.item_index).as_bytes());
         text(&mut out, &format!("{}: {}", r.field, r.message))?;
         out.push(b'}');
+    }
+    if let Some(held) = &ing.held {
+        for i in 0..held.items {
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            out.extend_from_slice(format!("{{\"x\":{i},\"h\":").as_bytes());
+            text(&mut out, &held.reason)?;
+            out.push(b'}');
+        }
     }
     out.push(b']');
     Ok((compress(out), events, ing.rejections.len() as i64))
@@ -180,6 +193,8 @@ mod tests {
             }],
             replay_of_raw: None,
             request_key: None,
+            template_version: None,
+            held: None,
         };
         let (blob, events, rejected) = encode_items(&ing, &[true, false, true]).unwrap();
         assert_eq!((events, rejected), (2, 1));

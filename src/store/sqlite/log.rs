@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS log (
     template    TEXT    NOT NULL,
     n_events    INTEGER NOT NULL,
     n_rejected  INTEGER NOT NULL,
+    n_held      INTEGER NOT NULL DEFAULT 0,
+    template_version TEXT,
     replay_of   INTEGER,
     body        BLOB,
     items       BLOB    NOT NULL,
@@ -366,8 +368,8 @@ fn append(
     let dedupe: Option<&str> = (!keys.is_empty()).then_some(keys.as_str());
     c.prepare_cached(
         "INSERT INTO log (received_at, source, environment, template, n_events, n_rejected, replay_of, body, items,
-                          dedupe)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                          dedupe, n_held, template_version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )
     .map_err(full_or)?
     .execute(params![
@@ -380,7 +382,9 @@ fn append(
         ing.replay_of_raw,
         body,
         items,
-        dedupe
+        dedupe,
+        ing.held.as_ref().map_or(0, |h| h.items as i64),
+        ing.template_version
     ])
     .map_err(full_or)?;
     let seq = c.last_insert_rowid();

@@ -299,6 +299,8 @@ mod tests {
             rejections: Vec::new(),
             replay_of_raw: None,
             request_key: None,
+            template_version: None,
+            held: None,
         }
     }
 

@@ -25,6 +25,7 @@ pub struct LogEntry {
     pub source: String,
     pub environment: String,
     pub template: String,
+    pub template_version: Option<String>,
     pub replay_of: Option<i64>,
     pub items: Vec<StoredItem>,
 }
@@ -38,18 +39,19 @@ pub struct OwnRow {
     pub calls: Vec<i64>,
 }
 
-const ENTRY_COLUMNS: &str = "seq, received_at, source, environment, template, replay_of, items";
+const ENTRY_COLUMNS: &str = "seq, received_at, source, environment, template, replay_of, items, template_version";
 
 /// A log row as read, before its items are decoded.
-type EntryRow = (i64, Millis, String, String, String, Option<i64>, Vec<u8>);
+type EntryRow = (i64, Millis, String, String, String, Option<i64>, Vec<u8>, Option<String>);
 
 fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<EntryRow> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
 }
 
 fn decode(row: EntryRow) -> Result<LogEntry, StoreError> {
-    let (seq, received_at, source, environment, template, replay_of, items) = row;
-    Ok(LogEntry { seq, received_at, source, environment, template, replay_of, items: codec::decode_items(&items)? })
+    let (seq, received_at, source, environment, template, replay_of, items, template_version) = row;
+    let items = codec::decode_items(&items)?;
+    Ok(LogEntry { seq, received_at, source, environment, template, template_version, replay_of, items })
 }
 
 pub fn read_entry(log: &Connection, seq: i64) -> Result<Option<LogEntry>, StoreError> {
@@ -96,6 +98,9 @@ fn own_rows(conn: &Connection, seq: i64) -> Result<HashMap<i64, OwnRow>, StoreEr
 pub fn status_of(st: &State, id: i64, item: &StoredItem, own: Option<&OwnRow>) -> Status {
     if let Some(o) = own {
         return o.status;
+    }
+    if item.held.is_some() {
+        return Status::Held;
     }
     if item.event.is_none() {
         return Status::Rejected;
@@ -178,6 +183,7 @@ fn view(st: &State, e: &LogEntry, pos: usize, own: Option<&OwnRow>, detail: bool
         source: e.source.clone(),
         environment: e.environment.clone(),
         template: e.template.clone(),
+        template_version: e.template_version.clone(),
         kind: ev.map_or(CallKind::Track, |v| v.kind()).as_str(),
         app_id: ev.map(|v| v.app_id.clone()).unwrap_or_default(),
         identity: ev.map(|v| v.identity.clone()).unwrap_or_default(),
@@ -187,7 +193,10 @@ fn view(st: &State, e: &LogEntry, pos: usize, own: Option<&OwnRow>, detail: bool
         received_at: iso(e.received_at),
         updated_at: iso(own.map(|o| o.updated_at).unwrap_or(e.received_at)),
         next_attempt_at: waiting.then(|| iso(own.map(|o| o.next_attempt_at).unwrap_or(e.received_at))),
-        last_error: own.and_then(|o| o.last_error.clone()).or_else(|| item.rejected.clone()),
+        last_error: own
+            .and_then(|o| o.last_error.clone())
+            .or_else(|| item.rejected.clone())
+            .or_else(|| item.held.clone()),
         payload: ev.and_then(|v| serde_json::from_str(v.payload.get()).ok()),
         attempt_log,
     })
@@ -317,6 +326,12 @@ pub fn select(st: &State, sel: &Selector) -> Result<Vec<(i64, Status)>, StoreErr
             out.extend(ids.into_iter().map(|id| (id, *status)));
         }
         Selector::Status(status) => scan_all(st, |_| true, |id, s| (s == *status).then_some((id, s)), &mut out)?,
+        Selector::StaleTemplate { source, template, current } => scan_all(
+            st,
+            |e| e.source == *source && e.template == *template && e.template_version.as_deref() != Some(current),
+            |id, s| (s != Status::Replaced).then_some((id, s)),
+            &mut out,
+        )?,
         Selector::Range { from, to, status } => scan_all(
             st,
             |e| e.received_at >= *from && e.received_at < *to,
