@@ -73,6 +73,10 @@ pub enum Command {
         since: Option<String>,
         #[arg(long)]
         until: Option<String>,
+        /// <source>/<name>: the events that template rendered with another version than today's file, or held
+        /// while it did not load (use with --rerender after a template fix).
+        #[arg(long)]
+        stale_template: Option<String>,
         /// Render the stored raw bodies again with today's templates (repairs events a broken template produced).
         #[arg(long)]
         rerender: bool,

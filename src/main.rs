@@ -33,8 +33,8 @@ async fn main() {
             let filters = commands::deliveries::Filters { status, source, environment, since, until, limit, json };
             commands::deliveries::run(&settings, filters).await
         }
-        Command::Replay { id, status, since, until, rerender } => {
-            let selection = commands::replay::Selection { id, status, since, until };
+        Command::Replay { id, status, since, until, stale_template, rerender } => {
+            let selection = commands::replay::Selection { id, status, since, until, stale_template };
             commands::replay::run(&settings, selection, rerender).await
         }
     };

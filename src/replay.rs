@@ -45,6 +45,23 @@ pub fn selector(
     }
 }
 
+/// The events of template `spec` (`<source>/<name>`) that a version other than today's rendered, or that were
+/// held because it did not load: what a re-render after a template fix should repair.
+pub fn stale_template(pipeline: &Pipeline, spec: &str) -> Result<Selector, String> {
+    let (source, name) = spec
+        .split_once('/')
+        .ok_or_else(|| format!("{spec:?}: name a template as <source>/<name>, e.g. clevertap/default"))?;
+    let current = pipeline
+        .templates
+        .get(source, name)
+        .ok_or_else(|| format!("template {spec} does not load now; fix it first (heap-relay check)"))?;
+    Ok(Selector::StaleTemplate {
+        source: source.to_owned(),
+        template: name.to_owned(),
+        current: current.version.clone(),
+    })
+}
+
 /// `since`/`until` (ISO-8601, either may be missing) as a millisecond range; `None` when both are missing.
 pub fn time_range(since: Option<&str>, until: Option<&str>) -> Result<Option<(Millis, Millis)>, String> {
     let time = |t: &str| {

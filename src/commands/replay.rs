@@ -1,4 +1,4 @@
-//! `heap-relay replay (--id ID | --status S | --since T [--until T]) [--rerender]`.
+//! `heap-relay replay (--id ID | --status S | --since T [--until T] | --stale-template SOURCE/NAME) [--rerender]`.
 
 use super::CommandError;
 use crate::replay::{replay, selector};
@@ -11,12 +11,16 @@ pub struct Selection {
     pub status: Option<String>,
     pub since: Option<String>,
     pub until: Option<String>,
+    pub stale_template: Option<String>,
 }
 
 pub async fn run(settings: &Settings, s: Selection, rerender: bool) -> Result<i32, CommandError> {
-    let sel = selector(s.id.as_deref(), s.status.as_deref(), s.since.as_deref(), s.until.as_deref())
-        .map_err(CommandError::Usage)?;
     let pipeline = build_pipeline(settings, load_templates(settings)?);
+    let sel = match &s.stale_template {
+        Some(spec) => crate::replay::stale_template(&pipeline, spec),
+        None => selector(s.id.as_deref(), s.status.as_deref(), s.since.as_deref(), s.until.as_deref()),
+    }
+    .map_err(CommandError::Usage)?;
     let store = open_store(settings).await?;
     let mut progress = |done: usize, total: usize| {
         if done % 100 == 0 || done == total {

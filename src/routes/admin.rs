@@ -91,6 +91,8 @@ pub struct ReplayBody {
     status: Option<String>,
     since: Option<String>,
     until: Option<String>,
+    /// `<source>/<name>`: the events that template rendered with another version than today's, or held.
+    stale_template: Option<String>,
     #[serde(default)]
     rerender: bool,
 }
@@ -110,12 +112,17 @@ pub async fn replay(
     let b: ReplayBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             ErrorCode::InvalidBody,
-            format!("replay body: {e}; expected {{\"id\"|\"status\"|\"since\"/\"until\", \"rerender\"}}"),
+            format!(
+                "replay body: {e}; expected {{\"id\"|\"status\"|\"since\"/\"until\"|\"stale_template\", \"rerender\"}}"
+            ),
         )
     })?;
-    let sel = selector(b.id.as_deref(), b.status.as_deref(), b.since.as_deref(), b.until.as_deref())
-        .map_err(|m| ApiError::new(ErrorCode::InvalidBody, m))?;
     let i = &state.intake;
+    let sel = match &b.stale_template {
+        Some(spec) => crate::replay::stale_template(&i.pipeline, spec),
+        None => selector(b.id.as_deref(), b.status.as_deref(), b.since.as_deref(), b.until.as_deref()),
+    }
+    .map_err(|m| ApiError::new(ErrorCode::InvalidBody, m))?;
     let report = run_replay(&i.store, &i.pipeline, sel, b.rerender, &mut |done, total| {
         if done % 1000 == 0 || done == total {
             tracing::info!(done, total, "replay progress");

@@ -92,3 +92,41 @@ async fn a_render_error_rejects_only_that_item_naming_template_and_leaf() {
     let m = r["message"].as_str().unwrap();
     assert!(m.contains("userpilot/div.json") && m.contains("leaf properties.n"), "{m}");
 }
+
+#[tokio::test]
+async fn a_rerender_can_select_the_events_an_older_version_of_a_template_rendered() {
+    let templates = templates_with(&[("segment/live.json", r#"{"event": "Old", "identity": "{{ userId }}"}"#)]);
+    let dir = templates.path().to_owned();
+    let app = spawn_app_with(|s| {
+        s.templates.dir = dir.clone();
+        s.templates.reload_interval_secs = 1;
+    })
+    .await;
+    let msg = json!({"type": "track", "event": "x", "userId": "u1"});
+    let (_, first) = json(app.post_hook_template("segment", "live", &msg).await).await;
+    app.wait_for_heap(1, Duration::from_secs(10)).await;
+    let id = first["event_ids"][0].as_str().unwrap().to_owned();
+    let (_, ev) = json(app.admin_get(&format!("/admin/deliveries/{id}")).await).await;
+    let old_version = ev["template_version"].as_str().expect("the event keeps its template's version").to_owned();
+
+    std::fs::write(dir.join("segment/live.json"), r#"{"event": "New", "identity": "{{ userId }}"}"#).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, report) =
+            json(app.admin_post("/admin/replay", &json!({"stale_template": "segment/live", "rerender": true})).await)
+                .await;
+        assert_eq!(status, 200, "{report}");
+        if report["accepted"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edited template was never picked up: {report}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let items = app.wait_for_heap(2, Duration::from_secs(10)).await;
+    assert_eq!(items[1].1["event"], "New", "{items:#?}");
+    let (_, after) = json(app.admin_get("/admin/deliveries?status=pending").await).await;
+    let (_, all) = json(app.admin_get("/admin/deliveries").await).await;
+    let versions: Vec<&str> =
+        all["events"].as_array().unwrap().iter().filter_map(|e| e["template_version"].as_str()).collect();
+    assert!(versions.iter().any(|v| *v != old_version), "the re-render carries the new version: {versions:?} {after}");
+}
