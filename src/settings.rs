@@ -117,8 +117,10 @@ pub struct StoreSettings {
     /// A request body (CleverTap, Userpilot) or message id (Segment `messageId`, Heap `idempotency_key`) seen again
     /// within this many seconds is a sender's retry: answered with the first event ids, not stored again. 0: off.
     pub dedupe_window_secs: u64,
-    /// Refused items (kept, with their body, for a repair by re-render) are deleted after this many hours.
+    /// Refused items (kept, with their body, for a repair by re-render) are deleted after this many hours ...
     pub refused_retention_hours: u64,
+    /// ... or, oldest first, while more than this many are kept (0: no cap).
+    pub max_refused_items: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -289,6 +289,7 @@ impl Application {
             store.clone(),
             Duration::from_secs(settings.store.retention_hours * 3600),
             Duration::from_secs(settings.store.refused_retention_hours * 3600),
+            settings.store.max_refused_items as i64,
         ));
 
         let cap = exposure::connection_cap(settings.server.max_connections, exposure::open_file_limit());
@@ -435,14 +436,14 @@ fn spawn_template_reload(templates: Arc<TemplateStore>, every: Duration, metrics
     })
 }
 
-fn spawn_retention(store: Store, keep: Duration, keep_refused: Duration) -> JoinHandle<()> {
+fn spawn_retention(store: Store, keep: Duration, keep_refused: Duration, max_refused: i64) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(600));
         loop {
             tick.tick().await;
             let refused_before = now_ms() - keep_refused.as_millis() as i64;
             loop {
-                match store.prune_refused(refused_before).await {
+                match store.prune_refused(refused_before, max_refused).await {
                     Ok(n) if n > 0 => tracing::info!(deleted = n, "pruned refused items past their retention"),
                     Ok(_) => break,
                     Err(e) => {

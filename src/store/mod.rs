@@ -394,9 +394,10 @@ impl Store {
         delegate!(self, s => s.prune(before).await)
     }
 
-    /// Deletes refused items (with their bodies, where nothing else needs them) received before `before`.
-    pub async fn prune_refused(&self, before: Millis) -> Result<usize, StoreError> {
-        delegate!(self, s => s.prune_refused(before).await)
+    /// Deletes refused items (with their bodies, where nothing else needs them) received before `before`, or the
+    /// oldest while more than `max_items` are kept (0: no cap). Returns how many went (entries or rows).
+    pub async fn prune_refused(&self, before: Millis, max_items: i64) -> Result<usize, StoreError> {
+        delegate!(self, s => s.prune_refused(before, max_items).await)
     }
 
     pub async fn list(&self, q: Query) -> Result<Vec<EventView>, StoreError> {

@@ -496,9 +496,23 @@ impl PgStore {
         Ok(n as usize)
     }
 
-    /// Deletes refused items received before `before` (their own retention), and raw bodies no event refers to.
-    pub async fn prune_refused(&self, before: Millis) -> Result<usize, StoreError> {
+    /// Deletes refused items received before `before` (their own retention), or the oldest while more than
+    /// `max_items` are kept (their cap). Raw bodies no event refers to go with the next `prune`.
+    pub async fn prune_refused(&self, before: Millis, max_items: i64) -> Result<usize, StoreError> {
         let client = self.pool.get().await?;
+        let kept: i64 = client.query_one("SELECT count(*) FROM events WHERE status = 'rejected'", &[]).await?.get(0);
+        let mut deleted = 0;
+        if max_items > 0 && kept > max_items {
+            // Past the cap: the oldest go, whatever their age.
+            let excess = (kept - max_items).min(PRUNE_CHUNK);
+            deleted += client
+                .execute(
+                    "DELETE FROM events WHERE id IN (
+                     SELECT id FROM events WHERE status = 'rejected' ORDER BY id LIMIT $1)",
+                    &[&excess],
+                )
+                .await?;
+        }
         let n = client
             .execute(
                 &client
@@ -510,7 +524,7 @@ impl PgStore {
                 &[&before, &PRUNE_CHUNK],
             )
             .await?;
-        Ok(n as usize)
+        Ok(n as usize + deleted as usize)
     }
 
     /// Checks that the database answers (for /readyz).

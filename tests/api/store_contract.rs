@@ -246,12 +246,20 @@ async fn requeue_sends_delivered_and_dead_events_again_and_prune_deletes_old_del
     let rejected = store.list(Query { status: Some(Status::Rejected), limit: 10, ..Query::default() }).await.unwrap();
     assert_eq!(rejected.len(), 1, "the refusal stays: {rejected:?}");
     // Refusals have a retention of their own.
-    store.prune_refused(now_ms() - 60_000).await.unwrap();
-    assert_eq!(
-        store.list(Query { status: Some(Status::Rejected), limit: 10, ..Query::default() }).await.unwrap().len(),
-        1
-    );
-    store.prune_refused(now_ms() + 1).await.unwrap();
+    let refused =
+        || async { store.list(Query { status: Some(Status::Rejected), limit: 10, ..Query::default() }).await };
+    store.prune_refused(now_ms() - 60_000, 0).await.unwrap();
+    assert_eq!(refused().await.unwrap().len(), 1);
+    store.prune_refused(now_ms() - 60_000, 1).await.unwrap();
+    assert_eq!(refused().await.unwrap().len(), 1, "at the cap, nothing goes");
+    let mut young = body("over-the-cap", 0);
+    young.rejections[0].field = "young".into();
+    store.append(young).await.unwrap();
+    store.prune_refused(now_ms() - 60_000, 1).await.unwrap();
+    let kept = refused().await.unwrap();
+    assert_eq!(kept.len(), 1, "over the cap the oldest refusal goes, young as it is: {kept:?}");
+    assert!(kept[0].last_error.as_deref().unwrap_or_default().starts_with("young"), "{kept:?}");
+    store.prune_refused(now_ms() + 1, 0).await.unwrap();
     let left = store.list(Query { status: Some(Status::Rejected), limit: 10, ..Query::default() }).await.unwrap();
     assert!(left.is_empty(), "past their retention refusals go: {left:?}");
 }

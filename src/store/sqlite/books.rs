@@ -561,7 +561,16 @@ impl State {
     /// Deletes delivered and replaced rows of their own, and call records, older than `before`; returns the log
     /// entries that may go: resolved, older than `before`, with no event waiting or dead, not the body of a
     /// re-render, and holding no refusal (`refused: false`) or holding one (`refused: true`, their own retention).
-    pub fn prune(&mut self, before: Millis, chunk: i64, refused: bool) -> Result<Vec<i64>, StoreError> {
+    ///
+    /// With `refused` and `max_refused` > 0: when the entries holding refusals hold more than `max_refused` refused
+    /// items, the oldest of them go whatever their age (the cap), up to `chunk` entries a call.
+    pub fn prune(
+        &mut self,
+        before: Millis,
+        chunk: i64,
+        refused: bool,
+        max_refused: i64,
+    ) -> Result<Vec<i64>, StoreError> {
         self.conn.execute(
             "DELETE FROM own WHERE id IN (SELECT id FROM own WHERE status IN ('delivered', 'replaced') AND updated_at < ?1 LIMIT ?2)",
             params![before, chunk],
@@ -571,24 +580,40 @@ impl State {
             params![before, chunk],
         )?;
         self.commits += 2;
-        let candidates: Vec<i64> = {
+        // Refused items past the cap: the oldest go until this many are gone, whatever their age.
+        let mut excess = if refused && max_refused > 0 {
+            let kept: i64 =
+                self.log
+                    .query_row("SELECT coalesce(sum(n_rejected), 0) FROM log WHERE n_rejected > 0", [], |r| r.get(0))?;
+            kept - max_refused
+        } else {
+            0
+        };
+        let cutoff = if excess > 0 { Millis::MAX } else { before };
+        let candidates: Vec<(i64, Millis, i64)> = {
             // Held items stay until a re-render repairs them.
             let refusals = if refused { "n_rejected > 0 AND n_held = 0" } else { "n_rejected = 0 AND n_held = 0" };
             let mut stmt = self.log.prepare(&format!(
-                "SELECT seq FROM log l WHERE seq <= ?1 AND received_at < ?2 AND {refusals}
+                "SELECT seq, received_at, n_rejected FROM log l
+                 WHERE (seq <= ?1 OR n_events = 0) AND received_at < ?2 AND {refusals}
                    AND NOT EXISTS (SELECT 1 FROM log r WHERE r.replay_of = l.seq)
                  ORDER BY seq LIMIT ?3"
             ))?;
-            stmt.query_map(params![self.cursor, before, chunk], |r| r.get(0))?.collect::<Result<_, _>>()?
+            stmt.query_map(params![self.cursor, cutoff, chunk], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?
         };
         let mut waiting = self.conn.prepare_cached(
             "SELECT 1 FROM own WHERE id BETWEEN ?1 AND ?2 AND status IN ('pending', 'retrying', 'dead') LIMIT 1",
         )?;
         let mut out = Vec::with_capacity(candidates.len());
-        for seq in candidates {
+        for (seq, received_at, n_rejected) in candidates {
+            if received_at >= before && excess <= 0 {
+                continue; // young, and the cap is met
+            }
             let (lo, hi) = entry_range(seq);
             if waiting.query_row(params![lo, hi], |_| Ok(())).optional()?.is_none() {
                 out.push(seq);
+                excess -= n_rejected;
             }
         }
         Ok(out)

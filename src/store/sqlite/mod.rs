@@ -235,15 +235,18 @@ impl SqliteStore {
     /// Entries holding a refusal, a waiting or dead event, or a body a re-render points at are kept. Returns the
     /// number of events deleted.
     pub async fn prune(&self, before: Millis) -> Result<usize, StoreError> {
-        let seqs = self.books(move |st| st.prune(before, PRUNE_CHUNK, false)).await?;
+        let seqs = self.books(move |st| st.prune(before, PRUNE_CHUNK, false, 0)).await?;
         self.call(|reply| log::Cmd::Prune { seqs, reply }).await
     }
 
-    /// Deletes bodies holding refused items received before `before` (their own retention), unless an event of
-    /// theirs still waits or is dead. Returns the number of events deleted with them.
-    pub async fn prune_refused(&self, before: Millis) -> Result<usize, StoreError> {
-        let seqs = self.books(move |st| st.prune(before, PRUNE_CHUNK, true)).await?;
-        self.call(|reply| log::Cmd::Prune { seqs, reply }).await
+    /// Deletes bodies holding refused items received before `before` (their own retention), or the oldest of them
+    /// while more than `max_items` refused items are kept (their cap), unless an event of theirs still waits or is
+    /// dead. Returns how many entries went.
+    pub async fn prune_refused(&self, before: Millis, max_items: i64) -> Result<usize, StoreError> {
+        let seqs = self.books(move |st| st.prune(before, PRUNE_CHUNK, true, max_items)).await?;
+        let entries = seqs.len();
+        self.call(|reply| log::Cmd::Prune { seqs, reply }).await?;
+        Ok(entries)
     }
 
     pub async fn list(&self, q: Query) -> Result<Vec<EventView>, StoreError> {
