@@ -23,7 +23,7 @@ pub async fn run(settings: &Settings, s: Selection, rerender: bool) -> Result<i3
     .map_err(CommandError::Usage)?;
     let store = open_store(settings).await?;
     let mut progress = |done: usize, total: usize| {
-        if done % 100 == 0 || done == total {
+        if done.is_multiple_of(100) || done == total {
             eprintln!("re-rendered {done}/{total} bodies");
         }
     };

@@ -66,10 +66,11 @@ impl Properties {
         for k in keys {
             if k.eq_ignore_ascii_case("id") {
                 self.0.remove(&k);
-            } else if k.eq_ignore_ascii_case("email") && k != "email" {
-                if let Some(v) = self.0.remove(&k) {
-                    self.0.entry("email").or_insert(v);
-                }
+            } else if k.eq_ignore_ascii_case("email")
+                && k != "email"
+                && let Some(v) = self.0.remove(&k)
+            {
+                self.0.entry("email").or_insert(v);
             }
         }
         self

@@ -54,6 +54,9 @@ CREATE INDEX IF NOT EXISTS own_due ON own (next_attempt_at) WHERE status IN ('pe
 CREATE INDEX IF NOT EXISTS own_status ON own (status, id);
 ";
 
+/// A log row as the window reads it: seq, received_at, source, n_events, items (none when it holds no event).
+type WindowRow = (i64, Millis, String, i64, Option<Vec<u8>>);
+
 /// Open events the window holds at most; the log is read further only when fewer are open.
 pub const WINDOW_EVENTS: usize = 20_000;
 /// Log entries read per query while filling the window.
@@ -143,7 +146,7 @@ impl State {
     /// Reads log entries past the window until it holds `WINDOW_EVENTS` open events or the log ends.
     pub fn fill(&mut self) -> Result<(), StoreError> {
         while self.open < WINDOW_EVENTS {
-            let rows: Vec<(i64, Millis, String, i64, Option<Vec<u8>>)> = {
+            let rows: Vec<WindowRow> = {
                 let mut stmt = self.log.prepare_cached(
                     "SELECT seq, received_at, source, n_events, CASE WHEN n_events > 0 THEN items END
                      FROM log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
@@ -170,12 +173,15 @@ impl State {
                         kind: ev.kind(),
                         app_id: ev.app_id.into(),
                         identity: ev.identity,
-                        payload: ev.payload.get().to_owned(),
+                        // A closed event is never sent from the window: its payload is not kept.
+                        payload: if open { ev.payload.get().to_owned() } else { String::new() },
                         open,
                     });
                 }
                 self.window.push_back(Entry { seq, received_at, source, slots });
             }
+            // Resolved entries leave as they are read (after a restart, or a bulk replay, many may be).
+            self.advance();
         }
         self.advance();
         Ok(())
@@ -218,11 +224,11 @@ impl State {
 
     /// Closes an event of the window (delivered, or given a row of its own).
     fn close(&mut self, id: i64) {
-        if let Some(s) = self.slot_mut(id) {
-            if s.open {
-                s.open = false;
-                self.open -= 1;
-            }
+        if let Some(s) = self.slot_mut(id)
+            && s.open
+        {
+            s.open = false;
+            self.open -= 1;
         }
     }
 

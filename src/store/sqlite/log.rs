@@ -166,10 +166,10 @@ impl DedupeIndex {
             for line in keys.lines() {
                 if let Some(key) = line.strip_prefix("r ") {
                     found.push((key.to_owned(), FirstSeen { at, seq, first: 0, count: n as u32 }));
-                } else if let Some((idx, key)) = line.strip_prefix("m ").and_then(|l| l.split_once(' ')) {
-                    if let Ok(idx) = idx.parse::<u32>() {
-                        found.push((key.to_owned(), FirstSeen { at, seq, first: idx, count: 1 }));
-                    }
+                } else if let Some((idx, key)) = line.strip_prefix("m ").and_then(|l| l.split_once(' '))
+                    && let Ok(idx) = idx.parse::<u32>()
+                {
+                    found.push((key.to_owned(), FirstSeen { at, seq, first: idx, count: 1 }));
                 }
             }
         }
@@ -284,10 +284,10 @@ fn after_commit<T>(r: Result<T, StoreError>, commit: &Result<(), String>) -> Res
 }
 
 pub fn full_or(e: rusqlite::Error) -> StoreError {
-    if let rusqlite::Error::SqliteFailure(f, _) = &e {
-        if f.code == rusqlite::ErrorCode::DiskFull {
-            return StoreError::Full("the disk is full".into());
-        }
+    if let rusqlite::Error::SqliteFailure(f, _) = &e
+        && f.code == rusqlite::ErrorCode::DiskFull
+    {
+        return StoreError::Full("the disk is full".into());
     }
     StoreError::Sqlite(e)
 }

@@ -239,8 +239,8 @@ pub fn list(st: &State, q: &Query) -> Result<Vec<EventView>, StoreError> {
             let mut cache: HashMap<i64, (Option<LogEntry>, HashMap<i64, OwnRow>)> = HashMap::new();
             for id in ids {
                 let (seq, pos) = unpack(id);
-                if !cache.contains_key(&seq) {
-                    cache.insert(seq, (read_entry(&st.log, seq)?, own_rows(&st.conn, seq)?));
+                if let std::collections::hash_map::Entry::Vacant(e) = cache.entry(seq) {
+                    e.insert((read_entry(&st.log, seq)?, own_rows(&st.conn, seq)?));
                 }
                 let (Some(e), own) = &cache[&seq] else { continue };
                 if pos < e.items.len() && matches_query(q, e) && out.len() < limit {
