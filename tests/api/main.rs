@@ -1,9 +1,13 @@
 //! One integration test binary (saves linking on small machines). Each module is one area; names state promises.
 
 mod admin;
+mod browser;
 mod budgets;
 mod clevertap;
 mod cli;
+mod console;
+mod console_browser;
+mod console_store;
 mod crash;
 mod dedupe;
 mod delivery;
