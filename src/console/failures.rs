@@ -74,8 +74,10 @@ pub async fn replay_group(
     let store = v.state.intake.store.clone();
     let ids = store.failure_members(status, form.reason.clone(), GROUP_LIMIT).await?;
     let action = if rerender { "rerender" } else { "replay" };
-    let selection = format!("{} events of {}: {}", ids.len(), status.as_str(), views::clip(&form.reason, 200));
-    let (id, job) = v.console.jobs.start(format!("{action} {selection}"));
+    let selection =
+        format!("{} {} event(s) with reason {}", ids.len(), status.as_str(), views::clip(&form.reason, 200));
+    let verb = if rerender { "Re-render" } else { "Replay" };
+    let (id, job) = v.console.jobs.start(format!("{verb} {selection}"));
     let intake = v.state.intake.clone();
     tokio::spawn(async move {
         if rerender {

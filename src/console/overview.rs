@@ -64,7 +64,8 @@ fn body(flow: &Flow, stats: &QueueStats, pauses: &[(String, Millis)], now: Milli
                 } }
                 tbody { @for r in &flow.rows { tr {
                     td { (r.source) } td { @if r.environment.is_empty() { "default" } @else { (r.environment) } }
-                    td { a href={"/console/deliveries?app_id=" (r.app_id)} { (r.app_id) } }
+                    td { @if r.app_id.is_empty() { span.note { "none (refused)" } } @else {
+                        a href={"/console/deliveries?app_id=" (views::enc(&r.app_id))} { (r.app_id) } } }
                     td.num { (r.received) } td.num { (r.delivered) } td.num { (r.waiting) }
                     td.num { (r.dead) } td.num { (r.refused) }
                 } } }

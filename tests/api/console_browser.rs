@@ -19,11 +19,16 @@ async fn sign_in(b: &Browser, address: &str, token: &str) {
 
 #[tokio::test]
 async fn an_operator_signs_in_and_sees_a_just_ingested_event_with_its_attempts() {
-    // Arrange: one Segment event, delivered.
+    // Arrange: a Segment event, delivered, beside a small batch with one item the relay refuses.
     let app = spawn_app().await;
     let body = json!({"type": "track", "userId": "u-42", "event": "Plan Upgraded", "messageId": "msg-console-1"});
     assert_eq!(app.post_hook("segment", &body).await.status().as_u16(), 202);
-    app.wait_for_heap(1, WAIT).await;
+    let batch: Vec<_> = (0..4)
+        .map(|i| json!({"type": "track", "userId": format!("u-{i}"), "event": "Trial Started", "messageId": format!("b-{i}")}))
+        .chain([json!({"type": "track", "event": "no user", "messageId": "b-refused"})])
+        .collect();
+    assert_eq!(app.post_hook("segment", &json!({ "batch": batch })).await.status().as_u16(), 202);
+    app.wait_for_heap(5, WAIT).await;
     let b = Browser::start().await;
 
     // Act: sign in.
@@ -53,10 +58,21 @@ async fn an_operator_signs_in_and_sees_a_just_ingested_event_with_its_attempts()
     assert!(event.contains("200"), "the attempt shows Heap's status:\n{event}");
     b.assert_fits_width("the event page").await;
     b.screenshot("event").await;
-    for page in ["failures", "templates", "control"] {
+    for page in ["failures", "control"] {
         b.goto(&format!("{}/console/{page}", app.address)).await;
         b.assert_fits_width(page).await;
     }
+
+    // The template preview renders a pasted body without storing or sending it.
+    b.goto(&format!("{}/console/templates", app.address)).await;
+    b.exec("document.querySelector('select[name=source]').value = 'segment'").await;
+    b.fill("textarea[name=body]", r#"{"type": "track", "userId": "u-9", "event": "Previewed"}"#).await;
+    b.click("form[action='/console/templates/preview'] button").await;
+    let preview = b.wait_for_text("Result:", WAIT).await;
+    assert!(preview.contains("1 Heap call(s), 0 refusal(s)") && preview.contains("Previewed"), "{preview}");
+    b.assert_fits_width("templates").await;
+    b.exec("document.getElementById('preview-result').scrollIntoView()").await;
+    b.screenshot("templates-preview").await;
     b.close().await;
 }
 
