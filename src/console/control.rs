@@ -49,6 +49,14 @@ pub async fn page(v: Viewer) -> Result<HttpResponse, ConsoleError> {
                 label { "Pause delivery of app_id (on this instance)" input type="text" name="app_id" required; }
                 button type="submit" { "Pause" }
             }
+            form.filters method="post" action="/console/control/purge" {
+                (views::csrf(s))
+                label { "Purge every waiting event of app_id to dead letters (a wrong campaign's backlog)"
+                    input type="text" name="app_id" required; }
+                label { "Confirm" select name="confirm" required {
+                    option value="" { "choose" } option value="yes" { "yes, purge them" } } }
+                button type="submit" { "Purge" }
+            }
         }
         h2 { "Audit log" }
         @if audit.is_empty() { p.note { "No action yet." } } @else {
@@ -79,6 +87,27 @@ pub async fn pause(req: HttpRequest, v: Viewer, form: web::Form<AppForm>) -> Res
     let app = app_id(&form)?;
     v.state.intake.delivery.hold(&app, Millis::MAX);
     v.audit("pause", format!("app_id {app}"), 0).await;
+    Ok(see_other("/console/control"))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PurgeForm {
+    #[serde(default)]
+    csrf: String,
+    app_id: String,
+    #[serde(default)]
+    confirm: String,
+}
+
+/// Waiting events of an app_id become dead letters (reason `purged by an operator`; replayable from Failures).
+pub async fn purge(req: HttpRequest, v: Viewer, form: web::Form<PurgeForm>) -> Result<HttpResponse, ConsoleError> {
+    v.act(&req, &form.csrf)?;
+    if form.confirm != "yes" {
+        return Err(ConsoleError::Invalid("confirm the purge".into()));
+    }
+    let app = app_id(&AppForm { csrf: String::new(), app_id: form.app_id.clone() })?;
+    let n = v.state.intake.store.purge(app.clone()).await?;
+    v.audit("purge", format!("waiting events of app_id {app}"), n).await;
     Ok(see_other("/console/control"))
 }
 

@@ -81,6 +81,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/console/control", web::get().to(control::page))
         .route("/console/control/pause", web::post().to(control::pause))
         .route("/console/control/resume", web::post().to(control::resume))
+        .route("/console/control/purge", web::post().to(control::purge))
         .route("/admin/preview", web::post().to(templates::admin_preview));
 }
 

@@ -406,6 +406,13 @@ impl Store {
         delegate!(self, s => s.failure_members(status, reason, limit).await)
     }
 
+    /// Moves every waiting (pending or retrying) event of `app_id` to dead letters, with the error
+    /// [`queries::PURGED`], so that a wrong campaign's backlog is not sent; they can be replayed from there.
+    /// Returns how many. An event already in flight may still reach Heap.
+    pub async fn purge(&self, app_id: String) -> Result<i64, StoreError> {
+        delegate!(self, s => s.purge(app_id).await)
+    }
+
     /// Keeps an operator's action in the audit log.
     pub async fn audit(&self, entry: queries::AuditEntry) -> Result<(), StoreError> {
         delegate!(self, s => s.audit(entry).await)

@@ -105,6 +105,9 @@ pub struct AuditEntry {
     pub count: i64,
 }
 
+/// The error a purged event keeps (its failure group's reason).
+pub const PURGED: &str = "purged by an operator";
+
 /// How far back the failure and flow views look at refused items in the SQLite log (entries with refusals).
 pub const REFUSED_SCAN: usize = 20_000;
 

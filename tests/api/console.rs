@@ -263,3 +263,26 @@ async fn the_console_pages_queries_do_not_scan_the_whole_log() {
         assert!(!scans_log, "{page}: {sql}\nscans a whole table: {plan}");
     }
 }
+
+#[tokio::test]
+async fn a_purge_from_the_console_moves_an_apps_backlog_to_dead_letters_and_is_audited() {
+    // No delivery worker: the backlog waits.
+    let app = spawn_app_with(|s| s.delivery.workers = 0).await;
+    for i in 0..3 {
+        let body = json!({"type": "track", "userId": "u-1", "event": "Wrong Campaign", "messageId": format!("w-{i}")});
+        assert_eq!(app.post_hook("segment", &body).await.status().as_u16(), 202);
+    }
+    let (cookie, csrf) = session(&app, ADMIN_TOKEN).await;
+    let unconfirmed = [("csrf", csrf.as_str()), ("app_id", APP_ID)];
+    let unconfirmed = post_form(&app, "/console/control/purge", &cookie, &app.address, &unconfirmed);
+    assert_eq!(unconfirmed.await.status().as_u16(), 400, "a purge must be confirmed");
+    let form = [("csrf", csrf.as_str()), ("app_id", APP_ID), ("confirm", "yes")];
+    assert_eq!(post_form(&app, "/console/control/purge", &cookie, &app.address, &form).await.status().as_u16(), 303);
+
+    let store = &app.app.intake.store;
+    assert_eq!(store.stats().await.expect("stats").ready_or_waiting, 0);
+    let audit = store.audit_log(1).await.expect("audit");
+    assert_eq!((audit[0].action.as_str(), audit[0].count), ("purge", 3));
+    let failures = get(&app, "/console/failures", &cookie).await.text().await.unwrap_or_default();
+    assert!(failures.contains("purged by an operator"), "the purged events can be replayed from Failures");
+}

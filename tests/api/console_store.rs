@@ -27,7 +27,26 @@ both!(
     failures_group_dead_and_refused_events_by_reason_and_name_their_members,
     the_last_hour_counts_what_came_in_and_what_heap_accepted,
     the_audit_log_keeps_actions_newest_first,
+    a_purge_moves_the_waiting_events_of_an_app_id_to_dead_letters_and_leaves_the_rest,
 );
+
+async fn a_purge_moves_the_waiting_events_of_an_app_id_to_dead_letters_and_leaves_the_rest(store: Store) {
+    store.append(body("a", 3)).await.expect("append");
+    let claimed = store.claim("w", now_ms(), 60_000, 1, vec![], None).await.expect("claim");
+    store.record(vec![delivered(claimed[0].id, claimed[0].lease_token)]).await.expect("record");
+    store.append(body("b", 2)).await.expect("append");
+    assert_eq!(store.purge("999".into()).await.expect("purge"), 0, "another app_id's events stay");
+    assert_eq!(store.purge("1234567890".into()).await.expect("purge"), 4, "2 left of the first body, 2 of the second");
+    assert!(
+        store.claim("w", now_ms(), 60_000, 10, vec![], None).await.expect("claim").is_empty(),
+        "nothing left to send"
+    );
+    assert_eq!(store.get(&claimed[0].event_id).await.expect("get").status, "delivered", "the delivered one stays");
+    let groups = store.failures().await.expect("failures");
+    let purged = groups.iter().find(|g| g.reason == heap_relay::store::queries::PURGED).expect("a purged group");
+    assert_eq!((purged.status, purged.count), ("dead", 4));
+    assert_eq!(store.stats().await.expect("stats").ready_or_waiting, 0);
+}
 
 fn filter(limit: i64) -> EventFilter {
     EventFilter { query: Query { limit, ..Default::default() }, ..Default::default() }

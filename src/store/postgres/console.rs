@@ -190,6 +190,22 @@ impl PgStore {
             .collect())
     }
 
+    /// Moves every waiting event of `app_id` to dead letters (a lease held on one is fenced off).
+    pub async fn purge(&self, app_id: String) -> Result<i64, StoreError> {
+        let n = self
+            .pool
+            .get()
+            .await?
+            .execute(
+                "UPDATE events SET status = 'dead', last_error = $2, updated_at = $3, lease_owner = NULL,
+                        lease_expires_at = NULL, lease_token = lease_token + 1
+                 WHERE app_id = $1 AND status IN ('pending', 'retrying')",
+                &[&app_id, &PURGED, &crate::store::now_ms()],
+            )
+            .await?;
+        Ok(n as i64)
+    }
+
     /// EXPLAIN of each statement the console's pages run: (what it serves, statement, plan).
     pub async fn console_plans(&self) -> Result<Vec<(String, String, String)>, StoreError> {
         self.ensure_console().await?;

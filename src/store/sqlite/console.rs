@@ -146,6 +146,12 @@ impl SqliteStore {
         .await
     }
 
+    /// Moves every waiting (pending or retrying) event of `app_id` to dead letters, with `PURGED` as its error.
+    pub async fn purge(&self, app_id: String) -> Result<i64, StoreError> {
+        let now = crate::store::now_ms();
+        self.books(move |st| purge(st, &app_id, now)).await
+    }
+
     /// EXPLAIN QUERY PLAN of each statement the console's pages run: (what it serves, statement, plan lines).
     pub async fn console_plans(&self) -> Result<Vec<(String, String, String)>, StoreError> {
         self.books(|st| {
@@ -164,6 +170,60 @@ impl SqliteStore {
         })
         .await
     }
+}
+
+/// Waiting events of `app_id`: rows of their own that wait, open events of the window, and events of the log not
+/// read into the window yet (without a row of their own); then each gets a dead row of its own.
+fn purge(st: &mut State, app_id: &str, now: Millis) -> Result<i64, StoreError> {
+    let of_app =
+        |e: &LogEntry, pos: usize| e.items.get(pos).and_then(|i| i.event.as_ref()).is_some_and(|v| v.app_id == app_id);
+    let mut ids = Vec::new();
+    let waiting: Vec<i64> = st
+        .conn
+        .prepare_cached("SELECT id FROM own WHERE status IN ('pending', 'retrying')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in waiting {
+        let (seq, pos) = unpack(id);
+        if read_entry(&st.log, seq)?.is_some_and(|e| of_app(&e, pos)) {
+            ids.push(id);
+        }
+    }
+    ids.extend(st.window.iter().flat_map(|e| e.slots.iter()).filter(|s| s.open && &*s.app_id == app_id).map(|s| s.id));
+    let mut after = st.read_upto;
+    loop {
+        let seqs: Vec<i64> = st
+            .log
+            .prepare_cached("SELECT seq FROM log WHERE seq > ?1 ORDER BY seq LIMIT ?2")?
+            .query_map(params![after, PAGE], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let Some(last) = seqs.last() else { break };
+        after = *last;
+        for seq in seqs {
+            let Some(e) = read_entry(&st.log, seq)? else { continue };
+            let own = own_rows(&st.conn, seq)?;
+            ids.extend(
+                (0..e.items.len())
+                    .filter(|p| of_app(&e, *p) && !own.contains_key(&pack(seq, *p)))
+                    .map(|p| pack(seq, p)),
+            );
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    st.set_own(&ids, Status::Dead.as_str(), now)?;
+    let tx = st.conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached("UPDATE own SET last_error = ?1 WHERE id = ?2")?;
+        for id in &ids {
+            stmt.execute(params![PURGED, id])?;
+        }
+    }
+    tx.commit()?;
+    st.commits += 1;
+    // Read the purged entries into the window (as closed), so the queue's figures stop counting them as unread.
+    st.fill()?;
+    Ok(ids.len() as i64)
 }
 
 /// The next event id below `before` (an opaque cursor is an event id).
