@@ -24,6 +24,11 @@ impl TrustedProxies {
         Self { ranges: ranges.iter().filter_map(|r| parse_range(r)).collect() }
     }
 
+    /// Whether `ip` is one of the trusted proxies (whose X-Forwarded-* headers count).
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted(ip)
+    }
+
     fn trusted(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.ranges.iter().any(|r| r.contains(&ip))

@@ -12,6 +12,7 @@
 //! - `store`: the queue and delivery log (group commit, leases): SQLite by default, PostgreSQL for several instances.
 //! - `delivery`: workers that batch, send, classify (`policy`) and rate-limit.
 //! - `replay`: re-send or re-render stored events.
+//! - `console`: the operator console at /console (server-rendered pages over the same store and replay functions).
 //! - `settings`, `telemetry`, `metrics`, `error`, `startup`, `cli`, `commands`: plumbing. `exposure` decides at
 //!   start what may face the network (public-bind refusal, connection cap); `client_addr` says who a client is
 //!   (X-Forwarded-For only from trusted proxies); `sanitize` repairs NULs and lone surrogates in string values.
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod client_addr;
 pub mod clock;
 pub mod commands;
+pub mod console;
 pub mod delivery;
 pub mod domain;
 pub mod error;

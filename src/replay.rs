@@ -8,7 +8,7 @@ use crate::intake::to_rows;
 use crate::store::{Millis, RawBody, Selector, Status, Store, StoreError};
 use serde::Serialize;
 
-#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct ReplayReport {
     /// Events put back in the queue as they were.
     pub requeued: i64,
@@ -84,12 +84,35 @@ pub async fn replay(
     rerender: bool,
     progress: &mut (dyn FnMut(usize, usize) + Send),
 ) -> Result<ReplayReport, StoreError> {
+    replay_all(store, pipeline, vec![selector], rerender, progress).await
+}
+
+/// As [`replay`], for several selections at once (a failure group's events): a body behind several of them is
+/// re-rendered once.
+pub async fn replay_all(
+    store: &Store,
+    pipeline: &Pipeline,
+    selectors: Vec<Selector>,
+    rerender: bool,
+    progress: &mut (dyn FnMut(usize, usize) + Send),
+) -> Result<ReplayReport, StoreError> {
     let mut report = ReplayReport::default();
     if !rerender {
-        report.requeued = store.requeue(selector).await?;
+        let total = selectors.len();
+        for (done, selector) in selectors.into_iter().enumerate() {
+            report.requeued += store.requeue(selector).await?;
+            progress(done + 1, total);
+        }
         return Ok(report);
     }
-    let bodies = store.raw_bodies(selector).await?;
+    let mut bodies: Vec<crate::store::RawBody> = Vec::new();
+    for selector in selectors {
+        for body in store.raw_bodies(selector).await? {
+            if !bodies.iter().any(|b| b.id == body.id) {
+                bodies.push(body);
+            }
+        }
+    }
     let total = bodies.len();
     for (done, raw) in bodies.into_iter().enumerate() {
         let RawBody { id: raw_id, source, environment, template, received_at, body } = raw;

@@ -30,6 +30,7 @@ pub struct Settings {
     pub delivery: DeliverySettings,
     pub limits: LimitSettings,
     pub admin: AdminSettings,
+    pub console: ConsoleSettings,
     pub log: LogSettings,
     pub sources: SourcesSettings,
     pub identity: IdentitySettings,
@@ -156,6 +157,18 @@ pub struct LimitSettings {
 pub struct AdminSettings {
     /// Redacted in Debug output; never logged.
     pub token: SecretString,
+}
+
+/// The operator console at /console (on when admin.token is set).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// A second token that signs in to look only (no replay, re-render or pause). Empty: none. Never logged.
+    pub readonly_token: SecretString,
+    /// How long a console session lasts after sign-in.
+    pub session_minutes: u64,
+    /// Failed sign-ins allowed per client address per minute; more are refused (429) until the minute passes.
+    pub sign_in_attempts_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -506,6 +519,12 @@ impl Settings {
     pub fn store_url(&self) -> Option<&str> {
         let u = self.store.url.expose_secret();
         (!u.trim().is_empty()).then(|| u.trim())
+    }
+
+    /// The console's read-only token, when one is set.
+    pub fn console_readonly_token(&self) -> Option<&str> {
+        let t = self.console.readonly_token.expose_secret();
+        (!t.trim().is_empty()).then(|| t.trim())
     }
 
     /// The admin token, when one is set.

@@ -305,6 +305,7 @@ impl Application {
             origins: Arc::new(AllowedOrigins::new(&settings.server.allowed_origins)),
             proxies: Arc::new(TrustedProxies::new(&settings.server.trusted_proxies)),
             auth_log: Arc::new(AuthFailureLog::new(Duration::from_secs(settings.log.auth_failure_interval_secs))),
+            console: crate::console::Console::from_settings(&settings).map(Arc::new),
         };
         let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
         let data = web::Data::new(state.clone());

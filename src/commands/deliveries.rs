@@ -32,17 +32,17 @@ pub async fn run(settings: &Settings, f: Filters) -> Result<i32, CommandError> {
         .transpose()?;
     let range = time_range(f.since.as_deref(), f.until.as_deref()).map_err(CommandError::Usage)?;
     let store = open_store(settings).await?;
-    let events = store
-        .list(Query {
-            status,
-            source: f.source,
-            environment: f.environment,
-            since: range.map(|r| r.0),
-            until: range.map(|r| r.1),
-            limit: f.limit,
-        })
-        .await
-        .context("listing")?;
+    // The same read as /admin/deliveries and the console's Deliveries page.
+    let query = Query {
+        status,
+        source: f.source,
+        environment: f.environment,
+        since: range.map(|r| r.0),
+        until: range.map(|r| r.1),
+        limit: f.limit,
+    };
+    let events =
+        store.page(crate::store::queries::EventFilter { query, ..Default::default() }).await.context("listing")?.events;
     if f.json {
         println!("{}", serde_json::to_string_pretty(&events).context("printing")?);
         return Ok(0);

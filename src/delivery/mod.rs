@@ -124,6 +124,26 @@ impl Delivery {
         p.keys().cloned().collect()
     }
 
+    /// Holds an app_id's deliveries until `until` (an operator's pause from the console: `Millis::MAX`), the way
+    /// a 429 does; this instance only.
+    pub fn hold(&self, app_id: &str, until: Millis) {
+        self.pause(app_id, until);
+    }
+
+    /// Lifts a pause of `app_id` (an operator's or a 429's); whether there was one.
+    pub fn resume(&self, app_id: &str) -> bool {
+        self.paused.lock().unwrap_or_else(|e| e.into_inner()).remove(app_id).is_some()
+    }
+
+    /// The app_ids paused now, and until when.
+    pub fn pauses(&self, now: Millis) -> Vec<(String, Millis)> {
+        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|_, until| *until > now);
+        let mut out: Vec<(String, Millis)> = p.iter().map(|(a, u)| (a.clone(), *u)).collect();
+        out.sort();
+        out
+    }
+
     fn pause(&self, app_id: &str, until: Millis) {
         let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
         let e = p.entry(app_id.to_owned()).or_insert(until);

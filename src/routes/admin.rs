@@ -5,6 +5,7 @@ use super::AppState;
 use crate::auth::verify_bearer;
 use crate::error::{ApiError, ErrorCode};
 use crate::replay::{replay as run_replay, selector, time_range};
+use crate::store::queries::EventFilter;
 use crate::store::{Query, Status, StoreError};
 use actix_web::http::header::AUTHORIZATION;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
@@ -47,6 +48,13 @@ pub struct ListParams {
     since: Option<String>,
     until: Option<String>,
     limit: Option<i64>,
+    template: Option<String>,
+    app_id: Option<String>,
+    identity: Option<String>,
+    /// A sender's message id or the event's idempotency key.
+    key: Option<String>,
+    /// The previous answer's `next`: the page of older events.
+    before: Option<String>,
 }
 
 pub async fn list(
@@ -70,8 +78,16 @@ pub async fn list(
         until: range.map(|r| r.1),
         limit: p.limit.unwrap_or(100).clamp(1, 10_000),
     };
-    let events = state.intake.store.list(q).await.map_err(|e| ApiError::internal(&e))?;
-    Ok(HttpResponse::Ok().json(json!({ "count": events.len(), "events": events })))
+    let filter = EventFilter {
+        query: q,
+        template: p.template,
+        app_id: p.app_id,
+        identity: p.identity,
+        key: p.key,
+        before: p.before,
+    };
+    let page = state.intake.store.page(filter).await.map_err(|e| ApiError::internal(&e))?;
+    Ok(HttpResponse::Ok().json(json!({ "count": page.events.len(), "events": page.events, "next": page.next })))
 }
 
 pub async fn get(_: Admin, id: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

@@ -37,6 +37,8 @@ pub struct AppState {
     pub proxies: std::sync::Arc<crate::client_addr::TrustedProxies>,
     /// Rate limit of the auth-failure log lines.
     pub auth_log: std::sync::Arc<gate::AuthFailureLog>,
+    /// The operator console; None (off, 404) without an admin token.
+    pub console: Option<std::sync::Arc<crate::console::Console>>,
 }
 
 /// The client's address: the peer's, or from X-Forwarded-For when the peer is a trusted proxy.
@@ -79,6 +81,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/admin/deliveries", web::get().to(admin::list))
         .route("/admin/deliveries/{id}", web::get().to(admin::get))
         .route("/admin/replay", web::post().to(admin::replay))
+        .configure(crate::console::configure)
         .default_service(web::to(not_found));
 }
 

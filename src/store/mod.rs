@@ -7,6 +7,7 @@
 //! `postgres` (several instances sharing one queue) keeps a row per event and claims with `FOR UPDATE SKIP LOCKED`.
 
 pub mod postgres;
+pub mod queries;
 pub mod sqlite;
 
 pub use postgres::PgStore;
@@ -427,6 +428,55 @@ impl Store {
             Store::Sqlite(s) => Ok(s.full_reason()),
             Store::Postgres(s) => s.full_reason().await,
         }
+    }
+
+    /// One page of the delivery log, newest first, under every filter of [`queries::EventFilter`] (keyset: pass
+    /// the page's `next` as the following call's `before`).
+    pub async fn page(&self, filter: queries::EventFilter) -> Result<queries::Page, StoreError> {
+        delegate!(self, s => s.page(filter).await)
+    }
+
+    /// The last hour: per minute in and delivered, per source × environment × app_id, refusals, the newest call.
+    pub async fn flow(&self, now: Millis) -> Result<queries::Flow, StoreError> {
+        delegate!(self, s => s.flow(now).await)
+    }
+
+    /// Dead and refused events grouped by reason, most events first.
+    pub async fn failures(&self) -> Result<Vec<queries::FailureGroup>, StoreError> {
+        delegate!(self, s => s.failures().await)
+    }
+
+    /// The event ids of one failure group (`Dead` or `Rejected` and its reason), newest first, at most `limit`.
+    pub async fn failure_members(
+        &self,
+        status: Status,
+        reason: String,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        delegate!(self, s => s.failure_members(status, reason, limit).await)
+    }
+
+    /// Moves every waiting (pending or retrying) event of `app_id` to dead letters, with the error
+    /// [`queries::PURGED`], so that a wrong campaign's backlog is not sent; they can be replayed from there.
+    /// Returns how many. An event already in flight may still reach Heap.
+    pub async fn purge(&self, app_id: String) -> Result<i64, StoreError> {
+        delegate!(self, s => s.purge(app_id).await)
+    }
+
+    /// Keeps an operator's action in the audit log.
+    pub async fn audit(&self, entry: queries::AuditEntry) -> Result<(), StoreError> {
+        delegate!(self, s => s.audit(entry).await)
+    }
+
+    /// The newest `limit` entries of the audit log, newest first.
+    pub async fn audit_log(&self, limit: i64) -> Result<Vec<queries::AuditEntry>, StoreError> {
+        delegate!(self, s => s.audit_log(limit).await)
+    }
+
+    /// The query plans of the statements behind the console's overview, deliveries and failures pages: (page,
+    /// statement, plan), for the test that none scans a whole table.
+    pub async fn console_plans(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        delegate!(self, s => s.console_plans().await)
     }
 }
 

@@ -15,6 +15,7 @@
 //! `writer` the group commit, `budget` the shared rate budgets, `listen` LISTEN/NOTIFY, `log` the delivery-log reads.
 
 mod budget;
+mod console;
 mod listen;
 mod log;
 pub mod tls;

@@ -1,10 +1,14 @@
 //! One integration test binary (saves linking on small machines). Each module is one area; names state promises.
 
 mod admin;
+mod browser;
 mod budgets;
 mod clevertap;
 mod clevertap_liquid;
 mod cli;
+mod console;
+mod console_browser;
+mod console_store;
 mod crash;
 mod dedupe;
 mod delivery;

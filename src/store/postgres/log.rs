@@ -116,11 +116,11 @@ impl PgStore {
     }
 }
 
-const VIEW_COLUMNS: &str =
+pub(super) const VIEW_COLUMNS: &str =
     "id, event_id, status, source, template, kind, app_id, identity, idempotency_key, item_index,
      attempts, received_at, updated_at, next_attempt_at, last_error, payload, environment, template_version";
 
-fn view(r: &tokio_postgres::Row) -> (i64, EventView) {
+pub(super) fn view(r: &tokio_postgres::Row) -> (i64, EventView) {
     let status = Status::parse(r.get(2)).unwrap_or(Status::Pending);
     let payload: Option<&str> = r.get(15);
     let waiting = matches!(status, Status::Pending | Status::Retrying);

@@ -10,6 +10,7 @@
 
 mod books;
 mod codec;
+mod console;
 mod log;
 mod views;
 

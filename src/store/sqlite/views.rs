@@ -13,11 +13,11 @@ use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 
 /// Log entries a listing looks at, at most.
-const SCAN_ENTRIES: usize = 200_000;
+pub(super) const SCAN_ENTRIES: usize = 200_000;
 /// Entries read per query while scanning.
 const PAGE: i64 = 256;
 /// How far `received_at` may run behind the log's order (requests commit in about the order they arrive).
-const ORDER_SLACK_MS: i64 = 60_000;
+pub(super) const ORDER_SLACK_MS: i64 = 60_000;
 
 pub struct LogEntry {
     pub seq: i64,
@@ -63,14 +63,14 @@ pub fn read_entry(log: &Connection, seq: i64) -> Result<Option<LogEntry>, StoreE
 }
 
 /// Entries older than `before` (a seq), newest first, a page at a time; only those with refusals if `rejected`.
-fn page_desc(log: &Connection, before: i64, rejected: bool) -> Result<Vec<LogEntry>, StoreError> {
+pub(super) fn page_desc(log: &Connection, before: i64, rejected: bool) -> Result<Vec<LogEntry>, StoreError> {
     let filter = if rejected { "AND n_rejected > 0" } else { "" };
     let sql = format!("SELECT {ENTRY_COLUMNS} FROM log WHERE seq < ?1 {filter} ORDER BY seq DESC LIMIT ?2");
     let rows: Vec<_> = log.prepare_cached(&sql)?.query_map(params![before, PAGE], entry)?.collect::<Result<_, _>>()?;
     rows.into_iter().map(decode).collect()
 }
 
-fn own_rows(conn: &Connection, seq: i64) -> Result<HashMap<i64, OwnRow>, StoreError> {
+pub(super) fn own_rows(conn: &Connection, seq: i64) -> Result<HashMap<i64, OwnRow>, StoreError> {
     let (lo, hi) = entry_range(seq);
     let mut stmt = conn.prepare_cached(
         "SELECT id, status, attempts, next_attempt_at, updated_at, last_error, calls FROM own WHERE id BETWEEN ?1 AND ?2",
@@ -157,7 +157,13 @@ fn calls_by_id(conn: &Connection, ids: &[i64]) -> Result<Vec<AttemptView>, Store
     Ok(out)
 }
 
-fn view(st: &State, e: &LogEntry, pos: usize, own: Option<&OwnRow>, detail: bool) -> Result<EventView, StoreError> {
+pub(super) fn view(
+    st: &State,
+    e: &LogEntry,
+    pos: usize,
+    own: Option<&OwnRow>,
+    detail: bool,
+) -> Result<EventView, StoreError> {
     let item = &e.items[pos];
     let id = pack(e.seq, pos);
     let status = status_of(st, id, item, own);
@@ -213,7 +219,7 @@ pub fn get(st: &State, event_id: &str) -> Result<EventView, StoreError> {
     view(st, &e, pos, own.get(&id), true)
 }
 
-fn matches_query(q: &Query, e: &LogEntry) -> bool {
+pub(super) fn matches_query(q: &Query, e: &LogEntry) -> bool {
     q.source.as_ref().is_none_or(|s| *s == e.source)
         && q.environment.as_ref().is_none_or(|s| *s == e.environment)
         && q.since.is_none_or(|t| e.received_at >= t)

@@ -1,0 +1,419 @@
+//! The operator reads of `store::queries` on the ingest log and delivery's books: keyset pages of the delivery log,
+//! the last hour, failures by reason, and the audit log (a table of the books' file, never of the ingest log).
+//!
+//! Every read walks an index or the log's primary key from the newest end and stops at a bound: the last hour, or
+//! `SCAN_ENTRIES` entries, or `REFUSED_SCAN` entries with refusals (`log_rejected`). `PLANS` lists the statements,
+//! so a test can check with EXPLAIN QUERY PLAN that none scans a whole table.
+
+use super::SqliteStore;
+use super::books::State;
+use super::codec::{self, pack, unpack};
+use super::views::{self, LogEntry, ORDER_SLACK_MS, SCAN_ENTRIES, matches_query, own_rows, page_desc, read_entry};
+use crate::store::queries::*;
+use crate::store::{Millis, Status, StoreError};
+use rusqlite::{Connection, params};
+
+/// Log entries the last-hour view decodes at most.
+const FLOW_SCAN: usize = 50_000;
+const PAGE: i64 = 256;
+
+const OWN_BY_STATUS: &str = "SELECT id FROM own WHERE status = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3";
+const DELIVERED_PER_MINUTE: &str = "SELECT at - (at % 60000), sum(batch_size) FROM calls
+     WHERE at >= ?1 AND http_status BETWEEN 200 AND 299 GROUP BY 1";
+const LAST_CALL: &str = "SELECT at, http_status, error FROM calls ORDER BY at DESC LIMIT 1";
+const DEAD_GROUPS: &str = "SELECT coalesce(last_error, ''), count(*), max(id), max(updated_at) FROM own
+     WHERE status = 'dead' GROUP BY 1";
+const DEAD_MEMBERS: &str =
+    "SELECT id FROM own WHERE status = 'dead' AND coalesce(last_error, '') = ?1 ORDER BY id DESC LIMIT ?2";
+const REFUSED_PAGE: &str = "SELECT seq FROM log WHERE n_rejected > 0 AND seq < ?1 ORDER BY seq DESC LIMIT ?2";
+const AUDIT_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit (
+    id        INTEGER PRIMARY KEY,
+    at        INTEGER NOT NULL,
+    actor     TEXT    NOT NULL,
+    action    TEXT    NOT NULL,
+    selection TEXT    NOT NULL,
+    count     INTEGER NOT NULL
+)";
+
+/// The statements behind the overview, a filtered page and the failures page, with the connection each runs on
+/// (`log` or `books`), for EXPLAIN QUERY PLAN.
+const PLANS: [(&str, &str, &str); 6] = [
+    ("log", "page, overview", "SELECT seq, received_at, items FROM log WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"),
+    ("books", "page by status", OWN_BY_STATUS),
+    ("books", "overview", DELIVERED_PER_MINUTE),
+    ("books", "overview", LAST_CALL),
+    ("books", "failures", DEAD_GROUPS),
+    ("log", "failures", REFUSED_PAGE),
+];
+
+impl SqliteStore {
+    pub async fn page(&self, f: EventFilter) -> Result<Page, StoreError> {
+        self.books(move |st| page(st, &f)).await
+    }
+
+    pub async fn flow(&self, now: Millis) -> Result<Flow, StoreError> {
+        self.books(move |st| flow(st, now)).await
+    }
+
+    pub async fn failures(&self) -> Result<Vec<FailureGroup>, StoreError> {
+        self.books(|st| {
+            let mut groups: Vec<FailureGroup> = st
+                .conn
+                .prepare_cached(DEAD_GROUPS)?
+                .query_map([], |r| {
+                    Ok(FailureGroup {
+                        status: "dead",
+                        reason: r.get(0)?,
+                        count: r.get(1)?,
+                        newest: codec::event_id(r.get(2)?),
+                        newest_at: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut refused = Vec::new();
+            refused_items(st, |id, reason, at| {
+                refused.push(("rejected", reason.to_owned(), codec::event_id(id), at));
+                true
+            })?;
+            groups.extend(group_failures(refused));
+            groups.sort_by(|a, b| b.count.cmp(&a.count).then(b.newest_at.cmp(&a.newest_at)));
+            Ok(groups)
+        })
+        .await
+    }
+
+    pub async fn failure_members(
+        &self,
+        status: Status,
+        reason: String,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.books(move |st| {
+            let mut out = Vec::new();
+            match status {
+                Status::Dead => {
+                    let ids: Vec<i64> = st
+                        .conn
+                        .prepare_cached(DEAD_MEMBERS)?
+                        .query_map(params![reason, limit as i64], |r| r.get(0))?
+                        .collect::<Result<_, _>>()?;
+                    out.extend(ids.into_iter().map(codec::event_id));
+                }
+                Status::Rejected => refused_items(st, |id, r, _| {
+                    if r == reason {
+                        out.push(codec::event_id(id));
+                    }
+                    out.len() < limit
+                })?,
+                _ => {}
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
+        self.books(move |st| {
+            st.conn.execute_batch(AUDIT_SCHEMA)?;
+            st.conn.execute(
+                "INSERT INTO audit (at, actor, action, selection, count) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![entry.at, entry.actor, entry.action, entry.selection, entry.count],
+            )?;
+            st.commits += 1;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError> {
+        self.books(move |st| {
+            st.conn.execute_batch(AUDIT_SCHEMA)?;
+            let rows = st
+                .conn
+                .prepare_cached("SELECT at, actor, action, selection, count FROM audit ORDER BY id DESC LIMIT ?1")?
+                .query_map(params![limit], |r| {
+                    Ok(AuditEntry {
+                        at: r.get(0)?,
+                        actor: r.get(1)?,
+                        action: r.get(2)?,
+                        selection: r.get(3)?,
+                        count: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Moves every waiting (pending or retrying) event of `app_id` to dead letters, with `PURGED` as its error.
+    pub async fn purge(&self, app_id: String) -> Result<i64, StoreError> {
+        let now = crate::store::now_ms();
+        self.books(move |st| purge(st, &app_id, now)).await
+    }
+
+    /// EXPLAIN QUERY PLAN of each statement the console's pages run: (what it serves, statement, plan lines).
+    pub async fn console_plans(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        self.books(|st| {
+            let mut out = Vec::new();
+            for (conn, what, sql) in PLANS {
+                let c: &Connection = if conn == "log" { &st.log } else { &st.conn };
+                let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                let n = stmt.parameter_count();
+                let args: Vec<i64> = vec![1; n];
+                let lines: Vec<String> = stmt
+                    .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))?
+                    .collect::<Result<_, _>>()?;
+                out.push((what.to_owned(), sql.to_owned(), lines.join("; ")));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// Waiting events of `app_id`: rows of their own that wait, open events of the window, and events of the log not
+/// read into the window yet (without a row of their own); then each gets a dead row of its own.
+fn purge(st: &mut State, app_id: &str, now: Millis) -> Result<i64, StoreError> {
+    let of_app =
+        |e: &LogEntry, pos: usize| e.items.get(pos).and_then(|i| i.event.as_ref()).is_some_and(|v| v.app_id == app_id);
+    let mut ids = Vec::new();
+    let waiting: Vec<i64> = st
+        .conn
+        .prepare_cached("SELECT id FROM own WHERE status IN ('pending', 'retrying')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in waiting {
+        let (seq, pos) = unpack(id);
+        if read_entry(&st.log, seq)?.is_some_and(|e| of_app(&e, pos)) {
+            ids.push(id);
+        }
+    }
+    ids.extend(st.window.iter().flat_map(|e| e.slots.iter()).filter(|s| s.open && &*s.app_id == app_id).map(|s| s.id));
+    let mut after = st.read_upto;
+    loop {
+        let seqs: Vec<i64> = st
+            .log
+            .prepare_cached("SELECT seq FROM log WHERE seq > ?1 ORDER BY seq LIMIT ?2")?
+            .query_map(params![after, PAGE], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let Some(last) = seqs.last() else { break };
+        after = *last;
+        for seq in seqs {
+            let Some(e) = read_entry(&st.log, seq)? else { continue };
+            let own = own_rows(&st.conn, seq)?;
+            ids.extend(
+                (0..e.items.len())
+                    .filter(|p| of_app(&e, *p) && !own.contains_key(&pack(seq, *p)))
+                    .map(|p| pack(seq, p)),
+            );
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    st.set_own(&ids, Status::Dead.as_str(), now)?;
+    let tx = st.conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached("UPDATE own SET last_error = ?1 WHERE id = ?2")?;
+        for id in &ids {
+            stmt.execute(params![PURGED, id])?;
+        }
+    }
+    tx.commit()?;
+    st.commits += 1;
+    // Read the purged entries into the window (as closed), so the queue's figures stop counting them as unread.
+    st.fill()?;
+    Ok(ids.len() as i64)
+}
+
+/// The next event id below `before` (an opaque cursor is an event id).
+fn cursor(before: Option<&str>) -> i64 {
+    before.and_then(codec::parse_event_id).unwrap_or(i64::MAX)
+}
+
+fn page(st: &State, f: &EventFilter) -> Result<Page, StoreError> {
+    let limit = if f.query.limit > 0 { f.query.limit as usize } else { 100 };
+    let before = cursor(f.before.as_deref());
+    let mut out = Vec::new();
+    let mut last_seen: Option<i64> = None;
+    let mut seen = 0;
+    let mut exhausted = false;
+    if let Some(status @ (Status::Dead | Status::Retrying | Status::Replaced)) = f.query.status {
+        let mut below = before;
+        while out.len() < limit && seen < SCAN_ENTRIES {
+            let ids: Vec<i64> = st
+                .conn
+                .prepare_cached(OWN_BY_STATUS)?
+                .query_map(params![status.as_str(), below, PAGE], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let Some(last) = ids.last() else {
+                exhausted = true;
+                break;
+            };
+            below = *last;
+            seen += ids.len();
+            for id in ids {
+                last_seen = Some(id);
+                let (seq, pos) = unpack(id);
+                let Some(e) = read_entry(&st.log, seq)? else { continue };
+                if pos >= e.items.len() || !matches_query(&f.query, &e) {
+                    continue;
+                }
+                let own = own_rows(&st.conn, seq)?;
+                let v = views::view(st, &e, pos, own.get(&id), false)?;
+                if f.keeps(&v) {
+                    out.push(v);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+    } else {
+        let (before_seq, before_pos) = if before == i64::MAX { (i64::MAX, usize::MAX) } else { unpack(before) };
+        // The entry the cursor is in still has older items; start there.
+        let mut next_seq = before_seq.saturating_add(1);
+        'scan: while seen < SCAN_ENTRIES {
+            let entries = page_desc(&st.log, next_seq, f.query.status == Some(Status::Rejected))?;
+            let Some(last) = entries.last() else {
+                exhausted = true;
+                break;
+            };
+            next_seq = last.seq;
+            seen += entries.len();
+            for e in &entries {
+                if f.query.since.is_some_and(|t| e.received_at < t - ORDER_SLACK_MS) {
+                    exhausted = true;
+                    break 'scan;
+                }
+                let top = if e.seq == before_seq { before_pos.min(e.items.len()) } else { e.items.len() };
+                if !matches_query(&f.query, e) {
+                    last_seen = Some(pack(e.seq, 0));
+                    continue;
+                }
+                if pick_from_entry(st, f, e, top, limit, &mut out, &mut last_seen)? {
+                    break 'scan;
+                }
+            }
+        }
+    }
+    let full = out.len() >= limit;
+    let next = if full {
+        out.last().and_then(|v| codec::parse_event_id(&v.id)).map(codec::event_id)
+    } else if !exhausted {
+        last_seen.map(codec::event_id)
+    } else {
+        None
+    };
+    Ok(Page { events: out, truncated: !full && next.is_some(), next })
+}
+
+/// Adds the entry's items below `top` that pass the filters, newest first; true once the page is full.
+fn pick_from_entry(
+    st: &State,
+    f: &EventFilter,
+    e: &LogEntry,
+    top: usize,
+    limit: usize,
+    out: &mut Vec<crate::store::EventView>,
+    last_seen: &mut Option<i64>,
+) -> Result<bool, StoreError> {
+    let own = own_rows(&st.conn, e.seq)?;
+    for pos in (0..top).rev() {
+        let id = pack(e.seq, pos);
+        *last_seen = Some(id);
+        if f.query.status.is_some_and(|s| s != views::status_of(st, id, &e.items[pos], own.get(&id))) {
+            continue;
+        }
+        let v = views::view(st, e, pos, own.get(&id), false)?;
+        if f.keeps(&v) {
+            out.push(v);
+            if out.len() >= limit {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+fn flow(st: &State, now: Millis) -> Result<Flow, StoreError> {
+    let since = now - 3_600_000;
+    let mut flow = Flow { since, minutes: empty_hour(now), ..Default::default() };
+    let mut before = i64::MAX;
+    let mut seen = 0;
+    'scan: loop {
+        if seen >= FLOW_SCAN {
+            flow.truncated = true;
+            break;
+        }
+        let entries = page_desc(&st.log, before, false)?;
+        let Some(last) = entries.last() else { break };
+        before = last.seq;
+        seen += entries.len();
+        for e in &entries {
+            if e.received_at < since - ORDER_SLACK_MS {
+                break 'scan;
+            }
+            if e.received_at < since || e.replay_of.is_some() {
+                continue;
+            }
+            let own = own_rows(&st.conn, e.seq)?;
+            for (pos, item) in e.items.iter().enumerate() {
+                let id = pack(e.seq, pos);
+                let status = views::status_of(st, id, item, own.get(&id));
+                let app_id = item.event.as_ref().map(|v| v.app_id.as_str()).unwrap_or("");
+                tally(&mut flow.rows, &e.source, &e.environment, app_id, status);
+                bump(&mut flow.minutes, e.received_at, 1, 0);
+                if item.event.is_none() {
+                    flow.refused += 1;
+                }
+            }
+        }
+    }
+    let delivered: Vec<(Millis, i64)> = st
+        .conn
+        .prepare_cached(DELIVERED_PER_MINUTE)?
+        .query_map(params![since], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (minute, n) in delivered {
+        bump(&mut flow.minutes, minute, 0, n);
+    }
+    flow.last_call = st
+        .conn
+        .prepare_cached(LAST_CALL)?
+        .query_map([], |r| Ok((r.get(0)?, r.get::<_, Option<i64>>(1)?.map(|s| s as u16), r.get(2)?)))?
+        .next()
+        .transpose()?;
+    flow.rows.sort_by(|a, b| b.received.cmp(&a.received));
+    Ok(flow)
+}
+
+/// Calls `each(event number, reason, received_at)` for items refused at ingest and not re-rendered since, newest
+/// first, over the newest `REFUSED_SCAN` entries with refusals, until it returns false.
+fn refused_items(st: &State, mut each: impl FnMut(i64, &str, Millis) -> bool) -> Result<(), StoreError> {
+    let mut before = i64::MAX;
+    let mut seen = 0;
+    while seen < REFUSED_SCAN {
+        let seqs: Vec<i64> = st
+            .log
+            .prepare_cached(REFUSED_PAGE)?
+            .query_map(params![before, PAGE], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let Some(last) = seqs.last() else { return Ok(()) };
+        before = *last;
+        seen += seqs.len();
+        for seq in seqs {
+            let Some(e) = read_entry(&st.log, seq)? else { continue };
+            let own = own_rows(&st.conn, seq)?;
+            for (pos, item) in e.items.iter().enumerate().rev() {
+                let id = pack(seq, pos);
+                let Some(reason) = &item.rejected else { continue };
+                if views::status_of(st, id, item, own.get(&id)) == Status::Rejected && !each(id, reason, e.received_at)
+                {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! The store reads behind the console (and `/admin/deliveries`, `heap-relay deliveries`), with one meaning on both
+//! backends: keyset pages under every filter, failures grouped by reason with their members, the last hour, and
+//! the audit log.
+
+use crate::store_contract::{body, delivered, postgres, sqlite};
+use heap_relay::store::queries::{AuditEntry, EventFilter};
+use heap_relay::store::{AttemptLog, AttemptRecord, Query, Resolution, Status, Store, now_ms};
+use std::collections::HashSet;
+
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(super::sqlite().await.store).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(super::postgres().await.store).await
+            }
+        }
+    )*};
+}
+
+both!(
+    pages_walk_the_log_newest_first_by_cursor_and_filter_by_identity_key_and_app_id,
+    failures_group_dead_and_refused_events_by_reason_and_name_their_members,
+    the_last_hour_counts_what_came_in_and_what_heap_accepted,
+    the_audit_log_keeps_actions_newest_first,
+    a_purge_moves_the_waiting_events_of_an_app_id_to_dead_letters_and_leaves_the_rest,
+);
+
+async fn a_purge_moves_the_waiting_events_of_an_app_id_to_dead_letters_and_leaves_the_rest(store: Store) {
+    store.append(body("a", 3)).await.expect("append");
+    let claimed = store.claim("w", now_ms(), 60_000, 1, vec![], None).await.expect("claim");
+    store.record(vec![delivered(claimed[0].id, claimed[0].lease_token)]).await.expect("record");
+    store.append(body("b", 2)).await.expect("append");
+    assert_eq!(store.purge("999".into()).await.expect("purge"), 0, "another app_id's events stay");
+    assert_eq!(store.purge("1234567890".into()).await.expect("purge"), 4, "2 left of the first body, 2 of the second");
+    assert!(
+        store.claim("w", now_ms(), 60_000, 10, vec![], None).await.expect("claim").is_empty(),
+        "nothing left to send"
+    );
+    assert_eq!(store.get(&claimed[0].event_id).await.expect("get").status, "delivered", "the delivered one stays");
+    let groups = store.failures().await.expect("failures");
+    let purged = groups.iter().find(|g| g.reason == heap_relay::store::queries::PURGED).expect("a purged group");
+    assert_eq!((purged.status, purged.count), ("dead", 4));
+    assert_eq!(store.stats().await.expect("stats").ready_or_waiting, 0);
+}
+
+fn filter(limit: i64) -> EventFilter {
+    EventFilter { query: Query { limit, ..Default::default() }, ..Default::default() }
+}
+
+async fn pages_walk_the_log_newest_first_by_cursor_and_filter_by_identity_key_and_app_id(store: Store) {
+    store.append(body("a", 3)).await.expect("append");
+    store.append(body("b", 2)).await.expect("append");
+    let mut seen = Vec::new();
+    let mut before = None;
+    for _ in 0..10 {
+        let page = store.page(EventFilter { before: before.clone(), ..filter(2) }).await.expect("page");
+        seen.extend(page.events.iter().map(|e| e.idempotency_key.clone().unwrap_or_else(|| e.id.clone())));
+        before = page.next;
+        if before.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 7, "5 events and 2 refused items, each once: {seen:?}");
+    assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 7, "{seen:?}");
+    assert_eq!(seen.iter().filter(|k| k.starts_with("b-")).count(), 2);
+    let first_b = seen.iter().position(|k| k.starts_with("b-"));
+    let first_a = seen.iter().position(|k| k.starts_with("a-"));
+    assert!(first_b < first_a, "newest first: {seen:?}");
+
+    let by = |f: EventFilter| {
+        let store = store.clone();
+        async move { store.page(f).await.expect("page").events }
+    };
+    let found = by(EventFilter { key: Some("a-1".into()), ..filter(10) }).await;
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].identity, "user-1");
+    assert_eq!(by(EventFilter { identity: Some("user-0".into()), ..filter(10) }).await.len(), 2);
+    assert_eq!(by(EventFilter { app_id: Some("1234567890".into()), ..filter(10) }).await.len(), 5);
+    assert!(by(EventFilter { app_id: Some("999".into()), ..filter(10) }).await.is_empty());
+    assert_eq!(by(EventFilter { template: Some("default".into()), ..filter(10) }).await.len(), 7);
+}
+
+fn dead(id: i64, lease_token: i64, why: &str) -> AttemptRecord {
+    AttemptRecord {
+        id,
+        lease_token,
+        attempts: vec![AttemptLog {
+            call: id as u64,
+            at: now_ms(),
+            http_status: Some(400),
+            latency_ms: 3,
+            batch_size: 1,
+            error: Some(why.into()),
+        }],
+        resolution: Resolution::Dead,
+        error: Some(why.into()),
+    }
+}
+
+async fn failures_group_dead_and_refused_events_by_reason_and_name_their_members(store: Store) {
+    store.append(body("a", 4)).await.expect("append");
+    let claimed = store.claim("w", now_ms(), 60_000, 10, vec![], None).await.expect("claim");
+    let records = vec![
+        dead(claimed[0].id, claimed[0].lease_token, "Heap answered 400: x"),
+        dead(claimed[1].id, claimed[1].lease_token, "Heap answered 400: x"),
+        dead(claimed[2].id, claimed[2].lease_token, "Heap answered 400: y"),
+        delivered(claimed[3].id, claimed[3].lease_token),
+    ];
+    store.record(records).await.expect("record");
+    let groups = store.failures().await.expect("failures");
+    let summary: Vec<(&str, &str, i64)> = groups.iter().map(|g| (g.status, g.reason.as_str(), g.count)).collect();
+    assert_eq!(summary.len(), 3, "{summary:?}");
+    assert_eq!(summary[0], ("dead", "Heap answered 400: x", 2), "most events first: {summary:?}");
+    assert!(summary.contains(&("dead", "Heap answered 400: y", 1)), "{summary:?}");
+    assert!(summary.iter().any(|g| g.0 == "rejected" && g.2 == 1), "{summary:?}");
+    assert_eq!(groups[0].newest, claimed[1].event_id, "the newest example");
+
+    let members = store.failure_members(Status::Dead, "Heap answered 400: x".into(), 10).await.expect("members");
+    assert_eq!(
+        members.into_iter().collect::<HashSet<_>>(),
+        HashSet::from([claimed[0].event_id.clone(), claimed[1].event_id.clone()])
+    );
+    let refused = groups.iter().find(|g| g.status == "rejected").expect("refused group");
+    let members = store.failure_members(Status::Rejected, refused.reason.clone(), 10).await.expect("members");
+    assert_eq!(members, [refused.newest.clone()]);
+}
+
+async fn the_last_hour_counts_what_came_in_and_what_heap_accepted(store: Store) {
+    store.append(body("a", 3)).await.expect("append");
+    let claimed = store.claim("w", now_ms(), 60_000, 10, vec![], None).await.expect("claim");
+    store.record(claimed.iter().take(2).map(|c| delivered(c.id, c.lease_token)).collect()).await.expect("record");
+    let flow = store.flow(now_ms()).await.expect("flow");
+    assert_eq!(flow.minutes.len(), 60);
+    assert_eq!(flow.minutes.iter().map(|m| m.received).sum::<i64>(), 4, "3 events and a refused item");
+    assert_eq!(flow.minutes.iter().map(|m| m.delivered).sum::<i64>(), 2);
+    assert_eq!(flow.refused, 1);
+    let row = flow.rows.iter().find(|r| r.app_id == "1234567890").expect("the app's row");
+    assert_eq!((row.received, row.delivered, row.waiting), (3, 2, 1), "{row:?}");
+    assert_eq!(flow.last_call.map(|c| c.1), Some(Some(200)));
+}
+
+async fn the_audit_log_keeps_actions_newest_first(store: Store) {
+    for (i, action) in ["pause", "rerender"].into_iter().enumerate() {
+        let entry = AuditEntry {
+            at: now_ms() + i as i64,
+            actor: "admin".into(),
+            action: action.into(),
+            selection: format!("selection {i}"),
+            count: i as i64 * 10,
+        };
+        store.audit(entry).await.expect("audit");
+    }
+    let log = store.audit_log(10).await.expect("audit log");
+    let actions: Vec<(&str, i64)> = log.iter().map(|e| (e.action.as_str(), e.count)).collect();
+    assert_eq!(actions, [("rerender", 10), ("pause", 0)]);
+}
