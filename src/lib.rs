@@ -9,7 +9,8 @@
 //! - `ingest`: the pure pipeline: `sources` (vendor body shapes) → `templates` (one Liquid document per
 //!   template, every output escaped for its JSON context) → `domain` (types that only hold values Heap accepts). `json` parses bodies strictly (depth, duplicate keys,
 //!   NULs, surrogates, number ranges), each refusal with its own error.
-//! - `store`: the queue and delivery log (group commit, leases): SQLite by default, PostgreSQL for several instances.
+//! - `store`: the queue and delivery log: SQLite by default (an append-only ingest log, and delivery's books in a
+//!   second file), PostgreSQL for several instances (a row per event, leases).
 //! - `delivery`: workers that batch, send, classify (`policy`) and rate-limit.
 //! - `replay`: re-send or re-render stored events.
 //! - `console`: the operator console at /console (server-rendered pages over the same store and replay functions).
