@@ -316,7 +316,20 @@ impl State {
                 }
             }
         }
+        // Another process on the same files (`heap-relay replay` while `serve` runs) may have given some of these
+        // events a row of their own since the window read them: those go through their own row, not twice.
+        let owned = match (picked.first(), picked.last()) {
+            (Some(&(first, _)), Some(&(last, _))) => {
+                self.owned_between(self.window[first].seq, self.window[last].seq)?
+            }
+            _ => HashSet::new(),
+        };
         for (ei, si) in picked {
+            if owned.contains(&self.window[ei].slots[si].id) {
+                let id = self.window[ei].slots[si].id;
+                self.close(id);
+                continue;
+            }
             let token = self.token();
             let entry = &self.window[ei];
             let slot = &entry.slots[si];

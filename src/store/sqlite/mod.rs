@@ -340,6 +340,37 @@ mod tests {
         assert!(!SqliteStore::open(&path, options).unwrap().append(later).await.unwrap().duplicate);
     }
 
+    #[tokio::test]
+    async fn an_event_re_rendered_by_another_process_while_the_window_holds_it_is_not_sent() {
+        let event = |name: &str| crate::store::NewEvent {
+            event_id: String::new(),
+            item_index: 0,
+            kind: crate::domain::CallKind::Track,
+            app_id: "11".into(),
+            identity: "u".into(),
+            idempotency_key: None,
+            payload: format!(r#"{{"identity":"u","event":"{name}"}}"#),
+            dedupe_key: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let serve = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let mut first = body(now_ms());
+        first.events.push(event("Old"));
+        let seq = serve.append(first).await.unwrap().entry.unwrap();
+        assert!(serve.claim("w", now_ms(), 60_000, 0, vec![], None).await.unwrap().is_empty(), "fills the window");
+        // `heap-relay replay --rerender` from another process, on the same files, while `serve` runs.
+        let cli = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let mut again = body(now_ms());
+        again.events.push(event("New"));
+        again.replay_of_raw = Some(seq);
+        cli.append(again).await.unwrap();
+        let claimed = serve.claim("w", now_ms(), 60_000, 10, vec![], None).await.unwrap();
+        let sent: Vec<&str> = claimed.iter().map(|c| c.payload.as_str()).collect();
+        assert_eq!(sent.len(), 1, "only the re-rendered event goes: {sent:?}");
+        assert!(sent[0].contains("New"), "{sent:?}");
+    }
+
     #[test]
     fn a_database_in_the_format_before_the_ingest_log_is_refused_with_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
