@@ -399,7 +399,9 @@ impl Worker {
                     }
                 }
                 Decision::Throttled { after, reason } => {
-                    let until = at + after.unwrap_or(d.config.backoff_base * 30).as_millis() as i64;
+                    // +1: the clock counts whole milliseconds (`at` is rounded down), and the pause must never be
+                    // shorter than what Heap asked for.
+                    let until = at + after.unwrap_or(d.config.backoff_base * 30).as_millis() as i64 + 1;
                     d.pause(&app_id, until);
                     tracing::warn!(app_id = %app_id, pause_ms = until - at, "Heap rate-limited this app_id; pausing it");
                     events.iter().for_each(|e| finish(e, Resolution::Retry { at: until }, Some(reason.clone())));
