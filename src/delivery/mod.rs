@@ -1,8 +1,9 @@
 //! Delivery: workers drain the store into Heap's bulk endpoints.
 //!
-//! A round claims ready events under a lease, holds back what the rate budgets do not allow, groups the rest into
-//! bulk calls, sends them, and records every attempt with the event's next state, all decided by `policy`. Tests
-//! drive one round with [`Worker::try_deliver_once`]; `run` repeats rounds until shutdown.
+//! A round claims ready events under a lease (on SQLite the store asks the rate budgets while it chooses, so nothing
+//! held back is claimed; on PostgreSQL spent app_ids are skipped and the shared budgets are taken after the claim),
+//! groups them into bulk calls, sends them, and records every call with each event's next state, all decided by
+//! `policy`. Tests drive one round with [`Worker::try_deliver_once`]; `run` repeats rounds until shutdown.
 
 pub mod batcher;
 pub mod heap_client;
