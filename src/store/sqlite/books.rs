@@ -87,6 +87,7 @@ struct Lease {
     /// Claimed from `own` (a retry or replay) rather than from the window.
     own: bool,
     app_id: String,
+    identity: String,
     kind: CallKind,
 }
 
@@ -112,6 +113,10 @@ pub struct State {
     next_token: i64,
     cursor_dirty: bool,
     pub commits: u64,
+    /// User-property calls waiting for a retry, by (app_id, identity): later ones of that identity wait behind them,
+    /// because Heap keeps the last value it receives. (In memory: after a restart, until those retries resolve,
+    /// later calls are not held back.)
+    retrying_user_properties: HashMap<(String, String), HashSet<i64>>,
 }
 
 impl State {
@@ -140,6 +145,7 @@ impl State {
             next_token: 1,
             cursor_dirty: false,
             commits: 0,
+            retrying_user_properties: HashMap::new(),
         })
     }
 
@@ -280,6 +286,7 @@ impl State {
                     token,
                     own: true,
                     app_id: ev.app_id.clone(),
+                    identity: ev.identity.clone(),
                     kind,
                 },
             );
@@ -297,6 +304,8 @@ impl State {
             });
         }
 
+        // From the log, a user-property call waits behind one of its identity that waits for a retry.
+        gate.ordered.extend(self.retrying_user_properties.keys().cloned());
         let mut picked = Vec::new();
         'entries: for (ei, entry) in self.window.iter().enumerate() {
             for (si, slot) in entry.slots.iter().enumerate() {
@@ -341,6 +350,7 @@ impl State {
                     token,
                     own: false,
                     app_id: slot.app_id.to_string(),
+                    identity: slot.identity.clone(),
                     kind: slot.kind,
                 },
             );
@@ -384,6 +394,19 @@ impl State {
                 Some((r, own, app, kind))
             })
             .collect();
+        // Which identities' user-property calls now wait for a retry (or no longer do), applied after the commit.
+        let mut ordering: Vec<((String, String), i64, bool)> = Vec::new();
+        for (r, _, app, kind) in &live {
+            if *kind != CallKind::UserProperties {
+                continue;
+            }
+            let who = self.leases.get(&r.id).map(|l| l.identity.clone()).unwrap_or_default();
+            match r.resolution {
+                Resolution::Retry { .. } => ordering.push(((app.clone(), who), r.id, true)),
+                Resolution::Delivered | Resolution::Dead => ordering.push(((app.clone(), who), r.id, false)),
+                Resolution::Release { .. } => {}
+            }
+        }
         let applied = live.len();
         // One row per call: every event it carried shares the call's number.
         let mut calls: Vec<(u64, CallRow)> = Vec::new();
@@ -495,6 +518,17 @@ impl State {
         tx.commit()?;
         self.commits += 1;
         self.cursor_dirty = false;
+        for (who, id, waits) in ordering {
+            let set = self.retrying_user_properties.entry(who.clone()).or_default();
+            if waits {
+                set.insert(id);
+            } else {
+                set.remove(&id);
+            }
+            if set.is_empty() {
+                self.retrying_user_properties.remove(&who);
+            }
+        }
         for (r, _, _, _) in &live {
             self.leases.remove(&r.id);
         }

@@ -371,6 +371,71 @@ mod tests {
         assert!(sent[0].contains("New"), "{sent:?}");
     }
 
+    #[tokio::test]
+    async fn a_user_property_call_waits_behind_an_earlier_one_of_its_identity_that_waits_for_a_retry() {
+        let props = |plan: &str| crate::store::NewEvent {
+            event_id: String::new(),
+            item_index: 0,
+            kind: crate::domain::CallKind::UserProperties,
+            app_id: "11".into(),
+            identity: "u".into(),
+            idempotency_key: None,
+            payload: format!(r#"{{"identity":"u","properties":{{"plan":"{plan}"}}}}"#),
+            dedupe_key: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), SqliteOptions::default()).unwrap();
+        let t = now_ms();
+        let mut first = body(t);
+        first.events.push(props("basic"));
+        store.append(first).await.unwrap();
+        let claimed = store.claim("w", t, 60_000, 10, vec![], None).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        let retry = AttemptRecord {
+            id: claimed[0].id,
+            lease_token: claimed[0].lease_token,
+            attempts: vec![AttemptLog {
+                call: 1,
+                at: t,
+                http_status: Some(503),
+                latency_ms: 1,
+                batch_size: 1,
+                error: None,
+            }],
+            resolution: Resolution::Retry { at: t + 10_000 },
+            error: Some("503".into()),
+        };
+        store.record(vec![retry]).await.unwrap();
+        let mut later = body(t);
+        later.events.push(props("pro"));
+        store.append(later).await.unwrap();
+        assert!(
+            store.claim("w", t + 1_000, 60_000, 10, vec![], None).await.unwrap().is_empty(),
+            "the later value must not reach Heap before the earlier one's retry"
+        );
+        let due = store.claim("w", t + 10_000, 60_000, 10, vec![], None).await.unwrap();
+        assert_eq!(due.len(), 1, "the retry goes first");
+        assert!(due[0].payload.contains("basic"));
+        let delivered = AttemptRecord {
+            id: due[0].id,
+            lease_token: due[0].lease_token,
+            attempts: vec![AttemptLog {
+                call: 2,
+                at: t,
+                http_status: Some(200),
+                latency_ms: 1,
+                batch_size: 1,
+                error: None,
+            }],
+            resolution: Resolution::Delivered,
+            error: None,
+        };
+        store.record(vec![delivered]).await.unwrap();
+        let next = store.claim("w", t + 10_001, 60_000, 10, vec![], None).await.unwrap();
+        assert_eq!(next.len(), 1);
+        assert!(next[0].payload.contains("pro"), "then the later value");
+    }
+
     #[test]
     fn a_database_in_the_format_before_the_ingest_log_is_refused_with_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
