@@ -166,7 +166,7 @@ async fn sigterm_stops_the_relay_within_its_grace_and_queued_events_are_delivere
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(503)).mount(&heap).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::test_client();
     let mut relay = start_relay(port, &heap.uri(), dir.path());
     wait_healthy(&client, port).await;
     let resp = client.post(format!("http://127.0.0.1:{port}/api/track")).json(&body(0, 50)).send().await.unwrap();

@@ -49,7 +49,7 @@ async fn a_1_gib_compression_bomb_keeps_the_relay_under_100_mib_above_idle_even_
     )
     .await;
     let idle = relay.rss_mib();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::test_client();
     let (zstd, gzip) = (zstd_bomb(), gzip_bomb());
     // Three at once to /hooks/userpilot with a made-up signature, and one to the open /api/track.
     let signature = format!("t={},v1=00", now());
@@ -93,7 +93,7 @@ async fn batch_fields_are_not_copied_into_every_item_and_too_many_items_are_refu
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&heap).await;
     let relay = RelayProcess::start(&heap.uri(), &[]).await;
     let idle = relay.rss_mib();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::test_client();
     let body = amplification_body();
     let started = Instant::now();
     let r = client.post(format!("{}/hooks/segment", relay.address)).body(body.clone()).send().await;
@@ -125,7 +125,7 @@ async fn a_thousand_auth_failures_write_at_most_20_log_lines_and_count_1000_in_m
         ],
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::test_client();
     let before = relay.log().lines().count();
     let body = br#"{"event": "flow_started", "user_id": "u"}"#;
     for i in 0..1000 {
@@ -206,7 +206,7 @@ async fn an_800_mib_answer_from_heap_is_read_only_in_part_and_the_event_is_retri
     let (heap, calls) = endless_heap(500, 800 << 20).await;
     let relay = RelayProcess::start(&heap, &[("HEAP_RELAY__ADMIN__TOKEN", ADMIN_TOKEN)]).await;
     let idle = relay.rss_mib();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::test_client();
     let body = json!({"app_id": APP_ID, "identity": "u", "event": "E"}).to_string();
     let (status, answer) =
         json(client.post(format!("{}/api/track", relay.address)).body(body).send().await.unwrap()).await;
@@ -433,7 +433,7 @@ async fn health_answers_on_its_own_listener_while_slow_clients_hold_every_connec
         let _ = sock.write_all(head.as_bytes()).await;
         held.push(sock);
     }
-    let client = reqwest::Client::new();
+    let client = crate::helpers::test_client();
     let started = Instant::now();
     for path in ["/healthz", "/readyz"] {
         let r = client

@@ -71,7 +71,13 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let address = format!("http://127.0.0.1:{}", app.port());
     let state = app.state().clone();
     tokio::spawn(app.run_until_stopped());
-    TestApp { address, heap, client: reqwest::Client::new(), app: state, _dir: dir }
+    TestApp { address, heap, client: test_client(), app: state, _dir: dir }
+}
+
+/// The tests' HTTP client. Idle connections are dropped after 2 s, before the relay's keep-alive (5 s) closes
+/// them: reusing one the server is closing at that instant fails with `IncompleteMessage` (seen once in CI).
+pub fn test_client() -> reqwest::Client {
+    reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(2)).build().expect("HTTP client")
 }
 
 /// A templates directory holding the shipped templates plus `extra` (path under templates/, content).
@@ -268,7 +274,7 @@ impl RelayProcess {
         }
         let child = cmd.spawn().expect("the relay binary starts");
         let relay = Self { child, address: format!("http://127.0.0.1:{port}"), dir };
-        let client = reqwest::Client::new();
+        let client = crate::helpers::test_client();
         let deadline = Instant::now() + Duration::from_secs(20);
         while client.get(format!("{}/healthz", relay.address)).send().await.is_err() {
             assert!(Instant::now() < deadline, "the relay did not come up:\n{}", relay.log());

@@ -176,7 +176,7 @@ async fn spawn_relay(url: &str, heap: &str, dir: &Path, name: &str, lease_secs: 
         .spawn()
         .expect("the heap-relay binary starts");
     let mut relay = RelayProcess { child, address: format!("http://127.0.0.1:{port}"), log };
-    let client = reqwest::Client::new();
+    let client = crate::helpers::test_client();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(r) = client.get(format!("{}/readyz", relay.address)).send().await
@@ -239,7 +239,7 @@ async fn three_instances_on_one_schema_deliver_30000_events_exactly_once_each_de
         relays.push(spawn_relay(&schema.url, &heap.uri(), dir.path(), name, 30).await);
     }
     let addresses: Vec<String> = relays.iter().map(|r| r.address.clone()).collect();
-    let client = reqwest::Client::new();
+    let client = crate::helpers::test_client();
 
     let acked = post_round_robin(&client, &addresses, 0..60, 500).await;
     assert_eq!(acked.len(), 30_000, "every body is acknowledged");
@@ -273,7 +273,7 @@ async fn a_sigkilled_instances_leased_work_is_delivered_by_the_others_after_its_
     let dir = tempfile::tempdir().expect("temp dir");
     let lease_secs = 3;
     let mut victim = spawn_relay(&schema.url, &victims_heap.uri(), dir.path(), "victim", lease_secs).await;
-    let client = reqwest::Client::new();
+    let client = crate::helpers::test_client();
     // The load starts on the victim alone, so that it surely claims work (with three instances the others may take
     // everything first).
     let mut acked = post_round_robin(&client, std::slice::from_ref(&victim.address), 0..6, 500).await;
