@@ -401,8 +401,9 @@ impl Store {
         delegate!(self, s => s.prune_refused(before, max_items).await)
     }
 
+    /// The newest events under `q`'s filters: the first page of [`Store::page`].
     pub async fn list(&self, q: Query) -> Result<Vec<EventView>, StoreError> {
-        delegate!(self, s => s.list(q).await)
+        Ok(self.page(queries::EventFilter { query: q, ..Default::default() }).await?.events)
     }
 
     pub async fn get(&self, event_id: &str) -> Result<EventView, StoreError> {

@@ -4,43 +4,9 @@
 use super::writer::schema_bytes;
 use super::{PgStore, params, selector_sql};
 use crate::domain::CallKind;
-use crate::store::{AttemptView, EventView, Query, QueueStats, RawBody, Selector, Status, StoreError, iso};
-use tokio_postgres::types::ToSql;
+use crate::store::{AttemptView, EventView, QueueStats, RawBody, Selector, Status, StoreError, iso};
 
 impl PgStore {
-    pub async fn list(&self, q: Query) -> Result<Vec<EventView>, StoreError> {
-        let mut cond = vec!["1 = 1".to_owned()];
-        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-        let mut push = |sql: &str, v: Box<dyn ToSql + Sync + Send>| {
-            args.push(v);
-            cond.push(format!("{sql} ${}", args.len()));
-        };
-        if let Some(s) = q.status {
-            push("status =", Box::new(s.as_str()));
-        }
-        if let Some(s) = q.source {
-            push("source =", Box::new(s));
-        }
-        if let Some(s) = q.environment {
-            push("environment =", Box::new(s));
-        }
-        if let Some(t) = q.since {
-            push("received_at >=", Box::new(t));
-        }
-        if let Some(t) = q.until {
-            push("received_at <", Box::new(t));
-        }
-        args.push(Box::new(if q.limit > 0 { q.limit } else { 100 }));
-        let sql = format!(
-            "SELECT {VIEW_COLUMNS} FROM events WHERE {} ORDER BY id DESC LIMIT ${}",
-            cond.join(" AND "),
-            args.len()
-        );
-        let client = self.pool.get().await?;
-        let rows = client.query(&sql, &params(&args)).await?;
-        Ok(rows.iter().map(|r| view(r).1).collect())
-    }
-
     pub async fn get(&self, event_id: &str) -> Result<EventView, StoreError> {
         let client = self.pool.get().await?;
         let row = client

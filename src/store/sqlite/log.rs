@@ -256,14 +256,17 @@ impl Writer {
     }
 
     /// Why the store may take no more, if it may not: both files together against `store.max_bytes`.
+    /// (Sizes as measured after each file's last commit: no query on the way to a commit.)
     fn over_limit(&self) -> Option<String> {
-        if self.max_bytes == 0 {
-            return None;
-        }
-        let used = used_bytes(&self.conn) + self.books_bytes.load(Ordering::Relaxed);
-        (used as u64 >= self.max_bytes)
-            .then(|| format!("the store holds {used} bytes; store.max_bytes is {}", self.max_bytes))
+        full_reason(&self.log_bytes, &self.books_bytes, self.max_bytes)
     }
+}
+
+/// Why both files together may take no more (`store.max_bytes`, 0: no limit), from their last measured sizes.
+pub fn full_reason(log_bytes: &AtomicI64, books_bytes: &AtomicI64, max_bytes: u64) -> Option<String> {
+    let used = log_bytes.load(Ordering::Relaxed) + books_bytes.load(Ordering::Relaxed);
+    (max_bytes > 0 && used as u64 >= max_bytes)
+        .then(|| format!("the store holds {used} bytes; store.max_bytes is {max_bytes}"))
 }
 
 /// Bytes in use in a database file (pages minus free pages).

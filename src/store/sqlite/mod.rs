@@ -250,10 +250,6 @@ impl SqliteStore {
         Ok(entries)
     }
 
-    pub async fn list(&self, q: Query) -> Result<Vec<EventView>, StoreError> {
-        self.books(move |st| views::list(st, &q)).await
-    }
-
     pub async fn get(&self, event_id: &str) -> Result<EventView, StoreError> {
         let id = event_id.to_owned();
         self.books(move |st| views::get(st, &id)).await
@@ -273,9 +269,7 @@ impl SqliteStore {
 
     /// Why the store takes no more bodies now, if it does not: both files together at `store.max_bytes`.
     pub fn full_reason(&self) -> Option<String> {
-        let used = self.log_bytes.load(Ordering::Relaxed) + self.books_bytes.load(Ordering::Relaxed);
-        (self.max_bytes > 0 && used as u64 >= self.max_bytes)
-            .then(|| format!("the store holds {used} bytes; store.max_bytes is {}", self.max_bytes))
+        log::full_reason(&self.log_bytes, &self.books_bytes, self.max_bytes)
     }
 
     /// Checks that both files answer (for /readyz).

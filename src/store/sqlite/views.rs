@@ -226,66 +226,6 @@ pub(super) fn matches_query(q: &Query, e: &LogEntry) -> bool {
         && q.until.is_none_or(|t| e.received_at < t)
 }
 
-pub fn list(st: &State, q: &Query) -> Result<Vec<EventView>, StoreError> {
-    let limit = if q.limit > 0 { q.limit as usize } else { 100 };
-    let mut out = Vec::new();
-    if let Some(status @ (Status::Dead | Status::Retrying | Status::Replaced)) = q.status {
-        // Rows of their own carry these statuses: walk them through their index, newest first.
-        let mut before = i64::MAX;
-        let mut seen = 0;
-        while out.len() < limit && seen < SCAN_ENTRIES {
-            let ids: Vec<i64> = st
-                .conn
-                .prepare_cached("SELECT id FROM own WHERE status = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3")?
-                .query_map(params![status.as_str(), before, PAGE], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            let Some(last) = ids.last() else { break };
-            before = *last;
-            seen += ids.len();
-            let mut cache: HashMap<i64, (Option<LogEntry>, HashMap<i64, OwnRow>)> = HashMap::new();
-            for id in ids {
-                let (seq, pos) = unpack(id);
-                if let std::collections::hash_map::Entry::Vacant(e) = cache.entry(seq) {
-                    e.insert((read_entry(&st.log, seq)?, own_rows(&st.conn, seq)?));
-                }
-                let (Some(e), own) = &cache[&seq] else { continue };
-                if pos < e.items.len() && matches_query(q, e) && out.len() < limit {
-                    out.push(view(st, e, pos, own.get(&id), false)?);
-                }
-            }
-        }
-        return Ok(out);
-    }
-    let mut before = i64::MAX;
-    let mut seen = 0;
-    'scan: while seen < SCAN_ENTRIES {
-        let page = page_desc(&st.log, before, q.status == Some(Status::Rejected))?;
-        let Some(last) = page.last() else { break };
-        before = last.seq;
-        seen += page.len();
-        for e in &page {
-            if q.since.is_some_and(|t| e.received_at < t - ORDER_SLACK_MS) {
-                break 'scan;
-            }
-            if !matches_query(q, e) {
-                continue;
-            }
-            let own = own_rows(&st.conn, e.seq)?;
-            for pos in (0..e.items.len()).rev() {
-                let id = pack(e.seq, pos);
-                if q.status.is_some_and(|s| s != status_of(st, id, &e.items[pos], own.get(&id))) {
-                    continue;
-                }
-                out.push(view(st, e, pos, own.get(&id), false)?);
-                if out.len() >= limit {
-                    break 'scan;
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
 pub fn stats(st: &State) -> Result<QueueStats, StoreError> {
     let (own_waiting, own_oldest): (i64, Option<i64>) = st.conn.query_row(
         "SELECT count(*), min(enqueued_at) FROM own WHERE status IN ('pending', 'retrying')",
