@@ -229,7 +229,9 @@ impl Verifier {
                 AuthMode::Basic => Self::check_from(source_name, s, "", &SecretString::from(c.to_owned()))?,
                 _ => Self::check_from(source_name, s, c, &s.password)?,
             };
-            environments.push((env.clone(), c));
+            // `default` names the default environment, stored as "" (as write keys do).
+            let env = if env == crate::settings::DEFAULT_ENVIRONMENT_KEY { String::new() } else { env.clone() };
+            environments.push((env, c));
         }
         Ok(Self { check, previous, environments })
     }
@@ -753,6 +755,13 @@ mod tests {
         assert_eq!(env("tok-default"), Ok(None));
         assert_eq!(env("tok-prod"), Ok(Some("prod".into())));
         assert!(matches!(env("tok-other"), Err(AuthError::Wrong { .. })));
+
+        // `default` names the default environment, stored as "", the same as a write key listed under it.
+        let mut s = settings(AuthMode::Bearer, "tok-main");
+        s.environments.insert("default".into(), "tok-old".into());
+        let v = Verifier::from_settings("heap", &s).unwrap();
+        let pairs = [("Authorization", "Bearer tok-old")];
+        assert_eq!(v.before_body_in(&with(&pairs), 0), Ok(Some(String::new())));
 
         let mut s = settings(AuthMode::HmacSha1Hex, "cio-other");
         s.environments.insert("dev".into(), "cio-secret".into());

@@ -282,12 +282,16 @@ impl Pipeline {
         };
         let mut out =
             Outcome { template: name.to_owned(), template_version: Some(tpl.version.clone()), ..Default::default() };
-        let defaults = self.template_defaults(&tpl);
+        let defaults: &[String] = if self.identity_policy.refuses_template_default() {
+            tpl.constant_identities(&self.render_limits)
+        } else {
+            &[]
+        };
         let mut options = cfg.options;
-        options.raw_body = tpl.reads("body");
+        options.raw_body = tpl.reads_body;
         let mut index = 0usize;
         let shape = sources::for_each(source, value, &options, &mut |item| {
-            let at = ItemAt { index, source, name, app_id, defaults: &defaults };
+            let at = ItemAt { index, source, name, app_id, defaults };
             self.take_item(&mut out, item, &tpl, &at, received_at);
             index += 1;
         })
@@ -337,28 +341,6 @@ impl Pipeline {
             }
         }
         Ok(out)
-    }
-
-    /// What the template's identity renders to for a body with no fields (sections without a `when` that an
-    /// empty body fails): a constant default such as `| default: 'user@example.com'`, which would make every item
-    /// without the field one Heap user (`identity.refuse_template_default`).
-    fn template_defaults(&self, tpl: &Template) -> Vec<String> {
-        if !self.identity_policy.refuses_template_default() {
-            return Vec::new();
-        }
-        let empty = crate::templates::context::CtxObject::new();
-        let Ok(drafts) = tpl.render(&empty, &self.render_limits) else {
-            return Vec::new();
-        };
-        drafts
-            .iter()
-            .filter_map(|d| match d.body.get("identity") {
-                Some(Value::String(s)) => Some(s.trim().to_owned()),
-                Some(Value::Number(n)) => Some(n.to_string()),
-                _ => None,
-            })
-            .filter(|s| !s.is_empty())
-            .collect()
     }
 
     /// The identity policy for a built call.

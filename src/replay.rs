@@ -106,9 +106,10 @@ pub async fn replay_all(
         return Ok(report);
     }
     let mut bodies: Vec<crate::store::RawBody> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for selector in selectors {
         for body in store.raw_bodies(selector).await? {
-            if !bodies.iter().any(|b| b.id == body.id) {
+            if seen.insert(body.id) {
                 bodies.push(body);
             }
         }

@@ -19,6 +19,10 @@ pub struct Sanitized {
 /// Most repaired fields listed in an answer (each is still repaired).
 pub const MAX_LISTED: usize = 20;
 
+/// Nesting past this is left alone (no repair): `limits.max_json_depth` is at most 127, so the JSON parser refuses
+/// such a body anyway (`json_too_deep`), and the path stack here stays bounded whatever the body holds.
+const MAX_DEPTH: usize = 128;
+
 enum Frame {
     Object { key: Option<String>, expecting_key: bool },
     Array { index: usize },
@@ -91,9 +95,19 @@ pub fn sanitize(body: &[u8]) -> Option<(Vec<u8>, Vec<Sanitized>, usize)> {
                         }
                     }
                 }
-                let text = String::from_utf8_lossy(&out[start + 1..out.len().saturating_sub(1)]).into_owned();
+                // Built only where it is used: an object's key, or a string that changed.
+                let text = (is_key || !changes.is_empty())
+                    .then(|| String::from_utf8_lossy(&out[start + 1..out.len().saturating_sub(1)]).into_owned())
+                    .unwrap_or_default();
                 if !changes.is_empty() {
                     total += changes.len();
+                    if listed.len() >= MAX_LISTED {
+                        // Counted, not listed: no path is built for it.
+                        if let (true, Some(Frame::Object { key, .. })) = (is_key, stack.last_mut()) {
+                            *key = Some(text);
+                        }
+                        continue;
+                    }
                     let field = if is_key { join(&path(&stack), &text) } else { path(&stack) };
                     for change in changes {
                         if listed.len() < MAX_LISTED
@@ -108,6 +122,7 @@ pub fn sanitize(body: &[u8]) -> Option<(Vec<u8>, Vec<Sanitized>, usize)> {
                 }
                 continue;
             }
+            b'{' | b'[' if stack.len() >= MAX_DEPTH => return None,
             b'{' => stack.push(Frame::Object { key: None, expecting_key: true }),
             b'[' => stack.push(Frame::Array { index: 0 }),
             b'}' | b']' => {
@@ -178,6 +193,18 @@ mod tests {
         assert_eq!(list, vec![("batch[1].properties.note".to_owned(), "nul_removed")]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["batch"][1]["properties"]["note"], "ab");
+    }
+
+    #[test]
+    fn nesting_past_any_allowed_depth_is_left_to_the_parser_and_changes_past_the_list_are_counted() {
+        let deep = format!("{}\"a\\u0000b\"{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(sanitize(deep.as_bytes()).is_none(), "the parser refuses it as json_too_deep");
+        let many: Vec<String> = (0..50).map(|i| format!("\"k{i}\":\"a\\u0000\"")).collect();
+        let body = format!("{{{}}}", many.join(","));
+        let (out, listed, total) = sanitize(body.as_bytes()).expect("repaired");
+        assert_eq!((listed.len(), total), (MAX_LISTED, 50));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["k49"], "a", "keys after the listed ones are still tracked");
     }
 
     #[test]

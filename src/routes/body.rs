@@ -275,7 +275,9 @@ async fn read(
         }
     };
     let held = Held { budget: budget.clone(), bytes: 0 };
-    let capacity = if encoding.is_none() { declared.unwrap_or(1024).min(limit) } else { 1024 };
+    // Reserved from a declared Content-Length only up to 64 KiB: a client that declares the maximum and then sends
+    // nothing must not hold the in-flight budget; the buffer grows (and is counted) as bytes arrive.
+    let capacity = if encoding.is_none() { declared.unwrap_or(1024).min(limit).min(64 * 1024) } else { 1024 };
     let mut sink = Sink { buf: Vec::new(), limit, held, over: None };
     if !sink.held.grow(capacity) {
         return Err(overloaded());

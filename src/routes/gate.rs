@@ -39,6 +39,14 @@ pub struct Passed<'s> {
 }
 
 impl Passed<'_> {
+    /// Gives back the request budget taken by `before_body` when the relay itself could not take the body
+    /// (`overloaded`): the sender should not be rate-limited for the relay's own pressure.
+    pub fn give_back_if_ours(&self, e: &crate::error::ApiError) {
+        if let (Some(g), crate::error::ErrorCode::Overloaded) = (self.gate, &e.code) {
+            g.rate.give_back();
+        }
+    }
+
     /// For routes without a gate (tests, disabled sources).
     pub fn open() -> Self {
         Self { gate: None, environment: None, needs_write_key: false }

@@ -86,7 +86,10 @@ pub async fn take_body(
     let gate = gate::before_body(req, source, state)?;
     let body = read_limited(req, payload, state.max_body_bytes, state.body_read_timeout, &state.inflight)
         .await
-        .inspect_err(|e| state.intake.metrics.request(source, e.code.status().as_u16()))?;
+        .inspect_err(|e| {
+            gate.give_back_if_ours(e);
+            state.intake.metrics.request(source, e.code.status().as_u16())
+        })?;
     let credential = gate::after_body(req, source, gate, &body.bytes, state)?;
     let environment = environment::resolve(credential, path_environment, source, state)?;
     // NULs and lone surrogates are repaired (after the signature check, which covers the body as sent).

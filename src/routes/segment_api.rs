@@ -71,7 +71,10 @@ async fn take(
     let passed = gate::before_body(req, SOURCE, state)?;
     let body = read_limited(req, payload, state.max_body_bytes, state.body_read_timeout, &state.inflight)
         .await
-        .inspect_err(|e| state.intake.metrics.request(SOURCE, e.code.status().as_u16()))?;
+        .inspect_err(|e| {
+            passed.give_back_if_ours(e);
+            state.intake.metrics.request(SOURCE, e.code.status().as_u16())
+        })?;
     let credential = gate::after_body(req, SOURCE, passed, &body.bytes, state)?;
     let environment = environment::resolve(credential, path_environment, SOURCE, state)?;
     let single = (call != "batch").then_some(call);

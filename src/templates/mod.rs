@@ -127,6 +127,12 @@ pub struct Template {
     /// First 16 hex digits of the SHA-256 of the template's text and its source's partials: names the version
     /// of the template that rendered an event.
     pub version: String,
+    /// Whether the template may read the raw `body` variable (`reads("body")`, worked out once at load: sources
+    /// build that variable only for templates that read it).
+    pub reads_body: bool,
+    /// What the identity renders to for a body with no fields, worked out on first use (see
+    /// [`Template::constant_identities`]).
+    constant_identities: std::sync::OnceLock<Vec<String>>,
     doc: Document,
 }
 
@@ -198,7 +204,36 @@ impl Template {
             Err(e) if kind == TemplateKind::Json => return Err(json_leaf_error(parser, file, text, e)),
             Err(e) => return Err(err(e.line, e.column, e.message)),
         };
-        Ok(Self { source: source.to_owned(), name: name.to_owned(), file: file.to_owned(), kind, version, doc })
+        Ok(Self {
+            source: source.to_owned(),
+            name: name.to_owned(),
+            file: file.to_owned(),
+            kind,
+            version,
+            reads_body: doc.reads("body"),
+            constant_identities: std::sync::OnceLock::new(),
+            doc,
+        })
+    }
+
+    /// The identities the template renders for a body with no fields (sections without a `when` that an empty
+    /// body fails): a constant default such as `| default: 'user@example.com'`, which would make every item without
+    /// the field one Heap user. Rendered once per loaded template, not per body.
+    pub fn constant_identities(&self, limits: &RenderLimits) -> &[String] {
+        self.constant_identities.get_or_init(|| {
+            let Ok(drafts) = self.render(&CtxObject::new(), limits) else {
+                return Vec::new();
+            };
+            drafts
+                .iter()
+                .filter_map(|d| match d.body.get("identity") {
+                    Some(Value::String(s)) => Some(s.trim().to_owned()),
+                    Some(Value::Number(n)) => Some(n.to_string()),
+                    _ => None,
+                })
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
     }
 
     /// Renders one item: the calls whose sections hold, or `Aborted`. The item shares one deadline
