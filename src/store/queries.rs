@@ -161,19 +161,25 @@ pub fn tally(rows: &mut Vec<FlowRow>, source: &str, environment: &str, app_id: &
 
 /// Groups (status, reason, event id, at) into failure groups, newest example first within each, most events first.
 pub fn group_failures(items: impl IntoIterator<Item = (&'static str, String, String, Millis)>) -> Vec<FailureGroup> {
-    let mut groups: Vec<FailureGroup> = Vec::new();
+    // Keyed, not searched: senders decide how many distinct reasons there are.
+    let mut by_reason: std::collections::HashMap<(&'static str, String), FailureGroup> = Default::default();
     for (status, reason, id, at) in items {
-        match groups.iter_mut().find(|g| g.status == status && g.reason == reason) {
-            Some(g) => {
+        match by_reason.entry((status, reason)) {
+            std::collections::hash_map::Entry::Occupied(mut g) => {
+                let g = g.get_mut();
                 g.count += 1;
                 if at > g.newest_at {
                     g.newest = id;
                     g.newest_at = at;
                 }
             }
-            None => groups.push(FailureGroup { status, reason, count: 1, newest: id, newest_at: at }),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let reason = v.key().1.clone();
+                v.insert(FailureGroup { status, reason, count: 1, newest: id, newest_at: at });
+            }
         }
     }
+    let mut groups: Vec<FailureGroup> = by_reason.into_values().collect();
     groups.sort_by(|a, b| b.count.cmp(&a.count).then(b.newest_at.cmp(&a.newest_at)));
     groups
 }

@@ -4,7 +4,6 @@
 //! compare as Shopify does, where nil equals only nil (liquid-rust makes `nil == false` true, so a missing
 //! property passed `{% if Profile.opted_out == false %}`). `contains` on nil is false instead of an error.
 //! Registered in place of the stock blocks by `dialect::parser_builder`.
-#![allow(clippy::all, dead_code)]
 
 use std::fmt;
 use std::io::Write;
@@ -23,12 +22,6 @@ use liquid_core::{Error, Result};
 
 #[derive(Copy, Clone, Debug, Default)]
 pub struct IfBlock;
-
-impl IfBlock {
-    pub fn new() -> Self {
-        Self
-    }
-}
 
 impl BlockReflection for IfBlock {
     fn start_tag(&self) -> &str {
@@ -97,12 +90,6 @@ fn parse_if(
 
 #[derive(Copy, Clone, Debug, Default)]
 pub struct UnlessBlock;
-
-impl UnlessBlock {
-    pub fn new() -> Self {
-        Self
-    }
-}
 
 impl BlockReflection for UnlessBlock {
     fn start_tag(&self) -> &str {

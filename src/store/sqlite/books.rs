@@ -52,6 +52,15 @@ CREATE TABLE IF NOT EXISTS own (
 );
 CREATE INDEX IF NOT EXISTS own_due ON own (next_attempt_at) WHERE status IN ('pending', 'retrying');
 CREATE INDEX IF NOT EXISTS own_status ON own (status, id);
+-- Operators' replays, re-renders, pauses and purges (the console's audit log).
+CREATE TABLE IF NOT EXISTS audit (
+    id        INTEGER PRIMARY KEY,
+    at        INTEGER NOT NULL,
+    actor     TEXT    NOT NULL,
+    action    TEXT    NOT NULL,
+    selection TEXT    NOT NULL,
+    count     INTEGER NOT NULL
+);
 ";
 
 /// A log row as the window reads it: seq, received_at, source, n_events, items (none when it holds no event).

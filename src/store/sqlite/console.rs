@@ -26,14 +26,6 @@ const DEAD_GROUPS: &str = "SELECT coalesce(last_error, ''), count(*), max(id), m
 const DEAD_MEMBERS: &str =
     "SELECT id FROM own WHERE status = 'dead' AND coalesce(last_error, '') = ?1 ORDER BY id DESC LIMIT ?2";
 const REFUSED_PAGE: &str = "SELECT seq FROM log WHERE n_rejected > 0 AND seq < ?1 ORDER BY seq DESC LIMIT ?2";
-const AUDIT_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS audit (
-    id        INTEGER PRIMARY KEY,
-    at        INTEGER NOT NULL,
-    actor     TEXT    NOT NULL,
-    action    TEXT    NOT NULL,
-    selection TEXT    NOT NULL,
-    count     INTEGER NOT NULL
-)";
 
 /// The statements behind the overview, a filtered page and the failures page, with the connection each runs on
 /// (`log` or `books`), for EXPLAIN QUERY PLAN.
@@ -114,7 +106,6 @@ impl SqliteStore {
 
     pub async fn audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
         self.books(move |st| {
-            st.conn.execute_batch(AUDIT_SCHEMA)?;
             st.conn.execute(
                 "INSERT INTO audit (at, actor, action, selection, count) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![entry.at, entry.actor, entry.action, entry.selection, entry.count],
@@ -127,7 +118,6 @@ impl SqliteStore {
 
     pub async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError> {
         self.books(move |st| {
-            st.conn.execute_batch(AUDIT_SCHEMA)?;
             let rows = st
                 .conn
                 .prepare_cached("SELECT at, actor, action, selection, count FROM audit ORDER BY id DESC LIMIT ?1")?
