@@ -118,7 +118,14 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut resp = HttpResponse::build(self.status_code());
-        if matches!(self.code, ErrorCode::RequestTimeout | ErrorCode::BodyTooLarge | ErrorCode::Overloaded) {
+        if matches!(
+            self.code,
+            ErrorCode::RequestTimeout
+                | ErrorCode::BodyTooLarge
+                | ErrorCode::BatchTooLarge
+                | ErrorCode::MessageTooLarge
+                | ErrorCode::Overloaded
+        ) {
             // The rest of the body is not wanted: close instead of draining it for a client that may never send it.
             resp.force_close();
         }

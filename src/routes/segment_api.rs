@@ -69,8 +69,11 @@ async fn take(
     }
     environment::check_path(path_environment, SOURCE, state)?;
     let passed = gate::before_body(req, SOURCE, state)?;
-    let body = read_limited(req, payload, state.max_body_bytes, state.body_read_timeout, &state.inflight)
+    // Segment's own limit bounds the read: nothing past 500 KB (a batch) or 32 KB (a message) is decoded.
+    let (limit, too_large) = segment_limit((call != "batch").then_some(call));
+    let body = read_limited(req, payload, state.max_body_bytes.min(limit), state.body_read_timeout, &state.inflight)
         .await
+        .map_err(|e| if e.code == ErrorCode::BodyTooLarge && limit <= state.max_body_bytes { too_large() } else { e })
         .inspect_err(|e| {
             passed.give_back_if_ours(e);
             state.intake.metrics.request(SOURCE, e.code.status().as_u16())
@@ -108,18 +111,21 @@ pub fn without_write_key(bytes: &[u8], state: &AppState) -> Option<Vec<u8>> {
     serde_json::to_vec(&value).ok()
 }
 
-/// Segment's size limits, then the body as the pipeline takes it (`sources::segment::prepare_tracking_call`):
-/// NULs and lone surrogates repaired, type from the path, `writeKey` removed, timestamps corrected for skew.
-fn prepare(raw: &[u8], single: Option<&str>, state: &AppState) -> Result<Vec<u8>, ApiError> {
+/// Segment's limit for a batch (`single` none) or one message, and its error.
+fn segment_limit(single: Option<&str>) -> (usize, impl Fn() -> ApiError) {
     let (limit, code, what) = match single {
         None => (MAX_BATCH_BYTES, ErrorCode::BatchTooLarge, "a batch"),
         Some(_) => (MAX_MESSAGE_BYTES, ErrorCode::MessageTooLarge, "a message"),
     };
+    (limit, move || ApiError::new(code, format!("the body is more than Segment's limit of {limit} bytes for {what}")))
+}
+
+/// Segment's size limits, then the body as the pipeline takes it (`sources::segment::prepare_tracking_call`):
+/// NULs and lone surrogates repaired, type from the path, `writeKey` removed, timestamps corrected for skew.
+fn prepare(raw: &[u8], single: Option<&str>, state: &AppState) -> Result<Vec<u8>, ApiError> {
+    let (limit, too_large) = segment_limit(single);
     if raw.len() > limit {
-        return Err(ApiError::new(
-            code,
-            format!("{} bytes is more than Segment's limit of {limit} bytes for {what}", raw.len()),
-        ));
+        return Err(too_large());
     }
     let repaired = crate::sanitize::sanitize(raw).map(|(bytes, _, _)| bytes);
     let bytes = repaired.as_deref().unwrap_or(raw);
