@@ -145,15 +145,7 @@ pub async fn replay(
         }
     })
     .await
-    .map_err(|e| match e {
-        StoreError::Full(why) => {
-            tracing::warn!(reason = %why, "replay refused: the store is full");
-            let mut e = ApiError::new(ErrorCode::StoreFull, "the relay's store is full; retry later");
-            e.retry_after = Some(state.retry_after_secs);
-            e
-        }
-        e => ApiError::internal(&e),
-    })?;
+    .map_err(|e| super::hooks::store_error(e, &state))?;
     i.delivery.wake();
     Ok(HttpResponse::Ok().json(report))
 }

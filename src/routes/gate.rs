@@ -178,6 +178,11 @@ pub fn after_body(
     };
     if passed.needs_write_key {
         let Some(key) = body_write_key(body) else {
+            // A body that is not JSON at all is named as such, not as a missing key.
+            if let Err(e) = crate::json::parse(body, &state.intake.pipeline.json_limits) {
+                gate.rate.give_back();
+                return Err(super::hooks::ingest_error(crate::ingest::IngestError::Json(e)));
+            }
             return Err(fail(AuthError::Missing {
                 header: "Authorization".into(),
                 expected: "a write key (HTTP Basic user, or writeKey in the body)".into(),

@@ -142,13 +142,7 @@ pub fn respond(
             Err(e)
         }
         Err(IntakeError::Ingest(e)) => Err(ingest_error(e)),
-        Err(IntakeError::Store(StoreError::Full(why))) => {
-            tracing::warn!(reason = %why, "refusing a body: the store is full");
-            let mut e = ApiError::new(ErrorCode::StoreFull, "the relay's store is full; retry later");
-            e.retry_after = Some(state.retry_after_secs);
-            Err(e)
-        }
-        Err(IntakeError::Store(e)) => Err(ApiError::internal(&e)),
+        Err(IntakeError::Store(e)) => Err(store_error(e, state)),
     };
     let status = match &response {
         Ok(r) => r.status().as_u16(),
@@ -179,5 +173,19 @@ pub(super) fn ingest_error(e: IngestError) -> ApiError {
         }
         IngestError::Body(f) => ApiError::new(ErrorCode::InvalidBody, f.message).with_field(f.field),
         IngestError::TooManyItems { .. } => ApiError::new(ErrorCode::TooManyItems, message),
+    }
+}
+
+/// A store error as an answer: 503 `store_full` with `Retry-After` when the store is at `store.max_bytes` (the
+/// sender should retry later), else a 500 that says little (the log has the cause).
+pub(super) fn store_error(e: StoreError, state: &AppState) -> ApiError {
+    match e {
+        StoreError::Full(why) => {
+            tracing::warn!(reason = %why, "refused: the store is full");
+            let mut e = ApiError::new(ErrorCode::StoreFull, "the relay's store is full; retry later");
+            e.retry_after = Some(state.retry_after_secs);
+            e
+        }
+        e => ApiError::internal(&e),
     }
 }

@@ -453,3 +453,11 @@ async fn a_rerender_keeps_the_environment_and_its_app_id() {
     let (_, listed) = json(app.admin_get("/admin/deliveries?environment=dev").await).await;
     assert_eq!(listed["count"], 2, "the original (replaced) and its re-render, both in dev: {listed}");
 }
+
+#[tokio::test]
+async fn a_malformed_body_that_should_carry_its_write_key_is_named_malformed_not_unauthorized() {
+    let app = spawn_app_with(two_environments).await;
+    let (status, answer) = json(app.post("/v1/track", r#"{"writeKey": "wk_dev_test", "event": "#).await).await;
+    assert_eq!((status, answer["code"].clone()), (400, json!("malformed_json")), "{answer}");
+    assert!(app.heap_calls().await.is_empty());
+}
