@@ -63,11 +63,11 @@ fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value, raw_bod
     if let Some(Value::Object(data)) = get_ci(p, "profileData") {
         insert_all(&mut prof, data);
     }
+    // Under CleverTap's Liquid names; a template's `Profile.email` finds `Email` too (lookups fall back to any
+    // casing), so the names as sent need no entries of their own.
     for (sent, canonical) in PROFILE_FIELDS {
         if let Some(v) = get_ci(p, sent) {
-            let v = Ctx::from_json_with(v, &ct_date);
-            prof.insert(*canonical, v.clone());
-            prof.insert_missing(sent, v);
+            prof.insert(*canonical, Ctx::from_json_with(v, &ct_date));
         }
     }
     if let Some(Value::Object(sys)) = get_ci(p, "systemProfileData") {

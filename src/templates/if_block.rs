@@ -240,7 +240,7 @@ impl fmt::Display for BinaryCondition {
 }
 
 /// Shopify: nil equals nil and nothing else; every other pair compares as liquid-rust does (`stock`).
-fn shopify_eq(a: &dyn ValueView, b: &dyn ValueView, stock: bool) -> bool {
+pub(super) fn shopify_eq(a: &dyn ValueView, b: &dyn ValueView, stock: bool) -> bool {
     match (a.is_nil(), b.is_nil()) {
         (true, true) => true,
         (true, false) | (false, true) => {

@@ -25,6 +25,7 @@ pub mod document;
 mod if_block;
 mod loading;
 pub mod output;
+mod plan;
 pub mod render;
 pub mod rewrite;
 mod shape;
@@ -134,6 +135,8 @@ pub struct Template {
     /// [`Template::constant_identities`]).
     constant_identities: std::sync::OnceLock<Vec<String>>,
     doc: Document,
+    /// A JSON template in the subset `plan` evaluates without liquid.
+    plan: Option<plan::Plan>,
 }
 
 /// Version hash of a template's text and the partials it may include.
@@ -188,15 +191,15 @@ impl Template {
             let (l, c) = document::line_col(text, offset);
             err(Some(l), Some(c), message)
         };
-        let (kind, doc_text, leaves) = match serde_json::from_str::<Value>(text) {
+        let (kind, doc_text, leaves, plan) = match serde_json::from_str::<Value>(text) {
             Ok(root) => {
                 check_json_shape(&root).map_err(|m| err(None, None, m))?;
                 let (doc, leaves) = rewrite::json_to_document(text, limits).map_err(|(o, m)| at(o, m))?;
-                (TemplateKind::Json, doc, leaves)
+                (TemplateKind::Json, doc, leaves, plan::Plan::compile(&root))
             }
             Err(_) => {
                 bounds::check_loops(text, limits).map_err(|m| err(None, None, m))?;
-                (TemplateKind::Text, text.to_owned(), Vec::new())
+                (TemplateKind::Text, text.to_owned(), Vec::new(), None)
             }
         };
         let doc = match Document::parse(parser, doc_text, leaves) {
@@ -213,6 +216,7 @@ impl Template {
             reads_body: doc.reads("body"),
             constant_identities: std::sync::OnceLock::new(),
             doc,
+            plan,
         })
     }
 
@@ -239,9 +243,23 @@ impl Template {
     /// Renders one item: the calls whose sections hold, or `Aborted`. The item shares one deadline
     /// (`limits.timeout`) and one output budget (`limits.max_event_bytes`).
     pub fn render_item(&self, ctx: &CtxObject, limits: &RenderLimits) -> Result<Render, RenderError> {
+        self.render_item_through(self.plan.as_ref(), ctx, limits)
+    }
+
+    /// Renders through `plan` where it can, else through liquid.
+    fn render_item_through(
+        &self,
+        plan: Option<&plan::Plan>,
+        ctx: &CtxObject,
+        limits: &RenderLimits,
+    ) -> Result<Render, RenderError> {
         let wrap = |source| RenderError { file: self.file.clone(), source };
         let limits = &limits.started(std::time::Instant::now());
-        let value = match self.doc.render(ctx, limits).map_err(wrap)? {
+        let rendered = match plan.and_then(|p| p.eval(ctx, limits)) {
+            Some(v) => Rendered::Json(v),
+            None => self.doc.render(ctx, limits).map_err(wrap)?,
+        };
+        let value = match rendered {
             Rendered::Aborted => return Ok(Render::Aborted),
             Rendered::Json(v) => v,
         };
@@ -249,6 +267,27 @@ impl Template {
         // calls made from it are no longer than that text: no second count is needed.
         let drafts = shape(value).map_err(|message| wrap(LeafError { path: "template".into(), message }))?;
         Ok(Render::Calls(drafts))
+    }
+
+    /// Whether the template renders through a direct plan (see `plan`) where it can.
+    pub fn has_plan(&self) -> bool {
+        self.plan.is_some()
+    }
+
+    /// Whether the plan rendered `ctx` itself (without giving it back to liquid).
+    #[cfg(test)]
+    pub(crate) fn plan_renders(&self, ctx: &CtxObject, limits: &RenderLimits) -> bool {
+        self.plan.as_ref().is_some_and(|p| p.eval(ctx, limits).is_some())
+    }
+
+    /// As `render_item`, always through liquid: what a plan must agree with.
+    #[cfg(test)]
+    pub(crate) fn render_item_with_liquid(
+        &self,
+        ctx: &CtxObject,
+        limits: &RenderLimits,
+    ) -> Result<Render, RenderError> {
+        self.render_item_through(None, ctx, limits)
     }
 
     /// Whether the template may read the variable `name`: it appears as a name in its Liquid (or the template

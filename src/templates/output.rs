@@ -307,7 +307,7 @@ static NIL: Ctx = Ctx::Nil;
 
 /// Follows a plain path the way a lenient liquid lookup does: a missing key, or any key below nil, is nil.
 /// `None` when the path crosses a scalar or an array, or asks an object for a `size` it does not have.
-fn resolve<'a>(ctx: &'a CtxObject, path: &[String]) -> Option<Option<&'a Ctx>> {
+pub(super) fn resolve<'a>(ctx: &'a CtxObject, path: &[String]) -> Option<Option<&'a Ctx>> {
     let (first, rest) = path.split_first()?;
     let mut cur = ctx.lookup(first);
     for key in rest {
@@ -412,8 +412,14 @@ pub fn write_json(v: &dyn ValueView, out: &mut String) {
         }
         out.push(']');
     } else if let Some(o) = v.as_object() {
+        // Keys sorted, as the relay's own objects iterate: a value a filter copied into liquid's hash map would
+        // otherwise print its keys in an order that changes from run to run.
+        let mut entries: Vec<_> = o.iter().collect();
+        if !entries.is_sorted_by(|a, b| a.0 <= b.0) {
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+        }
         out.push('{');
-        for (i, (k, item)) in o.iter().enumerate() {
+        for (i, (k, item)) in entries.into_iter().enumerate() {
             if i > 0 {
                 out.push(',');
             }

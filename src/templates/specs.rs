@@ -200,3 +200,120 @@ proptest::proptest! {
         proptest::prop_assert_eq!(&p["b"], &json!(format!("<{w}{v}>")));
     }
 }
+
+// ---- the direct plan renders what liquid renders -----------------------------------------------------------------
+
+/// JSON templates in the plan's subset: the shipped ones and the idioms around them.
+const PLAN_TEMPLATES: &[&str] = &[
+    include_str!("../../templates/clevertap/default.json"),
+    include_str!("../../templates/clevertap/heap_recipe.json"),
+    include_str!("../../templates/segment/default.json"),
+    include_str!("../../templates/userpilot/default.json"),
+    include_str!("../../templates/userpilot/with_user_properties.json"),
+    r#"{"event": "E {{ a }}-{{ b.c | default: a }}", "identity": "{{ a | default: b.c | default: 'anon' }}",
+        "properties": {"n": "{{ n | default: 0 }}", "x": "{{ b['c d'] }}", "y": "[{{ b }}]", "z": "{{ b | default }}",
+                       "list": ["{{ a }}", "k", 3, null, "{{ n }}"], "...b": "{{ b }}"}}"#,
+    r#"{"track": {"when": "{% unless a == b.c %}yes{% endunless %}", "event": "{% if a %}A{% elsif n == 1 %}one{% elsif b.c != 'x' and n %}bc{% else %}none{% endif %}",
+                  "identity": "{% if a or b.c and n %}{{ a }}{% endif %}u"},
+        "add_user_properties": {"when": "{% if n != nil %}{{ n }}{% endif %}", "identity": "{{ b.c }}", "properties": {"a": "{{ a }}"}}}"#,
+];
+
+fn arb_scalar() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        prop_oneof![Just(0.1f64), Just(-0.0), Just(129.99), Just(1e300), Just(6.55), any::<f64>()]
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        prop_oneof![
+            Just(String::new()),
+            Just(" ".to_owned()),
+            Just("x".to_owned()),
+            Just("track".to_owned()),
+            Just("identify".to_owned()),
+            Just("false".to_owned()),
+            Just("\",\"app_id\":\"1".to_owned()),
+            Just("{{ a }}{% abort %}".to_owned()),
+            "\\PC{0,12}",
+        ]
+        .prop_map(Value::String),
+    ]
+}
+
+fn arb_value() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    arb_scalar().prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map(
+                prop_oneof![
+                    Just("c".to_owned()),
+                    Just("C".to_owned()),
+                    Just("c d".to_owned()),
+                    Just("size".to_owned()),
+                    Just("x".to_owned()),
+                    Just("Identity".to_owned()),
+                    Just("email".to_owned()),
+                    Just("id".to_owned()),
+                    Just("heap_event".to_owned()),
+                    Just("value".to_owned())
+                ],
+                inner,
+                0..4
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Variables named as the templates above read them (and in other casings), holding anything.
+fn arb_globals() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let names = prop_oneof![
+        Just("a"),
+        Just("b"),
+        Just("n"),
+        Just("type"),
+        Just("Profile"),
+        Just("profile"),
+        Just("Event"),
+        Just("KeyValues"),
+        Just("Campaign"),
+        Just("user_id"),
+        Just("heap_event"),
+        Just("heap_traits"),
+        Just("heap_properties"),
+        Just("identity"),
+        Just("metadata"),
+        Just("user_properties"),
+        Just("timestamp"),
+        Just("messageId"),
+    ];
+    proptest::collection::btree_map(names.prop_map(str::to_owned), arb_value(), 0..10)
+        .prop_map(|m| Value::Object(m.into_iter().collect()))
+}
+
+#[test]
+fn every_plan_template_compiles_to_a_plan_and_the_plan_renders_plain_variables_itself() {
+    let plain = ctx(json!({"a": "x", "b": {"c": 1}, "n": 2, "type": "track", "identity": "u",
+                           "Profile": {"Email": "e@x.co"}, "user_id": "u", "heap_event": "E"}));
+    for text in PLAN_TEMPLATES {
+        let t = template(text);
+        assert!(t.has_plan(), "no plan for {text}");
+        assert!(t.plan_renders(&plain, &RenderLimits::default()), "the plan gave {text} back to liquid");
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(400))]
+    #[test]
+    fn a_plan_renders_what_liquid_renders(which in 0..PLAN_TEMPLATES.len(), globals in arb_globals()) {
+        let t = template(PLAN_TEMPLATES[which]);
+        let c = ctx(globals);
+        let limits = RenderLimits::default();
+        let planned = t.render_item(&c, &limits).map_err(|e| e.to_string());
+        let liquid = t.render_item_with_liquid(&c, &limits).map_err(|e| e.to_string());
+        proptest::prop_assert_eq!(planned, liquid);
+    }
+}
