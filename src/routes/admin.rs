@@ -145,7 +145,7 @@ pub async fn replay(
         }
     })
     .await
-    .map_err(|e| super::hooks::store_error(e, &state))?;
+    .map_err(|e| super::accept::store_error(e, &state))?;
     i.delivery.wake();
     Ok(HttpResponse::Ok().json(report))
 }

@@ -181,7 +181,7 @@ pub fn after_body(
             // A body that is not JSON at all is named as such, not as a missing key.
             if let Err(e) = crate::json::parse(body, &state.intake.pipeline.json_limits) {
                 gate.rate.give_back();
-                return Err(super::hooks::ingest_error(crate::ingest::IngestError::Json(e)));
+                return Err(super::accept::ingest_error(crate::ingest::IngestError::Json(e)));
             }
             return Err(fail(AuthError::Missing {
                 header: "Authorization".into(),

@@ -388,6 +388,32 @@ async fn a_nul_or_lone_surrogate_in_a_value_is_removed_and_the_answer_names_the_
 }
 
 #[tokio::test]
+async fn on_segment_s_v1_routes_a_nul_or_lone_surrogate_is_removed_and_the_200_success_answer_names_the_field() {
+    let app = spawn_app().await;
+    let batch = r#"{"batch": [{"type": "track", "event": "E", "userId": "u1", "messageId": "v1-nul",
+        "properties": {"note": "a\u0000b"}}]}"#;
+    let (status, answer) = json(app.post("/v1/batch", batch).await).await;
+    assert_eq!((status, &answer["success"]), (200, &json!(true)), "{answer}");
+    assert_eq!(answer["sanitized"], json!([{"field": "batch[0].properties.note", "change": "nul_removed"}]));
+    assert_eq!(answer["sanitized_count"], 1);
+
+    let track = r#"{"event": "E", "userId": "u2", "messageId": "v1-sur", "properties": {"mark": "x\ud800y"}}"#;
+    let (status, answer) = json(app.post("/hooks/segment/v1/track", track).await).await;
+    assert_eq!((status, &answer["success"]), (200, &json!(true)), "{answer}");
+    assert_eq!(answer["sanitized"], json!([{"field": "properties.mark", "change": "lone_surrogate_replaced"}]));
+
+    let (status, clean) = json(app.post("/v1/track", r#"{"event": "E", "userId": "u3"}"#).await).await;
+    assert_eq!(status, 200, "{clean}");
+    assert!(clean.get("sanitized").is_none(), "nothing repaired, nothing listed: {clean}");
+
+    let mut got = app.wait_for_heap(3, WAIT).await;
+    got.sort_by_key(|(_, e)| e["identity"].as_str().map(str::to_owned));
+    assert_eq!(got[0].1["properties"]["note"], "ab");
+    assert_eq!(got[1].1["properties"]["mark"], "x\u{fffd}y");
+    app.wait_for_metric("heap_relay_sanitized_values_total{source=\"segment\"} 2", WAIT).await;
+}
+
+#[tokio::test]
 async fn a_public_bind_with_an_unauthenticated_source_refuses_to_start_unless_opted_in() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = test_settings(dir.path(), "http://127.0.0.1:9");
