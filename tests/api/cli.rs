@@ -95,3 +95,10 @@ fn render_repairs_a_nul_or_lone_surrogate_as_serve_does_and_prints_what_it_chang
     assert_eq!(doc["calls"][0]["body"]["properties"]["mark"], "x\u{fffd}y");
     assert!(err.contains("2 value(s) repaired"), "{err}");
 }
+
+#[test]
+fn deliveries_checks_its_filters_as_the_admin_listing_does_and_names_every_status() {
+    let (code, _, err) = relay(&["deliveries", "--status", "lost"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("one of pending, retrying, delivered, dead, rejected, replaced, held"), "{err}");
+}
