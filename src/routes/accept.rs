@@ -51,7 +51,10 @@ pub async fn accept_request(
     let (limit, over_limit) = read_limit(api, state);
     let body = read_limited(req, payload, limit, state.body_read_timeout, &state.inflight)
         .await
-        .map_err(|e| if e.code == ErrorCode::BodyTooLarge { over_limit.unwrap_or(e) } else { e })
+        .map_err(|e| match over_limit {
+            Some(too_large) if e.code == ErrorCode::BodyTooLarge => too_large(),
+            _ => e,
+        })
         .inspect_err(|e| {
             passed.give_back_if_ours(e);
             count(e)
@@ -71,16 +74,15 @@ pub async fn accept_request(
     respond(source, api, result, repairs, state)
 }
 
-/// The bound on the decoded body, and the error past it when it is not the relay's own `body_too_large`.
-fn read_limit(api: Api, state: &AppState) -> (usize, Option<ApiError>) {
-    match api {
-        Api::Relay => (state.max_body_bytes, None),
-        // Segment's own limit bounds the read: nothing past 500 KB (a batch) or 32 KB (a message) is decoded.
-        Api::Segment { single } => {
-            let (limit, too_large) = segment_api::segment_limit(single);
-            if limit <= state.max_body_bytes { (limit, Some(too_large())) } else { (state.max_body_bytes, None) }
-        }
-    }
+/// The bound on the decoded body, and the error past it when it is not the relay's own `body_too_large`:
+/// Segment's own limit, when lower, bounds the read (nothing past 500 KB for a batch, 32 KB for a message, is
+/// decoded) and is answered with Segment's error.
+fn read_limit(api: Api, state: &AppState) -> (usize, Option<impl FnOnce() -> ApiError>) {
+    let Api::Segment { single } = api else {
+        return (state.max_body_bytes, None);
+    };
+    let (limit, too_large) = segment_api::segment_limit(single);
+    if limit <= state.max_body_bytes { (limit, Some(too_large)) } else { (state.max_body_bytes, None) }
 }
 
 /// NULs removed from string values and lone surrogates replaced (`crate::sanitize`), counted in `/metrics`.
