@@ -309,56 +309,41 @@ impl Verifier {
     }
 
     /// Checks what can be checked from the headers alone, before the body is read: credentials, and for
-    /// signatures that the header is there, well formed and (Userpilot) fresh. Either secret passes; the current
-    /// one's error is reported.
-    pub fn before_body(&self, headers: Headers<'_, '_>, now_secs: i64) -> Result<(), AuthError> {
-        let first = self.check.before_body(headers, now_secs);
-        match (&first, &self.previous) {
-            (Err(_), Some(prev)) if prev.before_body(headers, now_secs).is_ok() => Ok(()),
-            _ => first,
-        }
+    /// signatures that the header is there, well formed and (Userpilot) fresh. Returns the environment whose
+    /// credential passed (`None`: the source's own `secret` or `previous_secret`, the default environment; for
+    /// signature modes the environment is known only [`Verifier::after_body`]).
+    pub fn before_body(&self, headers: Headers<'_, '_>, now_secs: i64) -> Result<Option<String>, AuthError> {
+        self.first_passing(|check| check.before_body(headers, now_secs))
     }
 
-    /// As [`Verifier::before_body`], saying which environment's credential passed (`None`: the source's own
-    /// `secret`, the default environment; for signature modes the environment is known only `after_body_in`).
-    pub fn before_body_in(&self, headers: Headers<'_, '_>, now_secs: i64) -> Result<Option<String>, AuthError> {
-        let first = self.before_body(headers, now_secs);
-        if first.is_ok() {
-            return Ok(None);
-        }
-        for (env, check) in &self.environments {
-            if check.before_body(headers, now_secs).is_ok() {
-                return Ok(Some(env.clone()));
-            }
-        }
-        first.map(|()| None)
-    }
-
-    /// As [`Verifier::after_body`], saying which environment's signing secret matched.
-    pub fn after_body_in(
+    /// Checks a signature over the raw body (after `before_body`); returns the environment whose signing secret
+    /// matched, as `before_body` does.
+    pub fn after_body(
         &self,
         headers: Headers<'_, '_>,
         body: &[u8],
         now_secs: i64,
     ) -> Result<Option<String>, AuthError> {
-        let first = self.after_body(headers, body, now_secs);
-        if first.is_ok() {
-            return Ok(None);
-        }
-        for (env, check) in &self.environments {
-            if check.after_body(headers, body, now_secs).is_ok() {
-                return Ok(Some(env.clone()));
-            }
-        }
-        first.map(|()| None)
+        self.first_passing(|check| check.after_body(headers, body, now_secs))
     }
 
-    /// Checks a signature over the raw body (after `before_body`), with either secret.
-    pub fn after_body(&self, headers: Headers<'_, '_>, body: &[u8], now_secs: i64) -> Result<(), AuthError> {
-        let first = self.check.after_body(headers, body, now_secs);
-        match (&first, &self.previous) {
-            (Err(_), Some(prev)) if prev.after_body(headers, body, now_secs).is_ok() => Ok(()),
-            _ => first,
+    /// The one way a request's credential is tried: `run` against every credential this source accepts (the
+    /// current secret, the previous one, each environment's), in that order; the first that passes names the
+    /// environment. Every one is run whatever passed (no return at the first match), and each comparison is
+    /// constant-time itself. On failure, the current secret's error is reported.
+    fn first_passing(&self, run: impl Fn(&Check) -> Result<(), AuthError>) -> Result<Option<String>, AuthError> {
+        let current = run(&self.check);
+        let previous = self.previous.iter().map(|c| (c, None));
+        let listed = self.environments.iter().map(|(env, c)| (c, Some(env)));
+        let mut passed = current.is_ok().then_some(None);
+        for (check, env) in previous.chain(listed) {
+            if run(check).is_ok() && passed.is_none() {
+                passed = Some(env);
+            }
+        }
+        match passed {
+            Some(env) => Ok(env.cloned()),
+            None => current.map(|()| None),
         }
     }
 }
@@ -641,7 +626,7 @@ mod tests {
     fn check(v: &Verifier, pairs: &[(&str, &str)], body: &[u8], now: i64) -> Result<(), AuthError> {
         let h = with(pairs);
         v.before_body(&h, now)?;
-        v.after_body(&h, body, now)
+        v.after_body(&h, body, now).map(|_| ())
     }
 
     #[test]
@@ -750,7 +735,7 @@ mod tests {
         let env = |token: &str| {
             let value = format!("Bearer {token}");
             let pairs = [("Authorization", value.as_str())];
-            v.before_body_in(&with(&pairs), 0)
+            v.before_body(&with(&pairs), 0)
         };
         assert_eq!(env("tok-default"), Ok(None));
         assert_eq!(env("tok-prod"), Ok(Some("prod".into())));
@@ -761,16 +746,82 @@ mod tests {
         s.environments.insert("default".into(), "tok-old".into());
         let v = Verifier::from_settings("heap", &s).unwrap();
         let pairs = [("Authorization", "Bearer tok-old")];
-        assert_eq!(v.before_body_in(&with(&pairs), 0), Ok(Some(String::new())));
+        assert_eq!(v.before_body(&with(&pairs), 0), Ok(Some(String::new())));
 
         let mut s = settings(AuthMode::HmacSha1Hex, "cio-other");
         s.environments.insert("dev".into(), "cio-secret".into());
         let v = Verifier::from_settings("segment", &s).unwrap();
         let h = with(&[("X-Signature", CIO_SIG)]);
-        assert_eq!(v.before_body_in(&h, 0), Ok(None), "a signature's environment is known after the body");
-        assert_eq!(v.after_body_in(&h, br#"{"type":"track"}"#, 0), Ok(Some("dev".into())));
-        assert!(v.after_body_in(&h, b"{}", 0).is_err());
+        assert_eq!(v.before_body(&h, 0), Ok(None), "a signature's environment is known after the body");
+        assert_eq!(v.after_body(&h, br#"{"type":"track"}"#, 0), Ok(Some("dev".into())));
+        assert!(v.after_body(&h, b"{}", 0).is_err());
         assert!(!format!("{v:?}").contains("cio-secret"));
+    }
+
+    #[test]
+    fn in_every_mode_the_current_and_previous_secrets_both_pass_and_a_wrong_one_reports_the_current_check() {
+        let b64 = |s: &str| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s));
+        let rotating = |mode, secret: &str, previous: &str| AuthSettings {
+            previous_secret: previous.into(),
+            ..settings(mode, secret)
+        };
+        let basic = AuthSettings {
+            mode: AuthMode::Basic,
+            user: "ct".into(),
+            password: "pw-new".into(),
+            previous_password: "pw-old".into(),
+            ..Default::default()
+        };
+        let up = |secret: &str| {
+            let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+            mac.update(BODY);
+            mac.update(b".1700000000");
+            format!("t=1700000000,v1={}", hex::encode(mac.finalize().into_bytes()))
+        };
+        let cio = |secret: &str| {
+            let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).unwrap();
+            mac.update(BODY);
+            hex::encode(mac.finalize().into_bytes())
+        };
+        let cases: Vec<(AuthSettings, &str, [String; 3])> = vec![
+            (
+                rotating(AuthMode::Bearer, "tok-new", "tok-old"),
+                "Authorization",
+                ["Bearer tok-new".into(), "Bearer tok-old".into(), "Bearer tok-other".into()],
+            ),
+            (
+                rotating(AuthMode::Header, "sh-new", "sh-old"),
+                "X-Relay-Secret",
+                ["sh-new".into(), "sh-old".into(), "sh-other".into()],
+            ),
+            (basic, "Authorization", [b64("ct:pw-new"), b64("ct:pw-old"), b64("ct:pw-other")]),
+            (
+                rotating(AuthMode::HmacUserpilot, "up-new", "up-old"),
+                "X-Signature",
+                [up("up-new"), up("up-old"), up("up-other")],
+            ),
+            (
+                rotating(AuthMode::HmacSha1Hex, "cio-new", "cio-old"),
+                "X-Signature",
+                [cio("cio-new"), cio("cio-old"), cio("cio-other")],
+            ),
+        ];
+        for (s, header, [current, previous, wrong]) in cases {
+            let v = Verifier::from_settings("src", &s).unwrap();
+            let mode = s.mode;
+            let run = |value: &str| {
+                let pairs = [(header, value)];
+                let h = with(&pairs);
+                v.before_body(&h, 1_700_000_000)?;
+                v.after_body(&h, BODY, 1_700_000_000)
+            };
+            assert_eq!(run(&current), Ok(None), "{mode:?}: the current secret");
+            assert_eq!(run(&previous), Ok(None), "{mode:?}: the previous secret, while rotating");
+            let err = run(&wrong).unwrap_err();
+            assert!(matches!(err, AuthError::Wrong { .. } | AuthError::BadSignature { .. }), "{mode:?}: {err}");
+            assert_eq!(err.header(), header, "{mode:?}");
+            assert!(!format!("{v:?}").contains("-old"), "{mode:?}: no secret in Debug");
+        }
     }
 
     #[test]

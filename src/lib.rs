@@ -2,8 +2,9 @@
 //! through user-editable Liquid templates, stores them durably and delivers them to Heap with retries.
 //!
 //! The path of an event, one module per step:
-//! - `routes`: HTTP in (`/hooks/{source}`, `/api/track`, admin, health, metrics); thin handlers. Before a body
-//!   is used, `routes::gate` checks the browser's Origin, the source's authentication (`auth`) and request budget
+//! - `routes`: HTTP in (`/hooks/{source}`, `/api/track`, Segment's `/v1/*`, admin, health, metrics); thin
+//!   handlers, every ingest route through one `routes::accept::accept_request`. Before a body is used,
+//!   `routes::gate` checks the browser's Origin, the source's authentication (`auth`) and request budget
 //!   (`request_rate`); `routes::body` reads it bounded (decoded bytes, per request and across requests).
 //! - `intake`: body → pipeline → one durable write → summary.
 //! - `ingest`: the pure pipeline: `sources` (vendor body shapes) → `templates` (one Liquid document per

@@ -5,7 +5,7 @@
 use crate::domain::Timestamp;
 use crate::ingest::{Pipeline, Route};
 use crate::intake::to_rows;
-use crate::store::{Millis, RawBody, Selector, Status, Store, StoreError};
+use crate::store::{Millis, Query, RawBody, Selector, Status, Store, StoreError};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -29,12 +29,7 @@ pub fn selector(
     since: Option<&str>,
     until: Option<&str>,
 ) -> Result<Selector, String> {
-    let status = status
-        .map(|s| {
-            Status::parse(s)
-                .ok_or_else(|| format!("unknown status {s:?}; one of pending, retrying, delivered, dead, rejected"))
-        })
-        .transpose()?;
+    let status = status.map(parse_status).transpose()?;
     if let Some(id) = id {
         return Ok(Selector::Id(id.to_owned()));
     }
@@ -60,6 +55,36 @@ pub fn stale_template(pipeline: &Pipeline, spec: &str) -> Result<Selector, Strin
         template: name.to_owned(),
         current: current.version.clone(),
     })
+}
+
+/// A status named in a selection or a listing; the error lists every status there is.
+pub fn parse_status(s: &str) -> Result<Status, String> {
+    Status::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = Status::ALL.iter().map(|s| s.as_str()).collect();
+        format!("unknown status {s:?}; one of {}", all.join(", "))
+    })
+}
+
+/// A listing filter given as text that does not parse, naming the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FilterError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// The delivery log's filter from what a listing was given as text (`heap-relay deliveries`,
+/// `GET /admin/deliveries`): the status and the time range checked; source and environment are the caller's
+/// to set.
+pub fn listing(
+    status: Option<&str>,
+    since: Option<&str>,
+    until: Option<&str>,
+    limit: i64,
+) -> Result<Query, FilterError> {
+    let status = status.map(parse_status).transpose().map_err(|message| FilterError { field: "status", message })?;
+    let range = time_range(since, until).map_err(|message| FilterError { field: "since", message })?;
+    Ok(Query { status, source: None, environment: None, since: range.map(|r| r.0), until: range.map(|r| r.1), limit })
 }
 
 /// `since`/`until` (ISO-8601, either may be missing) as a millisecond range; `None` when both are missing.
@@ -144,4 +169,27 @@ pub async fn replay_all(
         progress(done + 1, total);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_filter_names_the_field_at_fault_and_an_unknown_status_lists_every_status() {
+        let err = listing(Some("lost"), None, None, 10).unwrap_err();
+        assert_eq!(err.field, "status");
+        assert_eq!(
+            err.message,
+            "unknown status \"lost\"; one of pending, retrying, delivered, dead, rejected, replaced, held"
+        );
+        let err = listing(None, Some("yesterday"), None, 10).unwrap_err();
+        assert_eq!(err.field, "since");
+        let q = listing(Some("dead"), Some("2024-11-18T19:00:00Z"), None, 10).unwrap();
+        assert_eq!(
+            (q.status, q.since, q.until, q.limit),
+            (Some(Status::Dead), Some(1_731_956_400_000), Some(Millis::MAX), 10)
+        );
+        assert!(selector(None, Some("held"), None, None).is_ok(), "a selection knows every status too");
+    }
 }

@@ -28,6 +28,35 @@ enum Frame {
     Array { index: usize },
 }
 
+/// What repairing one body changed, as `serve` answers it and `render` prints it: `sanitized` (at most
+/// `MAX_LISTED` values) and `sanitized_count` (all of them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    #[serde(rename = "sanitized")]
+    pub listed: Vec<Sanitized>,
+    #[serde(rename = "sanitized_count")]
+    pub total: usize,
+}
+
+impl Report {
+    /// Adds `sanitized` and `sanitized_count` to an answer or a printed document (a JSON object).
+    pub fn add_to(&self, doc: &mut serde_json::Value) {
+        if let Some(obj) = doc.as_object_mut() {
+            obj.insert("sanitized".into(), serde_json::json!(self.listed));
+            obj.insert("sanitized_count".into(), serde_json::json!(self.total));
+        }
+    }
+}
+
+/// The body with its NULs removed and lone surrogates replaced, and what changed (None: nothing, and the body is
+/// returned as it came). What every route and `heap-relay render` use.
+pub fn repair(body: Vec<u8>) -> (Vec<u8>, Option<Report>) {
+    match sanitize(&body) {
+        Some((repaired, listed, total)) => (repaired, Some(Report { listed, total })),
+        None => (body, None),
+    }
+}
+
 /// The repaired body and what changed, or None when there is nothing to repair. `total` counts every change,
 /// the list holds at most `MAX_LISTED`.
 pub fn sanitize(body: &[u8]) -> Option<(Vec<u8>, Vec<Sanitized>, usize)> {

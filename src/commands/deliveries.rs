@@ -2,10 +2,9 @@
 //! from the store.
 
 use super::CommandError;
-use crate::replay::time_range;
 use crate::settings::Settings;
 use crate::startup::open_store;
-use crate::store::{Query, Status};
+use crate::store::Query;
 use anyhow::Context;
 
 pub struct Filters {
@@ -19,28 +18,11 @@ pub struct Filters {
 }
 
 pub async fn run(settings: &Settings, f: Filters) -> Result<i32, CommandError> {
-    let status = f
-        .status
-        .as_deref()
-        .map(|s| {
-            Status::parse(s).ok_or_else(|| {
-                CommandError::Usage(format!(
-                    "unknown status {s:?}; one of pending, retrying, delivered, dead, rejected, replaced"
-                ))
-            })
-        })
-        .transpose()?;
-    let range = time_range(f.since.as_deref(), f.until.as_deref()).map_err(CommandError::Usage)?;
+    let filter = crate::replay::listing(f.status.as_deref(), f.since.as_deref(), f.until.as_deref(), f.limit)
+        .map_err(|e| CommandError::Usage(e.to_string()))?;
     let store = open_store(settings).await?;
     // The same read as /admin/deliveries and the console's Deliveries page.
-    let query = Query {
-        status,
-        source: f.source,
-        environment: f.environment,
-        since: range.map(|r| r.0),
-        until: range.map(|r| r.1),
-        limit: f.limit,
-    };
+    let query = Query { source: f.source, environment: f.environment, ..filter };
     let events =
         store.page(crate::store::queries::EventFilter { query, ..Default::default() }).await.context("listing")?.events;
     if f.json {

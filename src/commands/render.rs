@@ -17,6 +17,11 @@ pub fn run(settings: &Settings, source: &str, file: &Path, template: Option<Stri
     })?;
     let pipeline = build_pipeline(settings, load_templates(settings)?);
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    // Repaired as `serve` repairs it (NULs removed, lone surrogates replaced), so the calls are the ones it sends.
+    let (body, repaired) = crate::sanitize::repair(body);
+    if let Some(r) = &repaired {
+        eprintln!("{}: {} value(s) repaired (listed under \"sanitized\")", file.display(), r.total);
+    }
     let out = pipeline
         .ingest(&Route::Hook { source: src, template }, &body, &Timestamp::now())
         .map_err(|e| anyhow!("{}: {e}", file.display()))?;
@@ -29,7 +34,10 @@ pub fn run(settings: &Settings, source: &str, file: &Path, template: Option<Stri
         .iter()
         .map(|a| json!({"item": a.index, "endpoint": a.call.kind().path(), "body": a.call.single_body()}))
         .collect();
-    let doc = json!({"template": out.template, "calls": calls, "rejected": out.rejected, "ignored": out.ignored});
+    let mut doc = json!({"template": out.template, "calls": calls, "rejected": out.rejected, "ignored": out.ignored});
+    if let Some(r) = &repaired {
+        r.add_to(&mut doc);
+    }
     println!("{}", serde_json::to_string_pretty(&doc).context("printing the result")?);
     Ok(if out.rejected.is_empty() { 0 } else { 1 })
 }

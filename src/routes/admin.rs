@@ -4,9 +4,9 @@
 use super::AppState;
 use crate::auth::verify_bearer;
 use crate::error::{ApiError, ErrorCode};
-use crate::replay::{replay as run_replay, selector, time_range};
+use crate::replay::{replay as run_replay, selector};
 use crate::store::queries::EventFilter;
-use crate::store::{Query, Status, StoreError};
+use crate::store::{Query, StoreError};
 use actix_web::http::header::AUTHORIZATION;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
 use serde::Deserialize;
@@ -63,21 +63,14 @@ pub async fn list(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let p = params.into_inner();
-    let bad = |field: &str, m: String| ApiError::new(ErrorCode::InvalidQuery, m).with_field(field);
-    let status = p
-        .status
-        .as_deref()
-        .map(|s| Status::parse(s).ok_or_else(|| bad("status", format!("unknown status {s:?}"))))
-        .transpose()?;
-    let range = time_range(p.since.as_deref(), p.until.as_deref()).map_err(|m| bad("since", m))?;
-    let q = Query {
-        status,
-        source: p.source,
-        environment: p.environment,
-        since: range.map(|r| r.0),
-        until: range.map(|r| r.1),
-        limit: p.limit.unwrap_or(100).clamp(1, 10_000),
-    };
+    let listed = crate::replay::listing(
+        p.status.as_deref(),
+        p.since.as_deref(),
+        p.until.as_deref(),
+        p.limit.unwrap_or(100).clamp(1, 10_000),
+    )
+    .map_err(|e| ApiError::new(ErrorCode::InvalidQuery, e.message).with_field(e.field))?;
+    let q = Query { source: p.source, environment: p.environment, ..listed };
     let filter = EventFilter {
         query: q,
         template: p.template,
@@ -145,7 +138,7 @@ pub async fn replay(
         }
     })
     .await
-    .map_err(|e| super::hooks::store_error(e, &state))?;
+    .map_err(|e| super::accept::store_error(e, &state))?;
     i.delivery.wake();
     Ok(HttpResponse::Ok().json(report))
 }

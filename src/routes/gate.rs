@@ -141,7 +141,7 @@ pub fn before_body<'s>(req: &HttpRequest, source: &str, state: &'s AppState) -> 
     }
     if !by_key && !passed.needs_write_key {
         passed.environment =
-            gate.verifier.before_body_in(&headers, now_secs()).map_err(|e| unauthorized(req, source, &e, state))?;
+            gate.verifier.before_body(&headers, now_secs()).map_err(|e| unauthorized(req, source, &e, state))?;
     }
     gate.rate.take(Instant::now()).map_err(|wait| {
         let mut e = ApiError::new(
@@ -181,7 +181,7 @@ pub fn after_body(
             // A body that is not JSON at all is named as such, not as a missing key.
             if let Err(e) = crate::json::parse(body, &state.intake.pipeline.json_limits) {
                 gate.rate.give_back();
-                return Err(super::hooks::ingest_error(crate::ingest::IngestError::Json(e)));
+                return Err(super::accept::ingest_error(crate::ingest::IngestError::Json(e)));
             }
             return Err(fail(AuthError::Missing {
                 header: "Authorization".into(),
@@ -194,7 +194,7 @@ pub fn after_body(
         };
     }
     let headers = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
-    let signed = gate.verifier.after_body_in(&headers, body, now_secs()).map_err(fail)?;
+    let signed = gate.verifier.after_body(&headers, body, now_secs()).map_err(fail)?;
     Ok(passed.environment.or(signed))
 }
 

@@ -2,7 +2,7 @@
 //! delivered with retries, so an existing integration only changes its base URL.
 
 use super::AppState;
-use super::hooks::take_body;
+use super::accept::{Api, IngestCall, accept_request};
 use crate::domain::CallKind;
 use crate::error::ApiError;
 use crate::ingest::Route;
@@ -13,7 +13,7 @@ pub async fn track(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    take(&req, CallKind::Track, payload, &state).await
+    accept_request(&req, heap_call(CallKind::Track), payload, &state).await
 }
 
 pub async fn add_user_properties(
@@ -21,14 +21,10 @@ pub async fn add_user_properties(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    take(&req, CallKind::UserProperties, payload, &state).await
+    accept_request(&req, heap_call(CallKind::UserProperties), payload, &state).await
 }
 
-async fn take(
-    req: &HttpRequest,
-    kind: CallKind,
-    payload: web::Payload,
-    state: &AppState,
-) -> Result<HttpResponse, ApiError> {
-    take_body(req, "heap", None, Route::Heap(kind), payload, state).await
+/// The Heap-compatible routes pass the `heap` source's gate and name no environment by path.
+fn heap_call(kind: CallKind) -> IngestCall<'static> {
+    IngestCall { source: "heap", path_environment: None, route: Route::Heap(kind), api: Api::Relay }
 }

@@ -1,6 +1,7 @@
 //! The route table, and the state handlers share. Handlers stay thin: read the body, call `intake`, `store` or
 //! `replay`, map the result to HTTP.
 
+pub mod accept;
 pub mod admin;
 pub mod body;
 pub mod environment;

@@ -11,12 +11,9 @@
 //! messageId dedupe (`store.dedupe_window_secs`), so it makes no copies.
 
 use super::AppState;
-use super::body::read_limited;
-use super::hooks::{ingest_error, respond};
-use super::{environment, gate};
+use super::accept::{Api, IngestCall, accept_request, ingest_error};
 use crate::error::{ApiError, ErrorCode};
 use crate::ingest::{IngestError, Route};
-use crate::intake::Intake;
 use crate::sources::Source;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde_json::Value;
@@ -61,43 +58,15 @@ async fn take(
     payload: web::Payload,
     state: &AppState,
 ) -> Result<HttpResponse, ApiError> {
-    if !CALLS.contains(&call) {
+    let Some(call) = CALLS.iter().copied().find(|c| *c == call) else {
         return Err(ApiError::new(
             ErrorCode::NotFound,
             format!("no Segment call {call:?}; calls are {}", CALLS.join(", ")),
         ));
-    }
-    environment::check_path(path_environment, SOURCE, state)?;
-    let passed = gate::before_body(req, SOURCE, state)?;
-    // Segment's own limit bounds the read: nothing past 500 KB (a batch) or 32 KB (a message) is decoded.
-    let (limit, too_large) = segment_limit((call != "batch").then_some(call));
-    let body = read_limited(req, payload, state.max_body_bytes.min(limit), state.body_read_timeout, &state.inflight)
-        .await
-        .map_err(|e| if e.code == ErrorCode::BodyTooLarge && limit <= state.max_body_bytes { too_large() } else { e })
-        .inspect_err(|e| {
-            passed.give_back_if_ours(e);
-            state.intake.metrics.request(SOURCE, e.code.status().as_u16())
-        })?;
-    let credential = gate::after_body(req, SOURCE, passed, &body.bytes, state)?;
-    let environment = environment::resolve(credential, path_environment, SOURCE, state)?;
-    let single = (call != "batch").then_some(call);
-    let bytes = prepare(&body.bytes, single, state).inspect_err(|e| {
-        state.intake.metrics.request(SOURCE, e.code.status().as_u16());
-    })?;
-    let result =
-        state.intake.accept_in(&environment, Route::Hook { source: Source::Segment, template: None }, bytes).await;
-    drop(body.held);
-    match result {
-        Ok(Intake::Stored { summary, nothing_accepted: false }) => {
-            state.intake.metrics.request(SOURCE, 200);
-            let mut answer = serde_json::to_value(&summary).unwrap_or_default();
-            if let Some(o) = answer.as_object_mut() {
-                o.insert("success".into(), Value::Bool(true));
-            }
-            Ok(HttpResponse::Ok().json(answer))
-        }
-        other => respond(SOURCE, other, None, state),
-    }
+    };
+    let route = Route::Hook { source: Source::Segment, template: None };
+    let api = Api::Segment { single: (call != "batch").then_some(call) };
+    accept_request(req, IngestCall { source: SOURCE, path_environment, route, api }, payload, state).await
 }
 
 /// A Segment body's `writeKey` removed before the body is stored (it is a secret), for bodies posted to
@@ -112,7 +81,7 @@ pub fn without_write_key(bytes: &[u8], state: &AppState) -> Option<Vec<u8>> {
 }
 
 /// Segment's limit for a batch (`single` none) or one message, and its error.
-fn segment_limit(single: Option<&str>) -> (usize, impl Fn() -> ApiError) {
+pub(super) fn segment_limit(single: Option<&str>) -> (usize, impl Fn() -> ApiError) {
     let (limit, code, what) = match single {
         None => (MAX_BATCH_BYTES, ErrorCode::BatchTooLarge, "a batch"),
         Some(_) => (MAX_MESSAGE_BYTES, ErrorCode::MessageTooLarge, "a message"),
@@ -120,16 +89,15 @@ fn segment_limit(single: Option<&str>) -> (usize, impl Fn() -> ApiError) {
     (limit, move || ApiError::new(code, format!("the body is more than Segment's limit of {limit} bytes for {what}")))
 }
 
-/// Segment's size limits, then the body as the pipeline takes it (`sources::segment::prepare_tracking_call`):
-/// NULs and lone surrogates repaired, type from the path, `writeKey` removed, timestamps corrected for skew.
-fn prepare(raw: &[u8], single: Option<&str>, state: &AppState) -> Result<Vec<u8>, ApiError> {
+/// Segment's size limits, then the body (already repaired: `accept::repair`) as the pipeline takes it
+/// (`sources::segment::prepare_tracking_call`): type from the path, `writeKey` removed, timestamps corrected for
+/// skew.
+pub(super) fn prepare(bytes: Vec<u8>, single: Option<&str>, state: &AppState) -> Result<Vec<u8>, ApiError> {
     let (limit, too_large) = segment_limit(single);
-    if raw.len() > limit {
+    if bytes.len() > limit {
         return Err(too_large());
     }
-    let repaired = crate::sanitize::sanitize(raw).map(|(bytes, _, _)| bytes);
-    let bytes = repaired.as_deref().unwrap_or(raw);
-    let mut value = crate::json::parse(bytes, &state.intake.pipeline.json_limits)
+    let mut value = crate::json::parse(&bytes, &state.intake.pipeline.json_limits)
         .map_err(|e| ingest_error(IngestError::Json(e)))?;
     if let Some(Value::Array(batch)) = value.get("batch") {
         for (i, m) in batch.iter().enumerate() {
@@ -147,5 +115,5 @@ fn prepare(raw: &[u8], single: Option<&str>, state: &AppState) -> Result<Vec<u8>
     if crate::sources::segment::prepare_tracking_call(&mut value, single, received_at) {
         return serde_json::to_vec(&value).map_err(|e| ApiError::internal(&e));
     }
-    Ok(repaired.unwrap_or_else(|| raw.to_vec()))
+    Ok(bytes)
 }

@@ -70,3 +70,35 @@ fn a_named_config_file_that_cannot_be_read_is_fatal() {
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/relay.toml"), "{err}");
 }
+
+#[test]
+fn render_repairs_a_nul_or_lone_surrogate_as_serve_does_and_prints_what_it_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nul.json");
+    let body =
+        r#"{"type": "track", "event": "E", "userId": "u1", "properties": {"note": "a\u0000b", "mark": "x\ud800y"}}"#;
+    std::fs::write(&file, body).unwrap();
+    let (code, out, err) =
+        relay(&["render", "segment", file.to_str().unwrap()], &[("HEAP_RELAY__HEAP__APP_ID", APP_ID)]);
+    assert_eq!(code, 0, "{out}{err}");
+    let doc: Value = serde_json::from_str(&out).expect("JSON on stdout");
+    assert_eq!(
+        doc["sanitized"],
+        serde_json::json!([
+            {"field": "properties.note", "change": "nul_removed"},
+            {"field": "properties.mark", "change": "lone_surrogate_replaced"}
+        ]),
+        "{out}"
+    );
+    assert_eq!(doc["sanitized_count"], 2);
+    assert_eq!(doc["calls"][0]["body"]["properties"]["note"], "ab");
+    assert_eq!(doc["calls"][0]["body"]["properties"]["mark"], "x\u{fffd}y");
+    assert!(err.contains("2 value(s) repaired"), "{err}");
+}
+
+#[test]
+fn deliveries_checks_its_filters_as_the_admin_listing_does_and_names_every_status() {
+    let (code, _, err) = relay(&["deliveries", "--status", "lost"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("one of pending, retrying, delivered, dead, rejected, replaced, held"), "{err}");
+}

@@ -353,6 +353,85 @@ async fn forged_signatures_do_not_spend_the_real_senders_request_budget() {
     assert!(status == 202 || status == 422, "the real sender is not rate-limited: {status} {answer}");
 }
 
+/// Waits until the decoded bytes of bodies in flight satisfy `done`, or fails after `within`.
+async fn wait_for_inflight(app: &TestApp, done: impl Fn(usize) -> bool, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !done(app.app.inflight.used()) {
+        assert!(Instant::now() < deadline, "in-flight bytes stayed at {} for {within:?}", app.app.inflight.used());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_request_refused_because_the_relay_is_overloaded_gives_the_senders_request_budget_back() {
+    let app = spawn_app_with(|s| {
+        s.server.max_body_bytes = 4096;
+        s.server.max_inflight_body_bytes = 4096;
+        s.sources.clevertap.requests_per_minute = 1;
+        s.sources.segment.requests_per_minute = 1;
+    })
+    .await;
+    // Another source's body declares 4,096 bytes and sends one: it holds the whole in-flight budget.
+    let port = app.address.rsplit(':').next().expect("port");
+    let mut holder = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await.expect("connect");
+    let head = "POST /api/track HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+                Content-Length: 4096\r\n\r\n{";
+    holder.write_all(head.as_bytes()).await.expect("headers sent");
+    wait_for_inflight(&app, |used| used >= 4096, WAIT).await;
+
+    let profile = json!({"profiles": [{"identity": "u"}]});
+    let track = json!({"userId": "u", "event": "E"}).to_string();
+    for i in 0..3 {
+        let (status, answer) = json(app.post_hook("clevertap", &profile).await).await;
+        assert_eq!((status, &answer["error"]["code"]), (503, &json!("overloaded")), "hook {i}: {answer}");
+        let (status, answer) = json(app.post("/v1/track", track.clone()).await).await;
+        assert_eq!((status, &answer["code"]), (503, &json!("overloaded")), "/v1 {i}: {answer}");
+    }
+
+    drop(holder);
+    wait_for_inflight(&app, |used| used == 0, WAIT).await;
+    // Each source's one request a minute is still there: the 503s gave theirs back.
+    assert_eq!(app.post_hook("clevertap", &profile).await.status(), 202);
+    assert_eq!(app.post("/v1/track", track.clone()).await.status(), 200);
+    assert_eq!(app.post_hook("clevertap", &profile).await.status(), 429, "and the budget is spent by a real request");
+    healthz(&app.client, &app.address).await;
+}
+
+/// A console sign-in with `token`, from the client `X-Forwarded-For` names.
+async fn sign_in_as(app: &TestApp, token: &str, forwarded_for: &str) -> u16 {
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let resp = client
+        .post(format!("{}/console/sign-in", app.address))
+        .header("Origin", &app.address)
+        .header("X-Forwarded-For", forwarded_for)
+        .form(&[("token", token)])
+        .send()
+        .await
+        .expect("sign-in sent");
+    resp.status().as_u16()
+}
+
+#[tokio::test]
+async fn the_sign_in_throttle_believes_x_forwarded_for_only_from_a_trusted_proxy() {
+    // No trusted proxy: X-Forwarded-For is the client's own claim, and changing it does not escape the throttle.
+    let app = spawn_app_with(|s| s.console.sign_in_attempts_per_minute = 2).await;
+    assert_eq!(sign_in_as(&app, "wrong", "198.51.100.1").await, 401);
+    assert_eq!(sign_in_as(&app, "wrong", "198.51.100.2").await, 401);
+    assert_eq!(sign_in_as(&app, ADMIN_TOKEN, "198.51.100.3").await, 429, "one client (the peer), whatever it claims");
+
+    // Behind a trusted proxy (loopback here, as every test connection is), each forwarded client counts alone.
+    let app = spawn_app_with(|s| {
+        s.console.sign_in_attempts_per_minute = 2;
+        s.server.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
+    assert_eq!(sign_in_as(&app, "wrong", "198.51.100.1").await, 401);
+    assert_eq!(sign_in_as(&app, "wrong", "198.51.100.1").await, 401);
+    assert_eq!(sign_in_as(&app, "wrong", "198.51.100.1").await, 429, "the forwarded client's own count");
+    assert_eq!(sign_in_as(&app, ADMIN_TOKEN, "198.51.100.2").await, 303, "another client behind the same proxy");
+    assert_eq!(sign_in_as(&app, ADMIN_TOKEN, "6.6.6.6, 198.51.100.1").await, 429, "the right-most untrusted address");
+}
+
 #[tokio::test]
 async fn two_secrets_are_valid_at_once_for_rotation_and_a_stored_secret_is_trimmed() {
     let app = spawn_app_with(|s| {
@@ -385,6 +464,32 @@ async fn a_nul_or_lone_surrogate_in_a_value_is_removed_and_the_answer_names_the_
     let got = app.wait_for_heap(1, WAIT).await;
     assert_eq!(got[0].1["properties"]["note"], "ab");
     assert_eq!(got[0].1["properties"]["mark"], "x\u{fffd}y");
+}
+
+#[tokio::test]
+async fn on_segment_s_v1_routes_a_nul_or_lone_surrogate_is_removed_and_the_200_success_answer_names_the_field() {
+    let app = spawn_app().await;
+    let batch = r#"{"batch": [{"type": "track", "event": "E", "userId": "u1", "messageId": "v1-nul",
+        "properties": {"note": "a\u0000b"}}]}"#;
+    let (status, answer) = json(app.post("/v1/batch", batch).await).await;
+    assert_eq!((status, &answer["success"]), (200, &json!(true)), "{answer}");
+    assert_eq!(answer["sanitized"], json!([{"field": "batch[0].properties.note", "change": "nul_removed"}]));
+    assert_eq!(answer["sanitized_count"], 1);
+
+    let track = r#"{"event": "E", "userId": "u2", "messageId": "v1-sur", "properties": {"mark": "x\ud800y"}}"#;
+    let (status, answer) = json(app.post("/hooks/segment/v1/track", track).await).await;
+    assert_eq!((status, &answer["success"]), (200, &json!(true)), "{answer}");
+    assert_eq!(answer["sanitized"], json!([{"field": "properties.mark", "change": "lone_surrogate_replaced"}]));
+
+    let (status, clean) = json(app.post("/v1/track", r#"{"event": "E", "userId": "u3"}"#).await).await;
+    assert_eq!(status, 200, "{clean}");
+    assert!(clean.get("sanitized").is_none(), "nothing repaired, nothing listed: {clean}");
+
+    let mut got = app.wait_for_heap(3, WAIT).await;
+    got.sort_by_key(|(_, e)| e["identity"].as_str().map(str::to_owned));
+    assert_eq!(got[0].1["properties"]["note"], "ab");
+    assert_eq!(got[1].1["properties"]["mark"], "x\u{fffd}y");
+    app.wait_for_metric("heap_relay_sanitized_values_total{source=\"segment\"} 2", WAIT).await;
 }
 
 #[tokio::test]
