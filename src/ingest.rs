@@ -442,16 +442,13 @@ struct ItemAt<'a> {
 }
 
 /// A Segment message's `messageId`, as the sender set it.
-fn message_id_of(source: Source, ctx: &crate::templates::context::CtxObject) -> Option<String> {
-    use crate::templates::context::Ctx;
+fn message_id_of(source: Source, ctx: &crate::templates::context::CtxObject<'_>) -> Option<String> {
     use liquid_core::ValueView;
     if source != Source::Segment {
         return None;
     }
-    match ctx.lookup("messageId") {
-        Some(Ctx::Scalar(s)) => Some(s.to_kstr().to_string()).filter(|m| !m.trim().is_empty()),
-        _ => None,
-    }
+    let id = ctx.lookup("messageId")?.as_scalar()?.to_kstr().to_string();
+    (!id.trim().is_empty()).then_some(id)
 }
 
 fn is_empty_user_properties(d: &Draft) -> bool {

@@ -8,7 +8,7 @@
 use super::{Item, Shape, SourceOptions, get_ci};
 use crate::domain::FieldError;
 use crate::domain::timestamp::from_epoch;
-use crate::templates::context::{Ctx, CtxObject};
+use crate::templates::context::{Ctx, CtxObject, Dates};
 use chrono::SecondsFormat;
 use serde_json::{Map, Value};
 
@@ -24,10 +24,10 @@ const PROFILE_FIELDS: &[(&str, &str)] = &[
 ];
 
 /// Builds each profile's item and hands it to `f`; `options.raw_body` off leaves `body` out of the variables.
-pub fn for_each(
-    body: &Value,
+pub fn for_each<'a>(
+    body: &'a Value,
     options: &SourceOptions,
-    f: &mut dyn FnMut(Result<Item, FieldError>),
+    f: &mut dyn FnMut(Result<Item<'a>, FieldError>),
 ) -> Result<Shape, FieldError> {
     let Value::Object(root) = body else {
         return Err(FieldError::invalid("body", "a CleverTap webhook body must be a JSON object with `profiles`"));
@@ -42,66 +42,73 @@ pub fn for_each(
             return Err(FieldError::invalid("profiles", "profiles must be an array or an object"));
         }
         None => {
-            f(Ok(custom_item(root)));
+            f(Ok(custom_item(body, root)));
             return Ok(Shape::Items);
         }
     };
-    let null = Value::Null;
-    let target_id = get_ci(root, "targetId").unwrap_or(&null);
-    let campaign_kv = get_ci(root, "key_values").unwrap_or(&null);
+    let target_id = get_ci(root, "targetId").unwrap_or(&Value::Null);
+    let campaign_kv = get_ci(root, "key_values").unwrap_or(&Value::Null);
     for (i, p) in profiles.into_iter().enumerate() {
         f(profile_item(p, target_id, campaign_kv, options.raw_body).map_err(|e| e.under(&format!("profiles[{i}]"))));
     }
     Ok(Shape::Items)
 }
 
-fn profile_item(profile: &Value, target_id: &Value, campaign_kv: &Value, raw_body: bool) -> Result<Item, FieldError> {
+/// A profile's variables, read in place: building them copies no value, and the campaign's `targetId` and
+/// `key_values` are shared by every profile, not copied into each.
+fn profile_item<'a>(
+    profile: &'a Value,
+    target_id: &'a Value,
+    campaign_kv: &'a Value,
+    raw_body: bool,
+) -> Result<Item<'a>, FieldError> {
+    const CT: Dates = Dates::CleverTap;
     let Value::Object(p) = profile else {
         return Err(FieldError::invalid("", "each profile must be a JSON object"));
     };
-    let mut prof = CtxObject::new();
-    if let Some(Value::Object(data)) = get_ci(p, "profileData") {
-        insert_all(&mut prof, data);
-    }
+    let mut prof = match get_ci(p, "profileData") {
+        Some(Value::Object(data)) => CtxObject::from_json(data, CT),
+        _ => CtxObject::new(),
+    };
     // Under CleverTap's Liquid names; a template's `Profile.email` finds `Email` too (lookups fall back to any
     // casing), so the names as sent need no entries of their own.
     for (sent, canonical) in PROFILE_FIELDS {
         if let Some(v) = get_ci(p, sent) {
-            prof.insert(*canonical, Ctx::from_json_with(v, &ct_date));
+            prof.insert(*canonical, Ctx::json(v, CT));
         }
     }
     if let Some(Value::Object(sys)) = get_ci(p, "systemProfileData") {
         for (k, v) in sys {
-            prof.insert_missing(k, Ctx::from_json_with(v, &ct_date));
+            prof.insert_missing(k.as_str(), Ctx::json(v, CT));
         }
     }
     let event = match get_ci(p, "event_properties") {
-        Some(Value::Object(e)) => CtxObject::from_json_with(e, &ct_date),
-        _ => CtxObject::new(),
+        Some(e @ Value::Object(_)) => Ctx::json(e, CT),
+        _ => Ctx::Object(CtxObject::new()),
     };
     let kv = match get_ci(p, "key_values") {
         Some(v @ Value::Object(_)) => v,
         _ => campaign_kv,
     };
     let mut campaign = CtxObject::new();
-    campaign.insert("id", Ctx::from_json(target_id));
+    campaign.insert("id", Ctx::json(target_id, Dates::AsSent));
     // CleverTap's own Liquid name for the campaign id.
-    campaign.insert("campaignId", Ctx::from_json(target_id));
+    campaign.insert("campaignId", Ctx::json(target_id, Dates::AsSent));
     let mut ctx = CtxObject::new();
     ctx.insert("Profile", Ctx::Object(prof));
-    ctx.insert("Event", Ctx::Object(event));
+    ctx.insert("Event", event);
     ctx.insert("Campaign", Ctx::Object(campaign));
     ctx.insert(
         "KeyValues",
         match kv {
-            Value::Object(o) => Ctx::Object(CtxObject::from_json(o)),
+            Value::Object(_) => Ctx::json(kv, Dates::AsSent),
             _ => Ctx::Object(CtxObject::new()),
         },
     );
     if raw_body {
-        ctx.insert("body", Ctx::from_json_with(profile, &ct_date));
+        ctx.insert("body", Ctx::json(profile, CT));
     }
-    ctx.insert("targetId", Ctx::from_json(target_id));
+    ctx.insert("targetId", Ctx::json(target_id, Dates::AsSent));
     Ok(Item { ctx, seed: seed(target_id, profile), excluded: false })
 }
 
@@ -117,28 +124,23 @@ fn seed(target_id: &Value, profile: &Value) -> String {
     serde_json::to_string(&Seed { profile, target_id }).unwrap_or_default()
 }
 
-fn custom_item(root: &Map<String, Value>) -> Item {
-    let mut ctx = CtxObject::from_json_with(root, &ct_date);
-    let whole = Ctx::Object(CtxObject::from_json_with(root, &ct_date));
-    ctx.insert("body", whole.clone());
-    ctx.insert_missing("Profile", whole);
+fn custom_item<'a>(body: &'a Value, root: &'a Map<String, Value>) -> Item<'a> {
+    const CT: Dates = Dates::CleverTap;
+    let mut ctx = CtxObject::from_json(root, CT);
+    ctx.insert("body", Ctx::json(body, CT));
+    ctx.insert_missing("Profile", Ctx::json(body, CT));
     let nested = |key: &str| match get_ci(root, key) {
-        Some(Value::Object(o)) => Ctx::Object(CtxObject::from_json_with(o, &ct_date)),
+        Some(o @ Value::Object(_)) => Ctx::json(o, CT),
         _ => Ctx::Object(CtxObject::new()),
     };
     ctx.insert_missing("Event", nested("event_properties"));
     ctx.insert_missing("KeyValues", nested("key_values"));
+    let target_id = Ctx::json(get_ci(root, "targetId").unwrap_or(&Value::Null), Dates::AsSent);
     let mut campaign = CtxObject::new();
-    campaign.insert("id", Ctx::from_json(get_ci(root, "targetId").unwrap_or(&Value::Null)));
-    campaign.insert("campaignId", Ctx::from_json(get_ci(root, "targetId").unwrap_or(&Value::Null)));
+    campaign.insert("id", target_id.clone());
+    campaign.insert("campaignId", target_id);
     ctx.insert_missing("Campaign", Ctx::Object(campaign));
     Item { ctx, seed: serde_json::to_string(root).unwrap_or_default(), excluded: false }
-}
-
-fn insert_all(obj: &mut CtxObject, data: &Map<String, Value>) {
-    for (k, v) in data {
-        obj.insert(k.clone(), Ctx::from_json_with(v, &ct_date));
-    }
 }
 
 /// CleverTap sends dates as `$D_<epoch seconds>`; templates and Heap get ISO-8601 UTC.

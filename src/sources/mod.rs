@@ -54,9 +54,9 @@ impl Default for SourceOptions {
 
 /// One thing in a body that may become Heap calls: a CleverTap profile, a Segment message, a Userpilot event.
 #[derive(Debug)]
-pub struct Item {
-    /// What the template sees.
-    pub ctx: CtxObject,
+pub struct Item<'a> {
+    /// What the template sees, borrowing the body.
+    pub ctx: CtxObject<'a>,
     /// The item's own body as canonical JSON; hashed into the idempotency key when the sender gives no message id.
     pub seed: String,
     /// The sender asked for this item to be kept out of Heap (a Segment message's `integrations`): reported as
@@ -66,14 +66,14 @@ pub struct Item {
 
 /// What an adapter made of a body.
 #[derive(Debug)]
-pub enum Parsed {
+pub enum Parsed<'a> {
     /// A vendor's connection test (CleverTap's `"is_test": true`): answer 200, send nothing.
     Ping,
     /// The items, in order; an item that is unusable on its own is an `Err` naming its field.
-    Items(Vec<Result<Item, FieldError>>),
+    Items(Vec<Result<Item<'a>, FieldError>>),
 }
 
-pub fn parse(source: Source, body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError> {
+pub fn parse<'a>(source: Source, body: &'a Value, options: &SourceOptions) -> Result<Parsed<'a>, FieldError> {
     let mut items = Vec::new();
     match for_each(source, body, options, &mut |item| items.push(item))? {
         Shape::Ping => Ok(Parsed::Ping),
@@ -92,11 +92,11 @@ pub enum Shape {
 /// exists at once: batch-level fields (a Segment batch's `context`, CleverTap's `key_values`) are merged into
 /// each item as it is rendered, not copied into every item up front. Call `count` first to refuse a body with too
 /// many items before any is built.
-pub fn for_each(
+pub fn for_each<'a>(
     source: Source,
-    body: &Value,
+    body: &'a Value,
     options: &SourceOptions,
-    f: &mut dyn FnMut(Result<Item, FieldError>),
+    f: &mut dyn FnMut(Result<Item<'a>, FieldError>),
 ) -> Result<Shape, FieldError> {
     match source {
         Source::CleverTap => clevertap::for_each(body, options, f),

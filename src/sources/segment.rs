@@ -18,13 +18,13 @@
 
 use super::{Item, Shape, SourceOptions, as_list, get_ci};
 use crate::domain::FieldError;
-use crate::templates::context::{Ctx, CtxObject};
+use crate::templates::context::{Ctx, CtxObject, Dates, Merged};
 use serde_json::{Map, Value};
 
-pub fn for_each(
-    body: &Value,
+pub fn for_each<'a>(
+    body: &'a Value,
     options: &SourceOptions,
-    f: &mut dyn FnMut(Result<Item, FieldError>),
+    f: &mut dyn FnMut(Result<Item<'a>, FieldError>),
 ) -> Result<Shape, FieldError> {
     let (messages, batch_context) = match body {
         Value::Object(o) if get_ci(o, "batch").is_some() => {
@@ -50,20 +50,19 @@ pub fn for_each(
             return Ok(Shape::Items);
         }
     };
-    // The batch context becomes template values once; each message gets a copy as it is built (one at a time).
-    let batch = batch_context.map(|bc| (bc, CtxObject::from_json(bc)));
+    // Every message reads the batch context where it is, under its own (`Merged`): nothing is copied per message.
     for (i, m) in messages.into_iter().enumerate() {
-        let b = batch.as_ref().map(|(v, c)| (*v, c));
-        f(message_item(m, b, options).map_err(|e| e.under(&format!("{prefix}[{i}]"))));
+        f(message_item(m, batch_context, options).map_err(|e| e.under(&format!("{prefix}[{i}]"))));
     }
     Ok(Shape::Items)
 }
 
-fn message_item(
-    msg: &Value,
-    batch_context: Option<(&Map<String, Value>, &CtxObject)>,
+fn message_item<'a>(
+    msg: &'a Value,
+    batch_context: Option<&'a Map<String, Value>>,
     options: &SourceOptions,
-) -> Result<Item, FieldError> {
+) -> Result<Item<'a>, FieldError> {
+    const AS_SENT: Dates = Dates::AsSent;
     let Value::Object(m) = msg else {
         return Err(FieldError::invalid("", "each message must be a JSON object"));
     };
@@ -81,16 +80,14 @@ fn message_item(
     let anonymous_id = non_empty(get_ci(merged, "anonymousId"));
     let identity = user_id.clone().or_else(|| anonymous_id.clone().filter(|_| options.allow_anonymous));
 
-    let mut ctx = CtxObject::from_json(merged);
-    if let Some((_, bc)) = batch_context {
+    let mut ctx = CtxObject::from_json(merged, AS_SENT);
+    if let Some(bc) = batch_context {
         // The message's own context keys win over the batch's.
-        let mut context = bc.clone();
-        if let Some(Value::Object(own)) = merged.get("context") {
-            for (k, v) in own {
-                context.insert(k.clone(), Ctx::from_json(v));
-            }
-        }
-        ctx.insert("context", Ctx::Object(context));
+        let own = match merged.get("context") {
+            Some(Value::Object(own)) => own,
+            _ => empty_map(),
+        };
+        ctx.insert("context", Ctx::Merged(Merged::new(own, bc, AS_SENT)));
     }
     ctx.insert("type", Ctx::str(kind.clone()));
     if let Some(u) = &user_id {
@@ -99,39 +96,48 @@ fn message_item(
     if let Some(i) = identity {
         ctx.insert("identity", Ctx::str(i));
     }
-    let name = get_ci(merged, "name").cloned();
     let heap_event = match kind.as_str() {
-        "track" => get_ci(merged, "event").cloned(),
-        "page" => Some(Value::String("Page viewed".into())),
-        "screen" => Some(Value::String("Screen viewed".into())),
+        "track" => get_ci(merged, "event").map(|e| Ctx::json(e, AS_SENT)),
+        "page" => Some(Ctx::str("Page viewed")),
+        "screen" => Some(Ctx::str("Screen viewed")),
         _ => None,
     };
     if let Some(e) = heap_event {
-        ctx.insert("heap_event", Ctx::from_json(&e));
+        ctx.insert("heap_event", e);
     }
-    let mut props = get_ci(merged, "properties").and_then(Value::as_object).cloned().unwrap_or_default();
+    let mut props = match get_ci(merged, "properties") {
+        Some(Value::Object(p)) => CtxObject::from_json(p, AS_SENT),
+        _ => CtxObject::new(),
+    };
     if kind == "page" || kind == "screen" {
-        if let Some(n) = name {
-            props.entry("name").or_insert(n);
+        if let Some(n) = get_ci(merged, "name") {
+            props.insert_if_absent("name", Ctx::json(n, AS_SENT));
         }
         if let Some(c) = get_ci(merged, "category") {
-            props.entry("category").or_insert(c.clone());
+            props.insert_if_absent("category", Ctx::json(c, AS_SENT));
         }
     }
-    ctx.insert("heap_properties", Ctx::Object(CtxObject::from_json(&props)));
-    let mut traits = get_ci(merged, "traits")
+    ctx.insert("heap_properties", Ctx::Object(props));
+    let mut traits = match get_ci(merged, "traits")
         .or_else(|| context_traits(merged.get("context").and_then(Value::as_object)))
-        .or_else(|| context_traits(batch_context.map(|(v, _)| v)))
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
+        .or_else(|| context_traits(batch_context))
+    {
+        Some(Value::Object(t)) => CtxObject::from_json(t, AS_SENT),
+        _ => CtxObject::new(),
+    };
     if let Some(a) = anonymous_id {
-        traits.entry("anonymous_id").or_insert(Value::String(a));
+        traits.insert_if_absent("anonymous_id", Ctx::str(a));
     }
     if !traits.is_empty() {
-        ctx.insert("heap_traits", Ctx::Object(CtxObject::from_json(&traits)));
+        ctx.insert("heap_traits", Ctx::Object(traits));
     }
     Ok(Item { ctx, seed: msg.to_string(), excluded: !sends_to_heap(merged) })
+}
+
+/// An empty object, for a message without a `context` of its own.
+fn empty_map() -> &'static Map<String, Value> {
+    static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+    &EMPTY
 }
 
 /// Segment's `integrations` object: `"Heap": false` turns Heap off; `"All": false` turns every destination off
@@ -214,7 +220,7 @@ mod tests {
 
     use crate::sources::{Parsed, Source, parse as parse_any};
 
-    fn parse(body: &Value, options: &SourceOptions) -> Result<Parsed, FieldError> {
+    fn parse<'a>(body: &'a Value, options: &SourceOptions) -> Result<Parsed<'a>, FieldError> {
         parse_any(Source::Segment, body, options)
     }
 
@@ -276,9 +282,8 @@ mod tests {
 
     #[test]
     fn a_message_without_type_is_an_item_error_naming_its_index() {
-        let Parsed::Items(v) = parse(&json!({"batch": [{"event": "E"}]}), &SourceOptions::default()).unwrap() else {
-            panic!("expected items")
-        };
+        let body = json!({"batch": [{"event": "E"}]});
+        let Parsed::Items(v) = parse(&body, &SourceOptions::default()).unwrap() else { panic!("expected items") };
         assert_eq!(v[0].as_ref().unwrap_err().field, "batch[0].type");
     }
 }

@@ -5,7 +5,7 @@
 
 use super::{Item, Shape, get_ci};
 use crate::domain::FieldError;
-use crate::templates::context::{Ctx, CtxObject};
+use crate::templates::context::{Ctx, CtxObject, Dates};
 use serde_json::Value;
 
 const NAMES: &[(&str, &str)] = &[
@@ -32,7 +32,7 @@ pub fn heap_event_name(event: &str) -> String {
         .map_or_else(|| format!("Userpilot {e}"), |(_, name)| (*name).to_owned())
 }
 
-pub fn for_each(body: &Value, f: &mut dyn FnMut(Result<Item, FieldError>)) -> Result<Shape, FieldError> {
+pub fn for_each<'a>(body: &'a Value, f: &mut dyn FnMut(Result<Item<'a>, FieldError>)) -> Result<Shape, FieldError> {
     let events: Vec<&Value> = match body {
         Value::Array(a) => a.iter().collect(),
         Value::Object(_) => vec![body],
@@ -50,7 +50,7 @@ pub fn for_each(body: &Value, f: &mut dyn FnMut(Result<Item, FieldError>)) -> Re
     Ok(Shape::Items)
 }
 
-fn event_item(event: &Value) -> Result<Item, FieldError> {
+fn event_item(event: &Value) -> Result<Item<'_>, FieldError> {
     let Value::Object(obj) = event else {
         return Err(FieldError::invalid("", "each Userpilot event must be a JSON object"));
     };
@@ -60,7 +60,7 @@ fn event_item(event: &Value) -> Result<Item, FieldError> {
             return Err(FieldError::missing("event", "a Userpilot event needs `event` (its type, e.g. flow_started)"));
         }
     };
-    let mut ctx = CtxObject::from_json(obj);
+    let mut ctx = CtxObject::from_json(obj, Dates::AsSent);
     ctx.insert("heap_event", Ctx::str(heap_event_name(&name)));
     Ok(Item { ctx, seed: event.to_string(), excluded: false })
 }

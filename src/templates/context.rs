@@ -6,56 +6,60 @@
 //! `{% if Profile.Email %}` is false. Keys are looked up exactly first and then case-insensitively, because
 //! vendors change key casing between versions (CleverTap's `Email`/`email`).
 //!
+//! The values are read where they are in the parsed body: a source builds a few objects of its own (CleverTap's
+//! `Profile` gathers three parts of a profile) whose leaves are borrowed JSON ([`Ctx::Json`]), so a variable
+//! costs a pointer, not a copy, and a batch-level field (a Segment batch's `context`) is shared by every message
+//! instead of copied into each ([`Ctx::Merged`]). CleverTap's `$D_` dates are read as ISO-8601 where they are.
+//!
 //! Values copied into a plain liquid value (a `for` loop variable, `assign`) are strict again; the renderer treats
 //! an unknown-variable error there as "renders to nothing" (see `render.rs`).
 
-use liquid_core::model::{DisplayCow, KString, KStringCow, Scalar, State};
+use liquid_core::model::{ArrayView, DisplayCow, KString, KStringCow, Scalar, ScalarCow, State};
 use liquid_core::{ObjectView, Value as LiquidValue, ValueView};
-use serde_json::Value;
+use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
+
+/// How a borrowed JSON string reads: as sent, or with CleverTap's `$D_<epoch>` dates as ISO-8601.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dates {
+    AsSent,
+    CleverTap,
+}
 
 #[derive(Debug, Clone)]
-pub enum Ctx {
+pub enum Ctx<'a> {
     Nil,
     Scalar(Scalar),
-    Array(Vec<Ctx>),
-    Object(CtxObject),
+    /// A part of the body, read in place.
+    Json(&'a Value, Dates),
+    /// An object of the message's own keys over a shared one's (a Segment batch `context` under a message's own).
+    Merged(Merged<'a>),
+    Array(Vec<Ctx<'a>>),
+    Object(CtxObject<'a>),
 }
 
 /// An object's entries, sorted by key (as a JSON map iterates): one allocation per object instead of a B-tree's
-/// nodes, and binary search for the exact-case lookup. Keys are `KString`s, held inline when short.
+/// nodes, and binary search for the exact-case lookup. Keys are borrowed from the body where they can be.
 #[derive(Debug, Clone, Default)]
-pub struct CtxObject {
-    entries: Vec<(KString, Ctx)>,
+pub struct CtxObject<'a> {
+    entries: Vec<(Cow<'a, str>, Ctx<'a>)>,
 }
 
-static NIL: Ctx = Ctx::Nil;
-static EMPTY: CtxObject = CtxObject { entries: Vec::new() };
+static NIL: Ctx<'static> = Ctx::Nil;
+static EMPTY: CtxObject<'static> = CtxObject { entries: Vec::new() };
 
-impl Ctx {
-    /// Converts JSON into template values. `map_str` rewrites string leaves (CleverTap's `$D_` dates).
-    pub fn from_json_with(v: &Value, map_str: &dyn Fn(&str) -> Option<String>) -> Ctx {
+impl<'a> Ctx<'a> {
+    /// A part of the body, read in place (`dates`: how its strings read).
+    pub fn json(v: &'a Value, dates: Dates) -> Ctx<'a> {
         match v {
             Value::Null => Ctx::Nil,
-            Value::Bool(b) => Ctx::Scalar(Scalar::new(*b)),
-            Value::Number(n) => match n.as_i64() {
-                Some(i) => Ctx::Scalar(Scalar::new(i)),
-                None => Ctx::Scalar(Scalar::new(n.as_f64().unwrap_or(f64::NAN))),
-            },
-            Value::String(s) => Ctx::Scalar(match map_str(s) {
-                Some(mapped) => Scalar::new(mapped),
-                None => Scalar::new(KString::from_ref(s)),
-            }),
-            Value::Array(a) => Ctx::Array(a.iter().map(|x| Ctx::from_json_with(x, map_str)).collect()),
-            Value::Object(o) => Ctx::Object(CtxObject::from_json_with(o, map_str)),
+            _ => Ctx::Json(v, dates),
         }
     }
 
-    pub fn from_json(v: &Value) -> Ctx {
-        Ctx::from_json_with(v, &|_| None)
-    }
-
-    pub fn str(s: impl Into<String>) -> Ctx {
+    pub fn str(s: impl Into<String>) -> Ctx<'a> {
         Ctx::Scalar(Scalar::new(s.into()))
     }
 
@@ -63,43 +67,82 @@ impl Ctx {
         match self {
             Ctx::Nil => LiquidValue::Nil,
             Ctx::Scalar(s) => LiquidValue::Scalar(s.clone()),
+            Ctx::Json(v, d) => json_to_liquid(v, *d),
+            Ctx::Merged(m) => m.to_value(),
             Ctx::Array(a) => LiquidValue::Array(a.iter().map(Ctx::to_liquid).collect()),
             Ctx::Object(o) => o.to_value(),
         }
     }
+
+    /// The value as the view liquid and the relay's outputs read.
+    pub fn view(&self) -> &dyn ValueView {
+        match self {
+            Ctx::Json(v, Dates::AsSent) => JsonView::<AsSent>::of(v),
+            Ctx::Json(v, Dates::CleverTap) => JsonView::<CleverTapDates>::of(v),
+            Ctx::Merged(m) => m,
+            other => other,
+        }
+    }
+
+    /// The same value built of owned objects (for `fill_missing_key`, which edits them).
+    fn owned(&self) -> Ctx<'a> {
+        match self {
+            Ctx::Json(Value::Object(m), d) => Ctx::Object(CtxObject {
+                entries: m.iter().map(|(k, v)| (Cow::Borrowed(k.as_str()), Ctx::json(v, *d).owned())).collect(),
+            }),
+            Ctx::Json(Value::Array(a), d) => Ctx::Array(a.iter().map(|v| Ctx::json(v, *d).owned()).collect()),
+            Ctx::Merged(m) => {
+                let mut o = CtxObject::from_json(m.base, m.dates);
+                for (k, v) in m.own {
+                    o.insert(k.as_str(), Ctx::json(v, m.dates));
+                }
+                Ctx::Object(o).owned()
+            }
+            Ctx::Object(o) => {
+                Ctx::Object(CtxObject { entries: o.entries.iter().map(|(k, v)| (k.clone(), v.owned())).collect() })
+            }
+            Ctx::Array(a) => Ctx::Array(a.iter().map(Ctx::owned).collect()),
+            other => other.clone(),
+        }
+    }
 }
 
-impl CtxObject {
+impl<'a> CtxObject<'a> {
     pub fn new() -> Self {
         Self::default()
     }
 
-    pub fn from_json_with(o: &serde_json::Map<String, Value>, map_str: &dyn Fn(&str) -> Option<String>) -> Self {
-        // A JSON map iterates in key order, so the entries come out sorted.
-        Self { entries: o.iter().map(|(k, v)| (KString::from_ref(k), Ctx::from_json_with(v, map_str))).collect() }
+    /// A JSON object's entries, borrowed; a JSON map iterates in key order, so the entries come out sorted.
+    pub fn from_json(o: &'a Map<String, Value>, dates: Dates) -> Self {
+        Self { entries: o.iter().map(|(k, v)| (Cow::Borrowed(k.as_str()), Ctx::json(v, dates))).collect() }
     }
 
-    pub fn from_json(o: &serde_json::Map<String, Value>) -> Self {
-        Self::from_json_with(o, &|_| None)
-    }
-
-    pub fn insert(&mut self, key: impl Into<String>, value: Ctx) {
-        let key: String = key.into();
-        match self.entries.binary_search_by(|(k, _)| k.as_str().cmp(&key)) {
+    pub fn insert(&mut self, key: impl Into<Cow<'a, str>>, value: Ctx<'a>) {
+        let key = key.into();
+        match self.entries.binary_search_by(|(k, _)| k.as_ref().cmp(key.as_ref())) {
             Ok(i) => self.entries[i].1 = value,
-            Err(i) => self.entries.insert(i, (KString::from_string(key), value)),
+            Err(i) => self.entries.insert(i, (key, value)),
+        }
+    }
+
+    /// Inserts only when this exact key is not there yet.
+    pub fn insert_if_absent(&mut self, key: impl Into<Cow<'a, str>>, value: Ctx<'a>) {
+        let key = key.into();
+        if let Err(i) = self.entries.binary_search_by(|(k, _)| k.as_ref().cmp(key.as_ref())) {
+            self.entries.insert(i, (key, value));
         }
     }
 
     /// Inserts only when no key of that name (in any casing) is there yet.
-    pub fn insert_missing(&mut self, key: &str, value: Ctx) {
-        if self.lookup(key).is_none() {
+    pub fn insert_missing(&mut self, key: impl Into<Cow<'a, str>>, value: Ctx<'a>) {
+        let key = key.into();
+        if self.lookup(&key).is_none() {
             self.insert(key, value);
         }
     }
 
-    pub fn lookup(&self, key: &str) -> Option<&Ctx> {
-        match self.entries.binary_search_by(|(k, _)| k.as_str().cmp(key)) {
+    pub fn lookup(&self, key: &str) -> Option<&Ctx<'a>> {
+        match self.entries.binary_search_by(|(k, _)| k.as_ref().cmp(key)) {
             Ok(i) => Some(&self.entries[i].1),
             Err(_) => self
                 .entries
@@ -113,24 +156,470 @@ impl CtxObject {
         self.entries.is_empty()
     }
 
-    pub fn entries(&self) -> impl Iterator<Item = (&str, &Ctx)> {
-        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Ctx<'a>)> {
+        self.entries.iter().map(|(k, v)| (k.as_ref(), v))
     }
 }
 
-struct Glued<'a>(&'a CtxObject);
+// ---- borrowed JSON as liquid values ------------------------------------------------------------------------------
 
-impl fmt::Display for Glued<'_> {
+/// How a borrowed JSON string reads (see [`Dates`]), as a type so that the views below can be cast from `&Value`.
+pub trait DateRule: 'static {
+    const DATES: Dates;
+}
+
+#[derive(Debug)]
+pub enum AsSent {}
+#[derive(Debug)]
+pub enum CleverTapDates {}
+
+impl DateRule for AsSent {
+    const DATES: Dates = Dates::AsSent;
+}
+impl DateRule for CleverTapDates {
+    const DATES: Dates = Dates::CleverTap;
+}
+
+/// A JSON value viewed as a liquid value, in place.
+#[repr(transparent)]
+pub struct JsonView<D>(Value, PhantomData<D>);
+/// A JSON object viewed as a liquid object, with lenient lookups.
+#[repr(transparent)]
+pub struct JsonMap<D>(Map<String, Value>, PhantomData<D>);
+/// A JSON array viewed as a liquid array.
+#[repr(transparent)]
+pub struct JsonArray<D>(Vec<Value>, PhantomData<D>);
+
+impl<D: DateRule> JsonView<D> {
+    pub fn of(v: &Value) -> &Self {
+        // SAFETY: `JsonView<D>` is `repr(transparent)` over `Value` (its other field is a zero-sized marker), so
+        // the two references have the same layout and the view borrows the value for as long as the reference.
+        unsafe { &*(v as *const Value as *const Self) }
+    }
+}
+
+impl<D: DateRule> JsonMap<D> {
+    fn of(m: &Map<String, Value>) -> &Self {
+        // SAFETY: as `JsonView::of`: `repr(transparent)` over `Map<String, Value>`.
+        unsafe { &*(m as *const Map<String, Value> as *const Self) }
+    }
+
+    fn lookup(&self, key: &str) -> Option<&Value> {
+        lookup_json(&self.0, key)
+    }
+}
+
+impl<D: DateRule> JsonArray<D> {
+    fn of(a: &Vec<Value>) -> &Self {
+        // SAFETY: as `JsonView::of`: `repr(transparent)` over `Vec<Value>`.
+        unsafe { &*(a as *const Vec<Value> as *const Self) }
+    }
+}
+
+fn lookup_json<'m>(m: &'m Map<String, Value>, key: &str) -> Option<&'m Value> {
+    m.get(key).or_else(|| {
+        m.iter()
+            .find(|(k, _)| k.len() == key.len() && k.as_bytes().eq_ignore_ascii_case(key.as_bytes()))
+            .map(|(_, v)| v)
+    })
+}
+
+/// A JSON string as the template reads it.
+fn read_str(s: &str, dates: Dates) -> ScalarCow<'_> {
+    if dates == Dates::CleverTap {
+        if let Some(date) = crate::sources::clevertap::ct_date(s) {
+            return ScalarCow::new(date);
+        }
+    }
+    ScalarCow::new(s)
+}
+
+/// A JSON scalar as liquid's: integers that fit in i64 stay integers, other numbers are floats.
+fn json_scalar(v: &Value, dates: Dates) -> Option<ScalarCow<'_>> {
+    Some(match v {
+        Value::Bool(b) => ScalarCow::new(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => ScalarCow::new(i),
+            None => ScalarCow::new(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => read_str(s, dates),
+        _ => return None,
+    })
+}
+
+fn json_to_liquid(v: &Value, dates: Dates) -> LiquidValue {
+    match v {
+        Value::Null => LiquidValue::Nil,
+        Value::Array(a) => LiquidValue::Array(a.iter().map(|x| json_to_liquid(x, dates)).collect()),
+        Value::Object(m) => {
+            LiquidValue::Object(m.iter().map(|(k, x)| (KString::from_ref(k), json_to_liquid(x, dates))).collect())
+        }
+        scalar => json_scalar(scalar, dates).map_or(LiquidValue::Nil, |s| LiquidValue::Scalar(s.into_owned())),
+    }
+}
+
+impl<D: DateRule> fmt::Debug for JsonView<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl<D: DateRule> fmt::Debug for JsonMap<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl<D: DateRule> fmt::Debug for JsonArray<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Liquid prints an array by gluing its items, an object by gluing keys and values; kept for compatibility.
+struct GluedJson<'v>(&'v Value, Dates);
+
+impl fmt::Display for GluedJson<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Value::Null => Ok(()),
+            Value::Array(a) => a.iter().try_for_each(|x| write!(f, "{}", GluedJson(x, self.1))),
+            Value::Object(m) => m.iter().try_for_each(|(k, x)| write!(f, "{k}{}", GluedJson(x, self.1))),
+            scalar => match json_scalar(scalar, self.1) {
+                Some(s) => write!(f, "{}", s.render()),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
+impl<D: DateRule> ValueView for JsonView<D> {
+    fn as_debug(&self) -> &dyn fmt::Debug {
+        self
+    }
+    fn render(&self) -> DisplayCow<'_> {
+        DisplayCow::Owned(Box::new(GluedJson(&self.0, D::DATES)))
+    }
+    fn source(&self) -> DisplayCow<'_> {
+        match &self.0 {
+            Value::Null => DisplayCow::Owned(Box::new("nil")),
+            Value::String(s) => DisplayCow::Owned(Box::new(format!("\"{}\"", read_str(s, D::DATES).to_kstr()))),
+            other => DisplayCow::Owned(Box::new(GluedJson(other, D::DATES))),
+        }
+    }
+    fn type_name(&self) -> &'static str {
+        match &self.0 {
+            Value::Null => "nil",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+            scalar => json_scalar(scalar, D::DATES).map_or("nil", |s| s.type_name()),
+        }
+    }
+    fn query_state(&self, state: State) -> bool {
+        match &self.0 {
+            Value::Null => !matches!(state, State::Truthy),
+            Value::Array(a) => match state {
+                State::Truthy => true,
+                State::DefaultValue | State::Empty | State::Blank => a.is_empty(),
+            },
+            Value::Object(m) => match state {
+                State::Truthy => true,
+                State::DefaultValue | State::Empty | State::Blank => m.is_empty(),
+            },
+            scalar => json_scalar(scalar, D::DATES).is_some_and(|s| s.query_state(state)),
+        }
+    }
+    fn to_kstr(&self) -> KStringCow<'_> {
+        match &self.0 {
+            Value::Null => KStringCow::from_static(""),
+            Value::String(s) if D::DATES == Dates::AsSent => KStringCow::from_ref(s),
+            Value::Array(_) | Value::Object(_) => KStringCow::from_string(GluedJson(&self.0, D::DATES).to_string()),
+            scalar => json_scalar(scalar, D::DATES)
+                .map_or_else(|| KStringCow::from_static(""), |s| KStringCow::from(s.to_kstr().into_owned())),
+        }
+    }
+    fn to_value(&self) -> LiquidValue {
+        json_to_liquid(&self.0, D::DATES)
+    }
+    fn as_scalar(&self) -> Option<ScalarCow<'_>> {
+        json_scalar(&self.0, D::DATES)
+    }
+    fn as_array(&self) -> Option<&dyn ArrayView> {
+        match &self.0 {
+            Value::Array(a) => Some(JsonArray::<D>::of(a)),
+            _ => None,
+        }
+    }
+    /// A missing value answers lookups as an empty object, so deeper paths stay nil instead of failing.
+    fn as_object(&self) -> Option<&dyn ObjectView> {
+        match &self.0 {
+            Value::Object(m) => Some(JsonMap::<D>::of(m)),
+            Value::Null => Some(&EMPTY),
+            _ => None,
+        }
+    }
+    fn is_nil(&self) -> bool {
+        self.0.is_null()
+    }
+}
+
+impl<D: DateRule> ValueView for JsonMap<D> {
+    fn as_debug(&self) -> &dyn fmt::Debug {
+        self
+    }
+    fn render(&self) -> DisplayCow<'_> {
+        DisplayCow::Owned(Box::new(GluedMap(&self.0, D::DATES)))
+    }
+    fn source(&self) -> DisplayCow<'_> {
+        self.render()
+    }
+    fn type_name(&self) -> &'static str {
+        "object"
+    }
+    fn query_state(&self, state: State) -> bool {
+        match state {
+            State::Truthy => true,
+            State::DefaultValue | State::Empty | State::Blank => self.0.is_empty(),
+        }
+    }
+    fn to_kstr(&self) -> KStringCow<'_> {
+        KStringCow::from_string(GluedMap(&self.0, D::DATES).to_string())
+    }
+    fn to_value(&self) -> LiquidValue {
+        LiquidValue::Object(self.0.iter().map(|(k, x)| (KString::from_ref(k), json_to_liquid(x, D::DATES))).collect())
+    }
+    fn as_object(&self) -> Option<&dyn ObjectView> {
+        Some(self)
+    }
+}
+
+struct GluedMap<'m>(&'m Map<String, Value>, Dates);
+
+impl fmt::Display for GluedMap<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|(k, x)| write!(f, "{k}{}", GluedJson(x, self.1)))
+    }
+}
+
+impl<D: DateRule> ObjectView for JsonMap<D> {
+    fn as_value(&self) -> &dyn ValueView {
+        self
+    }
+    fn size(&self) -> i64 {
+        self.0.len() as i64
+    }
+    fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
+        Box::new(self.0.keys().map(|k| KStringCow::from_ref(k.as_str())))
+    }
+    fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
+        Box::new(self.0.values().map(|v| JsonView::<D>::of(v) as &dyn ValueView))
+    }
+    fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
+        Box::new(self.0.iter().map(|(k, v)| (KStringCow::from_ref(k.as_str()), JsonView::<D>::of(v) as &dyn ValueView)))
+    }
+    fn contains_key(&self, index: &str) -> bool {
+        self.lookup(index).is_some()
+    }
+    fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
+        match self.lookup(index) {
+            Some(v) => Some(JsonView::<D>::of(v)),
+            // Liquid answers `.size` itself (the number of keys) when the object has no such key.
+            None if index == "size" => None,
+            None => Some(&NIL),
+        }
+    }
+}
+
+impl<D: DateRule> ValueView for JsonArray<D> {
+    fn as_debug(&self) -> &dyn fmt::Debug {
+        self
+    }
+    fn render(&self) -> DisplayCow<'_> {
+        DisplayCow::Owned(Box::new(GluedArray(&self.0, D::DATES)))
+    }
+    fn source(&self) -> DisplayCow<'_> {
+        self.render()
+    }
+    fn type_name(&self) -> &'static str {
+        "array"
+    }
+    fn query_state(&self, state: State) -> bool {
+        match state {
+            State::Truthy => true,
+            State::DefaultValue | State::Empty | State::Blank => self.0.is_empty(),
+        }
+    }
+    fn to_kstr(&self) -> KStringCow<'_> {
+        KStringCow::from_string(GluedArray(&self.0, D::DATES).to_string())
+    }
+    fn to_value(&self) -> LiquidValue {
+        LiquidValue::Array(self.0.iter().map(|x| json_to_liquid(x, D::DATES)).collect())
+    }
+    fn as_array(&self) -> Option<&dyn ArrayView> {
+        Some(self)
+    }
+}
+
+struct GluedArray<'m>(&'m [Value], Dates);
+
+impl fmt::Display for GluedArray<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|x| write!(f, "{}", GluedJson(x, self.1)))
+    }
+}
+
+impl<D: DateRule> ArrayView for JsonArray<D> {
+    fn as_value(&self) -> &dyn ValueView {
+        self
+    }
+    fn size(&self) -> i64 {
+        self.0.len() as i64
+    }
+    fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
+        Box::new(self.0.iter().map(|v| JsonView::<D>::of(v) as &dyn ValueView))
+    }
+    /// Negative indexes count from the end, as liquid's arrays do.
+    fn contains_key(&self, index: i64) -> bool {
+        let index = if index >= 0 { index } else { self.size() + index };
+        (0..self.size()).contains(&index)
+    }
+    fn get(&self, index: i64) -> Option<&dyn ValueView> {
+        let index = if index >= 0 { index } else { self.size() + index };
+        usize::try_from(index).ok().and_then(|i| self.0.get(i)).map(|v| JsonView::<D>::of(v) as &dyn ValueView)
+    }
+}
+
+// ---- a message's object over a shared one -------------------------------------------------------------------------
+
+/// `own`'s keys over `base`'s, merged as they are read: a batch-level object shared by every message of a batch.
+#[derive(Debug, Clone)]
+pub struct Merged<'a> {
+    own: &'a Map<String, Value>,
+    base: &'a Map<String, Value>,
+    dates: Dates,
+}
+
+impl<'a> Merged<'a> {
+    pub fn new(own: &'a Map<String, Value>, base: &'a Map<String, Value>, dates: Dates) -> Self {
+        Self { own, base, dates }
+    }
+
+    fn lookup(&self, key: &str) -> Option<&'a Value> {
+        // Exact keys first in either map, then any casing: the same order a merged map would answer in.
+        self.own
+            .get(key)
+            .or_else(|| self.base.get(key))
+            .or_else(|| lookup_json(self.own, key))
+            .or_else(|| lookup_json(self.base, key))
+    }
+
+    /// Both maps' entries in key order, the message's own where both have a key.
+    fn entries(&self) -> impl Iterator<Item = (&'a String, &'a Value)> + 'a {
+        let mut own = self.own.iter().peekable();
+        let mut base = self.base.iter().peekable();
+        std::iter::from_fn(move || match (own.peek(), base.peek()) {
+            (Some((a, _)), Some((b, _))) if a == b => {
+                base.next();
+                own.next()
+            }
+            (Some((a, _)), Some((b, _))) if a < b => own.next(),
+            (Some(_), Some(_)) => base.next(),
+            (Some(_), None) => own.next(),
+            (None, _) => base.next(),
+        })
+    }
+
+    fn view(&self, v: &'a Value) -> &'a dyn ValueView {
+        match self.dates {
+            Dates::AsSent => JsonView::<AsSent>::of(v),
+            Dates::CleverTap => JsonView::<CleverTapDates>::of(v),
+        }
+    }
+
+    fn to_value(&self) -> LiquidValue {
+        LiquidValue::Object(
+            self.entries().map(|(k, v)| (KString::from_ref(k), json_to_liquid(v, self.dates))).collect(),
+        )
+    }
+}
+
+struct GluedMerged<'m, 'a>(&'m Merged<'a>);
+
+impl fmt::Display for GluedMerged<'_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.entries().try_for_each(|(k, x)| write!(f, "{k}{}", GluedJson(x, self.0.dates)))
+    }
+}
+
+impl ValueView for Merged<'_> {
+    fn as_debug(&self) -> &dyn fmt::Debug {
+        self
+    }
+    fn render(&self) -> DisplayCow<'_> {
+        DisplayCow::Owned(Box::new(GluedMerged(self)))
+    }
+    fn source(&self) -> DisplayCow<'_> {
+        self.render()
+    }
+    fn type_name(&self) -> &'static str {
+        "object"
+    }
+    fn query_state(&self, state: State) -> bool {
+        match state {
+            State::Truthy => true,
+            State::DefaultValue | State::Empty | State::Blank => self.own.is_empty() && self.base.is_empty(),
+        }
+    }
+    fn to_kstr(&self) -> KStringCow<'_> {
+        KStringCow::from_string(GluedMerged(self).to_string())
+    }
+    fn to_value(&self) -> LiquidValue {
+        Merged::to_value(self)
+    }
+    fn as_object(&self) -> Option<&dyn ObjectView> {
+        Some(self)
+    }
+}
+
+impl ObjectView for Merged<'_> {
+    fn as_value(&self) -> &dyn ValueView {
+        self
+    }
+    fn size(&self) -> i64 {
+        self.entries().count() as i64
+    }
+    fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
+        Box::new(self.entries().map(|(k, _)| KStringCow::from_ref(k.as_str())))
+    }
+    fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
+        Box::new(self.entries().map(|(_, v)| self.view(v)))
+    }
+    fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
+        Box::new(self.entries().map(|(k, v)| (KStringCow::from_ref(k.as_str()), self.view(v))))
+    }
+    fn contains_key(&self, index: &str) -> bool {
+        self.lookup(index).is_some()
+    }
+    fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
+        match self.lookup(index) {
+            Some(v) => Some(self.view(v)),
+            None if index == "size" => None,
+            None => Some(&NIL),
+        }
+    }
+}
+
+struct Glued<'o, 'a>(&'o CtxObject<'a>);
+
+impl fmt::Display for Glued<'_, '_> {
     /// Liquid prints an object by gluing keys and values together; kept for compatibility.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (k, v) in &self.0.entries {
-            write!(f, "{k}{}", v.render())?;
+            write!(f, "{k}{}", v.view().render())?;
         }
         Ok(())
     }
 }
 
-impl ValueView for CtxObject {
+impl ValueView for CtxObject<'_> {
     fn as_debug(&self) -> &dyn fmt::Debug {
         self
     }
@@ -153,14 +642,14 @@ impl ValueView for CtxObject {
         KStringCow::from_string(Glued(self).to_string())
     }
     fn to_value(&self) -> LiquidValue {
-        LiquidValue::Object(self.entries.iter().map(|(k, v)| (k.clone(), v.to_liquid())).collect())
+        LiquidValue::Object(self.entries.iter().map(|(k, v)| (KString::from_ref(k), v.to_liquid())).collect())
     }
     fn as_object(&self) -> Option<&dyn ObjectView> {
         Some(self)
     }
 }
 
-impl ObjectView for CtxObject {
+impl ObjectView for CtxObject<'_> {
     fn as_value(&self) -> &dyn ValueView {
         self
     }
@@ -168,20 +657,20 @@ impl ObjectView for CtxObject {
         self.entries.len() as i64
     }
     fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
-        Box::new(self.entries.iter().map(|(k, _)| KStringCow::from_ref(k.as_str())))
+        Box::new(self.entries.iter().map(|(k, _)| KStringCow::from_ref(k.as_ref())))
     }
     fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
-        Box::new(self.entries.iter().map(|(_, v)| v as &dyn ValueView))
+        Box::new(self.entries.iter().map(|(_, v)| v.view()))
     }
     fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
-        Box::new(self.entries.iter().map(|(k, v)| (KStringCow::from_ref(k.as_str()), v as &dyn ValueView)))
+        Box::new(self.entries.iter().map(|(k, v)| (KStringCow::from_ref(k.as_ref()), v.view())))
     }
     fn contains_key(&self, index: &str) -> bool {
         self.lookup(index).is_some()
     }
     fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
         match self.lookup(index) {
-            Some(v) => Some(v),
+            Some(v) => Some(v.view()),
             // Liquid answers `.size` itself (the number of keys) when the object has no such key.
             None if index == "size" => None,
             None => Some(&NIL),
@@ -189,7 +678,7 @@ impl ObjectView for CtxObject {
     }
 }
 
-impl ValueView for Ctx {
+impl ValueView for Ctx<'_> {
     fn as_debug(&self) -> &dyn fmt::Debug {
         self
     }
@@ -199,6 +688,7 @@ impl ValueView for Ctx {
             Ctx::Scalar(s) => s.render(),
             Ctx::Array(a) => a.render(),
             Ctx::Object(o) => o.render(),
+            Ctx::Json(..) | Ctx::Merged(_) => self.view().render(),
         }
     }
     fn source(&self) -> DisplayCow<'_> {
@@ -207,6 +697,7 @@ impl ValueView for Ctx {
             Ctx::Scalar(s) => s.source(),
             Ctx::Array(a) => a.source(),
             Ctx::Object(o) => o.source(),
+            Ctx::Json(..) | Ctx::Merged(_) => self.view().source(),
         }
     }
     fn type_name(&self) -> &'static str {
@@ -215,6 +706,7 @@ impl ValueView for Ctx {
             Ctx::Scalar(s) => s.type_name(),
             Ctx::Array(a) => a.type_name(),
             Ctx::Object(o) => o.type_name(),
+            Ctx::Json(..) | Ctx::Merged(_) => self.view().type_name(),
         }
     }
     fn query_state(&self, state: State) -> bool {
@@ -223,6 +715,7 @@ impl ValueView for Ctx {
             Ctx::Scalar(s) => s.query_state(state),
             Ctx::Array(a) => a.query_state(state),
             Ctx::Object(o) => o.query_state(state),
+            Ctx::Json(..) | Ctx::Merged(_) => self.view().query_state(state),
         }
     }
     fn to_kstr(&self) -> KStringCow<'_> {
@@ -231,20 +724,23 @@ impl ValueView for Ctx {
             Ctx::Scalar(s) => s.to_kstr(),
             Ctx::Array(a) => a.to_kstr(),
             Ctx::Object(o) => o.to_kstr(),
+            Ctx::Json(..) | Ctx::Merged(_) => self.view().to_kstr(),
         }
     }
     fn to_value(&self) -> LiquidValue {
         self.to_liquid()
     }
-    fn as_scalar(&self) -> Option<liquid_core::model::ScalarCow<'_>> {
+    fn as_scalar(&self) -> Option<ScalarCow<'_>> {
         match self {
             Ctx::Scalar(s) => Some(s.as_ref()),
+            Ctx::Json(..) => self.view().as_scalar(),
             _ => None,
         }
     }
-    fn as_array(&self) -> Option<&dyn liquid_core::model::ArrayView> {
+    fn as_array(&self) -> Option<&dyn ArrayView> {
         match self {
             Ctx::Array(a) => Some(a),
+            Ctx::Json(..) => self.view().as_array(),
             _ => None,
         }
     }
@@ -253,20 +749,26 @@ impl ValueView for Ctx {
         match self {
             Ctx::Object(o) => Some(o),
             Ctx::Nil => Some(&EMPTY),
+            Ctx::Merged(m) => Some(m),
+            Ctx::Json(..) => self.view().as_object(),
             _ => None,
         }
     }
     fn is_nil(&self) -> bool {
-        matches!(self, Ctx::Nil)
+        match self {
+            Ctx::Nil => true,
+            Ctx::Json(v, _) => v.is_null(),
+            _ => false,
+        }
     }
 }
 
 /// The top-level object a template renders against. Liquid asks the root whether it holds a variable before
 /// looking it up; answering yes for every name makes a missing top-level variable nil instead of an error.
 #[derive(Debug)]
-pub struct Globals<'a>(pub &'a CtxObject);
+pub struct Globals<'o, 'a>(pub &'o CtxObject<'a>);
 
-impl ValueView for Globals<'_> {
+impl ValueView for Globals<'_, '_> {
     fn as_debug(&self) -> &dyn fmt::Debug {
         self
     }
@@ -293,7 +795,7 @@ impl ValueView for Globals<'_> {
     }
 }
 
-impl ObjectView for Globals<'_> {
+impl ObjectView for Globals<'_, '_> {
     fn as_value(&self) -> &dyn ValueView {
         self
     }
@@ -317,7 +819,7 @@ impl ObjectView for Globals<'_> {
     }
 }
 
-impl CtxObject {
+impl CtxObject<'_> {
     /// Adds `key: nil` to every object below this one that lacks it. Used after a strict copy of a value (a loop
     /// variable) failed on a missing key: the same render with the key present as nil is what a lenient lookup
     /// would have produced.
@@ -328,17 +830,21 @@ impl CtxObject {
     }
 }
 
-impl Ctx {
+impl Ctx<'_> {
     fn fill_missing_key(&mut self, key: &str) {
         match self {
             Ctx::Object(o) => {
                 if o.lookup(key).is_none() {
-                    o.insert(key, Ctx::Nil);
+                    o.insert(key.to_owned(), Ctx::Nil);
                 }
                 o.fill_missing_key(key);
             }
             Ctx::Array(a) => a.iter_mut().for_each(|v| v.fill_missing_key(key)),
-            Ctx::Nil | Ctx::Scalar(_) => {}
+            Ctx::Json(Value::Object(_) | Value::Array(_), _) | Ctx::Merged(_) => {
+                *self = self.owned();
+                self.fill_missing_key(key);
+            }
+            Ctx::Nil | Ctx::Scalar(_) | Ctx::Json(..) => {}
         }
     }
 }

@@ -199,7 +199,7 @@ impl Template {
             }
             Err(_) => {
                 bounds::check_loops(text, limits).map_err(|m| err(None, None, m))?;
-                (TemplateKind::Text, text.to_owned(), Vec::new(), None)
+                (TemplateKind::Text, text.to_owned(), Vec::new(), plan::Plan::compile_text(text))
             }
         };
         let doc = match Document::parse(parser, doc_text, leaves) {

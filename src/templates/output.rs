@@ -79,7 +79,7 @@ pub struct OutputSink {
     pub(crate) at: Option<u32>,
     pub(crate) stop: Option<Stop>,
     /// The render's variables, for `{% __var %}` (see `run_with`).
-    globals: Option<std::ptr::NonNull<CtxObject>>,
+    globals: Option<std::ptr::NonNull<CtxObject<'static>>>,
 }
 
 impl OutputSink {
@@ -109,8 +109,13 @@ impl OutputSink {
     }
 
     /// As `run`, with `globals` (the variables the render reads) reachable by `{% __var %}` for the duration.
-    pub fn run_with<T>(mut self, globals: Option<&CtxObject>, render: impl FnOnce(&mut dyn Write) -> T) -> (Self, T) {
-        self.globals = globals.map(std::ptr::NonNull::from);
+    pub fn run_with<T>(
+        mut self,
+        globals: Option<&CtxObject<'_>>,
+        render: impl FnOnce(&mut dyn Write) -> T,
+    ) -> (Self, T) {
+        // The variables' own lifetime is erased here and never used past this call (see `write_var`).
+        self.globals = globals.map(|g| std::ptr::NonNull::from(g).cast::<CtxObject<'static>>());
         let previous = SINK.with(|s| s.borrow_mut().replace(self));
         let result = render(&mut ThreadSink);
         let mut sink = SINK
@@ -307,15 +312,18 @@ static NIL: Ctx = Ctx::Nil;
 
 /// Follows a plain path the way a lenient liquid lookup does: a missing key, or any key below nil, is nil.
 /// `None` when the path crosses a scalar or an array, or asks an object for a `size` it does not have.
-pub(super) fn resolve<'a>(ctx: &'a CtxObject, path: &[String]) -> Option<Option<&'a Ctx>> {
+pub(super) fn resolve<'c>(ctx: &'c CtxObject<'_>, path: &[String]) -> Option<Option<&'c dyn ValueView>> {
     let (first, rest) = path.split_first()?;
-    let mut cur = ctx.lookup(first);
+    let mut cur = ctx.lookup(first).map(Ctx::view);
     for key in rest {
         cur = match cur {
-            None | Some(Ctx::Nil) => None,
-            Some(Ctx::Object(o)) if key == "size" && o.lookup(key).is_none() => return None,
-            Some(Ctx::Object(o)) => o.lookup(key),
-            Some(Ctx::Scalar(_) | Ctx::Array(_)) => return None,
+            None => None,
+            Some(v) if v.is_nil() => None,
+            Some(v) => match v.as_object() {
+                Some(o) if key == "size" && !o.contains_key(key) => return None,
+                Some(o) => o.get(key),
+                None => return None,
+            },
         };
     }
     Some(cur)

@@ -21,7 +21,7 @@ use super::context::CtxObject;
 use super::if_block::shopify_eq;
 use super::output::resolve;
 use super::render::RenderLimits;
-use super::rewrite::{markup_end, next_open, single_expression};
+use super::rewrite::{block_end, markup_end, next_open, single_expression};
 use liquid_core::model::{State, ValueViewCmp};
 use liquid_core::{Value as LiquidValue, ValueView};
 use serde_json::{Map, Value};
@@ -76,6 +76,10 @@ enum Cond {
 /// Gives the item back to liquid.
 struct Fallback;
 
+/// Where a text template's markup was taken out of its JSON (see `Plan::compile_text`).
+const MARK_OPEN: char = '\u{E000}';
+const MARK_CLOSE: char = '\u{E001}';
+
 impl Plan {
     /// The plan of a JSON template's parsed `root`, or `None` when some leaf needs liquid.
     pub fn compile(root: &Value) -> Option<Self> {
@@ -83,8 +87,65 @@ impl Plan {
         let mut entries = Vec::with_capacity(m.len());
         for (k, v) in m {
             // Root keys starting with `_` are comments: kept as written (shape drops them).
-            let node = if k.starts_with('_') { Node::Const(v.clone()) } else { node(v)? };
+            let node = if k.starts_with('_') { Node::Const(v.clone()) } else { node(v, true)? };
             entries.push((k.clone(), node));
+        }
+        Some(Self { root: Node::Object(entries) })
+    }
+
+    /// The plan of a text template whose Liquid sits inside JSON strings or stands for whole values
+    /// (`"total": {{ Event.Amount }}`), with `{% comment %}` blocks between values; `None` when Liquid builds
+    /// structure (a loop around an array, a tag between fields), which only liquid can render.
+    ///
+    /// Each markup is taken out and replaced with a placeholder (inside quotes where it stood outside a string),
+    /// the rest is parsed as JSON, and the markup is put back into the string leaves. A leaf then renders as it
+    /// would in the text: its literal text with JSON escapes read, each output as `output` writes it.
+    pub fn compile_text(text: &str) -> Option<Self> {
+        if text.contains([MARK_OPEN, MARK_CLOSE]) {
+            return None;
+        }
+        let mut json = String::with_capacity(text.len());
+        let mut marks: Vec<&str> = Vec::new();
+        let mut lex = JsonLex::default();
+        let mut i = 0;
+        while let Some(start) = next_open(text, i) {
+            lex.follow(&text[i..start]);
+            json.push_str(&text[i..start]);
+            let tag = text[start..].starts_with("{%");
+            let end = markup_end(text, start + 2, if tag { "%}" } else { "}}" })?;
+            let markup = &text[start..end];
+            i = end;
+            if lex.escape {
+                return None;
+            }
+            if !lex.in_string {
+                let inner = markup[2..markup.len() - 2].trim_matches('-').trim();
+                match inner.split_whitespace().next() {
+                    Some("comment") if tag => {
+                        i = block_end(text, end, "endcomment")?;
+                        continue;
+                    }
+                    _ if tag => return None,
+                    _ => {}
+                }
+            }
+            let placeholder = format!("{MARK_OPEN}{}{MARK_CLOSE}", marks.len());
+            marks.push(markup);
+            if lex.in_string {
+                json.push_str(&placeholder);
+            } else {
+                json.push('"');
+                json.push_str(&placeholder);
+                json.push('"');
+            }
+        }
+        json.push_str(&text[i..]);
+        let root: Value = serde_json::from_str(&json).ok()?;
+        let Value::Object(m) = restore(root, &marks)? else { return None };
+        // Text templates render every leaf, comments included; and their leaves are not trimmed.
+        let mut entries = Vec::with_capacity(m.len());
+        for (k, v) in &m {
+            entries.push((k.clone(), node(v, false)?));
         }
         Some(Self { root: Node::Object(entries) })
     }
@@ -110,22 +171,75 @@ impl Budget {
     }
 }
 
-fn node(v: &Value) -> Option<Node> {
+/// The plan of a value; `trimmed`: a JSON template's leaf that is one output with whitespace around it is that
+/// output (`rewrite::leaf_source` writes it without the whitespace), where a text template's keeps the whitespace.
+fn node(v: &Value, trimmed: bool) -> Option<Node> {
     Some(match v {
-        // `rewrite::leaf_source` writes a single output without its whitespace control; so does the plan.
-        Value::String(s) if s.contains("{{") || s.contains("{%") => match single_expression(s) {
+        Value::String(s) if s.contains("{{") || s.contains("{%") => match single_expression(s).filter(|_| trimmed) {
             Some(inner) => Node::Typed(expr(inner)?),
             None => Node::Text(parts(s)?),
         },
         Value::Object(m) => {
             let mut entries = Vec::with_capacity(m.len());
             for (k, v) in m {
-                entries.push((k.clone(), node(v)?));
+                entries.push((k.clone(), node(v, trimmed)?));
             }
             Node::Object(entries)
         }
-        Value::Array(a) => Node::Array(a.iter().map(node).collect::<Option<_>>()?),
+        Value::Array(a) => Node::Array(a.iter().map(|v| node(v, trimmed)).collect::<Option<_>>()?),
         other => Node::Const(other.clone()),
+    })
+}
+
+/// Follows JSON text: whether the next byte is inside a string literal, right after a backslash in one.
+#[derive(Default)]
+struct JsonLex {
+    in_string: bool,
+    escape: bool,
+}
+
+impl JsonLex {
+    fn follow(&mut self, text: &str) {
+        for b in text.bytes() {
+            match (self.in_string, self.escape, b) {
+                (true, true, _) => self.escape = false,
+                (true, false, b'\\') => self.escape = true,
+                (true, false, b'"') => self.in_string = false,
+                (false, _, b'"') => self.in_string = true,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Puts the markup back where the placeholders are; `None` if a placeholder ended up in a key.
+fn restore(v: Value, marks: &[&str]) -> Option<Value> {
+    Some(match v {
+        Value::String(s) if s.contains(MARK_OPEN) => {
+            let mut out = String::with_capacity(s.len() + 32);
+            let mut rest = s.as_str();
+            while let Some(at) = rest.find(MARK_OPEN) {
+                out.push_str(&rest[..at]);
+                let after = &rest[at + MARK_OPEN.len_utf8()..];
+                let close = after.find(MARK_CLOSE)?;
+                out.push_str(marks.get(after[..close].parse::<usize>().ok()?)?);
+                rest = &after[close + MARK_CLOSE.len_utf8()..];
+            }
+            out.push_str(rest);
+            Value::String(out)
+        }
+        Value::Object(m) => {
+            let mut out = Map::new();
+            for (k, v) in m {
+                if k.contains(MARK_OPEN) {
+                    return None;
+                }
+                out.insert(k, restore(v, marks)?);
+            }
+            Value::Object(out)
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(|v| restore(v, marks)).collect::<Option<_>>()?),
+        other => other,
     })
 }
 
@@ -388,22 +502,56 @@ fn eval_node(n: &Node, ctx: &CtxObject, budget: &mut Budget) -> Result<Value, Fa
         Node::Array(items) => Value::Array(items.iter().map(|v| eval_node(v, ctx, budget)).collect::<Result<_, _>>()?),
         Node::Typed(e) => to_json(eval_expr(e, ctx)?, budget)?,
         Node::Text(parts) => {
-            let mut s = String::new();
-            write_parts(parts, ctx, &mut s)?;
-            if s.len() > budget.leaf {
+            let mut out = TextOut { text: String::new(), pending: None };
+            write_parts(parts, ctx, &mut out)?;
+            if let Some(v) = out.pending {
+                // The one thing the string rendered to was an output: it keeps its type (`output`'s rule).
+                return to_json(v, budget);
+            }
+            if out.text.len() > budget.leaf {
                 return Err(Fallback);
             }
-            budget.take(s.len())?;
-            Value::String(s)
+            budget.take(out.text.len())?;
+            Value::String(out.text)
         }
     })
 }
 
-fn write_parts(parts: &[Part], ctx: &CtxObject, out: &mut String) -> Result<(), Fallback> {
+/// A string leaf as it renders. As in `output::OutputSink`, an output written where the string is still empty is
+/// held back: if nothing follows it, the leaf is that value with its JSON type; anything written after it makes
+/// it text (its JSON text, as the sink writes it, for a value other than a string).
+struct TextOut<'v> {
+    text: String,
+    pending: Option<&'v dyn ValueView>,
+}
+
+impl TextOut<'_> {
+    fn flush(&mut self) {
+        let Some(v) = self.pending.take() else { return };
+        match v.as_scalar() {
+            Some(s) if s.type_name() == "string" => self.text.push_str(s.to_kstr().as_str()),
+            _ if v.is_nil() || v.as_state().is_some() => {}
+            _ => super::output::write_json(v, &mut self.text),
+        }
+    }
+}
+
+fn write_parts<'v>(parts: &'v [Part], ctx: &'v CtxObject<'_>, out: &mut TextOut<'v>) -> Result<(), Fallback> {
     for p in parts {
         match p {
-            Part::Lit(s) => out.push_str(s),
-            Part::Out(e) => write_text(eval_expr(e, ctx)?, out),
+            Part::Lit(s) => {
+                out.flush();
+                out.text.push_str(s);
+            }
+            Part::Out(e) => {
+                let v = eval_expr(e, ctx)?;
+                out.flush();
+                if out.text.is_empty() {
+                    out.pending = Some(v);
+                } else {
+                    write_text(v, &mut out.text);
+                }
+            }
             Part::If(branches, otherwise) => {
                 let mut taken = None;
                 for (c, mode, body) in branches {
@@ -419,7 +567,7 @@ fn write_parts(parts: &[Part], ctx: &CtxObject, out: &mut String) -> Result<(), 
     Ok(())
 }
 
-fn eval_operand<'a>(o: &'a Operand, ctx: &'a CtxObject) -> Result<&'a dyn ValueView, Fallback> {
+fn eval_operand<'a>(o: &'a Operand, ctx: &'a CtxObject<'_>) -> Result<&'a dyn ValueView, Fallback> {
     match o {
         Operand::Lit(v) => Ok(v),
         Operand::Path(p) => match resolve(ctx, p) {
@@ -430,7 +578,7 @@ fn eval_operand<'a>(o: &'a Operand, ctx: &'a CtxObject) -> Result<&'a dyn ValueV
     }
 }
 
-fn eval_expr<'a>(e: &'a Expr, ctx: &'a CtxObject) -> Result<&'a dyn ValueView, Fallback> {
+fn eval_expr<'a>(e: &'a Expr, ctx: &'a CtxObject<'_>) -> Result<&'a dyn ValueView, Fallback> {
     let mut v = eval_operand(&e.base, ctx)?;
     for d in &e.defaults {
         if v.query_state(State::DefaultValue) {
@@ -541,5 +689,17 @@ mod tests {
         ] {
             assert!(!compiles(left), "{left}");
         }
+    }
+
+    #[test]
+    fn a_text_template_has_a_plan_unless_liquid_builds_its_structure() {
+        let plan = |t: &str| Plan::compile_text(t).is_some();
+        assert!(plan(r#"{"event": "E", "v": {{ x }}, "s": "a \" {{ x | default: 'q' }}"}"#));
+        assert!(plan(r#"{% comment %} "x {% endcomment %}{"event": "E"}"#));
+        assert!(!plan(r#"{"event": "E", "v": [{% for i in x %}{{ i }}{% endfor %}]}"#));
+        assert!(!plan(r#"{"event": "E"{% if x %}, "v": 1{% endif %}}"#));
+        assert!(!plan(r#"{"event": "E", "{{ k }}": 1}"#), "Liquid in a key");
+        assert!(!plan(r#"{"event": "E", "v": "a\{{ x }}"}"#), "an output right after a backslash");
+        assert!(!plan(r#"{"event": "E", "v": {{ x }}.5}"#));
     }
 }

@@ -45,7 +45,7 @@ fn tag_name(inner: &str) -> &str {
 }
 
 /// Index after the `{% end<name> %}` that closes a raw or comment block starting after `from`.
-fn block_end(text: &str, from: usize, end_name: &str) -> Option<usize> {
+pub(super) fn block_end(text: &str, from: usize, end_name: &str) -> Option<usize> {
     let mut i = from;
     while let Some(at) = text[i..].find("{%").map(|a| a + i) {
         let end = markup_end(text, at + 2, "%}")?;

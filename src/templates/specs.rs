@@ -10,8 +10,10 @@ fn template(text: &str) -> Template {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn ctx(v: Value) -> CtxObject {
-    CtxObject::from_json(v.as_object().unwrap())
+/// The variables of a test, read in place as a source's are (leaked: a test's values live as long as the test).
+fn ctx(v: Value) -> CtxObject<'static> {
+    let v: &'static Value = Box::leak(Box::new(v));
+    CtxObject::from_json(v.as_object().unwrap(), super::context::Dates::AsSent)
 }
 
 /// The one track body a template renders to.
@@ -216,6 +218,12 @@ const PLAN_TEMPLATES: &[&str] = &[
     r#"{"track": {"when": "{% unless a == b.c %}yes{% endunless %}", "event": "{% if a %}A{% elsif n == 1 %}one{% elsif b.c != 'x' and n %}bc{% else %}none{% endif %}",
                   "identity": "{% if a or b.c and n %}{{ a }}{% endif %}u"},
         "add_user_properties": {"when": "{% if n != nil %}{{ n }}{% endif %}", "identity": "{{ b.c }}", "properties": {"a": "{{ a }}"}}}"#,
+    // Text templates: Liquid inside strings and standing for whole values.
+    include_str!("../../templates/clevertap/default_text.liquid"),
+    r#"{% comment %} a "quoted" note {% endcomment %}
+       {"event": "  {{ a }}  ", "identity": "{{ b.c | default: 'u' }}", "_c": "{{ a }}",
+        "properties": {"n": {{ n }}, "t": "x\"{{ a }}\n{% if n %}{{ n }}{% endif %}", "b": {{ b | default: a }},
+                       "one": "{% if n %}{{ n }}{% endif %}", "list": [{{ a }}, "{{ n }}{{ a }}"], "...b": {{ b }}}}"#,
 ];
 
 fn arb_scalar() -> impl proptest::strategy::Strategy<Value = Value> {
