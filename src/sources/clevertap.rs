@@ -8,7 +8,7 @@
 use super::{Item, Shape, SourceOptions, get_ci};
 use crate::domain::FieldError;
 use crate::domain::timestamp::from_epoch;
-use crate::templates::context::{Ctx, CtxObject, Dates};
+use crate::templates::context::{Ctx, CtxObject, Dates, Over};
 use chrono::SecondsFormat;
 use serde_json::{Map, Value};
 
@@ -77,11 +77,11 @@ fn profile_item<'a>(
             prof.insert(*canonical, Ctx::json(v, CT));
         }
     }
-    if let Some(Value::Object(sys)) = get_ci(p, "systemProfileData") {
-        for (k, v) in sys {
-            prof.insert_missing(k.as_str(), Ctx::json(v, CT));
-        }
-    }
+    // systemProfileData under them, where no key of the same name (in any casing) is there already.
+    let prof = match get_ci(p, "systemProfileData") {
+        Some(Value::Object(sys)) => Ctx::Over(Box::new(Over::new(prof, sys, CT))),
+        _ => Ctx::Object(prof),
+    };
     let event = match get_ci(p, "event_properties") {
         Some(e @ Value::Object(_)) => Ctx::json(e, CT),
         _ => Ctx::Object(CtxObject::new()),
@@ -95,7 +95,7 @@ fn profile_item<'a>(
     // CleverTap's own Liquid name for the campaign id.
     campaign.insert("campaignId", Ctx::json(target_id, Dates::AsSent));
     let mut ctx = CtxObject::new();
-    ctx.insert("Profile", Ctx::Object(prof));
+    ctx.insert("Profile", prof);
     ctx.insert("Event", event);
     ctx.insert("Campaign", Ctx::Object(campaign));
     ctx.insert(

@@ -36,6 +36,9 @@ pub enum Ctx<'a> {
     Json(&'a Value, Dates),
     /// An object of the message's own keys over a shared one's (a Segment batch `context` under a message's own).
     Merged(Merged<'a>),
+    /// An object's own entries over a JSON map's, hidden where the object has the name in any casing (CleverTap's
+    /// `Profile` over its `systemProfileData`).
+    Over(Box<Over<'a>>),
     Array(Vec<Ctx<'a>>),
     Object(CtxObject<'a>),
 }
@@ -69,6 +72,7 @@ impl<'a> Ctx<'a> {
             Ctx::Scalar(s) => LiquidValue::Scalar(s.clone()),
             Ctx::Json(v, d) => json_to_liquid(v, *d),
             Ctx::Merged(m) => m.to_value(),
+            Ctx::Over(o) => o.to_value(),
             Ctx::Array(a) => LiquidValue::Array(a.iter().map(Ctx::to_liquid).collect()),
             Ctx::Object(o) => o.to_value(),
         }
@@ -80,6 +84,7 @@ impl<'a> Ctx<'a> {
             Ctx::Json(v, Dates::AsSent) => JsonView::<AsSent>::of(v),
             Ctx::Json(v, Dates::CleverTap) => JsonView::<CleverTapDates>::of(v),
             Ctx::Merged(m) => m,
+            Ctx::Over(o) => o.as_ref(),
             other => other,
         }
     }
@@ -97,6 +102,13 @@ impl<'a> Ctx<'a> {
                     o.insert(k.as_str(), Ctx::json(v, m.dates));
                 }
                 Ctx::Object(o).owned()
+            }
+            Ctx::Over(o) => {
+                let mut top = o.top.clone();
+                for (k, v) in o.under {
+                    top.insert_missing(k.as_str(), Ctx::json(v, o.dates));
+                }
+                Ctx::Object(top).owned()
             }
             Ctx::Object(o) => {
                 Ctx::Object(CtxObject { entries: o.entries.iter().map(|(k, v)| (k.clone(), v.owned())).collect() })
@@ -541,6 +553,121 @@ impl<'a> Merged<'a> {
     }
 }
 
+/// `top`'s entries over `under`'s; an entry of `under` is hidden where `top` has its name in any casing, as if
+/// each had been inserted only when missing (CleverTap's `Profile`: the profile's own fields and `profileData`
+/// over `systemProfileData`). Built without copying `under`.
+#[derive(Debug, Clone)]
+pub struct Over<'a> {
+    top: CtxObject<'a>,
+    under: &'a Map<String, Value>,
+    dates: Dates,
+}
+
+impl<'a> Over<'a> {
+    pub fn new(top: CtxObject<'a>, under: &'a Map<String, Value>, dates: Dates) -> Self {
+        Self { top, under, dates }
+    }
+
+    fn lookup(&self, key: &str) -> Option<&dyn ValueView> {
+        // A key of `under` is hidden only by a key of `top` equal to it in any casing, which `top`'s own lookup
+        // (exact, then any casing) finds first.
+        match self.top.lookup(key) {
+            Some(v) => Some(v.view()),
+            None => lookup_json(self.under, key).map(|v| view_of(v, self.dates)),
+        }
+    }
+
+    /// Every visible entry, in key order.
+    fn entries(&self) -> Vec<(&str, &dyn ValueView)> {
+        let mut all: Vec<(&str, &dyn ValueView)> =
+            self.top.entries.iter().map(|(k, v)| (k.as_ref(), v.view())).collect();
+        for (k, v) in self.under {
+            if self.top.lookup(k).is_none() {
+                all.push((k.as_str(), view_of(v, self.dates)));
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        all
+    }
+
+    fn to_value(&self) -> LiquidValue {
+        LiquidValue::Object(self.entries().into_iter().map(|(k, v)| (KString::from_ref(k), v.to_value())).collect())
+    }
+}
+
+fn view_of(v: &Value, dates: Dates) -> &dyn ValueView {
+    match dates {
+        Dates::AsSent => JsonView::<AsSent>::of(v),
+        Dates::CleverTap => JsonView::<CleverTapDates>::of(v),
+    }
+}
+
+struct GluedOver<'m, 'a>(&'m Over<'a>);
+
+impl fmt::Display for GluedOver<'_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.entries().into_iter().try_for_each(|(k, v)| write!(f, "{k}{}", v.render()))
+    }
+}
+
+impl ValueView for Over<'_> {
+    fn as_debug(&self) -> &dyn fmt::Debug {
+        self
+    }
+    fn render(&self) -> DisplayCow<'_> {
+        DisplayCow::Owned(Box::new(GluedOver(self)))
+    }
+    fn source(&self) -> DisplayCow<'_> {
+        self.render()
+    }
+    fn type_name(&self) -> &'static str {
+        "object"
+    }
+    fn query_state(&self, state: State) -> bool {
+        match state {
+            State::Truthy => true,
+            State::DefaultValue | State::Empty | State::Blank => self.top.is_empty() && self.under.is_empty(),
+        }
+    }
+    fn to_kstr(&self) -> KStringCow<'_> {
+        KStringCow::from_string(GluedOver(self).to_string())
+    }
+    fn to_value(&self) -> LiquidValue {
+        Over::to_value(self)
+    }
+    fn as_object(&self) -> Option<&dyn ObjectView> {
+        Some(self)
+    }
+}
+
+impl ObjectView for Over<'_> {
+    fn as_value(&self) -> &dyn ValueView {
+        self
+    }
+    fn size(&self) -> i64 {
+        self.entries().len() as i64
+    }
+    fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
+        Box::new(self.entries().into_iter().map(|(k, _)| KStringCow::from_ref(k)))
+    }
+    fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
+        Box::new(self.entries().into_iter().map(|(_, v)| v))
+    }
+    fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
+        Box::new(self.entries().into_iter().map(|(k, v)| (KStringCow::from_ref(k), v)))
+    }
+    fn contains_key(&self, index: &str) -> bool {
+        self.lookup(index).is_some()
+    }
+    fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
+        match self.lookup(index) {
+            Some(v) => Some(v),
+            None if index == "size" => None,
+            None => Some(&NIL),
+        }
+    }
+}
+
 struct GluedMerged<'m, 'a>(&'m Merged<'a>);
 
 impl fmt::Display for GluedMerged<'_, '_> {
@@ -688,7 +815,7 @@ impl ValueView for Ctx<'_> {
             Ctx::Scalar(s) => s.render(),
             Ctx::Array(a) => a.render(),
             Ctx::Object(o) => o.render(),
-            Ctx::Json(..) | Ctx::Merged(_) => self.view().render(),
+            Ctx::Json(..) | Ctx::Merged(_) | Ctx::Over(_) => self.view().render(),
         }
     }
     fn source(&self) -> DisplayCow<'_> {
@@ -697,7 +824,7 @@ impl ValueView for Ctx<'_> {
             Ctx::Scalar(s) => s.source(),
             Ctx::Array(a) => a.source(),
             Ctx::Object(o) => o.source(),
-            Ctx::Json(..) | Ctx::Merged(_) => self.view().source(),
+            Ctx::Json(..) | Ctx::Merged(_) | Ctx::Over(_) => self.view().source(),
         }
     }
     fn type_name(&self) -> &'static str {
@@ -706,7 +833,7 @@ impl ValueView for Ctx<'_> {
             Ctx::Scalar(s) => s.type_name(),
             Ctx::Array(a) => a.type_name(),
             Ctx::Object(o) => o.type_name(),
-            Ctx::Json(..) | Ctx::Merged(_) => self.view().type_name(),
+            Ctx::Json(..) | Ctx::Merged(_) | Ctx::Over(_) => self.view().type_name(),
         }
     }
     fn query_state(&self, state: State) -> bool {
@@ -715,7 +842,7 @@ impl ValueView for Ctx<'_> {
             Ctx::Scalar(s) => s.query_state(state),
             Ctx::Array(a) => a.query_state(state),
             Ctx::Object(o) => o.query_state(state),
-            Ctx::Json(..) | Ctx::Merged(_) => self.view().query_state(state),
+            Ctx::Json(..) | Ctx::Merged(_) | Ctx::Over(_) => self.view().query_state(state),
         }
     }
     fn to_kstr(&self) -> KStringCow<'_> {
@@ -724,7 +851,7 @@ impl ValueView for Ctx<'_> {
             Ctx::Scalar(s) => s.to_kstr(),
             Ctx::Array(a) => a.to_kstr(),
             Ctx::Object(o) => o.to_kstr(),
-            Ctx::Json(..) | Ctx::Merged(_) => self.view().to_kstr(),
+            Ctx::Json(..) | Ctx::Merged(_) | Ctx::Over(_) => self.view().to_kstr(),
         }
     }
     fn to_value(&self) -> LiquidValue {
@@ -750,6 +877,7 @@ impl ValueView for Ctx<'_> {
             Ctx::Object(o) => Some(o),
             Ctx::Nil => Some(&EMPTY),
             Ctx::Merged(m) => Some(m),
+            Ctx::Over(o) => Some(o.as_ref()),
             Ctx::Json(..) => self.view().as_object(),
             _ => None,
         }
@@ -840,7 +968,7 @@ impl Ctx<'_> {
                 o.fill_missing_key(key);
             }
             Ctx::Array(a) => a.iter_mut().for_each(|v| v.fill_missing_key(key)),
-            Ctx::Json(Value::Object(_) | Value::Array(_), _) | Ctx::Merged(_) => {
+            Ctx::Json(Value::Object(_) | Value::Array(_), _) | Ctx::Merged(_) | Ctx::Over(_) => {
                 *self = self.owned();
                 self.fill_missing_key(key);
             }
