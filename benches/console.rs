@@ -91,7 +91,7 @@ async fn fill(path: &std::path::Path, total: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     let (mut delivered, mut dead, mut call) = (0usize, 0usize, 0u64);
     loop {
-        let claimed = store.claim("bench", now_ms(), 600_000, 2000, Vec::new(), None).await?;
+        let claimed = store.claim("bench", now_ms(), 600_000, 2000, Default::default(), None).await?;
         if claimed.is_empty() {
             break;
         }

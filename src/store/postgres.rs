@@ -273,14 +273,15 @@ impl PgStore {
     }
 
     /// Leases up to `limit` ready events (oldest first) to `owner` until `now + lease_ms`, skipping rows another
-    /// transaction is claiming (`SKIP LOCKED`) and events of `paused` app_ids. Expired leases are claimable.
+    /// transaction is claiming (`SKIP LOCKED`) and events of the app_ids and environments `paused` names. Expired
+    /// leases are claimable.
     pub async fn claim(
         &self,
         owner: &str,
         now: Millis,
         lease_ms: i64,
         limit: i64,
-        paused: Vec<String>,
+        paused: Paused,
     ) -> Result<Vec<Claimed>, StoreError> {
         let client = self.pool.get().await?;
         let stmt = client
@@ -292,14 +293,17 @@ impl PgStore {
                      SELECT id FROM events
                      WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $3
                        AND (lease_expires_at IS NULL OR lease_expires_at < $3)
-                       AND NOT (app_id = ANY($5::text[]))
+                       AND NOT (app_id = ANY($5::text[])) AND NOT (environment = ANY($6::text[]))
                      ORDER BY id LIMIT $4
                      FOR UPDATE SKIP LOCKED))
                  RETURNING e.id, e.event_id, e.kind, e.app_id, e.identity, e.payload, e.attempts, e.enqueued_at,
                            e.lease_token, e.source",
             )
             .await?;
-        let rows = client.query(&stmt, &[&owner, &(now + lease_ms), &now, &limit, &paused]).await.map_err(pg_err)?;
+        let rows = client
+            .query(&stmt, &[&owner, &(now + lease_ms), &now, &limit, &paused.app_ids, &paused.environments])
+            .await
+            .map_err(pg_err)?;
         let mut out: Vec<Claimed> = rows
             .iter()
             .map(|r| Claimed {

@@ -2,8 +2,9 @@
 //! the store reads behind its pages (keyset pages, failures, the last hour) and their query plans.
 
 use crate::helpers::{ADMIN_TOKEN, APP_ID, TestApp, json, spawn_app, spawn_app_with};
+use heap_relay::settings::EnvironmentSettings;
 use heap_relay::store::queries::EventFilter;
-use heap_relay::store::{Query, Status};
+use heap_relay::store::{Query, Scope, Status};
 use serde_json::json;
 use std::time::Duration;
 
@@ -148,7 +149,7 @@ async fn state_changes_need_the_csrf_token_the_same_origin_and_an_admin_session(
     assert!(app.app.intake.delivery.pauses(0).is_empty(), "read-only may not act");
 
     assert_eq!(pause(cookie.clone(), origin, vec![("csrf", csrf), ("app_id", APP_ID.into())]).await, 303);
-    assert_eq!(app.app.intake.delivery.pauses(0).first().map(|p| p.0.as_str()), Some(APP_ID));
+    assert_eq!(app.app.intake.delivery.pauses(0).first().map(|p| p.0.clone()), Some(Scope::AppId(APP_ID.into())));
     let audit = app.app.intake.store.audit_log(10).await.expect("audit log");
     assert_eq!((audit[0].action.as_str(), audit[0].selection.as_str()), ("pause", "app_id 1234567890"));
     // The Bearer API keeps working beside the console.
@@ -285,4 +286,71 @@ async fn a_purge_from_the_console_moves_an_apps_backlog_to_dead_letters_and_is_a
     assert_eq!((audit[0].action.as_str(), audit[0].count), ("purge", 3));
     let failures = get(&app, "/console/failures", &cookie).await.text().await.unwrap_or_default();
     assert!(failures.contains("purged by an operator"), "the purged events can be replayed from Failures");
+}
+
+/// Waits until the stored event `id` has `status`, or fails with the status it has.
+async fn wait_for_status(app: &TestApp, id: &str, status: &str, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let now = app.app.intake.store.get(id).await.expect("get").status;
+        if now == status {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "event {id} is {now}, not {status}, after {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_environment_paused_from_the_console_is_held_until_resumed_and_its_backlog_can_be_purged() {
+    let app = spawn_app_with(|s| {
+        s.environments.insert("prod".into(), EnvironmentSettings { app_id: "2222222222".into() });
+    })
+    .await;
+    let (cookie, csrf) = session(&app, ADMIN_TOKEN).await;
+    let act = |path: &'static str, form: Vec<(&'static str, &'static str)>| {
+        let (app, cookie, csrf) = (&app, cookie.clone(), csrf.clone());
+        async move {
+            let mut form = form;
+            form.push(("csrf", csrf.as_str()));
+            post_form(app, path, &cookie, &app.address, &form).await.status().as_u16()
+        }
+    };
+    assert_eq!(act("/console/control/pause", vec![("app_id", APP_ID), ("environment", "prod")]).await, 400, "not both");
+    assert_eq!(act("/console/control/pause", vec![("environment", "Prod!")]).await, 400, "not a name");
+    assert_eq!(act("/console/control/pause", vec![("environment", "prod")]).await, 303);
+    assert_eq!(app.app.intake.delivery.pauses(0), [(Scope::Environment("prod".into()), i64::MAX)]);
+    let control = get(&app, "/console/control", &cookie).await.text().await.unwrap_or_default();
+    assert!(control.contains("environment prod"), "the Control page lists the pause");
+
+    let event = |key: &str| json!({"type": "track", "userId": "u-1", "event": "E", "messageId": key});
+    let (_, held) = json(app.post("/env/prod/hooks/segment", event("prod-1").to_string()).await).await;
+    let held = held["event_ids"][0].as_str().expect("an event id").to_owned();
+    assert_eq!(app.post_hook("segment", &event("default-1")).await.status().as_u16(), 202);
+    let sent = app.wait_for_heap(1, Duration::from_secs(10)).await;
+    assert_eq!(sent.len(), 1, "only the default environment's event went: {sent:?}");
+    assert_eq!(app.app.intake.store.get(&held).await.expect("get").status, "pending", "prod's event waits");
+
+    assert_eq!(act("/console/control/resume", vec![("environment", "prod")]).await, 303);
+    wait_for_status(&app, &held, "delivered", Duration::from_secs(10)).await;
+    assert!(app.app.intake.delivery.pauses(0).is_empty());
+
+    assert_eq!(act("/console/control/pause", vec![("environment", "prod")]).await, 303);
+    for key in ["prod-2", "prod-3"] {
+        assert_eq!(app.post("/env/prod/hooks/segment", event(key).to_string()).await.status().as_u16(), 202);
+    }
+    assert_eq!(act("/console/control/purge", vec![("environment", "prod"), ("confirm", "yes")]).await, 303);
+    let audit = app.app.intake.store.audit_log(10).await.expect("audit");
+    let actions: Vec<(&str, &str, i64)> =
+        audit.iter().map(|a| (a.action.as_str(), a.selection.as_str(), a.count)).collect();
+    assert_eq!(
+        actions,
+        [
+            ("purge", "waiting events of environment prod", 2),
+            ("pause", "environment prod", 0),
+            ("resume", "environment prod", 0),
+            ("pause", "environment prod", 0),
+        ]
+    );
+    assert_eq!(app.app.intake.store.stats().await.expect("stats").ready_or_waiting, 0, "nothing of prod waits");
 }

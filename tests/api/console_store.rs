@@ -4,7 +4,7 @@
 
 use crate::store_contract::{body, delivered, postgres, sqlite};
 use heap_relay::store::queries::{AuditEntry, EventFilter};
-use heap_relay::store::{AttemptLog, AttemptRecord, Query, Resolution, Status, Store, now_ms};
+use heap_relay::store::{AttemptLog, AttemptRecord, Ingested, Paused, Query, Resolution, Scope, Status, Store, now_ms};
 use std::collections::HashSet;
 
 macro_rules! both {
@@ -28,17 +28,51 @@ both!(
     the_last_hour_counts_what_came_in_and_what_heap_accepted,
     the_audit_log_keeps_actions_newest_first,
     a_purge_moves_the_waiting_events_of_an_app_id_to_dead_letters_and_leaves_the_rest,
+    a_paused_environment_is_not_claimed_and_a_purge_of_it_dead_letters_only_its_waiting_events,
 );
+
+fn in_environment(tag: &str, n: usize, environment: &str) -> Ingested {
+    Ingested { environment: environment.into(), ..body(tag, n) }
+}
+
+async fn a_paused_environment_is_not_claimed_and_a_purge_of_it_dead_letters_only_its_waiting_events(store: Store) {
+    store.append(in_environment("p", 3, "prod")).await.expect("append");
+    store.append(in_environment("d", 2, "")).await.expect("append");
+    let paused = Paused { environments: vec!["prod".into()], ..Default::default() };
+    let claimed = store.claim("w", now_ms(), 60_000, 10, paused, None).await.expect("claim");
+    let keys: Vec<String> = claimed.iter().map(|c| c.payload.clone()).collect();
+    assert_eq!(claimed.len(), 2, "only the default environment's events go: {keys:?}");
+    assert!(keys.iter().all(|k| k.contains("\"d-")), "{keys:?}");
+    store.release_owner("w").await.expect("release");
+
+    let default_paused = Paused { environments: vec![String::new()], ..Default::default() };
+    let claimed = store.claim("w", now_ms(), 60_000, 10, default_paused, None).await.expect("claim");
+    assert_eq!(claimed.len(), 3, "pausing the default environment leaves prod's events to go");
+    store.release_owner("w").await.expect("release");
+
+    assert_eq!(store.purge(Scope::Environment("dev".into())).await.expect("purge"), 0, "another environment");
+    assert_eq!(store.purge(Scope::Environment("prod".into())).await.expect("purge"), 3);
+    let left = store.claim("w", now_ms(), 60_000, 10, Paused::default(), None).await.expect("claim");
+    assert_eq!(left.len(), 2, "the default environment's events still wait");
+    assert!(left.iter().all(|c| c.payload.contains("\"d-")));
+    let groups = store.failures().await.expect("failures");
+    let purged = groups.iter().find(|g| g.reason == heap_relay::store::queries::PURGED).expect("a purged group");
+    assert_eq!((purged.status, purged.count), ("dead", 3));
+}
 
 async fn a_purge_moves_the_waiting_events_of_an_app_id_to_dead_letters_and_leaves_the_rest(store: Store) {
     store.append(body("a", 3)).await.expect("append");
-    let claimed = store.claim("w", now_ms(), 60_000, 1, vec![], None).await.expect("claim");
+    let claimed = store.claim("w", now_ms(), 60_000, 1, Default::default(), None).await.expect("claim");
     store.record(vec![delivered(claimed[0].id, claimed[0].lease_token)]).await.expect("record");
     store.append(body("b", 2)).await.expect("append");
-    assert_eq!(store.purge("999".into()).await.expect("purge"), 0, "another app_id's events stay");
-    assert_eq!(store.purge("1234567890".into()).await.expect("purge"), 4, "2 left of the first body, 2 of the second");
+    assert_eq!(store.purge(Scope::AppId("999".into())).await.expect("purge"), 0, "another app_id's events stay");
+    assert_eq!(
+        store.purge(Scope::AppId("1234567890".into())).await.expect("purge"),
+        4,
+        "2 left of the first body, 2 of the second"
+    );
     assert!(
-        store.claim("w", now_ms(), 60_000, 10, vec![], None).await.expect("claim").is_empty(),
+        store.claim("w", now_ms(), 60_000, 10, Default::default(), None).await.expect("claim").is_empty(),
         "nothing left to send"
     );
     assert_eq!(store.get(&claimed[0].event_id).await.expect("get").status, "delivered", "the delivered one stays");
@@ -104,7 +138,7 @@ fn dead(id: i64, lease_token: i64, why: &str) -> AttemptRecord {
 
 async fn failures_group_dead_and_refused_events_by_reason_and_name_their_members(store: Store) {
     store.append(body("a", 4)).await.expect("append");
-    let claimed = store.claim("w", now_ms(), 60_000, 10, vec![], None).await.expect("claim");
+    let claimed = store.claim("w", now_ms(), 60_000, 10, Default::default(), None).await.expect("claim");
     let records = vec![
         dead(claimed[0].id, claimed[0].lease_token, "Heap answered 400: x"),
         dead(claimed[1].id, claimed[1].lease_token, "Heap answered 400: x"),
@@ -132,7 +166,7 @@ async fn failures_group_dead_and_refused_events_by_reason_and_name_their_members
 
 async fn the_last_hour_counts_what_came_in_and_what_heap_accepted(store: Store) {
     store.append(body("a", 3)).await.expect("append");
-    let claimed = store.claim("w", now_ms(), 60_000, 10, vec![], None).await.expect("claim");
+    let claimed = store.claim("w", now_ms(), 60_000, 10, Default::default(), None).await.expect("claim");
     store.record(claimed.iter().take(2).map(|c| delivered(c.id, c.lease_token)).collect()).await.expect("record");
     let flow = store.flow(now_ms()).await.expect("flow");
     assert_eq!(flow.minutes.len(), 60);

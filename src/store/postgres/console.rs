@@ -7,7 +7,7 @@
 use super::log::{VIEW_COLUMNS, view};
 use super::{PgStore, params};
 use crate::store::queries::*;
-use crate::store::{Millis, Status, StoreError};
+use crate::store::{Millis, Scope, Status, StoreError};
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 use tokio_postgres::types::ToSql;
@@ -32,6 +32,9 @@ const DELIVERED_PER_MINUTE: &str = "SELECT at - (at % 60000), count(*) FROM atte
 const LAST_CALL: &str = "SELECT at, http_status, error FROM attempts ORDER BY at DESC LIMIT 1";
 const FAILURES: &str = "SELECT status, coalesce(last_error, ''), count(*), (array_agg(event_id ORDER BY id DESC))[1],
      max(received_at) FROM events WHERE status IN ('dead', 'rejected') GROUP BY 1, 2";
+
+/// Waiting events a purge moves per transaction.
+const PURGE_CHUNK: i64 = 5000;
 
 /// Schemas whose console objects this process has made sure of.
 fn ensured() -> &'static Mutex<HashSet<String>> {
@@ -190,20 +193,29 @@ impl PgStore {
             .collect())
     }
 
-    /// Moves every waiting event of `app_id` to dead letters (a lease held on one is fenced off).
-    pub async fn purge(&self, app_id: String) -> Result<i64, StoreError> {
-        let n = self
-            .pool
-            .get()
-            .await?
-            .execute(
-                "UPDATE events SET status = 'dead', last_error = $2, updated_at = $3, lease_owner = NULL,
-                        lease_expires_at = NULL, lease_token = lease_token + 1
-                 WHERE app_id = $1 AND status IN ('pending', 'retrying')",
-                &[&app_id, &PURGED, &crate::store::now_ms()],
-            )
-            .await?;
-        Ok(n as i64)
+    /// Moves every waiting event of `scope` to dead letters (a lease held on one is fenced off), `PURGE_CHUNK` rows
+    /// a transaction, so a large backlog never holds its row locks for long.
+    pub async fn purge(&self, scope: Scope) -> Result<i64, StoreError> {
+        let (column, value) = match scope {
+            Scope::AppId(a) => ("app_id", a),
+            Scope::Environment(e) => ("environment", e),
+        };
+        // The waiting rows are found through the partial index of waiting rows (`events_ready_id`).
+        let sql = format!(
+            "UPDATE events SET status = 'dead', last_error = $2, updated_at = $3, lease_owner = NULL,
+                    lease_expires_at = NULL, lease_token = lease_token + 1
+             WHERE id = ANY(ARRAY(SELECT id FROM events WHERE {column} = $1 AND status IN ('pending', 'retrying')
+                                  ORDER BY id LIMIT $4))"
+        );
+        let client = self.pool.get().await?;
+        let mut total = 0;
+        loop {
+            let n = client.execute(&sql, &[&value, &PURGED, &crate::store::now_ms(), &PURGE_CHUNK]).await?;
+            total += n as i64;
+            if (n as i64) < PURGE_CHUNK {
+                return Ok(total);
+            }
+        }
     }
 
     /// EXPLAIN of each statement the console's pages run: (what it serves, statement, plan).

@@ -10,7 +10,7 @@ use super::books::State;
 use super::codec::{self, pack, unpack};
 use super::views::{self, LogEntry, ORDER_SLACK_MS, SCAN_ENTRIES, matches_query, own_rows, page_desc, read_entry};
 use crate::store::queries::*;
-use crate::store::{Millis, Status, StoreError};
+use crate::store::{Millis, Scope, Status, StoreError};
 use rusqlite::{Connection, params};
 
 /// Log entries the last-hour view decodes at most.
@@ -136,10 +136,21 @@ impl SqliteStore {
         .await
     }
 
-    /// Moves every waiting (pending or retrying) event of `app_id` to dead letters, with `PURGED` as its error.
-    pub async fn purge(&self, app_id: String) -> Result<i64, StoreError> {
+    /// Moves every waiting (pending or retrying) event of `scope` to dead letters, with `PURGED` as its error, a
+    /// bounded step at a time (`purge_step`), giving the books back to delivery between steps.
+    pub async fn purge(&self, scope: Scope) -> Result<i64, StoreError> {
         let now = crate::store::now_ms();
-        self.books(move |st| purge(st, &app_id, now)).await
+        let mut at = None;
+        let mut total = 0;
+        loop {
+            let scope = scope.clone();
+            let (n, next) = self.books(move |st| purge_step(st, &scope, at, now)).await?;
+            total += n;
+            match next {
+                Some(next) => at = Some(next),
+                None => return Ok(total),
+            }
+        }
     }
 
     /// EXPLAIN QUERY PLAN of each statement the console's pages run: (what it serves, statement, plan lines).
@@ -162,58 +173,94 @@ impl SqliteStore {
     }
 }
 
-/// Waiting events of `app_id`: rows of their own that wait, open events of the window, and events of the log not
-/// read into the window yet (without a row of their own); then each gets a dead row of its own.
-fn purge(st: &mut State, app_id: &str, now: Millis) -> Result<i64, StoreError> {
-    let of_app =
-        |e: &LogEntry, pos: usize| e.items.get(pos).and_then(|i| i.event.as_ref()).is_some_and(|v| v.app_id == app_id);
+/// Where a purge has got to: the waiting rows of their own (by status, above an id), then the log from the
+/// cursor onwards (the window and what it has not read), above a seq.
+#[derive(Debug, Clone, Copy)]
+enum PurgeAt {
+    Own(usize, i64),
+    Log(i64),
+}
+
+const WAITING: [&str; 2] = ["pending", "retrying"];
+
+/// One bounded step of a purge, under one hold of the books: up to `PAGE` rows of their own or `PAGE` log entries
+/// are looked at and their waiting events of `scope` get a dead row of their own. Whether an event still waits is
+/// decided under the same hold, so an event delivered between two steps is never marked dead. Returns how many were
+/// purged and where the next step starts (`None`: done).
+fn purge_step(
+    st: &mut State,
+    scope: &Scope,
+    at: Option<PurgeAt>,
+    now: Millis,
+) -> Result<(i64, Option<PurgeAt>), StoreError> {
+    let in_scope = |e: &LogEntry, pos: usize| match scope {
+        Scope::AppId(app) => e.items.get(pos).and_then(|i| i.event.as_ref()).is_some_and(|v| v.app_id == *app),
+        Scope::Environment(env) => e.environment == *env && e.items.get(pos).is_some_and(|i| i.event.is_some()),
+    };
     let mut ids = Vec::new();
-    let waiting: Vec<i64> = st
-        .conn
-        .prepare_cached("SELECT id FROM own WHERE status IN ('pending', 'retrying')")?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for id in waiting {
-        let (seq, pos) = unpack(id);
-        if read_entry(&st.log, seq)?.is_some_and(|e| of_app(&e, pos)) {
-            ids.push(id);
+    let next = match at.unwrap_or(PurgeAt::Own(0, 0)) {
+        PurgeAt::Own(status, above) => {
+            let rows: Vec<i64> = st
+                .conn
+                .prepare_cached("SELECT id FROM own WHERE status = ?1 AND id > ?2 ORDER BY id LIMIT ?3")?
+                .query_map(params![WAITING[status], above, PAGE], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for id in &rows {
+                let (seq, pos) = unpack(*id);
+                if read_entry(&st.log, seq)?.is_some_and(|e| in_scope(&e, pos)) {
+                    ids.push(*id);
+                }
+            }
+            match (rows.last(), status + 1 < WAITING.len()) {
+                (Some(last), _) => Some(PurgeAt::Own(status, *last)),
+                (None, true) => Some(PurgeAt::Own(status + 1, 0)),
+                (None, false) => Some(PurgeAt::Log(st.cursor)),
+            }
         }
-    }
-    ids.extend(st.window.iter().flat_map(|e| e.slots.iter()).filter(|s| s.open && &*s.app_id == app_id).map(|s| s.id));
-    let mut after = st.read_upto;
-    loop {
-        let seqs: Vec<i64> = st
-            .log
-            .prepare_cached("SELECT seq FROM log WHERE seq > ?1 ORDER BY seq LIMIT ?2")?
-            .query_map(params![after, PAGE], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        let Some(last) = seqs.last() else { break };
-        after = *last;
-        for seq in seqs {
-            let Some(e) = read_entry(&st.log, seq)? else { continue };
-            let own = own_rows(&st.conn, seq)?;
-            ids.extend(
-                (0..e.items.len())
-                    .filter(|p| of_app(&e, *p) && !own.contains_key(&pack(seq, *p)))
-                    .map(|p| pack(seq, p)),
-            );
+        PurgeAt::Log(after) => {
+            let seqs: Vec<i64> = st
+                .log
+                .prepare_cached("SELECT seq FROM log WHERE seq > ?1 AND n_events > 0 ORDER BY seq LIMIT ?2")?
+                .query_map(params![after, PAGE], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for seq in &seqs {
+                let Some(e) = read_entry(&st.log, *seq)? else { continue };
+                let own = own_rows(&st.conn, *seq)?;
+                for pos in (0..e.items.len()).filter(|p| in_scope(&e, *p)) {
+                    let id = pack(*seq, pos);
+                    // Rows of their own were the first phase's; here: open in the window, or not read yet.
+                    let waits = !own.contains_key(&id)
+                        && *seq > st.cursor
+                        && if *seq > st.read_upto {
+                            !st.delivered_before_restart(id)
+                        } else {
+                            st.slot(id).is_some_and(|s| s.open)
+                        };
+                    if waits {
+                        ids.push(id);
+                    }
+                }
+            }
+            seqs.last().map(|last| PurgeAt::Log(*last))
         }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    st.set_own(&ids, Status::Dead.as_str(), now)?;
-    let tx = st.conn.transaction()?;
-    {
-        let mut stmt = tx.prepare_cached("UPDATE own SET last_error = ?1 WHERE id = ?2")?;
-        for id in &ids {
-            stmt.execute(params![PURGED, id])?;
+    };
+    if !ids.is_empty() {
+        st.set_own(&ids, Status::Dead.as_str(), now)?;
+        let tx = st.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached("UPDATE own SET last_error = ?1 WHERE id = ?2")?;
+            for id in &ids {
+                stmt.execute(params![PURGED, id])?;
+            }
         }
+        tx.commit()?;
+        st.commits += 1;
     }
-    tx.commit()?;
-    st.commits += 1;
-    // Read the purged entries into the window (as closed), so the queue's figures stop counting them as unread.
-    st.fill()?;
-    Ok(ids.len() as i64)
+    if next.is_none() {
+        // Read the purged entries into the window (as closed), so the queue's figures stop counting them as unread.
+        st.fill()?;
+    }
+    Ok((ids.len() as i64, next))
 }
 
 /// The next event id below `before` (an opaque cursor is an event id).

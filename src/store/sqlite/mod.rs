@@ -199,7 +199,7 @@ impl SqliteStore {
         now: Millis,
         lease_ms: i64,
         limit: i64,
-        paused: Vec<String>,
+        paused: Paused,
         admission: Option<Arc<dyn Admission>>,
     ) -> Result<Vec<Claimed>, StoreError> {
         let owner = owner.to_owned();
@@ -352,14 +352,17 @@ mod tests {
         let mut first = body(now_ms());
         first.events.push(event("Old"));
         let seq = serve.append(first).await.unwrap().entry.unwrap();
-        assert!(serve.claim("w", now_ms(), 60_000, 0, vec![], None).await.unwrap().is_empty(), "fills the window");
+        assert!(
+            serve.claim("w", now_ms(), 60_000, 0, Default::default(), None).await.unwrap().is_empty(),
+            "fills the window"
+        );
         // `heap-relay replay --rerender` from another process, on the same files, while `serve` runs.
         let cli = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
         let mut again = body(now_ms());
         again.events.push(event("New"));
         again.replay_of_raw = Some(seq);
         cli.append(again).await.unwrap();
-        let claimed = serve.claim("w", now_ms(), 60_000, 10, vec![], None).await.unwrap();
+        let claimed = serve.claim("w", now_ms(), 60_000, 10, Default::default(), None).await.unwrap();
         let sent: Vec<&str> = claimed.iter().map(|c| c.payload.as_str()).collect();
         assert_eq!(sent.len(), 1, "only the re-rendered event goes: {sent:?}");
         assert!(sent[0].contains("New"), "{sent:?}");
@@ -383,7 +386,7 @@ mod tests {
         let mut first = body(t);
         first.events.push(props("basic"));
         store.append(first).await.unwrap();
-        let claimed = store.claim("w", t, 60_000, 10, vec![], None).await.unwrap();
+        let claimed = store.claim("w", t, 60_000, 10, Default::default(), None).await.unwrap();
         assert_eq!(claimed.len(), 1);
         let retry = AttemptRecord {
             id: claimed[0].id,
@@ -404,10 +407,10 @@ mod tests {
         later.events.push(props("pro"));
         store.append(later).await.unwrap();
         assert!(
-            store.claim("w", t + 1_000, 60_000, 10, vec![], None).await.unwrap().is_empty(),
+            store.claim("w", t + 1_000, 60_000, 10, Default::default(), None).await.unwrap().is_empty(),
             "the later value must not reach Heap before the earlier one's retry"
         );
-        let due = store.claim("w", t + 10_000, 60_000, 10, vec![], None).await.unwrap();
+        let due = store.claim("w", t + 10_000, 60_000, 10, Default::default(), None).await.unwrap();
         assert_eq!(due.len(), 1, "the retry goes first");
         assert!(due[0].payload.contains("basic"));
         let delivered = AttemptRecord {
@@ -425,7 +428,7 @@ mod tests {
             error: None,
         };
         store.record(vec![delivered]).await.unwrap();
-        let next = store.claim("w", t + 10_001, 60_000, 10, vec![], None).await.unwrap();
+        let next = store.claim("w", t + 10_001, 60_000, 10, Default::default(), None).await.unwrap();
         assert_eq!(next.len(), 1);
         assert!(next[0].payload.contains("pro"), "then the later value");
     }
