@@ -2,7 +2,10 @@
 //! backends: keyset pages under every filter, failures grouped by reason with their members, the last hour, and
 //! the audit log.
 
+use crate::postgres::TestSchema;
 use crate::store_contract::{body, delivered, postgres, sqlite};
+use heap_relay::store::PgStore;
+use heap_relay::store::postgres::PgOptions;
 use heap_relay::store::queries::{AuditEntry, EventFilter};
 use heap_relay::store::{AttemptLog, AttemptRecord, Ingested, Paused, Query, Resolution, Scope, Status, Store, now_ms};
 use std::collections::HashSet;
@@ -192,4 +195,45 @@ async fn the_audit_log_keeps_actions_newest_first(store: Store) {
     let log = store.audit_log(10).await.expect("audit log");
     let actions: Vec<(&str, i64)> = log.iter().map(|e| (e.action.as_str(), e.count)).collect();
     assert_eq!(actions, [("rerender", 10), ("pause", 0)]);
+}
+
+/// 120,000 events over the last 33 hours (one a second): a tenth of app_id 1234567890, 5,000 identities, 1% dead,
+/// 1% refused, 1% waiting; a delivery call per event.
+const PG_EVENTS: &str = "
+INSERT INTO events (event_id, raw_id, item_index, source, template, kind, app_id, identity, idempotency_key, payload,
+                    status, attempts, enqueued_at, next_attempt_at, received_at, updated_at, last_error, environment)
+SELECT 'e-' || g, g, 0, 'segment', 'default', 'track',
+       CASE WHEN g % 10 = 0 THEN '1234567890' ELSE (1000000000 + g % 50)::text END,
+       'user-' || (g % 5000), 'key-' || g, '{}',
+       CASE g % 100 WHEN 10 THEN 'dead' WHEN 20 THEN 'rejected' WHEN 30 THEN 'pending' ELSE 'delivered' END,
+       1, t, t, t, t, CASE WHEN g % 100 IN (10, 20) THEN 'HTTP 400 ' || (g % 7) END, ''
+FROM generate_series(1, 120000) g,
+     LATERAL (SELECT (extract(epoch FROM now()) * 1000)::bigint - (120000 - g) * 1000 AS t) x;
+INSERT INTO attempts (event_row, at, http_status, latency_ms, batch_size)
+SELECT id, received_at, 200, 5, 1 FROM events;
+ANALYZE events;
+ANALYZE attempts;
+";
+
+#[tokio::test]
+async fn on_postgresql_the_overview_filtered_deliveries_and_failures_do_not_scan_the_events_table() {
+    let schema = TestSchema::create().await;
+    let pg = PgStore::open(&schema.url, PgOptions { max_bytes: 0, pool_size: 2, dedupe_window_ms: 60_000 })
+        .await
+        .expect("postgres opens");
+    schema.execute(PG_EVENTS).await;
+    assert!(schema.query_i64("SELECT count(*) FROM events").await >= 100_000);
+    let store = Store::Postgres(pg);
+    let plans = store.console_plans().await.expect("plans");
+    let served: HashSet<&str> = plans.iter().map(|p| p.0.as_str()).collect();
+    for page in ["overview", "deliveries by app_id and status", "deliveries by identity", "failures"] {
+        assert!(served.contains(page), "{page} is planned: {served:?}");
+    }
+    for (page, sql, plan) in &plans {
+        assert!(!plan.contains("Seq Scan on events"), "{page}: {sql}\nscans the events table: {plan}");
+        assert!(!plan.contains("Seq Scan on attempts"), "{page}: {sql}\nscans the attempts table: {plan}");
+    }
+    // The bounded failures page still groups by reason.
+    let groups = store.failures().await.expect("failures");
+    assert_eq!(groups.iter().map(|g| g.count).sum::<i64>(), 2_400, "1% dead and 1% refused of 120,000");
 }
