@@ -105,43 +105,60 @@ pub async fn replay_all(
         }
         return Ok(report);
     }
-    let mut bodies: Vec<crate::store::RawBody> = Vec::new();
+    // A bounded chunk of selections at a time: only that chunk's bodies are in memory, however large the group.
+    let total = selectors.len();
     let mut seen = std::collections::HashSet::new();
-    for selector in selectors {
-        for body in store.raw_bodies(selector).await? {
-            if seen.insert(body.id) {
-                bodies.push(body);
+    let mut done = 0;
+    let mut selectors = selectors.into_iter().peekable();
+    while selectors.peek().is_some() {
+        let chunk: Vec<Selector> = selectors.by_ref().take(REPLAY_CHUNK).collect();
+        done += chunk.len();
+        for selector in chunk {
+            for raw in store.raw_bodies(selector).await? {
+                // A body behind several selected events is re-rendered once.
+                if seen.insert(raw.id) {
+                    rerender_body(store, pipeline, raw, &mut report).await?;
+                }
             }
         }
-    }
-    let total = bodies.len();
-    for (done, raw) in bodies.into_iter().enumerate() {
-        let RawBody { id: raw_id, source, environment, template, received_at, body } = raw;
-        let Some(route) = Route::from_stored(&source, &template) else {
-            tracing::warn!(raw_id, source, template, "cannot re-render: unknown route");
-            report.failed += 1;
-            continue;
-        };
-        let ts = chrono::DateTime::from_timestamp_millis(received_at)
-            .map(Timestamp::from_datetime)
-            .unwrap_or_else(Timestamp::now);
-        // The same environment as the first time: its app_id, not the default one.
-        match pipeline.ingest_in(&environment, &route, &body, &ts) {
-            Ok(outcome) => {
-                let (mut ingested, summary) =
-                    to_rows(route.source_name(), outcome, Vec::new(), received_at, Some(raw_id));
-                ingested.environment = environment;
-                report.accepted += summary.accepted;
-                report.rejected += summary.rejected.len();
-                report.bodies += 1;
-                store.append(ingested).await?;
-            }
-            Err(e) => {
-                tracing::warn!(raw_id, error = %e, "cannot re-render a stored body");
-                report.failed += 1;
-            }
-        }
-        progress(done + 1, total);
+        progress(done, total);
     }
     Ok(report)
+}
+
+/// Selections a bulk re-render reads bodies for at a time.
+const REPLAY_CHUNK: usize = 64;
+
+/// Renders one stored body again with today's templates and appends what it renders, as a re-render of it.
+async fn rerender_body(
+    store: &Store,
+    pipeline: &Pipeline,
+    raw: RawBody,
+    report: &mut ReplayReport,
+) -> Result<(), StoreError> {
+    let RawBody { id: raw_id, source, environment, template, received_at, body } = raw;
+    let Some(route) = Route::from_stored(&source, &template) else {
+        tracing::warn!(raw_id, source, template, "cannot re-render: unknown route");
+        report.failed += 1;
+        return Ok(());
+    };
+    let ts = chrono::DateTime::from_timestamp_millis(received_at)
+        .map(Timestamp::from_datetime)
+        .unwrap_or_else(Timestamp::now);
+    // The same environment as the first time: its app_id, not the default one.
+    match pipeline.ingest_in(&environment, &route, &body, &ts) {
+        Ok(outcome) => {
+            let (mut ingested, summary) = to_rows(route.source_name(), outcome, Vec::new(), received_at, Some(raw_id));
+            ingested.environment = environment;
+            report.accepted += summary.accepted;
+            report.rejected += summary.rejected.len();
+            report.bodies += 1;
+            store.append(ingested).await?;
+        }
+        Err(e) => {
+            tracing::warn!(raw_id, error = %e, "cannot re-render a stored body");
+            report.failed += 1;
+        }
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! The console over plain HTTP: when it exists, who may sign in and act, the cookie's flags, `POST /admin/preview`,
 //! the store reads behind its pages (keyset pages, failures, the last hour) and their query plans.
 
-use crate::helpers::{ADMIN_TOKEN, APP_ID, TestApp, json, spawn_app, spawn_app_with};
+use crate::helpers::{ADMIN_TOKEN, APP_ID, TestApp, json, spawn_app, spawn_app_with, templates_with};
 use heap_relay::settings::EnvironmentSettings;
 use heap_relay::store::queries::EventFilter;
 use heap_relay::store::{Query, Scope, Status};
@@ -353,4 +353,48 @@ async fn an_environment_paused_from_the_console_is_held_until_resumed_and_its_ba
         ]
     );
     assert_eq!(app.app.intake.store.stats().await.expect("stats").ready_or_waiting, 0, "nothing of prod waits");
+}
+
+#[tokio::test]
+async fn the_templates_page_shows_the_live_sets_status_and_a_broken_edit_keeps_the_last_good_version() {
+    let templates = templates_with(&[]);
+    let dir = templates.path().to_owned();
+    let app = spawn_app_with(|s| s.templates.dir = dir.clone()).await;
+    let (cookie, _) = session(&app, ADMIN_TOKEN).await;
+    let page = get(&app, "/console/templates", &cookie).await.text().await.unwrap_or_default();
+    assert!(page.contains("segment/default") && !page.contains("broken:"), "every shipped template loads:\n{page}");
+
+    std::fs::write(dir.join("segment/default.json"), "{\"event\": \"{{ properties.x \"}\n").expect("break it");
+    let page = get(&app, "/console/templates", &cookie).await.text().await.unwrap_or_default();
+    assert!(page.contains("broken:") && page.contains("default.json"), "the edit is reported as broken:\n{page}");
+    assert!(page.contains("the last good version is in use"), "and the running relay keeps the good one:\n{page}");
+    let still = json!({"type": "track", "userId": "u-1", "event": "Still Works", "messageId": "t-1"});
+    assert_eq!(app.post_hook("segment", &still).await.status().as_u16(), 202, "ingest keeps rendering");
+}
+
+#[tokio::test]
+async fn a_bulk_rerender_of_a_group_reads_its_bodies_a_chunk_at_a_time_and_renders_each_once() {
+    let app = spawn_app_with(|s| s.delivery.workers = 0).await;
+    for i in 0..70 {
+        // The second has no userId: refused at ingest, kept for a re-render.
+        let body = json!({"batch": [
+            {"type": "track", "userId": "u-1", "event": "E", "messageId": format!("ok-{i}")},
+            {"type": "track", "event": "E", "messageId": format!("r-{i}")}
+        ]});
+        assert_eq!(app.post_hook("segment", &body).await.status().as_u16(), 202);
+    }
+    let store = &app.app.intake.store;
+    let group = store.failures().await.expect("failures").into_iter().next().expect("the refused group");
+    assert_eq!(group.count, 70);
+    let ids = store.failure_members(Status::Rejected, group.reason, 100).await.expect("members");
+    let selectors = ids.into_iter().map(heap_relay::store::Selector::Id).collect();
+    let mut progress = Vec::new();
+    let report =
+        heap_relay::replay::replay_all(store, &app.app.intake.pipeline, selectors, true, &mut |done, total| {
+            progress.push((done, total))
+        })
+        .await
+        .expect("re-render");
+    assert_eq!(report.bodies, 70, "each body once: {report:?}");
+    assert_eq!(progress, [(64, 70), (70, 70)], "progress after each chunk of 64 selected events");
 }
