@@ -4,10 +4,11 @@
 
 use crate::postgres::TestSchema;
 use crate::store_contract::{body, delivered, postgres, sqlite};
-use heap_relay::store::PgStore;
 use heap_relay::store::postgres::PgOptions;
 use heap_relay::store::queries::{AuditEntry, EventFilter};
+use heap_relay::store::sqlite::SqliteOptions;
 use heap_relay::store::{AttemptLog, AttemptRecord, Ingested, Paused, Query, Resolution, Scope, Status, Store, now_ms};
+use heap_relay::store::{PgStore, SqliteStore};
 use std::collections::HashSet;
 
 macro_rules! both {
@@ -236,4 +237,61 @@ async fn on_postgresql_the_overview_filtered_deliveries_and_failures_do_not_scan
     // The bounded failures page still groups by reason.
     let groups = store.failures().await.expect("failures");
     assert_eq!(groups.iter().map(|g| g.count).sum::<i64>(), 2_400, "1% dead and 1% refused of 120,000");
+}
+
+/// Every page of `filter` (two events a page), following the cursor: the keys (or ids of refused items) in order.
+async fn every_page(store: &Store, filter: EventFilter) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut before = None;
+    for _ in 0..20 {
+        let page = store.page(EventFilter { before: before.clone(), ..filter.clone() }).await.expect("page");
+        seen.extend(page.events.iter().map(|e| e.idempotency_key.clone().unwrap_or_else(|| e.id.clone())));
+        before = page.next;
+        if before.is_none() {
+            return seen;
+        }
+    }
+    panic!("more than 20 pages: {seen:?}");
+}
+
+#[tokio::test]
+async fn on_sqlite_filters_by_identity_key_and_template_read_the_follower_index_and_the_log_past_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sqlite = SqliteStore::open(&dir.path().join("s.db"), SqliteOptions::default()).expect("opens");
+    let store = Store::Sqlite(sqlite.clone());
+    store.append(body("old", 9)).await.expect("append");
+    assert!(sqlite.index_log().await.expect("index") >= 1, "the follower index reads the old entry");
+    // Appended after: in the log past the index until the follower's next step.
+    store.append(body("new", 9)).await.expect("append");
+    let two = |f: EventFilter| EventFilter { query: Query { limit: 2, ..Default::default() }, ..f };
+
+    let by_identity = every_page(&store, two(EventFilter { identity: Some("user-1".into()), ..Default::default() }));
+    assert_eq!(by_identity.await, ["new-8", "new-1", "old-8", "old-1"], "newest first, across the index's edge");
+    let by_key = every_page(&store, two(EventFilter { key: Some("old-4".into()), ..Default::default() })).await;
+    assert_eq!(by_key, ["old-4"]);
+    let by_template = every_page(&store, two(EventFilter { template: Some("default".into()), ..Default::default() }));
+    assert_eq!(by_template.await.len(), 20, "9 events and a refused item of each body, each once");
+    let none = every_page(&store, two(EventFilter { template: Some("other".into()), ..Default::default() })).await;
+    assert!(none.is_empty());
+    let dead_of_identity = EventFilter {
+        identity: Some("user-1".into()),
+        query: Query { status: Some(Status::Dead), limit: 10, ..Default::default() },
+        ..Default::default()
+    };
+    assert!(store.page(dead_of_identity).await.expect("page").events.is_empty(), "the other filters still apply");
+
+    sqlite.index_log().await.expect("index");
+    let again = every_page(&store, two(EventFilter { identity: Some("user-1".into()), ..Default::default() }));
+    assert_eq!(again.await, ["new-8", "new-1", "old-8", "old-1"], "the same once the follower has read it all");
+
+    // Retention takes an entry's index rows with it.
+    let books = rusqlite::Connection::open(heap_relay::store::sqlite::books_path(sqlite.path())).expect("books");
+    let rows = || books.query_row("SELECT count(*) FROM finder", [], |r| r.get::<_, i64>(0)).expect("count");
+    assert_eq!(rows(), 2 * (1 + 9 + 9), "per entry: its template, and each event's identity and key");
+    let claimed = store.claim("w", now_ms(), 60_000, 100, Paused::default(), None).await.expect("claim");
+    store.record(claimed.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.expect("record");
+    assert_eq!(store.prune_refused(now_ms() + 60_000, 0).await.expect("prune"), 2, "both entries go");
+    assert_eq!(rows(), 0);
+    let gone = EventFilter { key: Some("old-4".into()), ..Default::default() };
+    assert!(store.page(gone).await.expect("page").events.is_empty());
 }

@@ -134,6 +134,7 @@ pub struct State {
 impl State {
     pub fn open(conn: Connection, log: Connection) -> Result<Self, StoreError> {
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(super::finder::SCHEMA)?;
         let cursor: i64 = conn.query_row("SELECT cursor FROM progress WHERE id = 0", [], |r| r.get(0))?;
         let mut delivered_above = HashSet::new();
         {
@@ -690,6 +691,29 @@ impl State {
                 out.push(seq);
                 excess -= n_rejected;
             }
+        }
+        drop(waiting);
+        // Their rows of the follower index go with them. An entry the follower has not read yet (one step is taken
+        // here) waits for a later round: indexed after its rows were looked for, it would leave rows behind.
+        if self.finder_upto()? < out.last().copied().unwrap_or(0) {
+            self.follow()?;
+        }
+        let upto = self.finder_upto()?;
+        out.retain(|seq| *seq <= upto);
+        let mut going = Vec::new();
+        {
+            let mut stmt = self.log.prepare_cached("SELECT template, items FROM log WHERE seq = ?1")?;
+            for seq in &out {
+                if let Some((template, items)) = stmt
+                    .query_row(params![seq], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+                    .optional()?
+                {
+                    going.push((*seq, template, codec::decode_items(&items)?));
+                }
+            }
+        }
+        if !going.is_empty() {
+            self.forget(&going)?;
         }
         Ok(out)
     }

@@ -8,6 +8,7 @@
 use super::SqliteStore;
 use super::books::State;
 use super::codec::{self, pack, unpack};
+use super::finder::{Kind, hash};
 use super::views::{self, LogEntry, ORDER_SLACK_MS, SCAN_ENTRIES, matches_query, own_rows, page_desc, read_entry};
 use crate::store::queries::*;
 use crate::store::{Millis, Scope, Status, StoreError};
@@ -25,13 +26,15 @@ const DEAD_GROUPS: &str = "SELECT coalesce(last_error, ''), count(*), max(id), m
      WHERE status = 'dead' GROUP BY 1";
 const DEAD_MEMBERS: &str =
     "SELECT id FROM own WHERE status = 'dead' AND coalesce(last_error, '') = ?1 ORDER BY id DESC LIMIT ?2";
+const FINDER_PAGE: &str = "SELECT id FROM finder WHERE h = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3";
 const REFUSED_PAGE: &str = "SELECT seq FROM log WHERE n_rejected > 0 AND seq < ?1 ORDER BY seq DESC LIMIT ?2";
 
 /// The statements behind the overview, a filtered page and the failures page, with the connection each runs on
 /// (`log` or `books`), for EXPLAIN QUERY PLAN.
-const PLANS: [(&str, &str, &str); 6] = [
+const PLANS: [(&str, &str, &str); 7] = [
     ("log", "page, overview", "SELECT seq, received_at, items FROM log WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"),
     ("books", "page by status", OWN_BY_STATUS),
+    ("books", "page by identity, key or template", FINDER_PAGE),
     ("books", "overview", DELIVERED_PER_MINUTE),
     ("books", "overview", LAST_CALL),
     ("books", "failures", DEAD_GROUPS),
@@ -268,7 +271,24 @@ fn cursor(before: Option<&str>) -> i64 {
     before.and_then(codec::parse_event_id).unwrap_or(i64::MAX)
 }
 
+/// The filter the follower index answers, if the page has one: a key is the rarest, then an identity, then a
+/// template.
+fn indexed(f: &EventFilter) -> Option<(Kind, &str)> {
+    f.key
+        .as_deref()
+        .map(|k| (Kind::Key, k))
+        .or_else(|| f.identity.as_deref().map(|i| (Kind::Identity, i)))
+        .or_else(|| f.template.as_deref().map(|t| (Kind::Template, t)))
+}
+
 fn page(st: &State, f: &EventFilter) -> Result<Page, StoreError> {
+    // Dead, retrying and replaced events have their own index (`own_status`), rarer than a template's events.
+    let own_status = matches!(f.query.status, Some(Status::Dead | Status::Retrying | Status::Replaced));
+    match indexed(f) {
+        Some((Kind::Template, _)) if own_status => {}
+        Some((kind, value)) => return indexed_page(st, f, kind, value),
+        None => {}
+    }
     let limit = if f.query.limit > 0 { f.query.limit as usize } else { 100 };
     let before = cursor(f.before.as_deref());
     let mut out = Vec::new();
@@ -343,6 +363,108 @@ fn page(st: &State, f: &EventFilter) -> Result<Page, StoreError> {
         None
     };
     Ok(Page { events: out, truncated: !full && next.is_some(), next })
+}
+
+/// A page under a filter the follower index answers: the entries the follower has not read yet from the log (the
+/// newest; a second's worth), then the index's rows for the value, newest first, each checked against every
+/// filter. Old events are found as fast as new ones.
+fn indexed_page(st: &State, f: &EventFilter, kind: Kind, value: &str) -> Result<Page, StoreError> {
+    let limit = if f.query.limit > 0 { f.query.limit as usize } else { 100 };
+    let before = cursor(f.before.as_deref());
+    let (before_seq, before_pos) = if before == i64::MAX { (i64::MAX, usize::MAX) } else { unpack(before) };
+    let top_of = |e: &LogEntry| if e.seq == before_seq { before_pos.min(e.items.len()) } else { e.items.len() };
+    let too_old = |e: &LogEntry| f.query.since.is_some_and(|t| e.received_at < t - ORDER_SLACK_MS);
+    let upto = st.finder_upto()?;
+    let mut out = Vec::new();
+    let mut last_seen: Option<i64> = None;
+    let done = |out: Vec<crate::store::EventView>, next: Option<i64>, truncated: bool| -> Result<Page, StoreError> {
+        let full = out.len() >= limit;
+        let next = if full { out.last().and_then(|v| codec::parse_event_id(&v.id)) } else { next };
+        Ok(Page { events: out, next: next.map(codec::event_id), truncated: !full && truncated })
+    };
+
+    // The tail the follower has not read yet.
+    let mut next_seq = before_seq.saturating_add(1);
+    let mut seen = 0;
+    'tail: while next_seq > upto.saturating_add(1) && seen < SCAN_ENTRIES {
+        let entries = page_desc(&st.log, next_seq, false)?;
+        let Some(last) = entries.last() else { break };
+        next_seq = last.seq;
+        seen += entries.len();
+        for e in entries.iter().filter(|e| e.seq > upto) {
+            if too_old(e) {
+                return done(out, None, false);
+            }
+            if matches_query(&f.query, e) && pick_from_entry(st, f, e, top_of(e), limit, &mut out, &mut last_seen)? {
+                return done(out, None, false);
+            }
+        }
+        if entries.iter().any(|e| e.seq <= upto) {
+            break 'tail;
+        }
+    }
+    if next_seq > upto.saturating_add(1) && seen >= SCAN_ENTRIES {
+        // The follower is far behind (a store just upgraded): the rest of the tail is past the bound.
+        return done(out, last_seen.or(Some(pack(next_seq, 0))), true);
+    }
+
+    // The indexed part, newest first.
+    let h = hash(kind, value);
+    let mut below = match kind {
+        // Template rows are an entry's first event number: the cursor's own entry is still to be looked at.
+        Kind::Template if before != i64::MAX => pack(before_seq, 0) + 1,
+        _ => before,
+    };
+    let mut rows = 0;
+    let mut entry: Option<LogEntry> = None;
+    while rows < SCAN_ENTRIES {
+        let ids: Vec<i64> = st
+            .conn
+            .prepare_cached(FINDER_PAGE)?
+            .query_map(params![h, below, PAGE], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let Some(last) = ids.last() else { return done(out, None, false) };
+        below = *last;
+        rows += ids.len();
+        for id in ids {
+            let (seq, pos) = unpack(id);
+            if entry.as_ref().is_none_or(|e| e.seq != seq) {
+                entry = read_entry(&st.log, seq)?;
+            }
+            // Gone (retention), or another entry's: nothing here.
+            let Some(e) = entry.as_ref().filter(|e| e.seq == seq) else { continue };
+            if too_old(e) {
+                return done(out, None, false);
+            }
+            if !matches_query(&f.query, e) {
+                last_seen = Some(id);
+                continue;
+            }
+            if kind == Kind::Template {
+                if pick_from_entry(st, f, e, top_of(e), limit, &mut out, &mut last_seen)? {
+                    return done(out, None, false);
+                }
+                continue;
+            }
+            last_seen = Some(id);
+            if pos >= e.items.len() {
+                continue;
+            }
+            let own = own_rows(&st.conn, seq)?;
+            if f.query.status.is_some_and(|s| s != views::status_of(st, id, &e.items[pos], own.get(&id))) {
+                continue;
+            }
+            let v = views::view(st, e, pos, own.get(&id), false)?;
+            if f.keeps(&v) {
+                out.push(v);
+                if out.len() >= limit {
+                    return done(out, None, false);
+                }
+            }
+        }
+    }
+    // The bound of rows looked at: more may be older than `next`.
+    done(out, last_seen, true)
 }
 
 /// Adds the entry's items below `top` that pass the filters, newest first; true once the page is full.

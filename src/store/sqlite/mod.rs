@@ -11,6 +11,7 @@
 mod books;
 mod codec;
 mod console;
+mod finder;
 mod log;
 mod views;
 
@@ -115,15 +116,27 @@ impl SqliteStore {
             index,
         };
         std::thread::Builder::new().name("ingest-log-writer".into()).spawn(move || w.run(rx))?;
-        Ok(Self {
-            tx,
-            books: Arc::new(Mutex::new(state)),
-            counters,
-            books_bytes,
-            log_bytes,
-            max_bytes: options.max_bytes,
-            path: path.to_owned(),
-        })
+        let books = Arc::new(Mutex::new(state));
+        let follower = Arc::downgrade(&books);
+        let follower_bytes = books_bytes.clone();
+        std::thread::Builder::new().name("log-follower".into()).spawn(move || follow(follower, follower_bytes))?;
+        Ok(Self { tx, books, counters, books_bytes, log_bytes, max_bytes: options.max_bytes, path: path.to_owned() })
+    }
+
+    /// Brings the follower index of the delivery log's filters up to the end of the log now (it otherwise trails
+    /// by about `FOLLOW_IDLE`); returns the entries it read. For tools and benchmarks that fill a store and then
+    /// measure it.
+    pub async fn index_log(&self) -> Result<usize, StoreError> {
+        let mut total = 0;
+        loop {
+            match self.books(|st| st.follow()).await? {
+                0 => break,
+                n => total += n,
+            }
+        }
+        let bytes = self.books_bytes.clone();
+        self.books(move |st| Ok(bytes.store(log::used_bytes(&st.conn), Ordering::Relaxed))).await?;
+        Ok(total)
     }
 
     pub fn path(&self) -> &Path {
@@ -279,6 +292,34 @@ impl SqliteStore {
             Ok(st.conn.query_row("SELECT 1", [], |_| Ok(()))?)
         })
         .await
+    }
+}
+
+/// How long the follower waits when it has caught up with the log.
+const FOLLOW_IDLE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The follower thread: indexes the log for the operator's filters (`finder`) a bounded step at a time under the
+/// books' lock, and rests when it has caught up. It ends with the store (its last handle dropped).
+fn follow(books: std::sync::Weak<Mutex<State>>, bytes: Arc<AtomicI64>) {
+    loop {
+        let Some(books) = books.upgrade() else { return };
+        let step = {
+            let mut st = books.lock().unwrap_or_else(|p| p.into_inner());
+            let step = st.follow();
+            if matches!(step, Ok(n) if n > 0) {
+                bytes.store(log::used_bytes(&st.conn), Ordering::Relaxed);
+            }
+            step
+        };
+        drop(books);
+        match step {
+            Ok(0) => std::thread::sleep(FOLLOW_IDLE),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "the log follower could not index the delivery log; retrying");
+                std::thread::sleep(FOLLOW_IDLE);
+            }
+        }
     }
 }
 
