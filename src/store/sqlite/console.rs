@@ -9,7 +9,9 @@ use super::SqliteStore;
 use super::books::State;
 use super::codec::{self, pack, unpack};
 use super::finder::{Kind, hash};
-use super::views::{self, LogEntry, ORDER_SLACK_MS, SCAN_ENTRIES, matches_query, own_rows, page_desc, read_entry};
+use super::views::{
+    self, LogEntry, ORDER_SLACK_MS, SCAN_ENTRIES, matches_query, own_rows, page_between, page_desc, read_entry,
+};
 use crate::store::queries::*;
 use crate::store::{Millis, Scope, Status, StoreError};
 use rusqlite::{Connection, params};
@@ -386,21 +388,18 @@ fn indexed_page(st: &State, f: &EventFilter, kind: Kind, value: &str) -> Result<
     // The tail the follower has not read yet.
     let mut next_seq = before_seq.saturating_add(1);
     let mut seen = 0;
-    'tail: while next_seq > upto.saturating_add(1) && seen < SCAN_ENTRIES {
-        let entries = page_desc(&st.log, next_seq, false)?;
+    while next_seq > upto.saturating_add(1) && seen < SCAN_ENTRIES {
+        let entries = page_between(&st.log, next_seq, upto, false)?;
         let Some(last) = entries.last() else { break };
         next_seq = last.seq;
         seen += entries.len();
-        for e in entries.iter().filter(|e| e.seq > upto) {
+        for e in &entries {
             if too_old(e) {
                 return done(out, None, false);
             }
             if matches_query(&f.query, e) && pick_from_entry(st, f, e, top_of(e), limit, &mut out, &mut last_seen)? {
                 return done(out, None, false);
             }
-        }
-        if entries.iter().any(|e| e.seq <= upto) {
-            break 'tail;
         }
     }
     if next_seq > upto.saturating_add(1) && seen >= SCAN_ENTRIES {

@@ -100,13 +100,17 @@ impl State {
             }
         }
         let Some(last) = entries.last().map(|e| e.0) else { return Ok(0) };
+        let mut all = Vec::new();
+        for (seq, template, items) in &entries {
+            all.extend(rows(*seq, template, &codec::decode_items(items)?));
+        }
+        // In key order: the hashes scatter over the table, and sorted inserts touch each page once.
+        all.sort_unstable();
         let tx = self.conn.transaction()?;
         {
             let mut ins = tx.prepare_cached("INSERT OR IGNORE INTO finder (h, id) VALUES (?1, ?2)")?;
-            for (seq, template, items) in &entries {
-                for (h, id) in rows(*seq, template, &codec::decode_items(items)?) {
-                    ins.execute(params![h, id])?;
-                }
+            for (h, id) in all {
+                ins.execute(params![h, id])?;
             }
             tx.prepare_cached("UPDATE finder_progress SET upto = ?1 WHERE id = 0")?.execute(params![last])?;
         }

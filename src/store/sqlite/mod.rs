@@ -299,10 +299,12 @@ impl SqliteStore {
 const FOLLOW_IDLE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The follower thread: indexes the log for the operator's filters (`finder`) a bounded step at a time under the
-/// books' lock, and rests when it has caught up. It ends with the store (its last handle dropped).
+/// books' lock, resting after each step as long as it took, and `FOLLOW_IDLE` when it has caught up. It ends with
+/// the store (its last handle dropped).
 fn follow(books: std::sync::Weak<Mutex<State>>, bytes: Arc<AtomicI64>) {
     loop {
         let Some(books) = books.upgrade() else { return };
+        let started = std::time::Instant::now();
         let step = {
             let mut st = books.lock().unwrap_or_else(|p| p.into_inner());
             let step = st.follow();
@@ -314,7 +316,10 @@ fn follow(books: std::sync::Weak<Mutex<State>>, bytes: Arc<AtomicI64>) {
         drop(books);
         match step {
             Ok(0) => std::thread::sleep(FOLLOW_IDLE),
-            Ok(_) => {}
+            // Rest as long as the step held the lock: while it catches up with a burst, the follower has the books
+            // at most half the time, and delivery the rest (a mutex is not fair: without the rest, the follower
+            // would take the lock again at once).
+            Ok(_) => std::thread::sleep(started.elapsed()),
             Err(e) => {
                 tracing::warn!(error = %e, "the log follower could not index the delivery log; retrying");
                 std::thread::sleep(FOLLOW_IDLE);
