@@ -135,7 +135,11 @@ impl SqliteStore {
             }
         }
         let bytes = self.books_bytes.clone();
-        self.books(move |st| Ok(bytes.store(log::used_bytes(&st.conn), Ordering::Relaxed))).await?;
+        self.books(move |st| {
+            bytes.store(log::used_bytes(&st.conn), Ordering::Relaxed);
+            Ok(())
+        })
+        .await?;
         Ok(total)
     }
 
