@@ -29,6 +29,7 @@ pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod exposure;
+pub mod filters;
 pub mod ingest;
 pub mod intake;
 pub mod json;

@@ -5,7 +5,7 @@
 use crate::domain::Timestamp;
 use crate::ingest::{Pipeline, Route};
 use crate::intake::to_rows;
-use crate::store::{Millis, Query, RawBody, Selector, Status, Store, StoreError};
+use crate::store::{Millis, RawBody, Selector, Status, Store, StoreError};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -65,28 +65,6 @@ pub fn parse_status(s: &str) -> Result<Status, String> {
     })
 }
 
-/// A listing filter given as text that does not parse, naming the field at fault.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct FilterError {
-    pub field: &'static str,
-    pub message: String,
-}
-
-/// The delivery log's filter from what a listing was given as text (`heap-relay deliveries`,
-/// `GET /admin/deliveries`): the status and the time range checked; source and environment are the caller's
-/// to set.
-pub fn listing(
-    status: Option<&str>,
-    since: Option<&str>,
-    until: Option<&str>,
-    limit: i64,
-) -> Result<Query, FilterError> {
-    let status = status.map(parse_status).transpose().map_err(|message| FilterError { field: "status", message })?;
-    let range = time_range(since, until).map_err(|message| FilterError { field: "since", message })?;
-    Ok(Query { status, source: None, environment: None, since: range.map(|r| r.0), until: range.map(|r| r.1), limit })
-}
-
 /// `since`/`until` (ISO-8601, either may be missing) as a millisecond range; `None` when both are missing.
 pub fn time_range(since: Option<&str>, until: Option<&str>) -> Result<Option<(Millis, Millis)>, String> {
     let time = |t: &str| {
@@ -130,66 +108,60 @@ pub async fn replay_all(
         }
         return Ok(report);
     }
-    let mut bodies: Vec<crate::store::RawBody> = Vec::new();
+    // A bounded chunk of selections at a time: only that chunk's bodies are in memory, however large the group.
+    let total = selectors.len();
     let mut seen = std::collections::HashSet::new();
-    for selector in selectors {
-        for body in store.raw_bodies(selector).await? {
-            if seen.insert(body.id) {
-                bodies.push(body);
+    let mut done = 0;
+    let mut selectors = selectors.into_iter().peekable();
+    while selectors.peek().is_some() {
+        let chunk: Vec<Selector> = selectors.by_ref().take(REPLAY_CHUNK).collect();
+        done += chunk.len();
+        for selector in chunk {
+            for raw in store.raw_bodies(selector).await? {
+                // A body behind several selected events is re-rendered once.
+                if seen.insert(raw.id) {
+                    rerender_body(store, pipeline, raw, &mut report).await?;
+                }
             }
         }
-    }
-    let total = bodies.len();
-    for (done, raw) in bodies.into_iter().enumerate() {
-        let RawBody { id: raw_id, source, environment, template, received_at, body } = raw;
-        let Some(route) = Route::from_stored(&source, &template) else {
-            tracing::warn!(raw_id, source, template, "cannot re-render: unknown route");
-            report.failed += 1;
-            continue;
-        };
-        let ts = chrono::DateTime::from_timestamp_millis(received_at)
-            .map(Timestamp::from_datetime)
-            .unwrap_or_else(Timestamp::now);
-        // The same environment as the first time: its app_id, not the default one.
-        match pipeline.ingest_in(&environment, &route, &body, &ts) {
-            Ok(outcome) => {
-                let (mut ingested, summary) =
-                    to_rows(route.source_name(), outcome, Vec::new(), received_at, Some(raw_id));
-                ingested.environment = environment;
-                report.accepted += summary.accepted;
-                report.rejected += summary.rejected.len();
-                report.bodies += 1;
-                store.append(ingested).await?;
-            }
-            Err(e) => {
-                tracing::warn!(raw_id, error = %e, "cannot re-render a stored body");
-                report.failed += 1;
-            }
-        }
-        progress(done + 1, total);
+        progress(done, total);
     }
     Ok(report)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Selections a bulk re-render reads bodies for at a time.
+const REPLAY_CHUNK: usize = 64;
 
-    #[test]
-    fn a_listing_filter_names_the_field_at_fault_and_an_unknown_status_lists_every_status() {
-        let err = listing(Some("lost"), None, None, 10).unwrap_err();
-        assert_eq!(err.field, "status");
-        assert_eq!(
-            err.message,
-            "unknown status \"lost\"; one of pending, retrying, delivered, dead, rejected, replaced, held"
-        );
-        let err = listing(None, Some("yesterday"), None, 10).unwrap_err();
-        assert_eq!(err.field, "since");
-        let q = listing(Some("dead"), Some("2024-11-18T19:00:00Z"), None, 10).unwrap();
-        assert_eq!(
-            (q.status, q.since, q.until, q.limit),
-            (Some(Status::Dead), Some(1_731_956_400_000), Some(Millis::MAX), 10)
-        );
-        assert!(selector(None, Some("held"), None, None).is_ok(), "a selection knows every status too");
+/// Renders one stored body again with today's templates and appends what it renders, as a re-render of it.
+async fn rerender_body(
+    store: &Store,
+    pipeline: &Pipeline,
+    raw: RawBody,
+    report: &mut ReplayReport,
+) -> Result<(), StoreError> {
+    let RawBody { id: raw_id, source, environment, template, received_at, body } = raw;
+    let Some(route) = Route::from_stored(&source, &template) else {
+        tracing::warn!(raw_id, source, template, "cannot re-render: unknown route");
+        report.failed += 1;
+        return Ok(());
+    };
+    let ts = chrono::DateTime::from_timestamp_millis(received_at)
+        .map(Timestamp::from_datetime)
+        .unwrap_or_else(Timestamp::now);
+    // The same environment as the first time: its app_id, not the default one.
+    match pipeline.ingest_in(&environment, &route, &body, &ts) {
+        Ok(outcome) => {
+            let (mut ingested, summary) = to_rows(route.source_name(), outcome, Vec::new(), received_at, Some(raw_id));
+            ingested.environment = environment;
+            report.accepted += summary.accepted;
+            report.rejected += summary.rejected.len();
+            report.bodies += 1;
+            store.append(ingested).await?;
+        }
+        Err(e) => {
+            tracing::warn!(raw_id, error = %e, "cannot re-render a stored body");
+            report.failed += 1;
+        }
     }
+    Ok(())
 }

@@ -2,9 +2,9 @@
 //! from the store.
 
 use super::CommandError;
+use crate::filters::FilterParams;
 use crate::settings::Settings;
 use crate::startup::open_store;
-use crate::store::Query;
 use anyhow::Context;
 
 pub struct Filters {
@@ -18,13 +18,19 @@ pub struct Filters {
 }
 
 pub async fn run(settings: &Settings, f: Filters) -> Result<i32, CommandError> {
-    let filter = crate::replay::listing(f.status.as_deref(), f.since.as_deref(), f.until.as_deref(), f.limit)
-        .map_err(|e| CommandError::Usage(e.to_string()))?;
+    // The same filters, read the same way, as /admin/deliveries and the console's Deliveries page.
+    let params = FilterParams {
+        status: f.status,
+        source: f.source,
+        environment: f.environment,
+        since: f.since,
+        until: f.until,
+        limit: Some(f.limit),
+        ..FilterParams::default()
+    };
+    let filter = params.parse(f.limit, i64::MAX).map_err(|e| CommandError::Usage(e.to_string()))?;
     let store = open_store(settings).await?;
-    // The same read as /admin/deliveries and the console's Deliveries page.
-    let query = Query { source: f.source, environment: f.environment, ..filter };
-    let events =
-        store.page(crate::store::queries::EventFilter { query, ..Default::default() }).await.context("listing")?.events;
+    let events = store.page(filter).await.context("listing")?.events;
     if f.json {
         println!("{}", serde_json::to_string_pretty(&events).context("printing")?);
         return Ok(0);

@@ -3,102 +3,36 @@
 
 use super::views::{self, Nav, enc, status};
 use super::{ConsoleError, Viewer, html, see_other};
-use crate::replay::{replay_all, time_range};
-use crate::store::queries::{EventFilter, Page};
-use crate::store::{Query, Selector, Status, StoreError};
+use crate::filters::FilterParams;
+use crate::replay::replay_all;
+use crate::store::queries::Page;
+use crate::store::{Selector, Status, StoreError};
 use actix_web::{HttpRequest, HttpResponse, web};
 use maud::{Markup, html as m};
 use serde::Deserialize;
 
-/// The deliveries page's filters, as its form sends them (empty fields are no filter).
-#[derive(Debug, Default, Deserialize)]
-pub struct Filters {
-    #[serde(default)]
-    status: String,
-    #[serde(default)]
-    source: String,
-    #[serde(default)]
-    environment: String,
-    #[serde(default)]
-    template: String,
-    #[serde(default)]
-    app_id: String,
-    #[serde(default)]
-    identity: String,
-    #[serde(default)]
-    key: String,
-    #[serde(default)]
-    since: String,
-    #[serde(default)]
-    until: String,
-    #[serde(default)]
-    before: String,
-}
+/// Rows of a Deliveries page.
+const PAGE_ROWS: i64 = 50;
 
-fn some(s: &str) -> Option<String> {
-    let s = s.trim();
-    (!s.is_empty()).then(|| s.to_owned())
-}
-
-impl Filters {
-    fn to_filter(&self) -> Result<EventFilter, ConsoleError> {
-        let status = some(&self.status)
-            .map(|s| Status::parse(&s).ok_or_else(|| ConsoleError::Invalid(format!("unknown status {s:?}"))))
-            .transpose()?;
-        let range =
-            time_range(some(&self.since).as_deref(), some(&self.until).as_deref()).map_err(ConsoleError::Invalid)?;
-        Ok(EventFilter {
-            query: Query {
-                status,
-                source: some(&self.source),
-                environment: some(&self.environment),
-                since: range.map(|r| r.0),
-                until: range.map(|r| r.1),
-                limit: 50,
-            },
-            template: some(&self.template),
-            app_id: some(&self.app_id),
-            identity: some(&self.identity),
-            key: some(&self.key),
-            before: some(&self.before),
-        })
-    }
-
-    /// The query string of these filters with another page cursor.
-    fn with_before(&self, before: &str) -> String {
-        let pairs = [
-            ("status", &self.status),
-            ("source", &self.source),
-            ("environment", &self.environment),
-            ("template", &self.template),
-            ("app_id", &self.app_id),
-            ("identity", &self.identity),
-            ("key", &self.key),
-            ("since", &self.since),
-            ("until", &self.until),
-        ];
-        let mut q: Vec<String> =
-            pairs.iter().filter(|(_, v)| !v.trim().is_empty()).map(|(k, v)| format!("{k}={}", enc(v.trim()))).collect();
-        q.push(format!("before={}", enc(before)));
-        q.join("&")
-    }
-}
-
-pub async fn deliveries(v: Viewer, filters: web::Query<Filters>) -> Result<HttpResponse, ConsoleError> {
-    let f = filters.into_inner();
-    let page = v.state.intake.store.page(f.to_filter()?).await?;
+pub async fn deliveries(v: Viewer, filters: web::Query<FilterParams>) -> Result<HttpResponse, ConsoleError> {
+    let mut f = filters.into_inner();
+    // The console's pages have one size; a `limit` in the address is not honoured.
+    f.limit = None;
+    let filter = f.parse(PAGE_ROWS, PAGE_ROWS).map_err(|e| ConsoleError::Invalid(e.to_string()))?;
+    let page = v.state.intake.store.page(filter).await?;
     Ok(html(views::page("Deliveries", Nav::Deliveries, Some(&v.session), None, list(&f, &page))))
 }
 
-fn list(f: &Filters, page: &Page) -> Markup {
-    let field = |name: &str, label: &str, value: &str| {
-        m! { label { (label) input type="text" name=(name) value=(value); } }
+fn list(f: &FilterParams, page: &Page) -> Markup {
+    let field = |name: &str, label: &str, value: &Option<String>| {
+        m! { label { (label) input type="text" name=(name) value=(value.as_deref().unwrap_or("")); } }
     };
+    let status_is = |s: Status| f.status.as_deref().map(str::trim) == Some(s.as_str());
     m! {
         form.filters method="get" action="/console/deliveries" {
             label { "Status" select name="status" {
                 option value="" { "any" }
-                @for s in Status::ALL { option value=(s.as_str()) selected[f.status == s.as_str()] { (s.as_str()) } }
+                @for s in Status::ALL { option value=(s.as_str()) selected[status_is(s)] { (s.as_str()) } }
             } }
             (field("source", "Source", &f.source))
             (field("environment", "Environment", &f.environment))
@@ -129,7 +63,7 @@ fn list(f: &Filters, page: &Page) -> Markup {
         @if let Some(next) = &page.next {
             div.pager {
                 @if page.truncated { span.note { "Looked through many entries without a match; " } }
-                a href={"/console/deliveries?" (f.with_before(next))} { "Older →" }
+                a href={"/console/deliveries?" (f.with_before(next, enc))} { "Older →" }
             }
         }
     }

@@ -4,7 +4,8 @@
 use super::views::{self, Nav, enc, status};
 use super::{ConsoleError, Viewer, html, see_other};
 use crate::replay::replay_all;
-use crate::store::{Selector, Status, now_ms};
+use crate::store::queries::{FAILURE_SCAN, REFUSED_SCAN};
+use crate::store::{Selector, Status, Store, now_ms};
 use actix_web::{HttpRequest, HttpResponse, web};
 use maud::html as m;
 use serde::Deserialize;
@@ -17,6 +18,7 @@ pub async fn page(v: Viewer) -> Result<HttpResponse, ConsoleError> {
     let s = &v.session;
     let body = m! {
         p.note { "Dead: Heap refused them for good, or retries ran out. Refused: the template or validation turned them away at ingest. Fix the template, then re-render the group: today's template renders the stored bodies again." }
+        p.note { (bounds_note(&v.state.intake.store)) }
         @if groups.is_empty() { p { "No failures." } } @else {
             table {
                 thead { tr { th { "Status" } th { "Reason" } th.num { "Events" } th { "Newest" } th { "Act on the group" } } }
@@ -36,6 +38,17 @@ pub async fn page(v: Viewer) -> Result<HttpResponse, ConsoleError> {
         }
     };
     Ok(html(views::page("Failures", Nav::Failures, Some(s), None, body)))
+}
+
+/// What the groups count: each backend looks at a bounded number of failures, so the page stays fast.
+fn bounds_note(store: &Store) -> String {
+    match store {
+        Store::Sqlite(_) => format!(
+            "Counts every dead event, and the refused items of the newest {} log entries that hold refusals.",
+            REFUSED_SCAN
+        ),
+        Store::Postgres(_) => format!("Counts the newest {FAILURE_SCAN} dead or refused events."),
+    }
 }
 
 fn group_button(s: &super::session::Session, st: &str, reason: &str, rerender: bool, label: &str) -> maud::Markup {

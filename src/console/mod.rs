@@ -25,7 +25,6 @@ use crate::routes::AppState;
 use crate::settings::Settings;
 use crate::store::queries::AuditEntry;
 use crate::store::{Millis, StoreError, now_ms};
-use crate::templates::bounds::LoadLimits;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
@@ -41,9 +40,8 @@ use std::sync::{Arc, Mutex};
 pub struct Console {
     pub sessions: Sessions,
     pub throttle: Throttle,
-    /// Where the templates are, to report each file's load status.
+    /// Where the templates are, named on the Templates page.
     pub templates_dir: PathBuf,
-    pub load_limits: LoadLimits,
     pub jobs: Jobs,
     /// delivery.app_events_per_minute, for the drain estimate (0: no budget).
     pub app_events_per_minute: u32,
@@ -58,7 +56,6 @@ impl Console {
             sessions: Sessions::new(admin, settings.console_readonly_token(), (c.session_minutes * 60_000) as i64),
             throttle: Throttle::new(c.sign_in_attempts_per_minute),
             templates_dir: settings.templates.dir.clone(),
-            load_limits: crate::startup::load_limits(settings),
             jobs: Jobs::default(),
             app_events_per_minute: settings.delivery.app_events_per_minute,
         })

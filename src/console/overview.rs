@@ -4,20 +4,20 @@
 use super::views::{self, Nav, duration};
 use super::{ConsoleError, Viewer, html};
 use crate::store::queries::Flow;
-use crate::store::{Millis, QueueStats, now_ms};
+use crate::store::{Millis, QueueStats, Scope, now_ms};
 use actix_web::HttpResponse;
 use maud::{Markup, html as m};
 
 /// Heap's state in words, and how worrying it is (`ok`, `warn`, `bad`).
-pub fn heap_health(flow: &Flow, pauses: &[(String, Millis)], now: Millis) -> (&'static str, String) {
-    if let Some((app, until)) = pauses.first() {
+pub fn heap_health(flow: &Flow, pauses: &[(Scope, Millis)], now: Millis) -> (&'static str, String) {
+    if let Some((scope, until)) = pauses.first() {
         let how = if *until == Millis::MAX {
             "by an operator, until resumed".to_owned()
         } else {
             format!("by a 429 from Heap for another {}", duration(until - now))
         };
-        let more = if pauses.len() > 1 { format!(" (and {} more app_ids)", pauses.len() - 1) } else { String::new() };
-        return ("warn", format!("Delivery to app_id {app} is paused {how}{more}."));
+        let more = if pauses.len() > 1 { format!(" (and {} more)", pauses.len() - 1) } else { String::new() };
+        return ("warn", format!("Delivery of {} is paused {how}{more}.", scope.describe()));
     }
     match &flow.last_call {
         None => ("ok", "No call to Heap yet.".to_owned()),
@@ -41,7 +41,7 @@ pub async fn page(v: Viewer) -> Result<HttpResponse, ConsoleError> {
     Ok(html(views::page("Overview", Nav::Overview, Some(&v.session), Some(30), body)))
 }
 
-fn body(flow: &Flow, stats: &QueueStats, pauses: &[(String, Millis)], now: Millis, budget: u32) -> Markup {
+fn body(flow: &Flow, stats: &QueueStats, pauses: &[(Scope, Millis)], now: Millis, budget: u32) -> Markup {
     let (level, words) = heap_health(flow, pauses, now);
     let card = |label: &str, value: String| m! { div.card { div.label { (label) } div.value { (value) } } };
     m! {

@@ -13,14 +13,16 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use maud::{Markup, html as m};
 use serde::Deserialize;
 
-/// Every template file's state now: (source/name, problem if it does not load).
-fn load_status(v: &Viewer) -> (Vec<(String, String)>, Vec<crate::templates::LoadError>) {
-    let (set, errors) = TemplateSet::load_dir_with(&v.console.templates_dir, &v.console.load_limits);
-    (set.names(), errors)
+/// The live template set as the files are now: reloaded first only if a file changed since the last load (a stat
+/// of each file, no compile), so the page shows what a re-render would use.
+fn load_status(v: &Viewer) -> std::sync::Arc<TemplateSet> {
+    super::fresh_templates(&v.state.intake.pipeline);
+    v.state.intake.pipeline.templates.snapshot()
 }
 
 fn status_and_form(v: &Viewer, form: &PreviewForm, result: Option<Result<Preview, String>>) -> Markup {
-    let (names, errors) = load_status(v);
+    let set = load_status(v);
+    let errors = set.problems();
     let s = &v.session;
     m! {
         h2 { "Load status" }
@@ -28,8 +30,12 @@ fn status_and_form(v: &Viewer, form: &PreviewForm, result: Option<Result<Preview
         table {
             thead { tr { th { "Template" } th { "State" } } }
             tbody {
-                @for e in &errors { tr { td { (e.file) } td.error { "broken: " (e) } } }
-                @for (source, name) in &names { tr { td { (source) "/" (name) ".json" } td { "loaded" } } }
+                @for e in errors { tr { td { (e.file) } td.error { "broken: " (e) } } }
+                @for (source, name) in &set.names() { tr {
+                    td { (source) "/" (name) }
+                    @if set.broken(source, name).is_some() { td { "the last good version is in use" } }
+                    @else { td { "loaded" } }
+                } }
             }
         }
         h2 { "Preview" }

@@ -12,7 +12,9 @@ pub mod rate_limit;
 
 use crate::clock::Clock;
 use crate::metrics::Metrics;
-use crate::store::{Admission, AttemptLog, AttemptRecord, Claimed, Held, Millis, Resolution, Store, StoreError};
+use crate::store::{
+    Admission, AttemptLog, AttemptRecord, Claimed, Held, Millis, Paused, Resolution, Scope, Store, StoreError,
+};
 use batcher::{Batch, batches};
 use heap_client::HeapClient;
 use policy::{Decision, backoff, classify};
@@ -67,8 +69,9 @@ pub struct Delivery {
     /// Signalled (through [`Delivery::wake`]) by ingest after a commit, by replays and by PostgreSQL's LISTEN, so
     /// that an idle worker starts at once instead of at its next poll.
     wake: Notify,
-    /// app_id → time until which Heap asked us (429) to leave it alone.
-    paused: Mutex<HashMap<String, Millis>>,
+    /// What is paused until when: app_ids Heap asked us (429) to leave alone, and an operator's pauses of an
+    /// app_id or an environment (until `Millis::MAX`).
+    paused: Mutex<HashMap<Scope, Millis>>,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -119,36 +122,42 @@ impl Delivery {
         Ok(claimed.iter().map(|c| self.limiter.try_take(&c.app_id, &c.identity, now).err().map(wait)).collect())
     }
 
-    fn paused_apps(&self, now: Millis) -> Vec<String> {
+    /// What a claim skips now.
+    fn paused_now(&self, now: Millis) -> Paused {
+        let mut out = Paused::default();
+        for (scope, _) in self.pauses(now) {
+            match scope {
+                Scope::AppId(a) => out.app_ids.push(a),
+                Scope::Environment(e) => out.environments.push(e),
+            }
+        }
+        out
+    }
+
+    /// Holds the deliveries of an app_id or an environment until `until` (an operator's pause from the console:
+    /// `Millis::MAX`), the way a 429 holds an app_id; this instance only.
+    pub fn hold(&self, scope: Scope, until: Millis) {
+        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.entry(scope).or_insert(until);
+        *e = (*e).max(until);
+    }
+
+    /// Lifts a pause (an operator's, or a 429's of an app_id); whether there was one.
+    pub fn resume(&self, scope: &Scope) -> bool {
+        self.paused.lock().unwrap_or_else(|e| e.into_inner()).remove(scope).is_some()
+    }
+
+    /// What is paused now, and until when: app_ids first, then environments.
+    pub fn pauses(&self, now: Millis) -> Vec<(Scope, Millis)> {
         let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
         p.retain(|_, until| *until > now);
-        p.keys().cloned().collect()
-    }
-
-    /// Holds an app_id's deliveries until `until` (an operator's pause from the console: `Millis::MAX`), the way
-    /// a 429 does; this instance only.
-    pub fn hold(&self, app_id: &str, until: Millis) {
-        self.pause(app_id, until);
-    }
-
-    /// Lifts a pause of `app_id` (an operator's or a 429's); whether there was one.
-    pub fn resume(&self, app_id: &str) -> bool {
-        self.paused.lock().unwrap_or_else(|e| e.into_inner()).remove(app_id).is_some()
-    }
-
-    /// The app_ids paused now, and until when.
-    pub fn pauses(&self, now: Millis) -> Vec<(String, Millis)> {
-        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        p.retain(|_, until| *until > now);
-        let mut out: Vec<(String, Millis)> = p.iter().map(|(a, u)| (a.clone(), *u)).collect();
+        let mut out: Vec<(Scope, Millis)> = p.iter().map(|(a, u)| (a.clone(), *u)).collect();
         out.sort();
         out
     }
 
     fn pause(&self, app_id: &str, until: Millis) {
-        let mut p = self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        let e = p.entry(app_id.to_owned()).or_insert(until);
-        *e = (*e).max(until);
+        self.hold(Scope::AppId(app_id.to_owned()), until);
     }
 }
 
@@ -230,10 +239,10 @@ impl Worker {
         let admission: Option<Arc<dyn Admission>> =
             (in_claim && (app_rate > 0 || identity_rate > 0)).then(|| d.limiter.clone() as Arc<dyn Admission>);
         let lease_ms = d.config.lease.as_millis() as i64;
-        let mut paused = d.paused_apps(now);
+        let mut paused = d.paused_now(now);
         if let Store::Postgres(pg) = &d.store {
             // The shared budgets live in the database: app_ids whose budget is spent are not claimed at all.
-            paused.extend(pg.spent_apps(app_rate, now).await?);
+            paused.app_ids.extend(pg.spent_apps(app_rate, now).await?);
         }
         let claimed = d.store.claim(&self.owner, now, lease_ms, limit, paused, admission).await?;
         let mut out = RoundOutcome { claimed: claimed.len(), ..Default::default() };

@@ -4,9 +4,9 @@
 use super::AppState;
 use crate::auth::verify_bearer;
 use crate::error::{ApiError, ErrorCode};
+use crate::filters::FilterParams;
 use crate::replay::{replay as run_replay, selector};
-use crate::store::queries::EventFilter;
-use crate::store::{Query, StoreError};
+use crate::store::StoreError;
 use actix_web::http::header::AUTHORIZATION;
 use actix_web::{FromRequest, HttpRequest, HttpResponse, web};
 use serde::Deserialize;
@@ -39,46 +39,13 @@ fn check_token(authorization: Option<&[u8]>, token_digest: &[u8; 32]) -> Result<
     })
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListParams {
-    status: Option<String>,
-    source: Option<String>,
-    environment: Option<String>,
-    since: Option<String>,
-    until: Option<String>,
-    limit: Option<i64>,
-    template: Option<String>,
-    app_id: Option<String>,
-    identity: Option<String>,
-    /// A sender's message id or the event's idempotency key.
-    key: Option<String>,
-    /// The previous answer's `next`: the page of older events.
-    before: Option<String>,
-}
-
 pub async fn list(
     _: Admin,
-    params: web::Query<ListParams>,
+    params: web::Query<FilterParams>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let p = params.into_inner();
-    let listed = crate::replay::listing(
-        p.status.as_deref(),
-        p.since.as_deref(),
-        p.until.as_deref(),
-        p.limit.unwrap_or(100).clamp(1, 10_000),
-    )
-    .map_err(|e| ApiError::new(ErrorCode::InvalidQuery, e.message).with_field(e.field))?;
-    let q = Query { source: p.source, environment: p.environment, ..listed };
-    let filter = EventFilter {
-        query: q,
-        template: p.template,
-        app_id: p.app_id,
-        identity: p.identity,
-        key: p.key,
-        before: p.before,
-    };
+    let filter =
+        params.parse(100, 10_000).map_err(|e| ApiError::new(ErrorCode::InvalidQuery, e.message).with_field(e.field))?;
     let page = state.intake.store.page(filter).await.map_err(|e| ApiError::internal(&e))?;
     Ok(HttpResponse::Ok().json(json!({ "count": page.events.len(), "events": page.events, "next": page.next })))
 }

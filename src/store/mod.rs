@@ -208,6 +208,44 @@ pub struct AttemptRecord {
     pub error: Option<String>,
 }
 
+/// What an operator's pause or purge names: the events of one app_id, or of one environment (`""` is the default
+/// environment).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    AppId(String),
+    Environment(String),
+}
+
+impl Scope {
+    /// In words, for the console and the audit log: `app_id 1234`, `environment prod`, `environment default`.
+    pub fn describe(&self) -> String {
+        match self {
+            Scope::AppId(a) => format!("app_id {a}"),
+            Scope::Environment(e) if e.is_empty() => "environment default".to_owned(),
+            Scope::Environment(e) => format!("environment {e}"),
+        }
+    }
+}
+
+/// What a claim skips: events of these app_ids (an operator's pause, a 429, a spent shared budget) and of these
+/// environments (an operator's pause).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Paused {
+    pub app_ids: Vec<String>,
+    pub environments: Vec<String>,
+}
+
+impl Paused {
+    pub fn apps(app_ids: Vec<String>) -> Self {
+        Self { app_ids, environments: Vec::new() }
+    }
+
+    /// Whether an event of `app_id` in `environment` waits.
+    pub fn holds(&self, app_id: &str, environment: &str) -> bool {
+        self.app_ids.iter().any(|a| a == app_id) || self.environments.iter().any(|e| e == environment)
+    }
+}
+
 /// Filters for the delivery log.
 #[derive(Debug, Clone, Default)]
 pub struct Query {
@@ -340,7 +378,8 @@ impl Store {
         delegate!(self, s => s.append(ingested).await)
     }
 
-    /// Leases up to `limit` ready events (oldest first) to `owner` until `now + lease_ms`, skipping `paused` app_ids.
+    /// Leases up to `limit` ready events (oldest first) to `owner` until `now + lease_ms`, skipping the app_ids and
+    /// environments `paused` names.
     /// With `admission`, only events it admits are claimed (their budget is taken); without, the caller admits.
     pub async fn claim(
         &self,
@@ -348,7 +387,7 @@ impl Store {
         now: Millis,
         lease_ms: i64,
         limit: i64,
-        paused: Vec<String>,
+        paused: Paused,
         admission: Option<std::sync::Arc<dyn Admission>>,
     ) -> Result<Vec<Claimed>, StoreError> {
         match self {
@@ -457,11 +496,11 @@ impl Store {
         delegate!(self, s => s.failure_members(status, reason, limit).await)
     }
 
-    /// Moves every waiting (pending or retrying) event of `app_id` to dead letters, with the error
-    /// [`queries::PURGED`], so that a wrong campaign's backlog is not sent; they can be replayed from there.
-    /// Returns how many. An event already in flight may still reach Heap.
-    pub async fn purge(&self, app_id: String) -> Result<i64, StoreError> {
-        delegate!(self, s => s.purge(app_id).await)
+    /// Moves every waiting (pending or retrying) event of `scope` (an app_id or an environment) to dead letters,
+    /// with the error [`queries::PURGED`], so that a wrong campaign's backlog is not sent; they can be replayed from
+    /// there. Returns how many. An event already in flight may still reach Heap.
+    pub async fn purge(&self, scope: Scope) -> Result<i64, StoreError> {
+        delegate!(self, s => s.purge(scope).await)
     }
 
     /// Keeps an operator's action in the audit log.

@@ -108,6 +108,10 @@ pub struct AuditEntry {
 /// The error a purged event keeps (its failure group's reason).
 pub const PURGED: &str = "purged by an operator";
 
+/// How many of the newest dead or refused events the PostgreSQL failures page groups (its bound; SQLite's is
+/// `REFUSED_SCAN` entries with refusals, dead letters all counted).
+pub const FAILURE_SCAN: usize = 20_000;
+
 /// How far back the failure and flow views look at refused items in the SQLite log (entries with refusals).
 pub const REFUSED_SCAN: usize = 20_000;
 

@@ -13,6 +13,9 @@ use std::time::SystemTime;
 pub struct TemplateSet {
     by_name: HashMap<(String, String), Arc<Template>>,
     broken: HashMap<(String, String), LoadError>,
+    /// Every problem of the load that made this set (a broken template, a partial, the directory), for the
+    /// console's load status.
+    problems: Vec<LoadError>,
 }
 
 /// A source's partials: `(name, text)` for each `_partials/<name>.liquid`, registered as `name` and
@@ -87,6 +90,7 @@ impl TemplateSet {
         for (source, path) in source_dirs {
             set.load_source(&source, &path, limits, &mut errors);
         }
+        set.problems = errors.clone();
         (set, errors)
     }
 
@@ -148,6 +152,11 @@ impl TemplateSet {
     /// The load error of a template whose file exists but does not load.
     pub fn broken(&self, source: &str, name: &str) -> Option<&LoadError> {
         self.broken.get(&(source.to_owned(), name.to_owned()))
+    }
+
+    /// Every problem of the load that made this set, in the order found.
+    pub fn problems(&self) -> &[LoadError] {
+        &self.problems
     }
 
     /// The (source, name) of every template that loaded, sorted.

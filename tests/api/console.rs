@@ -1,9 +1,10 @@
 //! The console over plain HTTP: when it exists, who may sign in and act, the cookie's flags, `POST /admin/preview`,
 //! the store reads behind its pages (keyset pages, failures, the last hour) and their query plans.
 
-use crate::helpers::{ADMIN_TOKEN, APP_ID, TestApp, json, spawn_app, spawn_app_with};
+use crate::helpers::{ADMIN_TOKEN, APP_ID, TestApp, json, spawn_app, spawn_app_with, templates_with};
+use heap_relay::settings::EnvironmentSettings;
 use heap_relay::store::queries::EventFilter;
-use heap_relay::store::{Query, Status};
+use heap_relay::store::{Query, Scope, Status};
 use serde_json::json;
 use std::time::Duration;
 
@@ -148,7 +149,7 @@ async fn state_changes_need_the_csrf_token_the_same_origin_and_an_admin_session(
     assert!(app.app.intake.delivery.pauses(0).is_empty(), "read-only may not act");
 
     assert_eq!(pause(cookie.clone(), origin, vec![("csrf", csrf), ("app_id", APP_ID.into())]).await, 303);
-    assert_eq!(app.app.intake.delivery.pauses(0).first().map(|p| p.0.as_str()), Some(APP_ID));
+    assert_eq!(app.app.intake.delivery.pauses(0).first().map(|p| p.0.clone()), Some(Scope::AppId(APP_ID.into())));
     let audit = app.app.intake.store.audit_log(10).await.expect("audit log");
     assert_eq!((audit[0].action.as_str(), audit[0].selection.as_str()), ("pause", "app_id 1234567890"));
     // The Bearer API keeps working beside the console.
@@ -236,8 +237,11 @@ async fn the_last_hour_counts_what_came_in_and_what_was_delivered() {
         {"type": "track", "userId": "u-1", "event": "A", "messageId": "h-1"},
         {"type": "track", "event": "no identity", "messageId": "h-2"}
     ]});
-    assert_eq!(app.post_hook("segment", &body).await.status().as_u16(), 202);
-    app.wait_for_heap(1, Duration::from_secs(10)).await;
+    let (status, accepted) = json(app.post_hook("segment", &body).await).await;
+    assert_eq!(status, 202);
+    let id = accepted["event_ids"][0].as_str().expect("an event id").to_owned();
+    // Heap's answer is recorded after it arrives: wait for the record, not only for Heap.
+    app.wait_for_status(&id, "delivered", Duration::from_secs(10)).await;
     let flow = app.app.intake.store.flow(heap_relay::store::now_ms()).await.expect("flow");
     assert_eq!(flow.minutes.len(), 60);
     assert_eq!(flow.minutes.iter().map(|m| m.received).sum::<i64>(), 2);
@@ -285,4 +289,102 @@ async fn a_purge_from_the_console_moves_an_apps_backlog_to_dead_letters_and_is_a
     assert_eq!((audit[0].action.as_str(), audit[0].count), ("purge", 3));
     let failures = get(&app, "/console/failures", &cookie).await.text().await.unwrap_or_default();
     assert!(failures.contains("purged by an operator"), "the purged events can be replayed from Failures");
+}
+
+#[tokio::test]
+async fn an_environment_paused_from_the_console_is_held_until_resumed_and_its_backlog_can_be_purged() {
+    let app = spawn_app_with(|s| {
+        s.environments.insert("prod".into(), EnvironmentSettings { app_id: "2222222222".into() });
+    })
+    .await;
+    let (cookie, csrf) = session(&app, ADMIN_TOKEN).await;
+    let act = |path: &'static str, form: Vec<(&'static str, &'static str)>| {
+        let (app, cookie, csrf) = (&app, cookie.clone(), csrf.clone());
+        async move {
+            let mut form = form;
+            form.push(("csrf", csrf.as_str()));
+            post_form(app, path, &cookie, &app.address, &form).await.status().as_u16()
+        }
+    };
+    assert_eq!(act("/console/control/pause", vec![("app_id", APP_ID), ("environment", "prod")]).await, 400, "not both");
+    assert_eq!(act("/console/control/pause", vec![("environment", "Prod!")]).await, 400, "not a name");
+    assert_eq!(act("/console/control/pause", vec![("environment", "prod")]).await, 303);
+    assert_eq!(app.app.intake.delivery.pauses(0), [(Scope::Environment("prod".into()), i64::MAX)]);
+    let control = get(&app, "/console/control", &cookie).await.text().await.unwrap_or_default();
+    assert!(control.contains("environment prod"), "the Control page lists the pause");
+
+    let event = |key: &str| json!({"type": "track", "userId": "u-1", "event": "E", "messageId": key});
+    let (_, held) = json(app.post("/env/prod/hooks/segment", event("prod-1").to_string()).await).await;
+    let held = held["event_ids"][0].as_str().expect("an event id").to_owned();
+    assert_eq!(app.post_hook("segment", &event("default-1")).await.status().as_u16(), 202);
+    let sent = app.wait_for_heap(1, Duration::from_secs(10)).await;
+    assert_eq!(sent.len(), 1, "only the default environment's event went: {sent:?}");
+    assert_eq!(app.app.intake.store.get(&held).await.expect("get").status, "pending", "prod's event waits");
+
+    assert_eq!(act("/console/control/resume", vec![("environment", "prod")]).await, 303);
+    app.wait_for_status(&held, "delivered", Duration::from_secs(10)).await;
+    assert!(app.app.intake.delivery.pauses(0).is_empty());
+
+    assert_eq!(act("/console/control/pause", vec![("environment", "prod")]).await, 303);
+    for key in ["prod-2", "prod-3"] {
+        assert_eq!(app.post("/env/prod/hooks/segment", event(key).to_string()).await.status().as_u16(), 202);
+    }
+    assert_eq!(act("/console/control/purge", vec![("environment", "prod"), ("confirm", "yes")]).await, 303);
+    let audit = app.app.intake.store.audit_log(10).await.expect("audit");
+    let actions: Vec<(&str, &str, i64)> =
+        audit.iter().map(|a| (a.action.as_str(), a.selection.as_str(), a.count)).collect();
+    assert_eq!(
+        actions,
+        [
+            ("purge", "waiting events of environment prod", 2),
+            ("pause", "environment prod", 0),
+            ("resume", "environment prod", 0),
+            ("pause", "environment prod", 0),
+        ]
+    );
+    assert_eq!(app.app.intake.store.stats().await.expect("stats").ready_or_waiting, 0, "nothing of prod waits");
+}
+
+#[tokio::test]
+async fn the_templates_page_shows_the_live_sets_status_and_a_broken_edit_keeps_the_last_good_version() {
+    let templates = templates_with(&[]);
+    let dir = templates.path().to_owned();
+    let app = spawn_app_with(|s| s.templates.dir = dir.clone()).await;
+    let (cookie, _) = session(&app, ADMIN_TOKEN).await;
+    let page = get(&app, "/console/templates", &cookie).await.text().await.unwrap_or_default();
+    assert!(page.contains("segment/default") && !page.contains("broken:"), "every shipped template loads:\n{page}");
+
+    std::fs::write(dir.join("segment/default.json"), "{\"event\": \"{{ properties.x \"}\n").expect("break it");
+    let page = get(&app, "/console/templates", &cookie).await.text().await.unwrap_or_default();
+    assert!(page.contains("broken:") && page.contains("default.json"), "the edit is reported as broken:\n{page}");
+    assert!(page.contains("the last good version is in use"), "and the running relay keeps the good one:\n{page}");
+    let still = json!({"type": "track", "userId": "u-1", "event": "Still Works", "messageId": "t-1"});
+    assert_eq!(app.post_hook("segment", &still).await.status().as_u16(), 202, "ingest keeps rendering");
+}
+
+#[tokio::test]
+async fn a_bulk_rerender_of_a_group_reads_its_bodies_a_chunk_at_a_time_and_renders_each_once() {
+    let app = spawn_app_with(|s| s.delivery.workers = 0).await;
+    for i in 0..70 {
+        // The second has no userId: refused at ingest, kept for a re-render.
+        let body = json!({"batch": [
+            {"type": "track", "userId": "u-1", "event": "E", "messageId": format!("ok-{i}")},
+            {"type": "track", "event": "E", "messageId": format!("r-{i}")}
+        ]});
+        assert_eq!(app.post_hook("segment", &body).await.status().as_u16(), 202);
+    }
+    let store = &app.app.intake.store;
+    let group = store.failures().await.expect("failures").into_iter().next().expect("the refused group");
+    assert_eq!(group.count, 70);
+    let ids = store.failure_members(Status::Rejected, group.reason, 100).await.expect("members");
+    let selectors = ids.into_iter().map(heap_relay::store::Selector::Id).collect();
+    let mut progress = Vec::new();
+    let report =
+        heap_relay::replay::replay_all(store, &app.app.intake.pipeline, selectors, true, &mut |done, total| {
+            progress.push((done, total))
+        })
+        .await
+        .expect("re-render");
+    assert_eq!(report.bodies, 70, "each body once: {report:?}");
+    assert_eq!(progress, [(64, 70), (70, 70)], "progress after each chunk of 64 selected events");
 }

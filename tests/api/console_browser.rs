@@ -159,5 +159,16 @@ async fn a_wrong_token_and_a_missing_csrf_token_are_refused() {
     assert!(refused.contains("Not done"), "{refused}");
     b.screenshot("missing-csrf").await;
     assert!(app.app.intake.delivery.pauses(0).is_empty(), "nothing was paused");
+
+    // With its token, a pause of an environment goes through, and the Control page lists it.
+    b.goto(&format!("{}/console/control", app.address)).await;
+    b.fill("form[action='/console/control/pause'] input[name=environment]", "prod").await;
+    b.click("form[action='/console/control/pause'] button").await;
+    let control = b.wait_for_text("until resumed", WAIT).await;
+    assert!(control.contains("environment prod"), "{control}");
+    b.assert_fits_width("control").await;
+    b.screenshot("control").await;
+    let paused = app.app.intake.delivery.pauses(0);
+    assert_eq!(paused, [(heap_relay::store::Scope::Environment("prod".into()), i64::MAX)]);
     b.close().await;
 }

@@ -2,9 +2,13 @@
 //! backends: keyset pages under every filter, failures grouped by reason with their members, the last hour, and
 //! the audit log.
 
+use crate::postgres::TestSchema;
 use crate::store_contract::{body, delivered, postgres, sqlite};
+use heap_relay::store::postgres::PgOptions;
 use heap_relay::store::queries::{AuditEntry, EventFilter};
-use heap_relay::store::{AttemptLog, AttemptRecord, Query, Resolution, Status, Store, now_ms};
+use heap_relay::store::sqlite::SqliteOptions;
+use heap_relay::store::{AttemptLog, AttemptRecord, Ingested, Paused, Query, Resolution, Scope, Status, Store, now_ms};
+use heap_relay::store::{PgStore, SqliteStore};
 use std::collections::HashSet;
 
 macro_rules! both {
@@ -28,17 +32,51 @@ both!(
     the_last_hour_counts_what_came_in_and_what_heap_accepted,
     the_audit_log_keeps_actions_newest_first,
     a_purge_moves_the_waiting_events_of_an_app_id_to_dead_letters_and_leaves_the_rest,
+    a_paused_environment_is_not_claimed_and_a_purge_of_it_dead_letters_only_its_waiting_events,
 );
+
+fn in_environment(tag: &str, n: usize, environment: &str) -> Ingested {
+    Ingested { environment: environment.into(), ..body(tag, n) }
+}
+
+async fn a_paused_environment_is_not_claimed_and_a_purge_of_it_dead_letters_only_its_waiting_events(store: Store) {
+    store.append(in_environment("p", 3, "prod")).await.expect("append");
+    store.append(in_environment("d", 2, "")).await.expect("append");
+    let paused = Paused { environments: vec!["prod".into()], ..Default::default() };
+    let claimed = store.claim("w", now_ms(), 60_000, 10, paused, None).await.expect("claim");
+    let keys: Vec<String> = claimed.iter().map(|c| c.payload.clone()).collect();
+    assert_eq!(claimed.len(), 2, "only the default environment's events go: {keys:?}");
+    assert!(keys.iter().all(|k| k.contains("\"d-")), "{keys:?}");
+    store.release_owner("w").await.expect("release");
+
+    let default_paused = Paused { environments: vec![String::new()], ..Default::default() };
+    let claimed = store.claim("w", now_ms(), 60_000, 10, default_paused, None).await.expect("claim");
+    assert_eq!(claimed.len(), 3, "pausing the default environment leaves prod's events to go");
+    store.release_owner("w").await.expect("release");
+
+    assert_eq!(store.purge(Scope::Environment("dev".into())).await.expect("purge"), 0, "another environment");
+    assert_eq!(store.purge(Scope::Environment("prod".into())).await.expect("purge"), 3);
+    let left = store.claim("w", now_ms(), 60_000, 10, Paused::default(), None).await.expect("claim");
+    assert_eq!(left.len(), 2, "the default environment's events still wait");
+    assert!(left.iter().all(|c| c.payload.contains("\"d-")));
+    let groups = store.failures().await.expect("failures");
+    let purged = groups.iter().find(|g| g.reason == heap_relay::store::queries::PURGED).expect("a purged group");
+    assert_eq!((purged.status, purged.count), ("dead", 3));
+}
 
 async fn a_purge_moves_the_waiting_events_of_an_app_id_to_dead_letters_and_leaves_the_rest(store: Store) {
     store.append(body("a", 3)).await.expect("append");
-    let claimed = store.claim("w", now_ms(), 60_000, 1, vec![], None).await.expect("claim");
+    let claimed = store.claim("w", now_ms(), 60_000, 1, Default::default(), None).await.expect("claim");
     store.record(vec![delivered(claimed[0].id, claimed[0].lease_token)]).await.expect("record");
     store.append(body("b", 2)).await.expect("append");
-    assert_eq!(store.purge("999".into()).await.expect("purge"), 0, "another app_id's events stay");
-    assert_eq!(store.purge("1234567890".into()).await.expect("purge"), 4, "2 left of the first body, 2 of the second");
+    assert_eq!(store.purge(Scope::AppId("999".into())).await.expect("purge"), 0, "another app_id's events stay");
+    assert_eq!(
+        store.purge(Scope::AppId("1234567890".into())).await.expect("purge"),
+        4,
+        "2 left of the first body, 2 of the second"
+    );
     assert!(
-        store.claim("w", now_ms(), 60_000, 10, vec![], None).await.expect("claim").is_empty(),
+        store.claim("w", now_ms(), 60_000, 10, Default::default(), None).await.expect("claim").is_empty(),
         "nothing left to send"
     );
     assert_eq!(store.get(&claimed[0].event_id).await.expect("get").status, "delivered", "the delivered one stays");
@@ -104,7 +142,7 @@ fn dead(id: i64, lease_token: i64, why: &str) -> AttemptRecord {
 
 async fn failures_group_dead_and_refused_events_by_reason_and_name_their_members(store: Store) {
     store.append(body("a", 4)).await.expect("append");
-    let claimed = store.claim("w", now_ms(), 60_000, 10, vec![], None).await.expect("claim");
+    let claimed = store.claim("w", now_ms(), 60_000, 10, Default::default(), None).await.expect("claim");
     let records = vec![
         dead(claimed[0].id, claimed[0].lease_token, "Heap answered 400: x"),
         dead(claimed[1].id, claimed[1].lease_token, "Heap answered 400: x"),
@@ -132,7 +170,7 @@ async fn failures_group_dead_and_refused_events_by_reason_and_name_their_members
 
 async fn the_last_hour_counts_what_came_in_and_what_heap_accepted(store: Store) {
     store.append(body("a", 3)).await.expect("append");
-    let claimed = store.claim("w", now_ms(), 60_000, 10, vec![], None).await.expect("claim");
+    let claimed = store.claim("w", now_ms(), 60_000, 10, Default::default(), None).await.expect("claim");
     store.record(claimed.iter().take(2).map(|c| delivered(c.id, c.lease_token)).collect()).await.expect("record");
     let flow = store.flow(now_ms()).await.expect("flow");
     assert_eq!(flow.minutes.len(), 60);
@@ -158,4 +196,102 @@ async fn the_audit_log_keeps_actions_newest_first(store: Store) {
     let log = store.audit_log(10).await.expect("audit log");
     let actions: Vec<(&str, i64)> = log.iter().map(|e| (e.action.as_str(), e.count)).collect();
     assert_eq!(actions, [("rerender", 10), ("pause", 0)]);
+}
+
+/// 120,000 events over the last 33 hours (one a second): a tenth of app_id 1234567890, 5,000 identities, 1% dead,
+/// 1% refused, 1% waiting; a delivery call per event.
+const PG_EVENTS: &str = "
+INSERT INTO events (event_id, raw_id, item_index, source, template, kind, app_id, identity, idempotency_key, payload,
+                    status, attempts, enqueued_at, next_attempt_at, received_at, updated_at, last_error, environment)
+SELECT 'e-' || g, g, 0, 'segment', 'default', 'track',
+       CASE WHEN g % 10 = 0 THEN '1234567890' ELSE (1000000000 + g % 50)::text END,
+       'user-' || (g % 5000), 'key-' || g, '{}',
+       CASE g % 100 WHEN 10 THEN 'dead' WHEN 20 THEN 'rejected' WHEN 30 THEN 'pending' ELSE 'delivered' END,
+       1, t, t, t, t, CASE WHEN g % 100 IN (10, 20) THEN 'HTTP 400 ' || (g % 7) END, ''
+FROM generate_series(1, 120000) g,
+     LATERAL (SELECT (extract(epoch FROM now()) * 1000)::bigint - (120000 - g) * 1000 AS t) x;
+INSERT INTO attempts (event_row, at, http_status, latency_ms, batch_size)
+SELECT id, received_at, 200, 5, 1 FROM events;
+ANALYZE events;
+ANALYZE attempts;
+";
+
+#[tokio::test]
+async fn on_postgresql_the_overview_filtered_deliveries_and_failures_do_not_scan_the_events_table() {
+    let schema = TestSchema::create().await;
+    let pg = PgStore::open(&schema.url, PgOptions { max_bytes: 0, pool_size: 2, dedupe_window_ms: 60_000 })
+        .await
+        .expect("postgres opens");
+    schema.execute(PG_EVENTS).await;
+    assert!(schema.query_i64("SELECT count(*) FROM events").await >= 100_000);
+    let store = Store::Postgres(pg);
+    let plans = store.console_plans().await.expect("plans");
+    let served: HashSet<&str> = plans.iter().map(|p| p.0.as_str()).collect();
+    for page in ["overview", "deliveries by app_id and status", "deliveries by identity", "failures"] {
+        assert!(served.contains(page), "{page} is planned: {served:?}");
+    }
+    for (page, sql, plan) in &plans {
+        assert!(!plan.contains("Seq Scan on events"), "{page}: {sql}\nscans the events table: {plan}");
+        assert!(!plan.contains("Seq Scan on attempts"), "{page}: {sql}\nscans the attempts table: {plan}");
+    }
+    // The bounded failures page still groups by reason.
+    let groups = store.failures().await.expect("failures");
+    assert_eq!(groups.iter().map(|g| g.count).sum::<i64>(), 2_400, "1% dead and 1% refused of 120,000");
+}
+
+/// Every page of `filter` (two events a page), following the cursor: the keys (or ids of refused items) in order.
+async fn every_page(store: &Store, filter: EventFilter) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut before = None;
+    for _ in 0..20 {
+        let page = store.page(EventFilter { before: before.clone(), ..filter.clone() }).await.expect("page");
+        seen.extend(page.events.iter().map(|e| e.idempotency_key.clone().unwrap_or_else(|| e.id.clone())));
+        before = page.next;
+        if before.is_none() {
+            return seen;
+        }
+    }
+    panic!("more than 20 pages: {seen:?}");
+}
+
+#[tokio::test]
+async fn on_sqlite_filters_by_identity_key_and_template_read_the_follower_index_and_the_log_past_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sqlite = SqliteStore::open(&dir.path().join("s.db"), SqliteOptions::default()).expect("opens");
+    let store = Store::Sqlite(sqlite.clone());
+    store.append(body("old", 9)).await.expect("append");
+    assert!(sqlite.index_log().await.expect("index") >= 1, "the follower index reads the old entry");
+    // Appended after: in the log past the index until the follower's next step.
+    store.append(body("new", 9)).await.expect("append");
+    let two = |f: EventFilter| EventFilter { query: Query { limit: 2, ..Default::default() }, ..f };
+
+    let by_identity = every_page(&store, two(EventFilter { identity: Some("user-1".into()), ..Default::default() }));
+    assert_eq!(by_identity.await, ["new-8", "new-1", "old-8", "old-1"], "newest first, across the index's edge");
+    let by_key = every_page(&store, two(EventFilter { key: Some("old-4".into()), ..Default::default() })).await;
+    assert_eq!(by_key, ["old-4"]);
+    let by_template = every_page(&store, two(EventFilter { template: Some("default".into()), ..Default::default() }));
+    assert_eq!(by_template.await.len(), 20, "9 events and a refused item of each body, each once");
+    let none = every_page(&store, two(EventFilter { template: Some("other".into()), ..Default::default() })).await;
+    assert!(none.is_empty());
+    let dead_of_identity = EventFilter {
+        identity: Some("user-1".into()),
+        query: Query { status: Some(Status::Dead), limit: 10, ..Default::default() },
+        ..Default::default()
+    };
+    assert!(store.page(dead_of_identity).await.expect("page").events.is_empty(), "the other filters still apply");
+
+    sqlite.index_log().await.expect("index");
+    let again = every_page(&store, two(EventFilter { identity: Some("user-1".into()), ..Default::default() }));
+    assert_eq!(again.await, ["new-8", "new-1", "old-8", "old-1"], "the same once the follower has read it all");
+
+    // Retention takes an entry's index rows with it.
+    let books = rusqlite::Connection::open(heap_relay::store::sqlite::books_path(sqlite.path())).expect("books");
+    let rows = || books.query_row("SELECT count(*) FROM finder", [], |r| r.get::<_, i64>(0)).expect("count");
+    assert_eq!(rows(), 2 * (1 + 9 + 9), "per entry: its template, and each event's identity and key");
+    let claimed = store.claim("w", now_ms(), 60_000, 100, Paused::default(), None).await.expect("claim");
+    store.record(claimed.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.expect("record");
+    assert_eq!(store.prune_refused(now_ms() + 60_000, 0).await.expect("prune"), 2, "both entries go");
+    assert_eq!(rows(), 0);
+    let gone = EventFilter { key: Some("old-4".into()), ..Default::default() };
+    assert!(store.page(gone).await.expect("page").events.is_empty());
 }

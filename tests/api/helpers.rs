@@ -175,6 +175,20 @@ impl TestApp {
         }
     }
 
+    /// Waits until the stored event `id` has `status` (as the delivery log lists it), or fails with the status it
+    /// has when the deadline passes.
+    pub async fn wait_for_status(&self, id: &str, status: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let now = self.app.intake.store.get(id).await.expect("get").status;
+            if now == status {
+                return;
+            }
+            assert!(Instant::now() < deadline, "event {id} is {now}, not {status}, after {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits for the queue to drain (nothing pending or retrying), then returns what Heap received.
     pub async fn wait_until_idle(&self, within: Duration) -> Vec<(String, Value)> {
         let deadline = Instant::now() + within;

@@ -56,6 +56,12 @@ impl TestSchema {
         Self { name, url }
     }
 
+    /// Runs `sql` (statements separated by `;`) in this schema.
+    pub async fn execute(&self, sql: &str) {
+        let c = connect().await;
+        c.batch_execute(&format!("SET search_path = {}; {sql}", self.name)).await.expect(sql);
+    }
+
     pub async fn query_i64(&self, sql: &str) -> i64 {
         let c = connect().await;
         c.batch_execute(&format!("SET search_path = {}", self.name)).await.expect("search_path");

@@ -7,8 +7,8 @@ use heap_relay::domain::CallKind;
 use heap_relay::store::postgres::PgOptions;
 use heap_relay::store::sqlite::SqliteOptions;
 use heap_relay::store::{
-    AttemptLog, AttemptRecord, HeldItems, Ingested, NewEvent, NewRejection, PgStore, Query, Resolution, Selector,
-    SqliteStore, Status, Store, StoreError, now_ms,
+    AttemptLog, AttemptRecord, HeldItems, Ingested, NewEvent, NewRejection, Paused, PgStore, Query, Resolution,
+    Selector, SqliteStore, Status, Store, StoreError, now_ms,
 };
 use tempfile::TempDir;
 
@@ -122,16 +122,16 @@ const LEASE: i64 = 60_000;
 async fn appended_events_are_claimed_in_order_by_one_owner_and_recorded_with_their_attempts(store: Store) {
     store.append(body("a", 3)).await.expect("append");
     let now = now_ms();
-    let claimed = store.claim("w1", now, LEASE, 10, vec![], None).await.expect("claim");
+    let claimed = store.claim("w1", now, LEASE, 10, Default::default(), None).await.expect("claim");
     let keys: Vec<String> = claimed.iter().map(|c| c.payload.clone()).collect();
     assert_eq!(claimed.len(), 3, "the rejection is never claimed: {keys:?}");
     assert!(claimed.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
     assert!(keys[0].contains("a-0") && keys[2].contains("a-2"), "{keys:?}");
     assert!(
-        store.claim("w2", now, LEASE, 10, vec![], None).await.unwrap().is_empty(),
+        store.claim("w2", now, LEASE, 10, Default::default(), None).await.unwrap().is_empty(),
         "leased rows are not claimed twice"
     );
-    assert!(store.claim("w2", now, LEASE, 10, vec!["1234567890".into()], None).await.unwrap().is_empty());
+    assert!(store.claim("w2", now, LEASE, 10, Paused::apps(vec!["1234567890".into()]), None).await.unwrap().is_empty());
 
     let applied = store.record(claimed.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
     assert_eq!(applied, 3);
@@ -157,10 +157,13 @@ async fn appended_events_are_claimed_in_order_by_one_owner_and_recorded_with_the
 async fn a_claim_is_exclusive_until_its_lease_expires_and_then_another_owner_takes_it_over(store: Store) {
     store.append(body("b", 4)).await.unwrap();
     let t = now_ms();
-    let first = store.claim("dead-instance", t, 1_000, 10, vec![], None).await.unwrap();
+    let first = store.claim("dead-instance", t, 1_000, 10, Default::default(), None).await.unwrap();
     assert_eq!(first.len(), 4);
-    assert!(store.claim("other", t + 500, 1_000, 10, vec![], None).await.unwrap().is_empty(), "the lease still holds");
-    let taken = store.claim("other", t + 1_001, 1_000, 10, vec![], None).await.unwrap();
+    assert!(
+        store.claim("other", t + 500, 1_000, 10, Default::default(), None).await.unwrap().is_empty(),
+        "the lease still holds"
+    );
+    let taken = store.claim("other", t + 1_001, 1_000, 10, Default::default(), None).await.unwrap();
     assert_eq!(taken.len(), 4, "an expired lease is taken over");
     for (old, new) in first.iter().zip(&taken) {
         assert_eq!(old.id, new.id);
@@ -171,8 +174,8 @@ async fn a_claim_is_exclusive_until_its_lease_expires_and_then_another_owner_tak
 async fn a_worker_whose_lease_was_taken_over_cannot_record_a_result(store: Store) {
     store.append(body("c", 2)).await.unwrap();
     let t = now_ms();
-    let stale = store.claim("slow", t, 1_000, 10, vec![], None).await.unwrap();
-    let fresh = store.claim("fast", t + 2_000, LEASE, 10, vec![], None).await.unwrap();
+    let stale = store.claim("slow", t, 1_000, 10, Default::default(), None).await.unwrap();
+    let fresh = store.claim("fast", t + 2_000, LEASE, 10, Default::default(), None).await.unwrap();
     assert_eq!(fresh.len(), 2);
 
     let applied = store.record(stale.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
@@ -198,7 +201,7 @@ async fn a_worker_whose_lease_was_taken_over_cannot_record_a_result(store: Store
 async fn a_release_puts_events_back_without_counting_an_attempt_and_release_owner_frees_leases(store: Store) {
     store.append(body("d", 3)).await.unwrap();
     let t = now_ms();
-    let claimed = store.claim("w", t, LEASE, 10, vec![], None).await.unwrap();
+    let claimed = store.claim("w", t, LEASE, 10, Default::default(), None).await.unwrap();
     let release = AttemptRecord {
         attempts: vec![],
         resolution: Resolution::Release { at: t + 5_000 },
@@ -207,12 +210,15 @@ async fn a_release_puts_events_back_without_counting_an_attempt_and_release_owne
     assert_eq!(store.record(vec![release]).await.unwrap(), 1);
     let ev = store.get(&claimed[0].event_id).await.unwrap();
     assert_eq!((ev.status, ev.attempts), ("pending", 0));
-    assert!(store.claim("x", t, LEASE, 10, vec![], None).await.unwrap().is_empty(), "released until t + 5 s");
-    assert_eq!(store.claim("x", t + 5_000, LEASE, 10, vec![], None).await.unwrap().len(), 1);
+    assert!(
+        store.claim("x", t, LEASE, 10, Default::default(), None).await.unwrap().is_empty(),
+        "released until t + 5 s"
+    );
+    assert_eq!(store.claim("x", t + 5_000, LEASE, 10, Default::default(), None).await.unwrap().len(), 1);
 
     assert_eq!(store.release_owner("w").await.unwrap(), 2);
     assert_eq!(
-        store.claim("y", t, LEASE, 10, vec![], None).await.unwrap().len(),
+        store.claim("y", t, LEASE, 10, Default::default(), None).await.unwrap().len(),
         2,
         "freed leases are claimable at once"
     );
@@ -220,24 +226,24 @@ async fn a_release_puts_events_back_without_counting_an_attempt_and_release_owne
 
 async fn requeue_sends_delivered_and_dead_events_again_and_prune_deletes_old_delivered_ones(store: Store) {
     store.append(body("e", 3)).await.unwrap();
-    let claimed = store.claim("w", now_ms(), LEASE, 10, vec![], None).await.unwrap();
+    let claimed = store.claim("w", now_ms(), LEASE, 10, Default::default(), None).await.unwrap();
     store.record(claimed.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
     assert_eq!(store.requeue(Selector::Id(claimed[0].event_id.clone())).await.unwrap(), 1);
     assert_eq!(store.requeue(Selector::Status(Status::Rejected)).await.unwrap(), 0, "rejections have no payload");
-    let again = store.claim("w", now_ms(), LEASE, 10, vec![], None).await.unwrap();
+    let again = store.claim("w", now_ms(), LEASE, 10, Default::default(), None).await.unwrap();
     assert_eq!(again.iter().map(|c| c.id).collect::<Vec<_>>(), vec![claimed[0].id]);
     store.record(again.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
 
     let range = Selector::Range { from: 0, to: i64::MAX, status: Some(Status::Delivered) };
     assert_eq!(store.requeue(range).await.unwrap(), 3);
-    let all = store.claim("w", now_ms(), LEASE, 10, vec![], None).await.unwrap();
+    let all = store.claim("w", now_ms(), LEASE, 10, Default::default(), None).await.unwrap();
     store.record(all.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
 
     // A body whose events were all delivered goes after the retention; a refusal is kept for its repair.
     let mut clean = body("p", 2);
     clean.rejections.clear();
     store.append(clean).await.unwrap();
-    let done = store.claim("w", now_ms(), LEASE, 10, vec![], None).await.unwrap();
+    let done = store.claim("w", now_ms(), LEASE, 10, Default::default(), None).await.unwrap();
     assert_eq!(done.len(), 2);
     store.record(done.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
     assert_eq!(store.prune(now_ms() - 60_000).await.unwrap(), 0, "nothing is old enough yet");
@@ -315,7 +321,7 @@ async fn a_retried_request_or_message_within_the_window_is_answered_with_the_fir
     assert_eq!(m2.event_ids[0], m1.event_ids[0], "the retried message keeps its first id");
     assert_ne!(m2.event_ids[1], m1.event_ids[0]);
 
-    let claimed = store.claim("w", now_ms() + 120_000, LEASE, 100, vec![], None).await.unwrap();
+    let claimed = store.claim("w", now_ms() + 120_000, LEASE, 100, Default::default(), None).await.unwrap();
     let mut tags: Vec<String> = claimed
         .iter()
         .map(|c| {

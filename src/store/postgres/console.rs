@@ -1,13 +1,14 @@
 //! The operator reads of `store::queries` on PostgreSQL: keyset pages of `events` (by id, newest first), the last
 //! hour, failures by reason, and the audit log (`console_audit`, shared by every instance).
 //!
-//! The console's own indexes and table are created on first use, once per process and schema (`ensure`), so a
-//! relay without the console runs no extra DDL at start.
+//! The indexes these reads need are part of the store's schema (`postgres::SCHEMA`): built once at start, never on
+//! a page view (building one on a large table would hold every writer). The audit table is created on first use,
+//! once per process and schema (`ensure_console`).
 
 use super::log::{VIEW_COLUMNS, view};
 use super::{PgStore, params};
 use crate::store::queries::*;
-use crate::store::{Millis, Status, StoreError};
+use crate::store::{Millis, Scope, Status, StoreError};
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 use tokio_postgres::types::ToSql;
@@ -21,8 +22,6 @@ CREATE TABLE IF NOT EXISTS console_audit (
     selection TEXT   NOT NULL,
     count     BIGINT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at);
-CREATE INDEX IF NOT EXISTS attempts_at ON attempts (at);
 ";
 
 const FLOW: &str = "SELECT source, environment, app_id, status, received_at - (received_at % 60000), count(*)
@@ -30,8 +29,16 @@ const FLOW: &str = "SELECT source, environment, app_id, status, received_at - (r
 const DELIVERED_PER_MINUTE: &str = "SELECT at - (at % 60000), count(*) FROM attempts
      WHERE at >= $1 AND http_status BETWEEN 200 AND 299 GROUP BY 1";
 const LAST_CALL: &str = "SELECT at, http_status, error FROM attempts ORDER BY at DESC LIMIT 1";
+/// Failures are grouped over the newest `FAILURE_SCAN` dead or refused events (the partial index `events_failed_id`,
+/// walked backwards), so the page costs the same with a million dead letters; the page says so.
 const FAILURES: &str = "SELECT status, coalesce(last_error, ''), count(*), (array_agg(event_id ORDER BY id DESC))[1],
-     max(received_at) FROM events WHERE status IN ('dead', 'rejected') GROUP BY 1, 2";
+     max(received_at)
+     FROM (SELECT id, status, last_error, event_id, received_at FROM events WHERE status IN ('dead', 'rejected')
+           ORDER BY id DESC LIMIT $1) newest
+     GROUP BY 1, 2";
+
+/// Waiting events a purge moves per transaction.
+const PURGE_CHUNK: i64 = 5000;
 
 /// Schemas whose console objects this process has made sure of.
 fn ensured() -> &'static Mutex<HashSet<String>> {
@@ -51,44 +58,7 @@ impl PgStore {
     }
 
     pub async fn page(&self, f: EventFilter) -> Result<Page, StoreError> {
-        let q = &f.query;
-        let mut cond = vec!["1 = 1".to_owned()];
-        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-        let mut push = |sql: &str, v: Box<dyn ToSql + Sync + Send>| {
-            args.push(v);
-            cond.push(format!("{sql} ${}", args.len()));
-        };
-        if let Some(s) = q.status {
-            push("status =", Box::new(s.as_str()));
-        }
-        for (col, v) in [
-            ("source =", &q.source),
-            ("environment =", &q.environment),
-            ("template =", &f.template),
-            ("app_id =", &f.app_id),
-            ("identity =", &f.identity),
-            ("idempotency_key =", &f.key),
-        ] {
-            if let Some(v) = v {
-                push(col, Box::new(v.clone()));
-            }
-        }
-        if let Some(t) = q.since {
-            push("received_at >=", Box::new(t));
-        }
-        if let Some(t) = q.until {
-            push("received_at <", Box::new(t));
-        }
-        if let Some(b) = f.before.as_deref().and_then(|b| b.parse::<i64>().ok()) {
-            push("id <", Box::new(b));
-        }
-        let limit = if q.limit > 0 { q.limit } else { 100 };
-        args.push(Box::new(limit));
-        let sql = format!(
-            "SELECT {VIEW_COLUMNS} FROM events WHERE {} ORDER BY id DESC LIMIT ${}",
-            cond.join(" AND "),
-            args.len()
-        );
+        let (sql, args, limit) = page_sql(&f);
         let client = self.pool.get().await?;
         let rows = client.query(&sql, &params(&args)).await?;
         let views: Vec<(i64, _)> = rows.iter().map(view).collect();
@@ -126,7 +96,7 @@ impl PgStore {
     pub async fn failures(&self) -> Result<Vec<FailureGroup>, StoreError> {
         let client = self.pool.get().await?;
         let mut groups: Vec<FailureGroup> = client
-            .query(FAILURES, &[])
+            .query(FAILURES, &[&(FAILURE_SCAN as i64)])
             .await?
             .iter()
             .map(|r| FailureGroup {
@@ -190,41 +160,110 @@ impl PgStore {
             .collect())
     }
 
-    /// Moves every waiting event of `app_id` to dead letters (a lease held on one is fenced off).
-    pub async fn purge(&self, app_id: String) -> Result<i64, StoreError> {
-        let n = self
-            .pool
-            .get()
-            .await?
-            .execute(
-                "UPDATE events SET status = 'dead', last_error = $2, updated_at = $3, lease_owner = NULL,
-                        lease_expires_at = NULL, lease_token = lease_token + 1
-                 WHERE app_id = $1 AND status IN ('pending', 'retrying')",
-                &[&app_id, &PURGED, &crate::store::now_ms()],
-            )
-            .await?;
-        Ok(n as i64)
+    /// Moves every waiting event of `scope` to dead letters (a lease held on one is fenced off), `PURGE_CHUNK` rows
+    /// a transaction, so a large backlog never holds its row locks for long.
+    pub async fn purge(&self, scope: Scope) -> Result<i64, StoreError> {
+        let (column, value) = match scope {
+            Scope::AppId(a) => ("app_id", a),
+            Scope::Environment(e) => ("environment", e),
+        };
+        // The waiting rows are found through the partial index of waiting rows (`events_ready_id`).
+        let sql = format!(
+            "UPDATE events SET status = 'dead', last_error = $2, updated_at = $3, lease_owner = NULL,
+                    lease_expires_at = NULL, lease_token = lease_token + 1
+             WHERE id = ANY(ARRAY(SELECT id FROM events WHERE {column} = $1 AND status IN ('pending', 'retrying')
+                                  ORDER BY id LIMIT $4))"
+        );
+        let client = self.pool.get().await?;
+        let mut total = 0;
+        loop {
+            let n = client.execute(&sql, &[&value, &PURGED, &crate::store::now_ms(), &PURGE_CHUNK]).await?;
+            total += n as i64;
+            if (n as i64) < PURGE_CHUNK {
+                return Ok(total);
+            }
+        }
     }
 
-    /// EXPLAIN of each statement the console's pages run: (what it serves, statement, plan).
+    /// EXPLAIN of each statement the console's pages run, with the arguments a page passes: (what it serves,
+    /// statement, plan). The deliveries page is planned for a filter by app_id and status and one by identity.
     pub async fn console_plans(&self) -> Result<Vec<(String, String, String)>, StoreError> {
         self.ensure_console().await?;
         let client = self.pool.get().await?;
         let mut out = Vec::new();
-        let page = format!("SELECT {VIEW_COLUMNS} FROM events WHERE app_id = '1' AND id < 9 ORDER BY id DESC LIMIT 50");
-        let hour = (crate::store::now_ms() - 3_600_000).to_string();
-        let statements = [
-            ("page", page),
-            ("overview", FLOW.replace("$1", &hour)),
-            ("overview", DELIVERED_PER_MINUTE.replace("$1", &hour)),
-            ("overview", LAST_CALL.to_owned()),
-            ("failures", FAILURES.to_owned()),
+        let hour: i64 = crate::store::now_ms() - 3_600_000;
+        let scan = FAILURE_SCAN as i64;
+        let filter = |app_id: Option<&str>, status: Option<Status>, identity: Option<&str>| EventFilter {
+            query: crate::store::Query { status, limit: 50, ..Default::default() },
+            app_id: app_id.map(str::to_owned),
+            identity: identity.map(str::to_owned),
+            ..Default::default()
+        };
+        let pages = [
+            ("deliveries by app_id and status", filter(Some("1234567890"), Some(Status::Dead), None)),
+            ("deliveries by identity", filter(None, None, Some("user-1"))),
+            ("deliveries, first page", filter(None, None, None)),
         ];
-        for (what, sql) in statements {
+        for (what, f) in pages {
+            let (sql, args, _) = page_sql(&f);
             let plan: Vec<String> =
-                client.query(&format!("EXPLAIN {sql}"), &[]).await?.iter().map(|r| r.get(0)).collect();
+                client.query(&format!("EXPLAIN {sql}"), &params(&args)).await?.iter().map(|r| r.get(0)).collect();
             out.push((what.to_owned(), sql, plan.join("; ")));
+        }
+        let statements: [(&str, &str, &[&(dyn ToSql + Sync)]); 4] = [
+            ("overview", FLOW, &[&hour]),
+            ("overview", DELIVERED_PER_MINUTE, &[&hour]),
+            ("overview", LAST_CALL, &[]),
+            ("failures", FAILURES, &[&scan]),
+        ];
+        for (what, sql, args) in statements {
+            let plan: Vec<String> =
+                client.query(&format!("EXPLAIN {sql}"), args).await?.iter().map(|r| r.get(0)).collect();
+            out.push((what.to_owned(), sql.to_owned(), plan.join("; ")));
         }
         Ok(out)
     }
+}
+
+/// A page's statement, its arguments, and its limit: every filter in the WHERE clause, newest first by id.
+fn page_sql(f: &EventFilter) -> (String, Vec<Box<dyn ToSql + Sync + Send>>, i64) {
+    let q = &f.query;
+    let mut cond = vec!["1 = 1".to_owned()];
+    let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut push = |sql: &str, v: Box<dyn ToSql + Sync + Send>| {
+        args.push(v);
+        cond.push(format!("{sql} ${}", args.len()));
+    };
+    if let Some(s) = q.status {
+        push("status =", Box::new(s.as_str()));
+    }
+    for (col, v) in [
+        ("source =", &q.source),
+        ("environment =", &q.environment),
+        ("template =", &f.template),
+        ("app_id =", &f.app_id),
+        ("identity =", &f.identity),
+        ("idempotency_key =", &f.key),
+    ] {
+        if let Some(v) = v {
+            push(col, Box::new(v.clone()));
+        }
+    }
+    if let Some(t) = q.since {
+        push("received_at >=", Box::new(t));
+    }
+    if let Some(t) = q.until {
+        push("received_at <", Box::new(t));
+    }
+    if let Some(b) = f.before.as_deref().and_then(|b| b.parse::<i64>().ok()) {
+        push("id <", Box::new(b));
+    }
+    let limit = if q.limit > 0 { q.limit } else { 100 };
+    args.push(Box::new(limit));
+    let sql = format!(
+        "SELECT {VIEW_COLUMNS} FROM events WHERE {} ORDER BY id DESC LIMIT ${}",
+        cond.join(" AND "),
+        args.len()
+    );
+    (sql, args, limit)
 }

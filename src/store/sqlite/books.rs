@@ -14,7 +14,7 @@
 
 use super::codec::{self, StoredItem, entry_range, pack, unpack};
 use crate::domain::CallKind;
-use crate::store::{Admission, AttemptRecord, Claimed, Held, Millis, Resolution, StoreError};
+use crate::store::{Admission, AttemptRecord, Claimed, Held, Millis, Paused, Resolution, StoreError};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -63,8 +63,9 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 ";
 
-/// A log row as the window reads it: seq, received_at, source, n_events, items (none when it holds no event).
-type WindowRow = (i64, Millis, String, i64, Option<Vec<u8>>);
+/// A log row as the window reads it: seq, received_at, source, environment, n_events, items (none when it holds no
+/// event).
+type WindowRow = (i64, Millis, String, String, i64, Option<Vec<u8>>);
 
 /// Open events the window holds at most; the log is read further only when fewer are open.
 pub const WINDOW_EVENTS: usize = 20_000;
@@ -86,6 +87,8 @@ pub struct Entry {
     pub seq: i64,
     pub received_at: Millis,
     pub source: Arc<str>,
+    /// The environment of the request (`""`: the default one), for pauses by environment.
+    pub environment: Arc<str>,
     pub slots: Vec<Slot>,
 }
 
@@ -131,6 +134,7 @@ pub struct State {
 impl State {
     pub fn open(conn: Connection, log: Connection) -> Result<Self, StoreError> {
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(super::finder::SCHEMA)?;
         let cursor: i64 = conn.query_row("SELECT cursor FROM progress WHERE id = 0", [], |r| r.get(0))?;
         let mut delivered_above = HashSet::new();
         {
@@ -163,20 +167,21 @@ impl State {
         while self.open < WINDOW_EVENTS {
             let rows: Vec<WindowRow> = {
                 let mut stmt = self.log.prepare_cached(
-                    "SELECT seq, received_at, source, n_events, CASE WHEN n_events > 0 THEN items END
+                    "SELECT seq, received_at, source, environment, n_events, CASE WHEN n_events > 0 THEN items END
                      FROM log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
                 )?;
                 stmt.query_map(params![self.read_upto, READ_CHUNK], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
                 })?
                 .collect::<Result<_, _>>()?
             };
             let Some(last) = rows.last().map(|r| r.0) else { break };
             let owned = self.owned_between(rows[0].0, last)?;
-            for (seq, received_at, source, n_events, items) in rows {
+            for (seq, received_at, source, environment, n_events, items) in rows {
                 self.read_upto = seq;
                 let Some(items) = items.filter(|_| n_events > 0) else { continue };
                 let source: Arc<str> = source.into();
+                let environment: Arc<str> = environment.into();
                 let mut slots = Vec::with_capacity(n_events as usize);
                 for (pos, item) in codec::decode_items(&items)?.into_iter().enumerate() {
                     let Some(ev) = item.event else { continue };
@@ -193,13 +198,18 @@ impl State {
                         open,
                     });
                 }
-                self.window.push_back(Entry { seq, received_at, source, slots });
+                self.window.push_back(Entry { seq, received_at, source, environment, slots });
             }
             // Resolved entries leave as they are read (after a restart, or a bulk replay, many may be).
             self.advance();
         }
         self.advance();
         Ok(())
+    }
+
+    /// Whether an event past the window was delivered before a restart (the window closes it when it reads it).
+    pub fn delivered_before_restart(&self, id: i64) -> bool {
+        self.delivered_above.contains(&id)
     }
 
     /// Ids of events with rows of their own among the entries `from..=to`.
@@ -262,13 +272,14 @@ impl State {
         now: Millis,
         lease_ms: i64,
         limit: i64,
-        paused: &[String],
+        paused: &Paused,
         admission: Option<&dyn Admission>,
     ) -> Result<Vec<Claimed>, StoreError> {
         self.fill()?;
         self.held.retain(|_, until| *until > now);
         let limit = limit.max(0) as usize;
-        let mut gate = Gate { blocked_apps: paused.iter().cloned().collect(), ordered: HashSet::new(), admission, now };
+        let mut gate =
+            Gate { blocked_apps: paused.app_ids.iter().cloned().collect(), ordered: HashSet::new(), admission, now };
         let mut out = Vec::new();
 
         // Retries and replays first: they are the oldest events.
@@ -280,10 +291,10 @@ impl State {
                 continue;
             }
             let (seq, pos) = unpack(due.id);
-            let Some((source, item)) = read_item(&self.log, seq, pos)? else { continue };
+            let Some((source, environment, item)) = read_item(&self.log, seq, pos)? else { continue };
             let Some(ev) = item.event else { continue };
             let kind = ev.kind();
-            if !gate.lets_go(&ev.app_id, &ev.identity, kind) {
+            if paused.environments.contains(&environment) || !gate.lets_go(&ev.app_id, &ev.identity, kind) {
                 continue;
             }
             let token = self.token();
@@ -317,6 +328,9 @@ impl State {
         gate.ordered.extend(self.retrying_user_properties.keys().cloned());
         let mut picked = Vec::new();
         'entries: for (ei, entry) in self.window.iter().enumerate() {
+            if paused.environments.iter().any(|e| **e == *entry.environment) {
+                continue;
+            }
             for (si, slot) in entry.slots.iter().enumerate() {
                 if out.len() + picked.len() >= limit {
                     break 'entries;
@@ -678,6 +692,29 @@ impl State {
                 excess -= n_rejected;
             }
         }
+        drop(waiting);
+        // Their rows of the follower index go with them. An entry the follower has not read yet (one step is taken
+        // here) waits for a later round: indexed after its rows were looked for, it would leave rows behind.
+        if self.finder_upto()? < out.last().copied().unwrap_or(0) {
+            self.follow()?;
+        }
+        let upto = self.finder_upto()?;
+        out.retain(|seq| *seq <= upto);
+        let mut going = Vec::new();
+        {
+            let mut stmt = self.log.prepare_cached("SELECT template, items FROM log WHERE seq = ?1")?;
+            for seq in &out {
+                if let Some((template, items)) = stmt
+                    .query_row(params![seq], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+                    .optional()?
+                {
+                    going.push((*seq, template, codec::decode_items(&items)?));
+                }
+            }
+        }
+        if !going.is_empty() {
+            self.forget(&going)?;
+        }
         Ok(out)
     }
 }
@@ -710,15 +747,15 @@ pub fn ids_of(blob: &[u8]) -> Vec<i64> {
     blob.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
 }
 
-/// One item of a log entry, with the entry's source.
-pub fn read_item(log: &Connection, seq: i64, pos: usize) -> Result<Option<(String, StoredItem)>, StoreError> {
-    let row: Option<(String, Vec<u8>)> = log
-        .prepare_cached("SELECT source, items FROM log WHERE seq = ?1")?
-        .query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?)))
+/// One item of a log entry, with the entry's source and environment.
+pub fn read_item(log: &Connection, seq: i64, pos: usize) -> Result<Option<(String, String, StoredItem)>, StoreError> {
+    let row: Option<(String, String, Vec<u8>)> = log
+        .prepare_cached("SELECT source, environment, items FROM log WHERE seq = ?1")?
+        .query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    let Some((source, items)) = row else { return Ok(None) };
+    let Some((source, environment, items)) = row else { return Ok(None) };
     let item = codec::decode_items(&items)?.into_iter().nth(pos);
-    Ok(item.map(|i| (source, i)))
+    Ok(item.map(|i| (source, environment, i)))
 }
 
 /// The budget checks of one claim: app_ids found spent are not asked again, and a user-property call waits behind

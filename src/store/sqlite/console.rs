@@ -8,9 +8,12 @@
 use super::SqliteStore;
 use super::books::State;
 use super::codec::{self, pack, unpack};
-use super::views::{self, LogEntry, ORDER_SLACK_MS, SCAN_ENTRIES, matches_query, own_rows, page_desc, read_entry};
+use super::finder::{Kind, hash};
+use super::views::{
+    self, LogEntry, ORDER_SLACK_MS, SCAN_ENTRIES, matches_query, own_rows, page_between, page_desc, read_entry,
+};
 use crate::store::queries::*;
-use crate::store::{Millis, Status, StoreError};
+use crate::store::{Millis, Scope, Status, StoreError};
 use rusqlite::{Connection, params};
 
 /// Log entries the last-hour view decodes at most.
@@ -25,13 +28,15 @@ const DEAD_GROUPS: &str = "SELECT coalesce(last_error, ''), count(*), max(id), m
      WHERE status = 'dead' GROUP BY 1";
 const DEAD_MEMBERS: &str =
     "SELECT id FROM own WHERE status = 'dead' AND coalesce(last_error, '') = ?1 ORDER BY id DESC LIMIT ?2";
+const FINDER_PAGE: &str = "SELECT id FROM finder WHERE h = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3";
 const REFUSED_PAGE: &str = "SELECT seq FROM log WHERE n_rejected > 0 AND seq < ?1 ORDER BY seq DESC LIMIT ?2";
 
 /// The statements behind the overview, a filtered page and the failures page, with the connection each runs on
 /// (`log` or `books`), for EXPLAIN QUERY PLAN.
-const PLANS: [(&str, &str, &str); 6] = [
+const PLANS: [(&str, &str, &str); 7] = [
     ("log", "page, overview", "SELECT seq, received_at, items FROM log WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"),
     ("books", "page by status", OWN_BY_STATUS),
+    ("books", "page by identity, key or template", FINDER_PAGE),
     ("books", "overview", DELIVERED_PER_MINUTE),
     ("books", "overview", LAST_CALL),
     ("books", "failures", DEAD_GROUPS),
@@ -136,10 +141,21 @@ impl SqliteStore {
         .await
     }
 
-    /// Moves every waiting (pending or retrying) event of `app_id` to dead letters, with `PURGED` as its error.
-    pub async fn purge(&self, app_id: String) -> Result<i64, StoreError> {
+    /// Moves every waiting (pending or retrying) event of `scope` to dead letters, with `PURGED` as its error, a
+    /// bounded step at a time (`purge_step`), giving the books back to delivery between steps.
+    pub async fn purge(&self, scope: Scope) -> Result<i64, StoreError> {
         let now = crate::store::now_ms();
-        self.books(move |st| purge(st, &app_id, now)).await
+        let mut at = None;
+        let mut total = 0;
+        loop {
+            let scope = scope.clone();
+            let (n, next) = self.books(move |st| purge_step(st, &scope, at, now)).await?;
+            total += n;
+            match next {
+                Some(next) => at = Some(next),
+                None => return Ok(total),
+            }
+        }
     }
 
     /// EXPLAIN QUERY PLAN of each statement the console's pages run: (what it serves, statement, plan lines).
@@ -162,58 +178,94 @@ impl SqliteStore {
     }
 }
 
-/// Waiting events of `app_id`: rows of their own that wait, open events of the window, and events of the log not
-/// read into the window yet (without a row of their own); then each gets a dead row of its own.
-fn purge(st: &mut State, app_id: &str, now: Millis) -> Result<i64, StoreError> {
-    let of_app =
-        |e: &LogEntry, pos: usize| e.items.get(pos).and_then(|i| i.event.as_ref()).is_some_and(|v| v.app_id == app_id);
+/// Where a purge has got to: the waiting rows of their own (by status, above an id), then the log from the
+/// cursor onwards (the window and what it has not read), above a seq.
+#[derive(Debug, Clone, Copy)]
+enum PurgeAt {
+    Own(usize, i64),
+    Log(i64),
+}
+
+const WAITING: [&str; 2] = ["pending", "retrying"];
+
+/// One bounded step of a purge, under one hold of the books: up to `PAGE` rows of their own or `PAGE` log entries
+/// are looked at and their waiting events of `scope` get a dead row of their own. Whether an event still waits is
+/// decided under the same hold, so an event delivered between two steps is never marked dead. Returns how many were
+/// purged and where the next step starts (`None`: done).
+fn purge_step(
+    st: &mut State,
+    scope: &Scope,
+    at: Option<PurgeAt>,
+    now: Millis,
+) -> Result<(i64, Option<PurgeAt>), StoreError> {
+    let in_scope = |e: &LogEntry, pos: usize| match scope {
+        Scope::AppId(app) => e.items.get(pos).and_then(|i| i.event.as_ref()).is_some_and(|v| v.app_id == *app),
+        Scope::Environment(env) => e.environment == *env && e.items.get(pos).is_some_and(|i| i.event.is_some()),
+    };
     let mut ids = Vec::new();
-    let waiting: Vec<i64> = st
-        .conn
-        .prepare_cached("SELECT id FROM own WHERE status IN ('pending', 'retrying')")?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for id in waiting {
-        let (seq, pos) = unpack(id);
-        if read_entry(&st.log, seq)?.is_some_and(|e| of_app(&e, pos)) {
-            ids.push(id);
+    let next = match at.unwrap_or(PurgeAt::Own(0, 0)) {
+        PurgeAt::Own(status, above) => {
+            let rows: Vec<i64> = st
+                .conn
+                .prepare_cached("SELECT id FROM own WHERE status = ?1 AND id > ?2 ORDER BY id LIMIT ?3")?
+                .query_map(params![WAITING[status], above, PAGE], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for id in &rows {
+                let (seq, pos) = unpack(*id);
+                if read_entry(&st.log, seq)?.is_some_and(|e| in_scope(&e, pos)) {
+                    ids.push(*id);
+                }
+            }
+            match (rows.last(), status + 1 < WAITING.len()) {
+                (Some(last), _) => Some(PurgeAt::Own(status, *last)),
+                (None, true) => Some(PurgeAt::Own(status + 1, 0)),
+                (None, false) => Some(PurgeAt::Log(st.cursor)),
+            }
         }
-    }
-    ids.extend(st.window.iter().flat_map(|e| e.slots.iter()).filter(|s| s.open && &*s.app_id == app_id).map(|s| s.id));
-    let mut after = st.read_upto;
-    loop {
-        let seqs: Vec<i64> = st
-            .log
-            .prepare_cached("SELECT seq FROM log WHERE seq > ?1 ORDER BY seq LIMIT ?2")?
-            .query_map(params![after, PAGE], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        let Some(last) = seqs.last() else { break };
-        after = *last;
-        for seq in seqs {
-            let Some(e) = read_entry(&st.log, seq)? else { continue };
-            let own = own_rows(&st.conn, seq)?;
-            ids.extend(
-                (0..e.items.len())
-                    .filter(|p| of_app(&e, *p) && !own.contains_key(&pack(seq, *p)))
-                    .map(|p| pack(seq, p)),
-            );
+        PurgeAt::Log(after) => {
+            let seqs: Vec<i64> = st
+                .log
+                .prepare_cached("SELECT seq FROM log WHERE seq > ?1 AND n_events > 0 ORDER BY seq LIMIT ?2")?
+                .query_map(params![after, PAGE], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for seq in &seqs {
+                let Some(e) = read_entry(&st.log, *seq)? else { continue };
+                let own = own_rows(&st.conn, *seq)?;
+                for pos in (0..e.items.len()).filter(|p| in_scope(&e, *p)) {
+                    let id = pack(*seq, pos);
+                    // Rows of their own were the first phase's; here: open in the window, or not read yet.
+                    let waits = !own.contains_key(&id)
+                        && *seq > st.cursor
+                        && if *seq > st.read_upto {
+                            !st.delivered_before_restart(id)
+                        } else {
+                            st.slot(id).is_some_and(|s| s.open)
+                        };
+                    if waits {
+                        ids.push(id);
+                    }
+                }
+            }
+            seqs.last().map(|last| PurgeAt::Log(*last))
         }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    st.set_own(&ids, Status::Dead.as_str(), now)?;
-    let tx = st.conn.transaction()?;
-    {
-        let mut stmt = tx.prepare_cached("UPDATE own SET last_error = ?1 WHERE id = ?2")?;
-        for id in &ids {
-            stmt.execute(params![PURGED, id])?;
+    };
+    if !ids.is_empty() {
+        st.set_own(&ids, Status::Dead.as_str(), now)?;
+        let tx = st.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached("UPDATE own SET last_error = ?1 WHERE id = ?2")?;
+            for id in &ids {
+                stmt.execute(params![PURGED, id])?;
+            }
         }
+        tx.commit()?;
+        st.commits += 1;
     }
-    tx.commit()?;
-    st.commits += 1;
-    // Read the purged entries into the window (as closed), so the queue's figures stop counting them as unread.
-    st.fill()?;
-    Ok(ids.len() as i64)
+    if next.is_none() {
+        // Read the purged entries into the window (as closed), so the queue's figures stop counting them as unread.
+        st.fill()?;
+    }
+    Ok((ids.len() as i64, next))
 }
 
 /// The next event id below `before` (an opaque cursor is an event id).
@@ -221,7 +273,24 @@ fn cursor(before: Option<&str>) -> i64 {
     before.and_then(codec::parse_event_id).unwrap_or(i64::MAX)
 }
 
+/// The filter the follower index answers, if the page has one: a key is the rarest, then an identity, then a
+/// template.
+fn indexed(f: &EventFilter) -> Option<(Kind, &str)> {
+    f.key
+        .as_deref()
+        .map(|k| (Kind::Key, k))
+        .or_else(|| f.identity.as_deref().map(|i| (Kind::Identity, i)))
+        .or_else(|| f.template.as_deref().map(|t| (Kind::Template, t)))
+}
+
 fn page(st: &State, f: &EventFilter) -> Result<Page, StoreError> {
+    // Dead, retrying and replaced events have their own index (`own_status`), rarer than a template's events.
+    let own_status = matches!(f.query.status, Some(Status::Dead | Status::Retrying | Status::Replaced));
+    match indexed(f) {
+        Some((Kind::Template, _)) if own_status => {}
+        Some((kind, value)) => return indexed_page(st, f, kind, value),
+        None => {}
+    }
     let limit = if f.query.limit > 0 { f.query.limit as usize } else { 100 };
     let before = cursor(f.before.as_deref());
     let mut out = Vec::new();
@@ -296,6 +365,105 @@ fn page(st: &State, f: &EventFilter) -> Result<Page, StoreError> {
         None
     };
     Ok(Page { events: out, truncated: !full && next.is_some(), next })
+}
+
+/// A page under a filter the follower index answers: the entries the follower has not read yet from the log (the
+/// newest; a second's worth), then the index's rows for the value, newest first, each checked against every
+/// filter. Old events are found as fast as new ones.
+fn indexed_page(st: &State, f: &EventFilter, kind: Kind, value: &str) -> Result<Page, StoreError> {
+    let limit = if f.query.limit > 0 { f.query.limit as usize } else { 100 };
+    let before = cursor(f.before.as_deref());
+    let (before_seq, before_pos) = if before == i64::MAX { (i64::MAX, usize::MAX) } else { unpack(before) };
+    let top_of = |e: &LogEntry| if e.seq == before_seq { before_pos.min(e.items.len()) } else { e.items.len() };
+    let too_old = |e: &LogEntry| f.query.since.is_some_and(|t| e.received_at < t - ORDER_SLACK_MS);
+    let upto = st.finder_upto()?;
+    let mut out = Vec::new();
+    let mut last_seen: Option<i64> = None;
+    let done = |out: Vec<crate::store::EventView>, next: Option<i64>, truncated: bool| -> Result<Page, StoreError> {
+        let full = out.len() >= limit;
+        let next = if full { out.last().and_then(|v| codec::parse_event_id(&v.id)) } else { next };
+        Ok(Page { events: out, next: next.map(codec::event_id), truncated: !full && truncated })
+    };
+
+    // The tail the follower has not read yet.
+    let mut next_seq = before_seq.saturating_add(1);
+    let mut seen = 0;
+    while next_seq > upto.saturating_add(1) && seen < SCAN_ENTRIES {
+        let entries = page_between(&st.log, next_seq, upto, false)?;
+        let Some(last) = entries.last() else { break };
+        next_seq = last.seq;
+        seen += entries.len();
+        for e in &entries {
+            if too_old(e) {
+                return done(out, None, false);
+            }
+            if matches_query(&f.query, e) && pick_from_entry(st, f, e, top_of(e), limit, &mut out, &mut last_seen)? {
+                return done(out, None, false);
+            }
+        }
+    }
+    if next_seq > upto.saturating_add(1) && seen >= SCAN_ENTRIES {
+        // The follower is far behind (a store just upgraded): the rest of the tail is past the bound.
+        return done(out, last_seen.or(Some(pack(next_seq, 0))), true);
+    }
+
+    // The indexed part, newest first.
+    let h = hash(kind, value);
+    let mut below = match kind {
+        // Template rows are an entry's first event number: the cursor's own entry is still to be looked at.
+        Kind::Template if before != i64::MAX => pack(before_seq, 0) + 1,
+        _ => before,
+    };
+    let mut rows = 0;
+    let mut entry: Option<LogEntry> = None;
+    while rows < SCAN_ENTRIES {
+        let ids: Vec<i64> = st
+            .conn
+            .prepare_cached(FINDER_PAGE)?
+            .query_map(params![h, below, PAGE], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let Some(last) = ids.last() else { return done(out, None, false) };
+        below = *last;
+        rows += ids.len();
+        for id in ids {
+            let (seq, pos) = unpack(id);
+            if entry.as_ref().is_none_or(|e| e.seq != seq) {
+                entry = read_entry(&st.log, seq)?;
+            }
+            // Gone (retention), or another entry's: nothing here.
+            let Some(e) = entry.as_ref().filter(|e| e.seq == seq) else { continue };
+            if too_old(e) {
+                return done(out, None, false);
+            }
+            if !matches_query(&f.query, e) {
+                last_seen = Some(id);
+                continue;
+            }
+            if kind == Kind::Template {
+                if pick_from_entry(st, f, e, top_of(e), limit, &mut out, &mut last_seen)? {
+                    return done(out, None, false);
+                }
+                continue;
+            }
+            last_seen = Some(id);
+            if pos >= e.items.len() {
+                continue;
+            }
+            let own = own_rows(&st.conn, seq)?;
+            if f.query.status.is_some_and(|s| s != views::status_of(st, id, &e.items[pos], own.get(&id))) {
+                continue;
+            }
+            let v = views::view(st, e, pos, own.get(&id), false)?;
+            if f.keeps(&v) {
+                out.push(v);
+                if out.len() >= limit {
+                    return done(out, None, false);
+                }
+            }
+        }
+    }
+    // The bound of rows looked at: more may be older than `next`.
+    done(out, last_seen, true)
 }
 
 /// Adds the entry's items below `top` that pass the filters, newest first; true once the page is full.

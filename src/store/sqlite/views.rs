@@ -64,9 +64,21 @@ pub fn read_entry(log: &Connection, seq: i64) -> Result<Option<LogEntry>, StoreE
 
 /// Entries older than `before` (a seq), newest first, a page at a time; only those with refusals if `rejected`.
 pub(super) fn page_desc(log: &Connection, before: i64, rejected: bool) -> Result<Vec<LogEntry>, StoreError> {
+    page_between(log, before, 0, rejected)
+}
+
+/// As [`page_desc`], only entries newer than `above` too.
+pub(super) fn page_between(
+    log: &Connection,
+    before: i64,
+    above: i64,
+    rejected: bool,
+) -> Result<Vec<LogEntry>, StoreError> {
     let filter = if rejected { "AND n_rejected > 0" } else { "" };
-    let sql = format!("SELECT {ENTRY_COLUMNS} FROM log WHERE seq < ?1 {filter} ORDER BY seq DESC LIMIT ?2");
-    let rows: Vec<_> = log.prepare_cached(&sql)?.query_map(params![before, PAGE], entry)?.collect::<Result<_, _>>()?;
+    let sql =
+        format!("SELECT {ENTRY_COLUMNS} FROM log WHERE seq < ?1 AND seq > ?2 {filter} ORDER BY seq DESC LIMIT ?3");
+    let rows: Vec<_> =
+        log.prepare_cached(&sql)?.query_map(params![before, above, PAGE], entry)?.collect::<Result<_, _>>()?;
     rows.into_iter().map(decode).collect()
 }
 

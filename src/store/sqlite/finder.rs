@@ -1,0 +1,152 @@
+//! The follower index of the delivery log's rare filters (identity, message id or idempotency key, template), kept
+//! in delivery's books file so that the ingest commit writes nothing for it (the ingest commit appends, and nothing
+//! else writes to what it waits on).
+//!
+//! A row is `(hash of the value, event number)`: the value hashed with its kind (FNV-1a, 64 bits, stable across
+//! builds), so a rare identity's events are an index range read newest first instead of a walk of the log. A
+//! template is indexed once per log entry (at its first event number). A hash can collide: every event found is
+//! checked against the filter itself.
+//!
+//! The follower (`SqliteStore`'s `log-follower` thread) reads the log past `finder_progress.upto` in bounded steps
+//! under the books' lock, as delivery's other writes are made; so operator views through it may trail ingest by
+//! about a second. A page reads the entries past `upto` from the log itself, so nothing recent is missed.
+//! Retention deletes an entry's rows with the entry (`forget`).
+
+use super::books::State;
+use super::codec::{self, pack};
+use crate::store::StoreError;
+use rusqlite::params;
+
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS finder (
+    h  INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    PRIMARY KEY (h, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS finder_progress (
+    id   INTEGER PRIMARY KEY CHECK (id = 0),
+    upto INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO finder_progress (id, upto) VALUES (0, 0);
+";
+
+/// Log entries one step reads at most.
+const STEP_ENTRIES: i64 = 1024;
+/// Events one step indexes at most (it stops after the entry that reaches this), so one hold of the books' lock
+/// stays short.
+const STEP_EVENTS: usize = 5000;
+
+/// What a finder row names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Identity,
+    /// A message id or idempotency key.
+    Key,
+    Template,
+}
+
+/// The row key of a value: FNV-1a over the kind's tag and the value's bytes.
+pub fn hash(kind: Kind, value: &str) -> i64 {
+    let tag: u8 = match kind {
+        Kind::Identity => b'i',
+        Kind::Key => b'k',
+        Kind::Template => b't',
+    };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in std::iter::once(tag).chain(value.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+/// The rows of one log entry: its template once, then each event's identity and key.
+fn rows(seq: i64, template: &str, items: &[codec::StoredItem]) -> Vec<(i64, i64)> {
+    let mut out = vec![(hash(Kind::Template, template), pack(seq, 0))];
+    for (pos, item) in items.iter().enumerate() {
+        if let Some(ev) = &item.event {
+            out.push((hash(Kind::Identity, &ev.identity), pack(seq, pos)));
+            if let Some(k) = &ev.idempotency_key {
+                out.push((hash(Kind::Key, k), pack(seq, pos)));
+            }
+        }
+    }
+    out
+}
+
+impl State {
+    /// Where the follower has read the log to (every entry at or below is indexed).
+    pub fn finder_upto(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.query_row("SELECT upto FROM finder_progress WHERE id = 0", [], |r| r.get(0))?)
+    }
+
+    /// One step of the follower: indexes the log entries past `upto` (a bounded number), in one transaction of the
+    /// books. Returns how many entries it read (0: it has caught up).
+    pub fn follow(&mut self) -> Result<usize, StoreError> {
+        let upto = self.finder_upto()?;
+        let mut entries: Vec<(i64, String, Vec<u8>)> = Vec::new();
+        {
+            let mut stmt = self.log.prepare_cached(
+                "SELECT seq, template, items, n_events + n_rejected + n_held FROM log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let mut q = stmt.query(params![upto, STEP_ENTRIES])?;
+            let mut events = 0;
+            while let Some(r) = q.next()? {
+                entries.push((r.get(0)?, r.get(1)?, r.get(2)?));
+                events += r.get::<_, i64>(3)?.max(0) as usize;
+                if events >= STEP_EVENTS {
+                    break;
+                }
+            }
+        }
+        let Some(last) = entries.last().map(|e| e.0) else { return Ok(0) };
+        let mut all = Vec::new();
+        for (seq, template, items) in &entries {
+            all.extend(rows(*seq, template, &codec::decode_items(items)?));
+        }
+        // In key order: the hashes scatter over the table, and sorted inserts touch each page once.
+        all.sort_unstable();
+        let tx = self.conn.transaction()?;
+        {
+            let mut ins = tx.prepare_cached("INSERT OR IGNORE INTO finder (h, id) VALUES (?1, ?2)")?;
+            for (h, id) in all {
+                ins.execute(params![h, id])?;
+            }
+            tx.prepare_cached("UPDATE finder_progress SET upto = ?1 WHERE id = 0")?.execute(params![last])?;
+        }
+        tx.commit()?;
+        // Not counted in `commits` (delivery's own, about one per Heap call, as /metrics reports them): the index
+        // costs one commit per step whatever delivery does.
+        Ok(entries.len())
+    }
+
+    /// Deletes the rows of log entries retention is about to delete (`seq`, template, items of each).
+    pub fn forget(&mut self, entries: &[(i64, String, Vec<codec::StoredItem>)]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut del = tx.prepare_cached("DELETE FROM finder WHERE h = ?1 AND id = ?2")?;
+            for (seq, template, items) in entries {
+                for (h, id) in rows(*seq, template, items) {
+                    del.execute(params![h, id])?;
+                }
+            }
+        }
+        tx.commit()?;
+        self.commits += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_hashes_the_same_every_time_and_differently_by_kind() {
+        assert_eq!(hash(Kind::Identity, "u-1"), hash(Kind::Identity, "u-1"));
+        assert_ne!(hash(Kind::Identity, "u-1"), hash(Kind::Key, "u-1"));
+        assert_ne!(hash(Kind::Identity, "u-1"), hash(Kind::Identity, "u-2"));
+        // FNV-1a of "i" alone: a fixed value, so an index written by one build is read by the next.
+        assert_eq!(hash(Kind::Identity, ""), 0xaf63_e44c_8601_fa24_u64 as i64);
+    }
+}
