@@ -30,6 +30,13 @@ pub fn run(settings: &Settings) -> Result<i32, super::CommandError> {
         if let Err(e) = t.render_item(&CtxObject::new(), &pipeline.render_limits) {
             problems.push(format!("{e} (rendered against an empty profile)"));
         }
+        if !t.has_plan() {
+            println!(
+                "note: {} renders through liquid, several times slower than the direct path: it uses Liquid beyond \
+                 reads with `default` and if/unless over ==, !=, and, or (README, \"Templates\")",
+                t.file
+            );
+        }
     }
     let examples = super::test::example_files(&settings.templates.dir);
     for (source, name, file) in &examples {

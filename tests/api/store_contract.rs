@@ -62,6 +62,7 @@ both!(
     a_retried_request_or_message_within_the_window_is_answered_with_the_first_ids_and_stored_once,
     each_event_keeps_the_environment_its_request_came_from_and_the_log_filters_by_it,
     held_items_and_template_versions_are_kept_and_a_rerender_can_select_by_them,
+    a_held_body_is_kept_until_a_rerender_replaces_it_and_then_goes_with_the_retention,
 );
 
 /// One body with `n` track events (keys `{tag}-0..n`) and one rejected item.
@@ -368,6 +369,31 @@ async fn held_items_and_template_versions_are_kept_and_a_rerender_can_select_by_
     let v1 = store.list(Query { status: Some(Status::Pending), limit: 10, ..Query::default() }).await.unwrap();
     let versions: Vec<Option<String>> = v1.iter().map(|e| e.template_version.clone()).collect();
     assert!(versions.contains(&Some("v1".into())) && versions.contains(&Some("v2".into())), "{versions:?}");
+}
+
+async fn a_held_body_is_kept_until_a_rerender_replaces_it_and_then_goes_with_the_retention(store: Store) {
+    let mut held = body("held", 0);
+    held.rejections.clear();
+    held.held = Some(HeldItems { items: 2, reason: "clevertap/t.json:1:2: unknown filter".into() });
+    store.append(held).await.unwrap();
+    let everything = || async { store.list(Query { limit: 100, ..Query::default() }).await.unwrap() };
+    store.prune(now_ms() + 1).await.unwrap();
+    assert_eq!(everything().await.len(), 2, "held items wait for their repair, however old");
+
+    let root = store.raw_bodies(Selector::Status(Status::Held)).await.unwrap();
+    let mut fixed = body("fixed", 2);
+    fixed.rejections.clear();
+    fixed.replay_of_raw = Some(root[0].id);
+    store.append(fixed).await.unwrap();
+    let claimed = store.claim("w", now_ms(), LEASE, 10, Default::default(), None).await.unwrap();
+    assert_eq!(claimed.len(), 2, "the re-render's events, not the held items");
+    store.record(claimed.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
+    // The re-render goes first, then the body it repaired, which nothing refers to any more.
+    for _ in 0..3 {
+        store.prune(now_ms() + 1).await.unwrap();
+    }
+    let left = everything().await;
+    assert!(left.is_empty(), "a repaired held body goes with the retention: {left:?}");
 }
 
 /// A store already over `store.max_bytes` refuses the append as `Full` (503 store_full upstream) and writes nothing.

@@ -634,9 +634,10 @@ impl State {
         Ok(ids.len())
     }
 
-    /// Deletes delivered and replaced rows of their own, and call records, older than `before`; returns the log
-    /// entries that may go: resolved, older than `before`, with no event waiting or dead, not the body of a
-    /// re-render, and holding no refusal (`refused: false`) or holding one (`refused: true`, their own retention).
+    /// Deletes delivered rows of their own, and call records, older than `before`; returns the log entries that
+    /// may go (and deletes their own rows): resolved, older than `before`, with no event waiting or dead, not the
+    /// body of a re-render, holding no held item a re-render has not replaced, and holding no refusal
+    /// (`refused: false`) or holding one (`refused: true`, their own retention).
     ///
     /// With `refused` and `max_refused` > 0: when the entries holding refusals hold more than `max_refused` refused
     /// items, the oldest of them go whatever their age (the cap), up to `chunk` entries a call.
@@ -648,7 +649,8 @@ impl State {
         max_refused: i64,
     ) -> Result<Vec<i64>, StoreError> {
         self.conn.execute(
-            "DELETE FROM own WHERE id IN (SELECT id FROM own WHERE status IN ('delivered', 'replaced') AND updated_at < ?1 LIMIT ?2)",
+            // Replaced rows stay with their entry: they are how a repaired held body is told from one still held.
+            "DELETE FROM own WHERE id IN (SELECT id FROM own WHERE status = 'delivered' AND updated_at < ?1 LIMIT ?2)",
             params![before, chunk],
         )?;
         self.conn.execute(
@@ -666,33 +668,40 @@ impl State {
             0
         };
         let cutoff = if excess > 0 { Millis::MAX } else { before };
-        let candidates: Vec<(i64, Millis, i64)> = {
-            // Held items stay until a re-render repairs them.
-            let refusals = if refused { "n_rejected > 0 AND n_held = 0" } else { "n_rejected = 0 AND n_held = 0" };
+        let candidates: Vec<(i64, Millis, i64, i64)> = {
+            // Held items stay until a re-render repairs them (checked below).
+            let refusals = if refused { "n_rejected > 0 AND n_held = 0" } else { "n_rejected = 0" };
             let mut stmt = self.log.prepare(&format!(
-                "SELECT seq, received_at, n_rejected FROM log l
+                "SELECT seq, received_at, n_rejected, n_held FROM log l
                  WHERE (seq <= ?1 OR n_events = 0) AND received_at < ?2 AND {refusals}
                    AND NOT EXISTS (SELECT 1 FROM log r WHERE r.replay_of = l.seq)
                  ORDER BY seq LIMIT ?3"
             ))?;
-            stmt.query_map(params![self.cursor, cutoff, chunk], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            stmt.query_map(params![self.cursor, cutoff, chunk], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<Result<_, _>>()?
         };
         let mut waiting = self.conn.prepare_cached(
             "SELECT 1 FROM own WHERE id BETWEEN ?1 AND ?2 AND status IN ('pending', 'retrying', 'dead') LIMIT 1",
         )?;
+        let mut replaced =
+            self.conn.prepare_cached("SELECT count(*) FROM own WHERE id BETWEEN ?1 AND ?2 AND status = 'replaced'")?;
         let mut out = Vec::with_capacity(candidates.len());
-        for (seq, received_at, n_rejected) in candidates {
+        for (seq, received_at, n_rejected, n_held) in candidates {
             if received_at >= before && excess <= 0 {
                 continue; // young, and the cap is met
             }
             let (lo, hi) = entry_range(seq);
+            // A re-render replaces every item of the body it re-renders, held ones included.
+            if n_held > 0 && replaced.query_row(params![lo, hi], |r| r.get::<_, i64>(0))? < n_held {
+                continue;
+            }
             if waiting.query_row(params![lo, hi], |_| Ok(())).optional()?.is_none() {
                 out.push(seq);
                 excess -= n_rejected;
             }
         }
         drop(waiting);
+        drop(replaced);
         // Their rows of the follower index go with them. An entry the follower has not read yet (one step is taken
         // here) waits for a later round: indexed after its rows were looked for, it would leave rows behind.
         if self.finder_upto()? < out.last().copied().unwrap_or(0) {
@@ -714,6 +723,18 @@ impl State {
         }
         if !going.is_empty() {
             self.forget(&going)?;
+        }
+        if !out.is_empty() {
+            let tx = self.conn.transaction()?;
+            {
+                let mut del = tx.prepare_cached("DELETE FROM own WHERE id BETWEEN ?1 AND ?2")?;
+                for seq in &out {
+                    let (lo, hi) = entry_range(*seq);
+                    del.execute(params![lo, hi])?;
+                }
+            }
+            tx.commit()?;
+            self.commits += 1;
         }
         Ok(out)
     }
