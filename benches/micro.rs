@@ -25,7 +25,7 @@ fn settings() -> Settings {
     s
 }
 
-fn items(source: Source, body: &Value) -> Vec<sources::Item> {
+fn items(source: Source, body: &Value) -> Vec<sources::Item<'_>> {
     match sources::parse(source, body, &SourceOptions::default()).expect("sample parses") {
         Parsed::Items(items) => items.into_iter().map(|i| i.expect("sample item is usable")).collect(),
         Parsed::Ping => panic!("sample is not a ping"),

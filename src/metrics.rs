@@ -60,6 +60,7 @@ pub struct Metrics {
     pub store_commits: Gauge,
     pub store_bodies_committed: Gauge,
     pub store_delivery_commits: Gauge,
+    pub store_index_lag_entries: Gauge,
     pub template_reloads: Family<AttemptLabels, Counter>,
     /// Requests refused for failed authentication, by source (every one, though the log is rate-limited).
     pub auth_failures: Family<SourceLabels, Counter>,
@@ -98,6 +99,7 @@ impl Metrics {
             store_commits: Gauge::default(),
             store_bodies_committed: Gauge::default(),
             store_delivery_commits: Gauge::default(),
+            store_index_lag_entries: Gauge::default(),
             template_reloads: Family::default(),
             auth_failures: Family::default(),
             sanitized_values: Family::default(),
@@ -137,6 +139,11 @@ impl Metrics {
             "store_delivery_commits",
             "Transactions of delivery's books (SQLite: their own file): about one per Heap call",
             m.store_delivery_commits.clone(),
+        );
+        registry.register(
+            "store_index_lag_entries",
+            "Log entries the operator views' index (SQLite) has not reached yet; the views read those from the log",
+            m.store_index_lag_entries.clone(),
         );
         registry.register(
             "template_reloads",

@@ -86,6 +86,17 @@ impl Relay {
         self.child.id()
     }
 
+    /// A gauge of the relay's `/metrics` (plain HTTP/1.1 on loopback), or `None` if it cannot be read.
+    pub fn gauge(&self, name: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     pub fn store_bytes(&self) -> u64 {
         ["relay.db", "relay.db-wal", "relay.delivery.db", "relay.delivery.db-wal"]
             .iter()

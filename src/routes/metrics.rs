@@ -17,6 +17,9 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             if let Some(d) = s.delivery_commits {
                 m.store_delivery_commits.set(d as i64);
             }
+            if let Some(lag) = s.index_lag_entries {
+                m.store_index_lag_entries.set(lag);
+            }
             let age = s.oldest_pending_ms.map_or(0.0, |t| (crate::store::now_ms() - t).max(0) as f64 / 1000.0);
             m.oldest_pending_seconds.set(age);
         }

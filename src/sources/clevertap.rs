@@ -159,7 +159,7 @@ mod tests {
     use crate::sources::{Parsed, Source, SourceOptions};
     use serde_json::json;
 
-    fn parse(body: &Value) -> Result<Parsed, FieldError> {
+    fn parse(body: &Value) -> Result<Parsed<'_>, FieldError> {
         crate::sources::parse(Source::CleverTap, body, &SourceOptions::default())
     }
 

@@ -325,6 +325,8 @@ pub struct QueueStats {
     /// Commits of delivery's own books (SQLite: a separate file and writer from the ingest log, whose commits
     /// `commits` counts), so a test can see which writer a piece of work went through.
     pub delivery_commits: Option<u64>,
+    /// Log entries the operator views' index has not reached yet (SQLite's follower index); `None` elsewhere.
+    pub index_lag_entries: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]

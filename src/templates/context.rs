@@ -238,10 +238,10 @@ fn lookup_json<'m>(m: &'m Map<String, Value>, key: &str) -> Option<&'m Value> {
 
 /// A JSON string as the template reads it.
 fn read_str(s: &str, dates: Dates) -> ScalarCow<'_> {
-    if dates == Dates::CleverTap {
-        if let Some(date) = crate::sources::clevertap::ct_date(s) {
-            return ScalarCow::new(date);
-        }
+    if dates == Dates::CleverTap
+        && let Some(date) = crate::sources::clevertap::ct_date(s)
+    {
+        return ScalarCow::new(date);
     }
     ScalarCow::new(s)
 }

@@ -220,17 +220,34 @@ impl Template {
         })
     }
 
-    /// The identities the template renders for a body with no fields (sections without a `when` that an empty
-    /// body fails): a constant default such as `| default: 'user@example.com'`, which would make every item without
-    /// the field one Heap user. Rendered once per loaded template, not per body.
+    /// The identities the template renders for a body with no fields, in every section whatever its `when` says:
+    /// a constant default such as `| default: 'user@example.com'`, which would make every item without the field
+    /// one Heap user (a section an empty body turns off still sends that constant for a body that turns it on).
+    /// Rendered once per loaded template, not per body.
     pub fn constant_identities(&self, limits: &RenderLimits) -> &[String] {
         self.constant_identities.get_or_init(|| {
-            let Ok(drafts) = self.render(&CtxObject::new(), limits) else {
-                return Vec::new();
+            let empty = CtxObject::new();
+            let limits = &limits.started(std::time::Instant::now());
+            let value = match self.plan.as_ref().and_then(|p| p.eval(&empty, limits)) {
+                Some(v) => v,
+                None => match self.doc.render(&empty, limits) {
+                    Ok(Rendered::Json(v)) => v,
+                    _ => return Vec::new(),
+                },
             };
-            drafts
-                .iter()
-                .filter_map(|d| match d.body.get("identity") {
+            let Value::Object(root) = value else { return Vec::new() };
+            let sections: Vec<&Value> = if root.contains_key("track") || root.contains_key("add_user_properties") {
+                ["track", "add_user_properties"].iter().filter_map(|k| root.get(*k)).collect()
+            } else {
+                vec![&Value::Null]
+            };
+            let identity_of = |section: &Value| match section {
+                Value::Null => root.get("identity").cloned(),
+                other => other.get("identity").cloned(),
+            };
+            sections
+                .into_iter()
+                .filter_map(|section| match identity_of(section) {
                     Some(Value::String(s)) => Some(s.trim().to_owned()),
                     Some(Value::Number(n)) => Some(n.to_string()),
                     _ => None,
@@ -457,6 +474,24 @@ mod tests {
         assert_eq!(t.kind, TemplateKind::Text);
         let err = t.render(&CtxObject::new(), &RenderLimits::default()).unwrap_err();
         assert!(err.source.message.contains("not valid JSON") && err.source.message.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn a_constant_default_identity_is_found_in_a_section_an_empty_body_turns_off() {
+        for text in [
+            // A plan renders it.
+            r#"{"track": {"when": "{% if type == 'track' %}yes{% endif %}", "event": "E",
+                          "identity": "{{ userId | default: 'anon@example.com' }}"},
+                "add_user_properties": {"identity": "{{ userId }}"}}"#,
+            // Liquid renders it.
+            r#"{"track": {"when": "{% if type == 'track' %}yes{% endif %}", "event": "E",
+                          "identity": "{{ userId | default: 'ANON@example.com' | downcase }}"}}"#,
+        ] {
+            let t = compile(text).unwrap();
+            assert_eq!(t.constant_identities(&RenderLimits::default()), ["anon@example.com"], "{text}");
+        }
+        let t = compile(r#"{"event": "E", "identity": "{{ userId }}"}"#).unwrap();
+        assert!(t.constant_identities(&RenderLimits::default()).is_empty());
     }
 
     #[test]

@@ -48,6 +48,7 @@ impl PgStore {
             .await?;
         Ok(QueueStats {
             delivery_commits: None,
+            index_lag_entries: None,
             ready_or_waiting: r.get(0),
             oldest_pending_ms: r.get(1),
             dead: r.get(2),

@@ -263,6 +263,10 @@ pub fn stats(st: &State) -> Result<QueueStats, StoreError> {
         commits: None,
         bodies_committed: None,
         delivery_commits: Some(st.commits),
+        index_lag_entries: Some(
+            st.log.query_row("SELECT coalesce(max(seq), 0) FROM log", [], |r| r.get::<_, i64>(0))?
+                - st.finder_upto()?,
+        ),
     })
 }
 
