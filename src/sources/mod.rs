@@ -41,8 +41,8 @@ impl Source {
 pub struct SourceOptions {
     /// Segment: use `anonymousId` as the identity when `userId` is missing.
     pub allow_anonymous: bool,
-    /// CleverTap: give each profile's template `body`, the profile as sent. Building it costs as much as the
-    /// rest of the context, so ingest turns it off for templates that never read `body` (`Template::reads`).
+    /// CleverTap: give each profile's template `body`, the profile as sent (read in place, so it costs little;
+    /// ingest still leaves it out for templates that never read `body`, `Template::reads`).
     pub raw_body: bool,
 }
 
@@ -89,8 +89,8 @@ pub enum Shape {
 }
 
 /// Builds the items one at a time and hands each to `f` before building the next, so at most one item's context
-/// exists at once: batch-level fields (a Segment batch's `context`, CleverTap's `key_values`) are merged into
-/// each item as it is rendered, not copied into every item up front. Call `count` first to refuse a body with too
+/// exists at once. Items read the body in place: batch-level fields (a Segment batch's `context`, CleverTap's
+/// `targetId` and `key_values`) are shared by every item, never copied into each. Call `count` first to refuse a body with too
 /// many items before any is built.
 pub fn for_each<'a>(
     source: Source,
