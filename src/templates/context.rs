@@ -976,3 +976,51 @@ impl Ctx<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn keys(o: &dyn ObjectView) -> Vec<String> {
+        o.keys().map(|k| k.to_string()).collect()
+    }
+
+    fn text(v: Option<&dyn ValueView>) -> String {
+        v.map(|v| v.to_kstr().to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_message_context_over_the_batch_context_wins_key_by_key_and_lists_each_key_once() {
+        let own = json!({"b": "own", "c": 3});
+        let base = json!({"a": 1, "b": "batch", "D": "d"});
+        let m = Merged::new(own.as_object().unwrap(), base.as_object().unwrap(), Dates::AsSent);
+        assert_eq!(keys(&m), ["D", "a", "b", "c"]);
+        assert_eq!(text(m.get("b")), "own");
+        assert_eq!(text(m.get("d")), "d", "any casing");
+        assert!(m.get("missing").is_some_and(|v| v.is_nil()), "a missing key is nil, not an error");
+        assert!(m.get("size").is_none(), "liquid answers .size itself");
+    }
+
+    #[test]
+    fn a_profile_over_system_fields_hides_a_system_key_its_own_fields_have_in_any_casing() {
+        let sys = json!({"email": "system@x.co", "city": "Dubai", "When": "$D_1731956100"});
+        let mut top = CtxObject::new();
+        top.insert("Email", Ctx::str("own@x.co"));
+        let o = Over::new(top, sys.as_object().unwrap(), Dates::CleverTap);
+        assert_eq!(keys(&o), ["Email", "When", "city"], "system `email` is hidden by `Email`");
+        assert_eq!(text(o.get("email")), "own@x.co");
+        assert_eq!(text(o.get("CITY")), "Dubai");
+        assert_eq!(text(o.get("when")), "2024-11-18T18:55:00Z", "CleverTap dates read as ISO-8601");
+    }
+
+    #[test]
+    fn borrowed_arrays_index_from_the_end_with_negative_indexes_as_liquid_does() {
+        let v = json!([1, 2, 3]);
+        let a = JsonView::<AsSent>::of(&v).as_array().unwrap();
+        assert_eq!(text(a.get(-1)), "3");
+        assert_eq!(text(a.get(0)), "1");
+        assert!(a.get(3).is_none() && a.get(-4).is_none());
+        assert_eq!(a.size(), 3);
+    }
+}
