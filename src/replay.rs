@@ -108,29 +108,23 @@ pub async fn replay_all(
         }
         return Ok(report);
     }
-    // A bounded chunk of selections at a time: only that chunk's bodies are in memory, however large the group.
+    // The bodies' ids first, then one body at a time: only one body is in memory, however large the selection (a
+    // whole status, a failure group of a million events).
     let total = selectors.len();
     let mut seen = std::collections::HashSet::new();
-    let mut done = 0;
-    let mut selectors = selectors.into_iter().peekable();
-    while selectors.peek().is_some() {
-        let chunk: Vec<Selector> = selectors.by_ref().take(REPLAY_CHUNK).collect();
-        done += chunk.len();
-        for selector in chunk {
-            for raw in store.raw_bodies(selector).await? {
-                // A body behind several selected events is re-rendered once.
-                if seen.insert(raw.id) {
-                    rerender_body(store, pipeline, raw, &mut report).await?;
-                }
+    for (done, selector) in selectors.into_iter().enumerate() {
+        for id in store.raw_body_ids(selector).await? {
+            // A body behind several selected events is re-rendered once.
+            if seen.insert(id)
+                && let Some(raw) = store.raw_body(id).await?
+            {
+                rerender_body(store, pipeline, raw, &mut report).await?;
             }
         }
-        progress(done, total);
+        progress(done + 1, total);
     }
     Ok(report)
 }
-
-/// Selections a bulk re-render reads bodies for at a time.
-const REPLAY_CHUNK: usize = 64;
 
 /// Renders one stored body again with today's templates and appends what it renders, as a re-render of it.
 async fn rerender_body(

@@ -460,6 +460,17 @@ impl Store {
         delegate!(self, s => s.raw_bodies(selector).await)
     }
 
+    /// The ids of the raw bodies behind the selected events, in order, once each: a large selection is then
+    /// re-rendered reading one body at a time ([`Store::raw_body`]).
+    pub async fn raw_body_ids(&self, selector: Selector) -> Result<Vec<i64>, StoreError> {
+        delegate!(self, s => s.raw_body_ids(selector).await)
+    }
+
+    /// One raw body by id, if it is still kept.
+    pub async fn raw_body(&self, id: i64) -> Result<Option<RawBody>, StoreError> {
+        delegate!(self, s => s.raw_body(id).await)
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         delegate!(self, s => s.ping().await)
     }

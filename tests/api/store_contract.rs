@@ -381,6 +381,10 @@ async fn a_held_body_is_kept_until_a_rerender_replaces_it_and_then_goes_with_the
     assert_eq!(everything().await.len(), 2, "held items wait for their repair, however old");
 
     let root = store.raw_bodies(Selector::Status(Status::Held)).await.unwrap();
+    // A large re-render reads the ids first, then one body at a time: the same bodies.
+    let ids = store.raw_body_ids(Selector::Status(Status::Held)).await.unwrap();
+    assert_eq!(ids, root.iter().map(|r| r.id).collect::<Vec<_>>());
+    assert_eq!(store.raw_body(ids[0]).await.unwrap().map(|r| r.body), Some(root[0].body.clone()));
     let mut fixed = body("fixed", 2);
     fixed.rejections.clear();
     fixed.replay_of_raw = Some(root[0].id);

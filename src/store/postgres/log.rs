@@ -59,6 +59,37 @@ impl PgStore {
     }
 
     /// The raw bodies behind the selected events, for a re-render.
+    /// The ids of the raw bodies behind the selected events, in order.
+    pub async fn raw_body_ids(&self, selector: Selector) -> Result<Vec<i64>, StoreError> {
+        let (cond, args) = selector_sql(&selector, 1);
+        let sql = format!(
+            "SELECT DISTINCT raw_id FROM events WHERE {cond} AND status != 'replaced' AND raw_id IS NOT NULL ORDER BY raw_id"
+        );
+        let client = self.pool.get().await?;
+        Ok(client.query(&sql, &params(&args)).await?.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// One raw body by id, if it is still kept.
+    pub async fn raw_body(&self, id: i64) -> Result<Option<RawBody>, StoreError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT r.id, r.source, r.template, r.received_at, r.body,
+                        coalesce((SELECT e.environment FROM events e WHERE e.raw_id = r.id LIMIT 1), '')
+                 FROM raw_bodies r WHERE r.id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(row.map(|r| RawBody {
+            id: r.get(0),
+            source: r.get(1),
+            template: r.get(2),
+            received_at: r.get(3),
+            body: r.get(4),
+            environment: r.get(5),
+        }))
+    }
+
     pub async fn raw_bodies(&self, selector: Selector) -> Result<Vec<RawBody>, StoreError> {
         let (cond, args) = selector_sql(&selector, 1);
         let sql = format!(

@@ -284,6 +284,15 @@ impl SqliteStore {
         self.books(move |st| views::raw_bodies(st, &selector)).await
     }
 
+    /// The ids of the raw bodies behind the selected events, for a re-render that reads them one at a time.
+    pub async fn raw_body_ids(&self, selector: Selector) -> Result<Vec<i64>, StoreError> {
+        self.books(move |st| views::raw_body_ids(st, &selector)).await
+    }
+
+    pub async fn raw_body(&self, id: i64) -> Result<Option<RawBody>, StoreError> {
+        self.books(move |st| views::raw_body(st, id)).await
+    }
+
     /// Why the store takes no more bodies now, if it does not: both files together at `store.max_bytes`.
     pub fn full_reason(&self) -> Option<String> {
         log::full_reason(&self.log_bytes, &self.books_bytes, self.max_bytes)

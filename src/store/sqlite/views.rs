@@ -337,33 +337,44 @@ fn scan_all(
 /// The raw bodies behind the selected events (not those already replaced): a re-render's entry points at the body
 /// it re-rendered, so the original body is returned once.
 pub fn raw_bodies(st: &State, sel: &Selector) -> Result<Vec<RawBody>, StoreError> {
+    let mut out = Vec::new();
+    for id in raw_body_ids(st, sel)? {
+        out.extend(raw_body(st, id)?);
+    }
+    Ok(out)
+}
+
+/// The ids of the raw bodies behind the selected events (the first body of a re-rendered one), in order, once each.
+pub fn raw_body_ids(st: &State, sel: &Selector) -> Result<Vec<i64>, StoreError> {
     let mut roots: Vec<i64> = Vec::new();
+    let mut last_seq = None;
     for (id, status) in select(st, sel)? {
-        if status == Status::Replaced {
+        let seq = unpack(id).0;
+        // The events of one entry come together: its root is read once.
+        if status == Status::Replaced || last_seq == Some(seq) {
             continue;
         }
-        let seq = unpack(id).0;
-        let root = match read_entry(&st.log, seq)? {
-            Some(e) => e.replay_of.unwrap_or(seq),
-            None => continue,
-        };
-        if !roots.contains(&root) {
-            roots.push(root);
+        last_seq = Some(seq);
+        if let Some(e) = read_entry(&st.log, seq)? {
+            roots.push(e.replay_of.unwrap_or(seq));
         }
     }
     roots.sort_unstable();
-    let mut out = Vec::with_capacity(roots.len());
+    roots.dedup();
+    Ok(roots)
+}
+
+/// One raw body by id, if it is still kept.
+pub fn raw_body(st: &State, id: i64) -> Result<Option<RawBody>, StoreError> {
     let mut stmt = st.log.prepare_cached(
         "SELECT source, environment, template, received_at, body FROM log WHERE seq = ?1 AND body IS NOT NULL",
     )?;
-    for seq in roots {
-        let row: Option<(String, String, String, Millis, Vec<u8>)> =
-            stmt.query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))).optional()?;
-        if let Some((source, environment, template, received_at, body)) = row {
-            out.push(RawBody { id: seq, source, environment, template, received_at, body: codec::decompress(body)? });
-        }
-    }
-    Ok(out)
+    let row: Option<(String, String, String, Millis, Vec<u8>)> =
+        stmt.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))).optional()?;
+    row.map(|(source, environment, template, received_at, body)| {
+        Ok(RawBody { id, source, environment, template, received_at, body: codec::decompress(body)? })
+    })
+    .transpose()
 }
 
 /// Every event of a body and of its earlier re-renders, except the re-render `keep`: what a new re-render replaces.
