@@ -373,73 +373,6 @@ impl<D: DateRule> ValueView for JsonView<D> {
     }
 }
 
-impl<D: DateRule> ValueView for JsonMap<D> {
-    fn as_debug(&self) -> &dyn fmt::Debug {
-        self
-    }
-    fn render(&self) -> DisplayCow<'_> {
-        DisplayCow::Owned(Box::new(GluedMap(&self.0, D::DATES)))
-    }
-    fn source(&self) -> DisplayCow<'_> {
-        self.render()
-    }
-    fn type_name(&self) -> &'static str {
-        "object"
-    }
-    fn query_state(&self, state: State) -> bool {
-        match state {
-            State::Truthy => true,
-            State::DefaultValue | State::Empty | State::Blank => self.0.is_empty(),
-        }
-    }
-    fn to_kstr(&self) -> KStringCow<'_> {
-        KStringCow::from_string(GluedMap(&self.0, D::DATES).to_string())
-    }
-    fn to_value(&self) -> LiquidValue {
-        LiquidValue::Object(self.0.iter().map(|(k, x)| (KString::from_ref(k), json_to_liquid(x, D::DATES))).collect())
-    }
-    fn as_object(&self) -> Option<&dyn ObjectView> {
-        Some(self)
-    }
-}
-
-struct GluedMap<'m>(&'m Map<String, Value>, Dates);
-
-impl fmt::Display for GluedMap<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|(k, x)| write!(f, "{k}{}", GluedJson(x, self.1)))
-    }
-}
-
-impl<D: DateRule> ObjectView for JsonMap<D> {
-    fn as_value(&self) -> &dyn ValueView {
-        self
-    }
-    fn size(&self) -> i64 {
-        self.0.len() as i64
-    }
-    fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
-        Box::new(self.0.keys().map(|k| KStringCow::from_ref(k.as_str())))
-    }
-    fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
-        Box::new(self.0.values().map(|v| JsonView::<D>::of(v) as &dyn ValueView))
-    }
-    fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
-        Box::new(self.0.iter().map(|(k, v)| (KStringCow::from_ref(k.as_str()), JsonView::<D>::of(v) as &dyn ValueView)))
-    }
-    fn contains_key(&self, index: &str) -> bool {
-        self.lookup(index).is_some()
-    }
-    fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
-        match self.lookup(index) {
-            Some(v) => Some(JsonView::<D>::of(v)),
-            // Liquid answers `.size` itself (the number of keys) when the object has no such key.
-            None if index == "size" => None,
-            None => Some(&NIL),
-        }
-    }
-}
-
 impl<D: DateRule> ValueView for JsonArray<D> {
     fn as_debug(&self) -> &dyn fmt::Debug {
         self
@@ -538,19 +471,6 @@ impl<'a> Merged<'a> {
             (None, _) => base.next(),
         })
     }
-
-    fn view(&self, v: &'a Value) -> &'a dyn ValueView {
-        match self.dates {
-            Dates::AsSent => JsonView::<AsSent>::of(v),
-            Dates::CleverTap => JsonView::<CleverTapDates>::of(v),
-        }
-    }
-
-    fn to_value(&self) -> LiquidValue {
-        LiquidValue::Object(
-            self.entries().map(|(k, v)| (KString::from_ref(k), json_to_liquid(v, self.dates))).collect(),
-        )
-    }
 }
 
 /// `top`'s entries over `under`'s; an entry of `under` is hidden where `top` has its name in any casing, as if
@@ -589,10 +509,6 @@ impl<'a> Over<'a> {
         all.sort_by(|a, b| a.0.cmp(b.0));
         all
     }
-
-    fn to_value(&self) -> LiquidValue {
-        LiquidValue::Object(self.entries().into_iter().map(|(k, v)| (KString::from_ref(k), v.to_value())).collect())
-    }
 }
 
 fn view_of(v: &Value, dates: Dates) -> &dyn ValueView {
@@ -602,208 +518,142 @@ fn view_of(v: &Value, dates: Dates) -> &dyn ValueView {
     }
 }
 
-struct GluedOver<'m, 'a>(&'m Over<'a>);
+// ---- the objects a template reads -------------------------------------------------------------------------------
 
-impl fmt::Display for GluedOver<'_, '_> {
+/// What the relay's objects have in common ([`CtxObject`], a borrowed JSON map, [`Merged`], [`Over`]): lenient
+/// lookups and their entries in key order. `lenient_object!` makes each a liquid object from these.
+trait Entries {
+    /// The value of `key`: exact first, then in any casing.
+    fn find(&self, key: &str) -> Option<&dyn ValueView>;
+    fn each(&self) -> Box<dyn Iterator<Item = (&str, &dyn ValueView)> + '_>;
+    fn no_entries(&self) -> bool;
+}
+
+/// Liquid prints an object by gluing keys and values together; kept for compatibility.
+struct Glued<'o>(&'o dyn Entries);
+
+impl fmt::Display for Glued<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.entries().into_iter().try_for_each(|(k, v)| write!(f, "{k}{}", v.render()))
+        self.0.each().try_for_each(|(k, v)| write!(f, "{k}{}", v.render()))
     }
 }
 
-impl ValueView for Over<'_> {
-    fn as_debug(&self) -> &dyn fmt::Debug {
-        self
-    }
-    fn render(&self) -> DisplayCow<'_> {
-        DisplayCow::Owned(Box::new(GluedOver(self)))
-    }
-    fn source(&self) -> DisplayCow<'_> {
-        self.render()
-    }
-    fn type_name(&self) -> &'static str {
-        "object"
-    }
-    fn query_state(&self, state: State) -> bool {
-        match state {
-            State::Truthy => true,
-            State::DefaultValue | State::Empty | State::Blank => self.top.is_empty() && self.under.is_empty(),
+/// `ValueView` and `ObjectView` for an [`Entries`] type: a missing key is nil (so `default` works at any depth),
+/// except `size`, which liquid answers itself.
+macro_rules! lenient_object {
+    ([$($generics:tt)*] $t:ty) => {
+        impl<$($generics)*> ValueView for $t {
+            fn as_debug(&self) -> &dyn fmt::Debug {
+                self
+            }
+            fn render(&self) -> DisplayCow<'_> {
+                DisplayCow::Owned(Box::new(Glued(self)))
+            }
+            fn source(&self) -> DisplayCow<'_> {
+                DisplayCow::Owned(Box::new(Glued(self)))
+            }
+            fn type_name(&self) -> &'static str {
+                "object"
+            }
+            fn query_state(&self, state: State) -> bool {
+                match state {
+                    State::Truthy => true,
+                    State::DefaultValue | State::Empty | State::Blank => self.no_entries(),
+                }
+            }
+            fn to_kstr(&self) -> KStringCow<'_> {
+                KStringCow::from_string(Glued(self).to_string())
+            }
+            fn to_value(&self) -> LiquidValue {
+                LiquidValue::Object(self.each().map(|(k, v)| (KString::from_ref(k), v.to_value())).collect())
+            }
+            fn as_object(&self) -> Option<&dyn ObjectView> {
+                Some(self)
+            }
         }
-    }
-    fn to_kstr(&self) -> KStringCow<'_> {
-        KStringCow::from_string(GluedOver(self).to_string())
-    }
-    fn to_value(&self) -> LiquidValue {
-        Over::to_value(self)
-    }
-    fn as_object(&self) -> Option<&dyn ObjectView> {
-        Some(self)
-    }
-}
 
-impl ObjectView for Over<'_> {
-    fn as_value(&self) -> &dyn ValueView {
-        self
-    }
-    fn size(&self) -> i64 {
-        self.entries().len() as i64
-    }
-    fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
-        Box::new(self.entries().into_iter().map(|(k, _)| KStringCow::from_ref(k)))
-    }
-    fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
-        Box::new(self.entries().into_iter().map(|(_, v)| v))
-    }
-    fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
-        Box::new(self.entries().into_iter().map(|(k, v)| (KStringCow::from_ref(k), v)))
-    }
-    fn contains_key(&self, index: &str) -> bool {
-        self.lookup(index).is_some()
-    }
-    fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
-        match self.lookup(index) {
-            Some(v) => Some(v),
-            None if index == "size" => None,
-            None => Some(&NIL),
+        impl<$($generics)*> ObjectView for $t {
+            fn as_value(&self) -> &dyn ValueView {
+                self
+            }
+            fn size(&self) -> i64 {
+                self.each().count() as i64
+            }
+            fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
+                Box::new(self.each().map(|(k, _)| KStringCow::from_ref(k)))
+            }
+            fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
+                Box::new(self.each().map(|(_, v)| v))
+            }
+            fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
+                Box::new(self.each().map(|(k, v)| (KStringCow::from_ref(k), v)))
+            }
+            fn contains_key(&self, index: &str) -> bool {
+                self.find(index).is_some()
+            }
+            fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
+                match self.find(index) {
+                    Some(v) => Some(v),
+                    None if index == "size" => None,
+                    None => Some(&NIL),
+                }
+            }
         }
+    };
+}
+
+impl Entries for CtxObject<'_> {
+    fn find(&self, key: &str) -> Option<&dyn ValueView> {
+        self.lookup(key).map(Ctx::view)
+    }
+    fn each(&self) -> Box<dyn Iterator<Item = (&str, &dyn ValueView)> + '_> {
+        Box::new(self.entries.iter().map(|(k, v)| (k.as_ref(), v.view())))
+    }
+    fn no_entries(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 
-struct GluedMerged<'m, 'a>(&'m Merged<'a>);
-
-impl fmt::Display for GluedMerged<'_, '_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.entries().try_for_each(|(k, x)| write!(f, "{k}{}", GluedJson(x, self.0.dates)))
+impl<D: DateRule> Entries for JsonMap<D> {
+    fn find(&self, key: &str) -> Option<&dyn ValueView> {
+        self.lookup(key).map(|v| JsonView::<D>::of(v) as &dyn ValueView)
+    }
+    fn each(&self) -> Box<dyn Iterator<Item = (&str, &dyn ValueView)> + '_> {
+        Box::new(self.0.iter().map(|(k, v)| (k.as_str(), JsonView::<D>::of(v) as &dyn ValueView)))
+    }
+    fn no_entries(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
-impl ValueView for Merged<'_> {
-    fn as_debug(&self) -> &dyn fmt::Debug {
-        self
+impl Entries for Merged<'_> {
+    fn find(&self, key: &str) -> Option<&dyn ValueView> {
+        self.lookup(key).map(|v| view_of(v, self.dates))
     }
-    fn render(&self) -> DisplayCow<'_> {
-        DisplayCow::Owned(Box::new(GluedMerged(self)))
+    fn each(&self) -> Box<dyn Iterator<Item = (&str, &dyn ValueView)> + '_> {
+        Box::new(self.entries().map(|(k, v)| (k.as_str(), view_of(v, self.dates))))
     }
-    fn source(&self) -> DisplayCow<'_> {
-        self.render()
-    }
-    fn type_name(&self) -> &'static str {
-        "object"
-    }
-    fn query_state(&self, state: State) -> bool {
-        match state {
-            State::Truthy => true,
-            State::DefaultValue | State::Empty | State::Blank => self.own.is_empty() && self.base.is_empty(),
-        }
-    }
-    fn to_kstr(&self) -> KStringCow<'_> {
-        KStringCow::from_string(GluedMerged(self).to_string())
-    }
-    fn to_value(&self) -> LiquidValue {
-        Merged::to_value(self)
-    }
-    fn as_object(&self) -> Option<&dyn ObjectView> {
-        Some(self)
+    fn no_entries(&self) -> bool {
+        self.own.is_empty() && self.base.is_empty()
     }
 }
 
-impl ObjectView for Merged<'_> {
-    fn as_value(&self) -> &dyn ValueView {
-        self
+impl Entries for Over<'_> {
+    fn find(&self, key: &str) -> Option<&dyn ValueView> {
+        self.lookup(key)
     }
-    fn size(&self) -> i64 {
-        self.entries().count() as i64
+    fn each(&self) -> Box<dyn Iterator<Item = (&str, &dyn ValueView)> + '_> {
+        Box::new(self.entries().into_iter())
     }
-    fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
-        Box::new(self.entries().map(|(k, _)| KStringCow::from_ref(k.as_str())))
-    }
-    fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
-        Box::new(self.entries().map(|(_, v)| self.view(v)))
-    }
-    fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
-        Box::new(self.entries().map(|(k, v)| (KStringCow::from_ref(k.as_str()), self.view(v))))
-    }
-    fn contains_key(&self, index: &str) -> bool {
-        self.lookup(index).is_some()
-    }
-    fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
-        match self.lookup(index) {
-            Some(v) => Some(self.view(v)),
-            None if index == "size" => None,
-            None => Some(&NIL),
-        }
+    fn no_entries(&self) -> bool {
+        self.top.is_empty() && self.under.is_empty()
     }
 }
 
-struct Glued<'o, 'a>(&'o CtxObject<'a>);
-
-impl fmt::Display for Glued<'_, '_> {
-    /// Liquid prints an object by gluing keys and values together; kept for compatibility.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (k, v) in &self.0.entries {
-            write!(f, "{k}{}", v.view().render())?;
-        }
-        Ok(())
-    }
-}
-
-impl ValueView for CtxObject<'_> {
-    fn as_debug(&self) -> &dyn fmt::Debug {
-        self
-    }
-    fn render(&self) -> DisplayCow<'_> {
-        DisplayCow::Owned(Box::new(Glued(self)))
-    }
-    fn source(&self) -> DisplayCow<'_> {
-        DisplayCow::Owned(Box::new(Glued(self)))
-    }
-    fn type_name(&self) -> &'static str {
-        "object"
-    }
-    fn query_state(&self, state: State) -> bool {
-        match state {
-            State::Truthy => true,
-            State::DefaultValue | State::Empty | State::Blank => self.entries.is_empty(),
-        }
-    }
-    fn to_kstr(&self) -> KStringCow<'_> {
-        KStringCow::from_string(Glued(self).to_string())
-    }
-    fn to_value(&self) -> LiquidValue {
-        LiquidValue::Object(self.entries.iter().map(|(k, v)| (KString::from_ref(k), v.to_liquid())).collect())
-    }
-    fn as_object(&self) -> Option<&dyn ObjectView> {
-        Some(self)
-    }
-}
-
-impl ObjectView for CtxObject<'_> {
-    fn as_value(&self) -> &dyn ValueView {
-        self
-    }
-    fn size(&self) -> i64 {
-        self.entries.len() as i64
-    }
-    fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
-        Box::new(self.entries.iter().map(|(k, _)| KStringCow::from_ref(k.as_ref())))
-    }
-    fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
-        Box::new(self.entries.iter().map(|(_, v)| v.view()))
-    }
-    fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
-        Box::new(self.entries.iter().map(|(k, v)| (KStringCow::from_ref(k.as_ref()), v.view())))
-    }
-    fn contains_key(&self, index: &str) -> bool {
-        self.lookup(index).is_some()
-    }
-    fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
-        match self.lookup(index) {
-            Some(v) => Some(v.view()),
-            // Liquid answers `.size` itself (the number of keys) when the object has no such key.
-            None if index == "size" => None,
-            None => Some(&NIL),
-        }
-    }
-}
+lenient_object!([] CtxObject<'_>);
+lenient_object!([D: DateRule] JsonMap<D>);
+lenient_object!([] Merged<'_>);
+lenient_object!([] Over<'_>);
 
 impl ValueView for Ctx<'_> {
     fn as_debug(&self) -> &dyn fmt::Debug {
