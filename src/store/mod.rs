@@ -457,7 +457,11 @@ impl Store {
 
     /// The raw bodies behind the selected events: (raw id, source, template, received_at, body).
     pub async fn raw_bodies(&self, selector: Selector) -> Result<Vec<RawBody>, StoreError> {
-        delegate!(self, s => s.raw_bodies(selector).await)
+        let mut out = Vec::new();
+        for id in self.raw_body_ids(selector).await? {
+            out.extend(self.raw_body(id).await?);
+        }
+        Ok(out)
     }
 
     /// The ids of the raw bodies behind the selected events, in order, once each: a large selection is then
@@ -491,12 +495,16 @@ impl Store {
 
     /// The last hour: per minute in and delivered, per source × environment × app_id, refusals, the newest call.
     pub async fn flow(&self, now: Millis) -> Result<queries::Flow, StoreError> {
-        delegate!(self, s => s.flow(now).await)
+        let mut flow = delegate!(self, s => s.flow(now).await)?;
+        flow.rows.sort_by(|a, b| b.received.cmp(&a.received));
+        Ok(flow)
     }
 
     /// Dead and refused events grouped by reason, most events first.
     pub async fn failures(&self) -> Result<Vec<queries::FailureGroup>, StoreError> {
-        delegate!(self, s => s.failures().await)
+        let mut groups = delegate!(self, s => s.failures().await)?;
+        groups.sort_by(|a, b| b.count.cmp(&a.count).then(b.newest_at.cmp(&a.newest_at)));
+        Ok(groups)
     }
 
     /// The event ids of one failure group (`Dead` or `Rejected` and its reason), newest first, at most `limit`.

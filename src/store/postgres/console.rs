@@ -89,13 +89,12 @@ impl PgStore {
             .query_opt(LAST_CALL, &[])
             .await?
             .map(|r| (r.get(0), r.get::<_, Option<i32>>(1).map(|s| s as u16), r.get(2)));
-        flow.rows.sort_by(|a, b| b.received.cmp(&a.received));
         Ok(flow)
     }
 
     pub async fn failures(&self) -> Result<Vec<FailureGroup>, StoreError> {
         let client = self.pool.get().await?;
-        let mut groups: Vec<FailureGroup> = client
+        Ok(client
             .query(FAILURES, &[&(FAILURE_SCAN as i64)])
             .await?
             .iter()
@@ -106,9 +105,7 @@ impl PgStore {
                 newest: r.get(3),
                 newest_at: r.get(4),
             })
-            .collect();
-        groups.sort_by(|a, b| b.count.cmp(&a.count).then(b.newest_at.cmp(&a.newest_at)));
-        Ok(groups)
+            .collect())
     }
 
     pub async fn failure_members(

@@ -89,29 +89,6 @@ impl PgStore {
             environment: r.get(5),
         }))
     }
-
-    pub async fn raw_bodies(&self, selector: Selector) -> Result<Vec<RawBody>, StoreError> {
-        let (cond, args) = selector_sql(&selector, 1);
-        let sql = format!(
-            "SELECT r.id, r.source, r.template, r.received_at, r.body,
-                    coalesce((SELECT e.environment FROM events e WHERE e.raw_id = r.id LIMIT 1), '')
-             FROM raw_bodies r
-             WHERE r.id IN (SELECT raw_id FROM events WHERE {cond} AND status != 'replaced') ORDER BY r.id"
-        );
-        let client = self.pool.get().await?;
-        let rows = client.query(&sql, &params(&args)).await?;
-        Ok(rows
-            .iter()
-            .map(|r| RawBody {
-                id: r.get(0),
-                source: r.get(1),
-                template: r.get(2),
-                received_at: r.get(3),
-                body: r.get(4),
-                environment: r.get(5),
-            })
-            .collect())
-    }
 }
 
 pub(super) const VIEW_COLUMNS: &str =

@@ -73,7 +73,6 @@ impl SqliteStore {
                 true
             })?;
             groups.extend(group_failures(refused));
-            groups.sort_by(|a, b| b.count.cmp(&a.count).then(b.newest_at.cmp(&a.newest_at)));
             Ok(groups)
         })
         .await
@@ -542,7 +541,6 @@ fn flow(st: &State, now: Millis) -> Result<Flow, StoreError> {
         .query_map([], |r| Ok((r.get(0)?, r.get::<_, Option<i64>>(1)?.map(|s| s as u16), r.get(2)?)))?
         .next()
         .transpose()?;
-    flow.rows.sort_by(|a, b| b.received.cmp(&a.received));
     Ok(flow)
 }
 

@@ -279,11 +279,6 @@ impl SqliteStore {
         Ok(s)
     }
 
-    /// The raw bodies behind the selected events, for a re-render.
-    pub async fn raw_bodies(&self, selector: Selector) -> Result<Vec<RawBody>, StoreError> {
-        self.books(move |st| views::raw_bodies(st, &selector)).await
-    }
-
     /// The ids of the raw bodies behind the selected events, for a re-render that reads them one at a time.
     pub async fn raw_body_ids(&self, selector: Selector) -> Result<Vec<i64>, StoreError> {
         self.books(move |st| views::raw_body_ids(st, &selector)).await

@@ -336,14 +336,6 @@ fn scan_all(
 
 /// The raw bodies behind the selected events (not those already replaced): a re-render's entry points at the body
 /// it re-rendered, so the original body is returned once.
-pub fn raw_bodies(st: &State, sel: &Selector) -> Result<Vec<RawBody>, StoreError> {
-    let mut out = Vec::new();
-    for id in raw_body_ids(st, sel)? {
-        out.extend(raw_body(st, id)?);
-    }
-    Ok(out)
-}
-
 /// The ids of the raw bodies behind the selected events (the first body of a re-rendered one), in order, once each.
 pub fn raw_body_ids(st: &State, sel: &Selector) -> Result<Vec<i64>, StoreError> {
     let mut roots: Vec<i64> = Vec::new();
