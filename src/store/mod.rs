@@ -496,7 +496,7 @@ impl Store {
     /// The last hour: per minute in and delivered, per source × environment × app_id, refusals, the newest call.
     pub async fn flow(&self, now: Millis) -> Result<queries::Flow, StoreError> {
         let mut flow = delegate!(self, s => s.flow(now).await)?;
-        flow.rows.sort_by(|a, b| b.received.cmp(&a.received));
+        flow.rows.sort_by_key(|r| std::cmp::Reverse(r.received));
         Ok(flow)
     }
 
