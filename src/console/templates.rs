@@ -141,14 +141,15 @@ pub async fn admin_preview(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let limit = MAX_PREVIEW_BODY.max(state.max_body_bytes);
-    let body =
-        crate::routes::body::read_limited(&req, payload, limit, state.body_read_timeout, &state.inflight).await?.bytes;
-    let request: PreviewRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            ErrorCode::InvalidBody,
-            format!("preview body: {e}; expected {{\"source\", \"template\"?, \"body\"}} or {{\"event_id\"}}"),
-        )
-    })?;
+    let request: PreviewRequest = crate::routes::body::read_json(
+        &req,
+        payload,
+        limit,
+        &state,
+        "preview",
+        r#"{"source", "template"?, "body"} or {"event_id"}"#,
+    )
+    .await?;
     let i = &state.intake;
     match preview(&i.store, &i.pipeline, request).await {
         Ok(p) => Ok(HttpResponse::Ok().json(p)),

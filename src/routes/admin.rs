@@ -82,17 +82,15 @@ pub async fn replay(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = super::body::read_limited(&req, payload, MAX_REPLAY_BODY, state.body_read_timeout, &state.inflight)
-        .await?
-        .bytes;
-    let b: ReplayBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            ErrorCode::InvalidBody,
-            format!(
-                "replay body: {e}; expected {{\"id\"|\"status\"|\"since\"/\"until\"|\"stale_template\", \"rerender\"}}"
-            ),
-        )
-    })?;
+    let b: ReplayBody = super::body::read_json(
+        &req,
+        payload,
+        MAX_REPLAY_BODY,
+        &state,
+        "replay",
+        r#"{"id"|"status"|"since"/"until"|"stale_template", "rerender"}"#,
+    )
+    .await?;
     let i = &state.intake;
     let sel = match &b.stale_template {
         Some(spec) => crate::replay::stale_template(&i.pipeline, spec),

@@ -214,6 +214,21 @@ impl Decoder {
     }
 }
 
+/// An operator's JSON request (`/admin/replay`, `/admin/preview`): read as `read_limited` reads it, then parsed;
+/// a body that does not parse is a 400 naming `what` it is and the shape `expected`.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    req: &HttpRequest,
+    payload: Payload,
+    limit: usize,
+    state: &super::AppState,
+    what: &str,
+    expected: &str,
+) -> Result<T, ApiError> {
+    let body = read_limited(req, payload, limit, state.body_read_timeout, &state.inflight).await?.bytes;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("{what} body: {e}; expected {expected}")))
+}
+
 pub async fn read_limited(
     req: &HttpRequest,
     payload: Payload,
