@@ -31,7 +31,9 @@ async fn a_backlog_held_by_the_app_budget_costs_one_commit_per_heap_call_none_on
     let bound = |now: i64| 600.0 + 600.0 / 60.0 * (now - start) as f64 / 1000.0;
     // The bucket starts full: 600 go at once; the rest wait for the budget.
     app.wait_for_heap(600, WAIT).await;
-    let before = app.app.intake.store.stats().await.expect("stats");
+    // Heap answers before the books record the call: snapshot only once they have, so that the window below holds
+    // exactly the commits of the calls it counts.
+    let before = recorded(&app).await;
     let calls_before = app.heap_calls().await.len() as u64;
     for _ in 0..3 {
         clock.advance(Duration::from_secs(30));
@@ -45,7 +47,7 @@ async fn a_backlog_held_by_the_app_budget_costs_one_commit_per_heap_call_none_on
             bound(clock.now_ms())
         );
     }
-    let after = app.app.intake.store.stats().await.expect("stats");
+    let after = recorded(&app).await;
     let calls = app.heap_calls().await.len() as u64 - calls_before;
     let delivery_commits = after.delivery_commits.expect("counted") - before.delivery_commits.expect("counted");
     assert!(calls >= 3, "{calls}");
@@ -54,6 +56,24 @@ async fn a_backlog_held_by_the_app_budget_costs_one_commit_per_heap_call_none_on
     assert!(after.ready_or_waiting >= 18_000, "the backlog still waits: {}", after.ready_or_waiting);
     let items = items_of(&app.heap_calls().await);
     assert!(items.len() as f64 <= bound(clock.now_ms()), "{} events sent", items.len());
+}
+
+/// The store's stats once delivery has recorded every event Heap has received (20,000 were sent in).
+async fn recorded(app: &TestApp) -> heap_relay::store::QueueStats {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let sent = items_of(&app.heap_calls().await).len() as i64;
+        let stats = app.app.intake.store.stats().await.expect("stats");
+        if stats.ready_or_waiting == 20_000 - sent {
+            return stats;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Heap got {sent} events but the books still count {} waiting",
+            stats.ready_or_waiting
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
