@@ -1,9 +1,9 @@
 //! The pure ingest pipeline: parse a body → source items → template → validated Heap calls, plus a per-item
 //! account of what was rejected and why. No I/O; the route stores what this returns.
 
-use crate::domain::heap_call::BuildContext;
+use crate::domain::heap_call::{BuildContext, KeySeed};
 use crate::domain::{
-    AppIdPolicy, CallKind, FieldError, HeapCall, IdentityPolicy, PropertyLimits, Timestamp, TrackEvent, UserProperties,
+    AppIdPolicy, CallKind, FieldError, HeapCall, IdentityPolicy, KeyScheme, PropertyLimits, Seed, Timestamp, TrackEvent, UserProperties,
 };
 use crate::json::{JsonError, JsonLimits};
 use crate::sources::{self, Shape, Source, SourceOptions};
@@ -144,24 +144,26 @@ fn unknown_template(source: &str, name: &str, broken: Option<&str>) -> String {
 
 impl Pipeline {
     pub fn ingest(&self, route: &Route, body: &[u8], received_at: &Timestamp) -> Result<Outcome, IngestError> {
-        self.ingest_in("", route, body, received_at)
+        self.ingest_in("", route, body, received_at, KeyScheme::default())
     }
 
     /// As [`Pipeline::ingest`], in an environment (`""`: the default one): its app_id is the one events get, and
-    /// a call naming another environment's app_id is refused (`wrong_environment`).
+    /// a call naming another environment's app_id is refused (`wrong_environment`). `keys`: how derived
+    /// idempotency keys hash an item (a new body: the default; a stored body: the scheme it was stored with).
     pub fn ingest_in(
         &self,
         environment: &str,
         route: &Route,
         body: &[u8],
         received_at: &Timestamp,
+        keys: KeyScheme,
     ) -> Result<Outcome, IngestError> {
         let value = crate::json::parse(body, &self.json_limits)?;
-        self.ingest_value_in(environment, route, &value, received_at)
+        self.ingest_value_in(environment, route, &value, received_at, keys)
     }
 
     pub fn ingest_value(&self, route: &Route, value: &Value, received_at: &Timestamp) -> Result<Outcome, IngestError> {
-        self.ingest_value_in("", route, value, received_at)
+        self.ingest_value_in("", route, value, received_at, KeyScheme::default())
     }
 
     pub fn ingest_value_in(
@@ -170,11 +172,12 @@ impl Pipeline {
         route: &Route,
         value: &Value,
         received_at: &Timestamp,
+        keys: KeyScheme,
     ) -> Result<Outcome, IngestError> {
         let mut out = match route {
-            Route::Heap(kind) => self.ingest_heap(*kind, value, received_at)?,
+            Route::Heap(kind) => self.ingest_heap(*kind, value, received_at, keys)?,
             Route::Hook { source, template } => {
-                self.ingest_hook(*source, template.as_deref(), value, received_at, environment)?
+                self.ingest_hook(*source, template.as_deref(), value, (received_at, keys), environment)?
             }
         };
         if !self.environments.is_empty() {
@@ -239,7 +242,7 @@ impl Pipeline {
         source: Source,
         template: Option<&str>,
         value: &Value,
-        received_at: &Timestamp,
+        (received_at, keys): (&Timestamp, KeyScheme),
         environment: &str,
     ) -> Result<Outcome, IngestError> {
         let cfg = self.sources.get(&source).cloned().unwrap_or_else(|| SourceConfig {
@@ -291,7 +294,7 @@ impl Pipeline {
         options.raw_body = tpl.reads_body;
         let mut index = 0usize;
         let shape = sources::for_each(source, value, &options, &mut |item| {
-            let at = ItemAt { index, source, name, app_id, defaults };
+            let at = ItemAt { index, source, name, app_id, defaults, keys };
             self.take_item(&mut out, item, &tpl, &at, received_at);
             index += 1;
         })
@@ -303,7 +306,13 @@ impl Pipeline {
         Ok(out)
     }
 
-    fn ingest_heap(&self, kind: CallKind, value: &Value, received_at: &Timestamp) -> Result<Outcome, IngestError> {
+    fn ingest_heap(
+        &self,
+        kind: CallKind,
+        value: &Value,
+        received_at: &Timestamp,
+        keys: KeyScheme,
+    ) -> Result<Outcome, IngestError> {
         if !self.heap_compat_enabled {
             return Err(IngestError::SourceDisabled("heap"));
         }
@@ -316,18 +325,17 @@ impl Pipeline {
         let prefix = if value.get(kind.bulk_field()).is_some() { kind.bulk_field() } else { "" };
         let mut out = Outcome { template: kind.as_str().to_owned(), items: items.len(), ..Default::default() };
         for (index, item) in items.into_iter().enumerate() {
-            // Serialised from the borrowed map: the same bytes as the object's JSON, without copying the item.
-            let seed_text = item.as_ref().ok().and_then(|o| serde_json::to_string(o).ok()).unwrap_or_default();
-            let seed = ["heap", kind.as_str(), seed_text.as_str()];
-            let cx = BuildContext {
-                policy: &self.heap_compat_policy,
-                default_app_id: self.default_app_id.as_deref(),
-                limits: &self.limits,
-                received_at,
-                key_seed: &seed,
-            };
-            let built =
-                item.and_then(|body| build(&Draft { kind, body }, &cx).and_then(|c| self.admit_identity(c, &[])));
+            let built = item.and_then(|body| {
+                let draft = Draft { kind, body };
+                let cx = BuildContext {
+                    policy: &self.heap_compat_policy,
+                    default_app_id: self.default_app_id.as_deref(),
+                    limits: &self.limits,
+                    received_at,
+                    key: KeySeed { scheme: keys, parts: &["heap", kind.as_str()], seed: Seed::Object(&draft.body) },
+                };
+                build(&draft, &cx).and_then(|c| self.admit_identity(c, &[]))
+            });
             let built = built.map_err(|e| {
                 if prefix.is_empty() || e.field.starts_with(prefix) {
                     e
@@ -360,7 +368,7 @@ impl Pipeline {
         at: &ItemAt<'_>,
         received_at: &Timestamp,
     ) {
-        let ItemAt { index, source, name, app_id, defaults } = *at;
+        let ItemAt { index, source, name, app_id, defaults, keys } = *at;
         let item = match item {
             Ok(i) => i,
             Err(e) => {
@@ -396,13 +404,13 @@ impl Pipeline {
             out.ignored.push(index);
             return;
         }
-        let seed = [source.as_str(), name, item.seed.as_str()];
+        let parts = [source.as_str(), name];
         let cx = BuildContext {
             policy: &self.policy,
             default_app_id: app_id,
             limits: &self.limits,
             received_at,
-            key_seed: &seed,
+            key: KeySeed { scheme: keys, parts: &parts, seed: item.seed },
         };
         // All of an item's calls are accepted, or none: half an item in Heap is harder to repair than none.
         match drafts
@@ -439,6 +447,7 @@ struct ItemAt<'a> {
     name: &'a str,
     app_id: Option<&'a str>,
     defaults: &'a [String],
+    keys: KeyScheme,
 }
 
 /// A Segment message's `messageId`, as the sender set it.

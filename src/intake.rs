@@ -3,7 +3,7 @@
 
 use crate::clock::Clock;
 use crate::delivery::Delivery;
-use crate::domain::Timestamp;
+use crate::domain::{KeyScheme, Timestamp};
 use crate::ingest::{IngestError, Outcome, Pipeline, Rejection, Route};
 use crate::metrics::Metrics;
 use crate::sources::Source;
@@ -92,11 +92,11 @@ impl Intaker {
         let (outcome, body) = if body.len() > 64 * 1024 {
             let r = route.clone();
             let env = environment.to_owned();
-            tokio::task::spawn_blocking(move || (pipeline.ingest_in(&env, &r, &body, &ts), body))
+            tokio::task::spawn_blocking(move || (pipeline.ingest_in(&env, &r, &body, &ts, KeyScheme::default()), body))
                 .await
                 .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
         } else {
-            (pipeline.ingest_in(environment, &route, &body, &ts), body)
+            (pipeline.ingest_in(environment, &route, &body, &ts, KeyScheme::default()), body)
         };
         let outcome = outcome?;
         if outcome.ping {

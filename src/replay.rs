@@ -133,7 +133,7 @@ async fn rerender_body(
     raw: RawBody,
     report: &mut ReplayReport,
 ) -> Result<(), StoreError> {
-    let RawBody { id: raw_id, source, environment, template, received_at, body } = raw;
+    let RawBody { id: raw_id, source, environment, template, received_at, body, key_scheme } = raw;
     let Some(route) = Route::from_stored(&source, &template) else {
         tracing::warn!(raw_id, source, template, "cannot re-render: unknown route");
         report.failed += 1;
@@ -143,7 +143,8 @@ async fn rerender_body(
         .map(Timestamp::from_datetime)
         .unwrap_or_else(Timestamp::now);
     // The same environment as the first time: its app_id, not the default one.
-    match pipeline.ingest_in(&environment, &route, &body, &ts) {
+    // The keys the body's first render derived: Heap dedupes a redelivery of an event it already has.
+    match pipeline.ingest_in(&environment, &route, &body, &ts, key_scheme) {
         Ok(outcome) => {
             let (mut ingested, summary) = to_rows(route.source_name(), outcome, Vec::new(), received_at, Some(raw_id));
             ingested.environment = environment;

@@ -2,7 +2,7 @@
 //! which Heap calls it would make and which items it would refuse; for a stored event, also what differs from what
 //! was stored (and sent). Nothing is stored or sent. The console's Templates page and `POST /admin/preview` share it.
 
-use crate::domain::Timestamp;
+use crate::domain::{KeyScheme, Timestamp};
 use crate::ingest::{Pipeline, Route};
 use crate::sources::Source;
 use crate::store::{Selector, Store, StoreError};
@@ -95,7 +95,7 @@ fn preview_body(pipeline: &Pipeline, req: &PreviewRequest) -> Result<Preview, Pr
         Some(v) => v.to_string().into_bytes(),
         None => return Err(PreviewError::Invalid("give a body, or a stored event's id".into())),
     };
-    let (calls, refused, template) = render(pipeline, &route, &body, &Timestamp::now())?;
+    let (calls, refused, template) = render(pipeline, "", &route, &body, (&Timestamp::now(), KeyScheme::default()))?;
     Ok(Preview { source: route.source_name().to_owned(), template, calls, refused, stored: None })
 }
 
@@ -105,7 +105,9 @@ async fn preview_stored(store: &Store, pipeline: &Pipeline, id: &str) -> Result<
         e => PreviewError::Store(e),
     })?;
     let bodies = store.raw_bodies(Selector::Id(id.to_owned())).await.map_err(PreviewError::Store)?;
-    let Some(crate::store::RawBody { source, template, received_at, body, .. }) = bodies.into_iter().next() else {
+    let Some(crate::store::RawBody { source, template, received_at, body, key_scheme, environment, .. }) =
+        bodies.into_iter().next()
+    else {
         return Err(PreviewError::Invalid(format!("event {id:?} has no stored body (replaced, or pruned)")));
     };
     let route = Route::from_stored(&source, &template).ok_or_else(|| {
@@ -114,7 +116,8 @@ async fn preview_stored(store: &Store, pipeline: &Pipeline, id: &str) -> Result<
     let ts = chrono::DateTime::from_timestamp_millis(received_at)
         .map(Timestamp::from_datetime)
         .unwrap_or_else(Timestamp::now);
-    let (calls, refused, template) = render(pipeline, &route, &body, &ts)?;
+    // As a re-render would: the body's environment and key scheme, so that only what the template changes differs.
+    let (calls, refused, template) = render(pipeline, &environment, &route, &body, (&ts, key_scheme))?;
     let index = usize::try_from(event.item_index).unwrap_or(usize::MAX);
     let now = calls.iter().find(|c| c.item_index == index).map(|c| c.event.clone());
     let changed = changed_keys(event.payload.as_ref(), now.as_ref());
@@ -124,8 +127,14 @@ async fn preview_stored(store: &Store, pipeline: &Pipeline, id: &str) -> Result<
 
 type Rendered = (Vec<PreviewCall>, Vec<PreviewRefusal>, String);
 
-fn render(pipeline: &Pipeline, route: &Route, body: &[u8], ts: &Timestamp) -> Result<Rendered, PreviewError> {
-    let outcome = pipeline.ingest(route, body, ts)?;
+fn render(
+    pipeline: &Pipeline,
+    environment: &str,
+    route: &Route,
+    body: &[u8],
+    (ts, keys): (&Timestamp, KeyScheme),
+) -> Result<Rendered, PreviewError> {
+    let outcome = pipeline.ingest_in(environment, route, body, ts, keys)?;
     let calls = outcome
         .accepted
         .iter()

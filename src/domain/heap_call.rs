@@ -3,7 +3,7 @@
 
 use super::identity::json_type;
 use super::{
-    AppId, AppIdPolicy, EventName, FieldError, IdempotencyKey, Identity, Properties, PropertyLimits, Timestamp, UserId,
+    AppId, AppIdPolicy, EventName, FieldError, IdempotencyKey, Identity, KeyScheme, Seed, Properties, PropertyLimits, Timestamp, UserId,
 };
 use serde_json::{Map, Value, json};
 
@@ -98,7 +98,18 @@ pub struct BuildContext<'a> {
     /// delivery still lands at the right time in Heap.
     pub received_at: &'a Timestamp,
     /// Source, template and the item's own body, hashed into the idempotency key when the sender has no message id.
-    pub key_seed: &'a [&'a str],
+    pub key: KeySeed<'a>,
+}
+
+/// What a derived idempotency key hashes besides the call's own fields.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySeed<'a> {
+    /// The scheme of the stored body (a re-render derives the keys its first render did).
+    pub scheme: KeyScheme,
+    /// Source and template (or `heap` and the call kind).
+    pub parts: &'a [&'a str],
+    /// The item's own content.
+    pub seed: Seed<'a>,
 }
 
 const TRACK_FIELDS: &[&str] =
@@ -153,16 +164,11 @@ impl TrackEvent {
             None => None,
         }
         .unwrap_or_else(|| {
-            let mut parts: Vec<&str> = cx.key_seed.to_vec();
             // When the body was received, too: the same content received again later is a new event to Heap (a
             // sender's retry never gets this far; the store's dedupe window answers it at the door).
-            parts.extend([
-                who.as_str(),
-                event.as_str(),
-                sender_time.as_ref().map_or("", |t| t.as_str()),
-                cx.received_at.as_str(),
-            ]);
-            IdempotencyKey::derive(&parts)
+            let tail =
+                [who.as_str(), event.as_str(), sender_time.as_ref().map_or("", |t| t.as_str()), cx.received_at.as_str()];
+            IdempotencyKey::derive_for(cx.key.scheme, cx.key.parts, &cx.key.seed, &tail)
         });
         let properties = Properties::flatten(obj.get("properties").unwrap_or(&Value::Null), cx.limits)
             .map_err(|e| nest(e, "properties"))?;
@@ -325,7 +331,11 @@ mod tests {
     use super::*;
 
     fn cx<'a>(policy: &'a AppIdPolicy, limits: &'a PropertyLimits, now: &'a Timestamp) -> BuildContext<'a> {
-        BuildContext { policy, default_app_id: Some("11"), limits, received_at: now, key_seed: &["test"] }
+        BuildContext { policy, default_app_id: Some("11"), limits, received_at: now, key: KeySeed {
+            scheme: KeyScheme::default(),
+            parts: &["test"],
+            seed: Seed::Value(&Value::Null),
+        } }
     }
 
     fn obj(v: Value) -> Map<String, Value> {

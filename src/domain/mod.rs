@@ -14,7 +14,7 @@ pub use app_id::{AppId, AppIdPolicy};
 pub use event_name::EventName;
 pub use field_error::FieldError;
 pub use heap_call::{CallKind, HeapCall, TrackEvent, UserProperties, Who};
-pub use idempotency::IdempotencyKey;
+pub use idempotency::{IdempotencyKey, KeyScheme, Seed};
 pub use identity::{Identity, IdentityPolicy, UserId};
 pub use properties::{Properties, PropertyLimits};
 pub use timestamp::Timestamp;

@@ -6,7 +6,7 @@
 //! `KeyValues.<key>` (campaign key_values), and `body` (the raw profile). `$D_<epoch seconds>` dates become ISO-8601.
 
 use super::{Item, Shape, SourceOptions, get_ci};
-use crate::domain::FieldError;
+use crate::domain::{FieldError, Seed};
 use crate::domain::timestamp::from_epoch;
 use crate::templates::context::{Ctx, CtxObject, Dates, Over};
 use chrono::SecondsFormat;
@@ -109,19 +109,7 @@ fn profile_item<'a>(
         ctx.insert("body", Ctx::json(profile, CT));
     }
     ctx.insert("targetId", Ctx::json(target_id, Dates::AsSent));
-    Ok(Item { ctx, seed: seed(target_id, profile), excluded: false })
-}
-
-/// The item's canonical JSON, `{"profile":..,"targetId":..}`: byte for byte what
-/// `json!({"targetId": t, "profile": p}).to_string()` gives (keys sorted), without copying the profile first.
-fn seed(target_id: &Value, profile: &Value) -> String {
-    #[derive(serde::Serialize)]
-    struct Seed<'a> {
-        profile: &'a Value,
-        #[serde(rename = "targetId")]
-        target_id: &'a Value,
-    }
-    serde_json::to_string(&Seed { profile, target_id }).unwrap_or_default()
+    Ok(Item { ctx, seed: Seed::Fields([("profile", profile), ("targetId", target_id)]), excluded: false })
 }
 
 fn custom_item<'a>(body: &'a Value, root: &'a Map<String, Value>) -> Item<'a> {
@@ -140,7 +128,7 @@ fn custom_item<'a>(body: &'a Value, root: &'a Map<String, Value>) -> Item<'a> {
     campaign.insert("id", target_id.clone());
     campaign.insert("campaignId", target_id);
     ctx.insert_missing("Campaign", Ctx::Object(campaign));
-    Item { ctx, seed: serde_json::to_string(root).unwrap_or_default(), excluded: false }
+    Item { ctx, seed: Seed::Object(root), excluded: false }
 }
 
 /// CleverTap sends dates as `$D_<epoch seconds>`; templates and Heap get ISO-8601 UTC.
@@ -168,7 +156,9 @@ mod tests {
         let profile = json!({"identity": "u_1", "profileData": {"b": 1, "a": [1.5, "x"]}, "Email": "a@b.co"});
         for target in [json!(1732101122), Value::Null, json!("t")] {
             let old = json!({"targetId": target, "profile": profile}).to_string();
-            assert_eq!(seed(&target, &profile), old);
+            let body = json!({"targetId": target, "profiles": [profile]});
+            let Parsed::Items(items) = parse(&body).unwrap() else { panic!("items") };
+            assert_eq!(items[0].as_ref().unwrap().seed.text(), old);
         }
     }
 

@@ -8,7 +8,7 @@ pub mod heap;
 pub mod segment;
 pub mod userpilot;
 
-use crate::domain::FieldError;
+use crate::domain::{FieldError, Seed};
 use crate::templates::context::CtxObject;
 use serde_json::Value;
 
@@ -57,8 +57,8 @@ impl Default for SourceOptions {
 pub struct Item<'a> {
     /// What the template sees, borrowing the body.
     pub ctx: CtxObject<'a>,
-    /// The item's own body as canonical JSON; hashed into the idempotency key when the sender gives no message id.
-    pub seed: String,
+    /// The item's own content, hashed into the idempotency key when the sender gives no message id.
+    pub seed: Seed<'a>,
     /// The sender asked for this item to be kept out of Heap (a Segment message's `integrations`): reported as
     /// ignored, never rendered.
     pub excluded: bool,

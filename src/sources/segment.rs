@@ -17,7 +17,7 @@
 //! item is excluded (reported as ignored), as Segment keeps it from a disabled destination.
 
 use super::{Item, Shape, SourceOptions, as_list, get_ci};
-use crate::domain::FieldError;
+use crate::domain::{FieldError, Seed};
 use crate::templates::context::{Ctx, CtxObject, Dates, Merged};
 use serde_json::{Map, Value};
 
@@ -131,7 +131,7 @@ fn message_item<'a>(
     if !traits.is_empty() {
         ctx.insert("heap_traits", Ctx::Object(traits));
     }
-    Ok(Item { ctx, seed: msg.to_string(), excluded: !sends_to_heap(merged) })
+    Ok(Item { ctx, seed: Seed::Value(msg), excluded: !sends_to_heap(merged) })
 }
 
 /// An empty object, for a message without a `context` of its own.

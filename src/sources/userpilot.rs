@@ -4,7 +4,7 @@
 //! event type (`Userpilot Experience (started)`, ...), or `Userpilot <event>` for a type the relay does not know.
 
 use super::{Item, Shape, get_ci};
-use crate::domain::FieldError;
+use crate::domain::{FieldError, Seed};
 use crate::templates::context::{Ctx, CtxObject, Dates};
 use serde_json::Value;
 
@@ -62,7 +62,7 @@ fn event_item(event: &Value) -> Result<Item<'_>, FieldError> {
     };
     let mut ctx = CtxObject::from_json(obj, Dates::AsSent);
     ctx.insert("heap_event", Ctx::str(heap_event_name(&name)));
-    Ok(Item { ctx, seed: event.to_string(), excluded: false })
+    Ok(Item { ctx, seed: Seed::Value(event), excluded: false })
 }
 
 #[cfg(test)]

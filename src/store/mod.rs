@@ -13,7 +13,7 @@ pub mod sqlite;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
-use crate::domain::CallKind;
+use crate::domain::{CallKind, KeyScheme};
 use serde::Serialize;
 
 /// Milliseconds since the Unix epoch.
@@ -91,6 +91,16 @@ pub struct NewRejection {
     pub item_index: i64,
     pub field: String,
     pub message: String,
+}
+
+/// A stored key scheme; a number this version does not know (a newer relay wrote it) is an error, not a guess.
+pub(crate) fn stored_key_scheme(n: i64) -> Result<KeyScheme, StoreError> {
+    KeyScheme::from_i64(n).ok_or_else(|| {
+        StoreError::Config(format!(
+            "a stored body names key scheme {n}, which this version of heap-relay does not know; \
+             a newer version wrote it (see README, \"Upgrading\")"
+        ))
+    })
 }
 
 /// One request's worth of work, written in one transaction.
@@ -560,4 +570,7 @@ pub struct RawBody {
     pub template: String,
     pub received_at: Millis,
     pub body: Vec<u8>,
+    /// How the body's derived idempotency keys hash its items; a store writes `KeyScheme::default()` with a new
+    /// body (the intake renders new bodies with it), and bodies stored before schemes existed read as `Text`.
+    pub key_scheme: KeyScheme,
 }

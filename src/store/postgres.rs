@@ -63,7 +63,9 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITH (fillfactor = 80);
 -- Added after the first release: the environment (dev, prod, ...) a request's credential chose.
 ALTER TABLE events ADD COLUMN IF NOT EXISTS environment TEXT NOT NULL DEFAULT '';
-ALTER TABLE events ADD COLUMN IF NOT EXISTS template_version TEXT; -- room on each page, so claims and renewals (no indexed column changes) update in place
+ALTER TABLE events ADD COLUMN IF NOT EXISTS template_version TEXT;
+-- How a body's derived idempotency keys hash its items (KeyScheme); NULL: stored before schemes existed (1).
+ALTER TABLE raw_bodies ADD COLUMN IF NOT EXISTS key_scheme SMALLINT; -- room on each page, so claims and renewals (no indexed column changes) update in place
 -- Claims scan waiting rows in id order (acceptance order); the partial index keeps delivered rows out of the way.
 CREATE INDEX IF NOT EXISTS events_ready_id ON events (id) WHERE status IN ('pending', 'retrying');
 CREATE INDEX IF NOT EXISTS events_status_time ON events (status, received_at);
@@ -139,13 +141,14 @@ async fn migrated(client: &tokio_postgres::Client) -> Result<bool, tokio_postgre
     let columns: i64 = client
         .query_one(
             "SELECT count(*) FROM information_schema.columns
-             WHERE table_schema = current_schema() AND table_name = 'events'
-               AND column_name IN ('environment', 'template_version')",
+             WHERE table_schema = current_schema()
+               AND ((table_name = 'events' AND column_name IN ('environment', 'template_version'))
+                    OR (table_name = 'raw_bodies' AND column_name = 'key_scheme'))",
             &[],
         )
         .await?
         .get(0);
-    Ok(found == RELATIONS.len() as i64 && columns == 2)
+    Ok(found == RELATIONS.len() as i64 && columns == 3)
 }
 
 /// Serialises migrations of instances starting together (`CREATE … IF NOT EXISTS` alone can race in PostgreSQL).

@@ -34,7 +34,7 @@ async fn clevertap_broadcast_body_becomes_one_track_event_per_profile() {
     assert_eq!(props["Added At"], "2024-11-18T18:55:00Z", "$D_ dates become ISO-8601");
     assert_eq!(props["campaign_id"], 1732101122);
     assert_eq!(props["campaign_name"], "Cart Reminder Push", "campaign key values are properties");
-    assert!(jane["idempotency_key"].as_str().unwrap().starts_with("hr1-"));
+    assert!(jane["idempotency_key"].as_str().unwrap().starts_with("hr2-"));
     assert!(jane["timestamp"].as_str().unwrap().ends_with('Z'));
     let omar = by_identity(&items, "u_20977");
     assert_eq!(omar["properties"]["Category"], "bags");

@@ -8,8 +8,12 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// The items' idempotency keys, sorted.
 fn keys(items: &[(String, Value)]) -> Vec<String> {
-    items.iter().map(|(_, i)| i["idempotency_key"].as_str().unwrap_or_default().to_owned()).collect()
+    let mut keys: Vec<String> =
+        items.iter().map(|(_, i)| i["idempotency_key"].as_str().unwrap_or_default().to_owned()).collect();
+    keys.sort();
+    keys
 }
 
 #[tokio::test]
@@ -92,4 +96,36 @@ async fn a_heap_body_with_its_own_idempotency_key_sent_twice_reaches_heap_once()
     }
     let items = app.wait_until_idle(WAIT).await;
     assert_eq!(keys(&items), vec!["order-77"], "{items:#?}");
+}
+
+#[tokio::test]
+async fn a_rerender_derives_the_keys_of_the_first_render_and_a_body_stored_before_key_schemes_keeps_the_old_scheme() {
+    let app = spawn_app().await;
+    let (status, resp) = json(app.post_hook("clevertap", &fixture("clevertap-profile-batch.json")).await).await;
+    assert_eq!(status, 202, "{resp}");
+    let first = keys(&app.wait_until_idle(WAIT).await);
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|k| k.starts_with("hr2-")), "new bodies get the canonical scheme: {first:?}");
+
+    let rerender = || async {
+        let (status, report) =
+            json(app.admin_post("/admin/replay", &json!({"status": "delivered", "rerender": true})).await).await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["accepted"], 2, "{report}");
+    };
+    rerender().await;
+    let items = app.wait_for_heap(4, WAIT).await;
+    assert_eq!(keys(&items[2..]), first, "a re-render reaches Heap under the keys Heap already has");
+
+    // A log written by the relay before key schemes: its bodies have no scheme, and read as the text scheme.
+    let log = rusqlite::Connection::open(app._dir.path().join("relay.db")).expect("the log opens");
+    log.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+    assert_eq!(log.execute("UPDATE log SET key_scheme = NULL WHERE body IS NOT NULL", []).expect("updates"), 1);
+    rerender().await;
+    let items = app.wait_for_heap(6, WAIT).await;
+    let old = keys(&items[4..]);
+    assert!(old.iter().all(|k| k.starts_with("hr1-")), "the text scheme's keys: {old:?}");
+    rerender().await;
+    let items = app.wait_for_heap(8, WAIT).await;
+    assert_eq!(keys(&items[6..]), old, "and stays on it");
 }

@@ -4,7 +4,9 @@
 use super::writer::schema_bytes;
 use super::{PgStore, params, selector_sql};
 use crate::domain::CallKind;
-use crate::store::{AttemptView, EventView, QueueStats, RawBody, Selector, Status, StoreError, iso};
+use crate::store::{
+    AttemptView, EventView, QueueStats, RawBody, Selector, Status, StoreError, iso, stored_key_scheme,
+};
 
 impl PgStore {
     pub async fn get(&self, event_id: &str) -> Result<EventView, StoreError> {
@@ -75,18 +77,22 @@ impl PgStore {
         let row = client
             .query_opt(
                 "SELECT r.id, r.source, r.template, r.received_at, r.body,
-                        coalesce((SELECT e.environment FROM events e WHERE e.raw_id = r.id LIMIT 1), '')
+                        coalesce((SELECT e.environment FROM events e WHERE e.raw_id = r.id LIMIT 1), ''),
+                        coalesce(r.key_scheme, 1)::int8
                  FROM raw_bodies r WHERE r.id = $1",
                 &[&id],
             )
             .await?;
-        Ok(row.map(|r| RawBody {
+        let Some(r) = row else { return Ok(None) };
+        let scheme: i64 = r.get(6);
+        Ok(Some(RawBody {
             id: r.get(0),
             source: r.get(1),
             template: r.get(2),
             received_at: r.get(3),
             body: r.get(4),
             environment: r.get(5),
+            key_scheme: stored_key_scheme(scheme)?,
         }))
     }
 }

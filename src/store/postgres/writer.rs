@@ -2,6 +2,7 @@
 //! transaction with array inserts, then NOTIFYs and commits, and only then answers each caller.
 
 use super::pg_err;
+use crate::domain::KeyScheme;
 use crate::store::{Appended, Ingested, StoreError, now_ms};
 use deadpool_postgres::Pool;
 use std::collections::{HashMap, HashSet};
@@ -277,11 +278,12 @@ async fn append_all(
         let raw: Vec<&[u8]> = fresh.iter().map(|b| b.body.as_slice()).collect();
         tx.execute(
             &tx.prepare_cached(
-                "INSERT INTO raw_bodies (id, source, template, received_at, body)
-             SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::bytea[])",
+                "INSERT INTO raw_bodies (id, source, template, received_at, body, key_scheme)
+             SELECT *, $6::int2 FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::bytea[])",
             )
             .await?,
-            &[&raw_ids, &sources, &templates, &received, &raw],
+            // A body is stored once, by the intake, which renders new bodies with the default scheme.
+            &[&raw_ids, &sources, &templates, &received, &raw, &(KeyScheme::default().as_i64() as i16)],
         )
         .await?;
     }

@@ -9,6 +9,7 @@
 //! caller is answered only after the fsync. Delivery never writes here: its books are another file (`books`).
 
 use super::codec::{self, pack};
+use crate::domain::KeyScheme;
 use crate::store::{Appended, Ingested, Millis, StoreError};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
@@ -32,12 +33,25 @@ CREATE TABLE IF NOT EXISTS log (
     body        BLOB,
     items       BLOB    NOT NULL,
     -- Dedupe keys, one a line: `r <key>` for the request, `m <event index> <key>` for a message.
-    dedupe      TEXT
+    dedupe      TEXT,
+    -- How the body's derived idempotency keys hash its items (KeyScheme); NULL: written before schemes existed (1).
+    key_scheme  INTEGER
 );
 -- Only entries with refusals or re-renders are indexed: an ordinary append touches the table alone.
 CREATE INDEX IF NOT EXISTS log_rejected ON log (seq) WHERE n_rejected > 0;
 CREATE INDEX IF NOT EXISTS log_replays ON log (replay_of) WHERE replay_of IS NOT NULL;
 ";
+
+/// A log written before bodies kept their key scheme gets the column; its entries read as scheme 1 (NULL).
+pub fn add_key_scheme(c: &Connection) -> Result<(), StoreError> {
+    let has: bool = c.query_row("SELECT count(*) > 0 FROM pragma_table_info('log') WHERE name = 'key_scheme'", [], |r| {
+        r.get(0)
+    })?;
+    if !has {
+        c.execute_batch("ALTER TABLE log ADD COLUMN key_scheme INTEGER")?;
+    }
+    Ok(())
+}
 
 /// Appends waiting at most this many to a transaction.
 const MAX_GROUP: usize = 512;
@@ -371,8 +385,8 @@ fn append(
     let dedupe: Option<&str> = (!keys.is_empty()).then_some(keys.as_str());
     c.prepare_cached(
         "INSERT INTO log (received_at, source, environment, template, n_events, n_rejected, replay_of, body, items,
-                          dedupe, n_held, template_version)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                          dedupe, n_held, template_version, key_scheme)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )
     .map_err(full_or)?
     .execute(params![
@@ -387,7 +401,9 @@ fn append(
         items,
         dedupe,
         ing.held.as_ref().map_or(0, |h| h.items as i64),
-        ing.template_version
+        ing.template_version,
+        // A body is stored once, by the intake, which renders new bodies with the default scheme.
+        body.is_some().then(|| KeyScheme::default().as_i64())
     ])
     .map_err(full_or)?;
     let seq = c.last_insert_rowid();

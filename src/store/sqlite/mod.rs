@@ -98,6 +98,7 @@ impl SqliteStore {
         let writer = connect(path)?;
         refuse_old_schema(&writer, path)?;
         writer.execute_batch(log::SCHEMA)?;
+        log::add_key_scheme(&writer)?;
         let books_conn = connect(&books_path(path))?;
         let state = State::open(books_conn, connect(path)?)?;
         let books_bytes = Arc::new(AtomicI64::new(log::used_bytes(&state.conn)));
@@ -485,6 +486,21 @@ mod tests {
         let next = store.claim("w", t + 10_001, 60_000, 10, Default::default(), None).await.unwrap();
         assert_eq!(next.len(), 1);
         assert!(next[0].payload.contains("pro"), "then the later value");
+    }
+
+    #[tokio::test]
+    async fn a_log_from_before_key_schemes_gains_the_column_and_its_bodies_keep_the_text_scheme() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let old = store.append(body(1)).await.unwrap().entry.unwrap();
+        drop(store);
+        // The previous release's log: no key_scheme column.
+        Connection::open(&path).unwrap().execute_batch("ALTER TABLE log DROP COLUMN key_scheme").unwrap();
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let new = store.append(body(2)).await.unwrap().entry.unwrap();
+        assert_eq!(store.raw_body(old).await.unwrap().unwrap().key_scheme, KeyScheme::Text);
+        assert_eq!(store.raw_body(new).await.unwrap().unwrap().key_scheme, KeyScheme::Canonical);
     }
 
     #[test]

@@ -359,12 +359,22 @@ pub fn raw_body_ids(st: &State, sel: &Selector) -> Result<Vec<i64>, StoreError> 
 /// One raw body by id, if it is still kept.
 pub fn raw_body(st: &State, id: i64) -> Result<Option<RawBody>, StoreError> {
     let mut stmt = st.log.prepare_cached(
-        "SELECT source, environment, template, received_at, body FROM log WHERE seq = ?1 AND body IS NOT NULL",
+        "SELECT source, environment, template, received_at, body, coalesce(key_scheme, 1) FROM log
+         WHERE seq = ?1 AND body IS NOT NULL",
     )?;
-    let row: Option<(String, String, String, Millis, Vec<u8>)> =
-        stmt.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))).optional()?;
-    row.map(|(source, environment, template, received_at, body)| {
-        Ok(RawBody { id, source, environment, template, received_at, body: codec::decompress(body)? })
+    let row: Option<(String, String, String, Millis, Vec<u8>, i64)> = stmt
+        .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+        .optional()?;
+    row.map(|(source, environment, template, received_at, body, scheme)| {
+        Ok(RawBody {
+            id,
+            source,
+            environment,
+            template,
+            received_at,
+            body: codec::decompress(body)?,
+            key_scheme: stored_key_scheme(scheme)?,
+        })
     })
     .transpose()
 }
