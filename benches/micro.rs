@@ -2,8 +2,10 @@
 //! event for each default template, flattening, validation, and render+validate of the default CleverTap template.
 
 use criterion::{Criterion, Throughput, black_box, criterion_group};
-use heap_relay::domain::heap_call::BuildContext;
-use heap_relay::domain::{AppIdPolicy, Properties, PropertyLimits, Timestamp, TrackEvent, UserProperties};
+use heap_relay::domain::heap_call::{BuildContext, KeySeed};
+use heap_relay::domain::{
+    AppIdPolicy, KeyScheme, Properties, PropertyLimits, Timestamp, TrackEvent, UserProperties,
+};
 use heap_relay::ingest::{Route, parse_json};
 use heap_relay::settings::Settings;
 use heap_relay::sources::{self, Parsed, Source, SourceOptions};
@@ -77,13 +79,12 @@ fn benches(c: &mut Criterion) {
     let plimits = PropertyLimits::default();
     let policy = AppIdPolicy::new(Vec::new());
     let received_at = Timestamp::now();
-    let seed = ["clevertap", "default", its[0].seed.as_str()];
     let cx = BuildContext {
         policy: &policy,
         default_app_id: Some("1234567890"),
         limits: &plimits,
         received_at: &received_at,
-        key_seed: &seed,
+        key: KeySeed { scheme: KeyScheme::default(), parts: &["clevertap", "default"], seed: its[0].seed },
     };
     let mut g = c.benchmark_group("validate_per_event");
     g.throughput(Throughput::Elements(1));
