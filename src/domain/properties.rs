@@ -103,10 +103,11 @@ fn flatten_into(out: &mut Map<String, Value>, key: &str, v: &Value, limits: &Pro
             Ok(())
         }
         scalar => {
-            let key_chars = key.chars().count();
             if key.trim().is_empty() {
                 return Err(FieldError::invalid("properties", "a property key is empty"));
             }
+            // No more bytes than the limit: no more characters either, without counting them.
+            let key_chars = if key.len() <= limits.max_key_chars { key.len() } else { key.chars().count() };
             if key_chars > limits.max_key_chars {
                 return Err(FieldError::new(
                     format!("properties.{}", super::app_id::truncate_for_message(key)),
@@ -126,6 +127,9 @@ fn flatten_into(out: &mut Map<String, Value>, key: &str, v: &Value, limits: &Pro
 }
 
 fn truncate_chars(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
     match s.char_indices().nth(max) {
         Some((byte_end, _)) => s[..byte_end].to_owned(),
         None => s.to_owned(),

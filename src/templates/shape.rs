@@ -90,16 +90,19 @@ fn clean_object(mut m: Map<String, Value>) -> Result<Map<String, Value>, String>
         }
         return Ok(m);
     }
-    let mut out = Map::new();
+    // In key order, a later key wins. The first object met is kept whole rather than copied key by key (a
+    // template's `"...event_properties": "{{ Event }}"` is usually most of the properties).
+    let mut out: Option<Map<String, Value>> = None;
     for (k, v) in m {
         if k.starts_with("...") {
-            match clean(v)? {
-                Value::Object(inner) => out.extend(inner),
-                other => return Err(format!("a `...` key must render to an object, got {other}")),
+            match (clean(v)?, &mut out) {
+                (Value::Object(inner), None) => out = Some(inner),
+                (Value::Object(inner), Some(o)) => o.extend(inner),
+                (other, _) => return Err(format!("a `...` key must render to an object, got {other}")),
             }
         } else {
-            out.insert(k, clean(v)?);
+            out.get_or_insert_with(Map::new).insert(k, clean(v)?);
         }
     }
-    Ok(out)
+    Ok(out.unwrap_or_default())
 }
