@@ -3,7 +3,8 @@
 //! - `rewrite` ends every `{{ }}` outside `capture` with the `__out` filter, which escapes the value for the JSON
 //!   context it lands in (see `output`), puts `{% __at N %}` before an output with filters (so a render error can
 //!   say where), turns `{{ path }}` of a global into `{% __var N path %}` (read in place), and applies CleverTap's
-//!   spellings: `{{ @Profile.city }}` is `{{ Profile.city }}`, `{{ Event.NPS Score }}` reads the key `NPS Score`.
+//!   spellings: `{{ @Profile.city }}` is `{{ Profile.city }}`, `{{ Event.NPS Score }}` (and the same name in a
+//!   condition or an `assign`) reads the key `NPS Score`.
 //! - `json_to_document` writes a JSON template's string leaves out of their JSON strings, so the whole template is
 //!   one Liquid document.
 
@@ -107,6 +108,80 @@ fn spaced_name(base: &str) -> Option<String> {
     Some(format!("{}[\"{}\"]", &head[..dot], key))
 }
 
+/// Words that end an operand in a condition.
+const OPERATORS: [&str; 10] = ["==", "!=", "<>", "<", ">", "<=", ">=", "contains", "and", "or"];
+
+/// Spaced names inside a tag: each operand of an `if`, `elsif`, `unless`, `case` or `when` condition, and the value
+/// of an `assign` (up to its first filter), that is nothing but names, dots and spaces is read as in an output
+/// (`{% if Event.NPS Score > 8 %}`). A key that itself contains an operator word (`and`, `or`, `contains`) cannot
+/// be told from the operator; bracket it (`Event["Salt and Pepper"]`).
+fn spaced_names_in_tag(inner: &str) -> Option<String> {
+    let name = tag_name(inner);
+    let start = inner.find(name)? + name.len();
+    let expr_from = match name {
+        "if" | "elsif" | "unless" | "case" | "when" => start,
+        "assign" => start + inner[start..].find('=')? + 1,
+        _ => return None,
+    };
+    let expr_to = match name {
+        "assign" => first_pipe(&inner[expr_from..]).map_or(inner.len(), |p| expr_from + p),
+        // A trailing `-` (whitespace control) is not part of the last operand.
+        _ => inner.trim_end().strip_suffix('-').map_or(inner.len(), str::len),
+    };
+    // Operands: runs of words between operators (and `when`'s commas), as byte ranges of `inner`.
+    let mut operands: Vec<(usize, usize)> = Vec::new();
+    let mut current: Option<(usize, usize)> = None;
+    for (from, to) in words(&inner[expr_from..expr_to]) {
+        let (from, to) = (expr_from + from, expr_from + to);
+        let word = &inner[from..to];
+        if OPERATORS.contains(&word) || word == "," {
+            operands.extend(current.take());
+        } else {
+            current = Some(current.map_or((from, to), |(f, _)| (f, to)));
+        }
+    }
+    operands.extend(current);
+    let mut out = String::with_capacity(inner.len() + 8);
+    let mut at = 0;
+    let mut changed = false;
+    for (from, to) in operands {
+        if let Some(named) = spaced_name(&inner[from..to]) {
+            out.push_str(&inner[at..from]);
+            out.push_str(&named);
+            at = to;
+            changed = true;
+        }
+    }
+    out.push_str(&inner[at..]);
+    changed.then_some(out)
+}
+
+/// Byte ranges of the whitespace-separated words of `s`, a quoted string being one word.
+fn words(s: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut start: Option<usize> = None;
+    let mut quote: Option<char> = None;
+    for (i, c) in s.char_indices() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c.is_whitespace() => {
+                if let Some(f) = start.take() {
+                    out.push((f, i));
+                }
+                continue;
+            }
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None => {}
+        }
+        start.get_or_insert(i);
+    }
+    if let Some(f) = start {
+        out.push((f, s.len()));
+    }
+    out
+}
+
 /// Ends every output (outside `capture`) with `__out`, marks outputs with filters with `{% __at N %}`, and
 /// applies CleverTap's spellings. `N` is the output's offset in `text`; in a partial (`partial`) it is unknown.
 pub fn rewrite(text: &str, partial: bool) -> Result<String, (usize, String)> {
@@ -136,8 +211,9 @@ pub fn rewrite(text: &str, partial: bool) -> Result<String, (usize, String)> {
                 "endifchanged" => buffered_depth = buffered_depth.saturating_sub(1),
                 _ => {}
             }
+            let inner = strip_at(inner);
             out.push_str("{%");
-            out.push_str(&strip_at(inner));
+            out.push_str(spaced_names_in_tag(&inner).as_deref().unwrap_or(&inner));
             out.push_str("%}");
             i = end;
         } else {
@@ -385,6 +461,23 @@ mod tests {
         assert!(r.contains("{% __var 0 Profile.city %}"), "{r}");
         assert!(r.contains(r#"Event["NPS Score"] | default: 0"#), "{r}");
         assert!(r.contains("'a@b'"), "{r}");
+    }
+
+    #[test]
+    fn spaced_names_are_read_in_conditions_and_assignments_too() {
+        let r = rewrite(
+            "{% if Event.NPS Score >= 9 and Profile.Plan Type == 'gold' %}p{% elsif Event.NPS Score %}n{% endif %}\
+             {%- assign s = Event.NPS Score | plus: 1 -%}{% case Profile.Plan Type %}{% when 'a', 'b' %}{% endcase %}\
+             {% if x == 'a b' %}{% endif %}{% unless Event.Salt and Pepper %}{% endunless %}",
+            false,
+        )
+        .unwrap();
+        assert!(r.contains(r#"{% if Event["NPS Score"] >= 9 and Profile["Plan Type"] == 'gold' %}"#), "{r}");
+        assert!(r.contains(r#"{% elsif Event["NPS Score"] %}"#), "{r}");
+        assert!(r.contains(r#"{%- assign s = Event["NPS Score"] | plus: 1 -%}"#), "{r}");
+        assert!(r.contains(r#"{% case Profile["Plan Type"] %}{% when 'a', 'b' %}"#), "{r}");
+        assert!(r.contains("{% if x == 'a b' %}"), "quoted text is left alone: {r}");
+        assert!(r.contains("{% unless Event.Salt and Pepper %}"), "an operator word splits the name: {r}");
     }
 
     #[test]

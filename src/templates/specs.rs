@@ -140,6 +140,9 @@ fn clevertap_dialect_names_filters_and_abort() {
     assert_eq!(text_of("{{ Event.NPS Score }}", data.clone()), json!(9));
     assert_eq!(text_of("{{ Profile['customer type'] }}", data.clone()), json!("gold"));
     assert_eq!(text_of("{{ Profile.customer type | upcase }}", data.clone()), json!("GOLD"));
+    let promoter = "{% if Event.NPS Score > 8 and Profile.customer type == 'gold' %}promoter{% else %}other{% endif %}";
+    assert_eq!(text_of(promoter, data.clone()), json!("promoter"));
+    assert_eq!(text_of("{% assign s = Event.NPS Score | plus: 1 %}{{ s }}", data.clone()), json!(10));
     assert_eq!(text_of("{{ 'hELLO wORLD' | capitalize }}", json!({})), json!("Hello world"));
     assert_eq!(text_of("{{ 'a b&c/d?e=f' | url_escape }}", json!({})), json!("a%20b&c/d?e=f"));
     assert_eq!(text_of("{{ 'a b&c/d?e=f' | url_param_escape }}", json!({})), json!("a%20b%26c/d?e=f"));
