@@ -3,21 +3,24 @@
 //! - Appends go through one writer task per instance. It takes every append waiting in its channel and writes them
 //!   in one transaction with array inserts (`INSERT … SELECT … FROM unnest(…)`), answering each caller only after
 //!   COMMIT (group commit). If a group fails, each append is retried alone so one bad body fails only itself.
-//! - Claims lease rows with `FOR UPDATE SKIP LOCKED`: owner, expiry, and a `lease_token` bumped on every claim.
-//!   Results are recorded only `WHERE id = … AND lease_token = …` (fencing), so a worker whose lease expired and was
-//!   taken over by another instance cannot overwrite the new holder's outcome.
+//! - Claims by partition (`parts`): each delivery worker of every instance leases a fair share of the queue's
+//!   partitions (by app_id and identity) under a fencing token, and reads the ready events of its partitions
+//!   without writing anything per event. Results are recorded only while the event's partition still carries the
+//!   token it was claimed under, so a worker whose lease expired and was taken over by another instance cannot
+//!   overwrite the new holder's outcome.
 //! - The writer NOTIFYs a per-schema channel in the append transaction; [`PgStore::spawn_listener`] LISTENs on it so
 //!   idle workers of every instance wake when events arrive anywhere.
 //! - Heap rate budgets (token buckets per app_id and per identity) live in `rate_budget`, taken under row locks, so
 //!   several instances share one budget instead of each spending its own.
 //!
 //! Layout: this file holds the schema, start-up and the queue (claim, renew, record, requeue, release, prune);
-//! `writer` the group commit, `budget` the shared rate budgets, `listen` LISTEN/NOTIFY, `log` the delivery-log reads.
+//! `parts` the partition leases, `writer` the group commit, `budget` the shared rate budgets, `listen` LISTEN/NOTIFY, `log` the delivery-log reads.
 
 mod budget;
 mod console;
 mod listen;
 mod log;
+mod parts;
 pub mod tls;
 mod writer;
 
@@ -107,7 +110,11 @@ CREATE TABLE IF NOT EXISTS rate_budget (
 
 /// Every table and index SCHEMA creates: when all exist, start-up runs no DDL at all. (`CREATE INDEX IF NOT EXISTS`
 /// takes a SHARE lock on its table before it finds the index there, which would queue every writer behind it.)
-const RELATIONS: [&str; 18] = [
+const RELATIONS: [&str; 22] = [
+    "claim_parts",
+    "claim_parts_pkey",
+    "claim_owners",
+    "claim_owners_pkey",
     "dedupe",
     "dedupe_pkey",
     "raw_bodies",
@@ -181,6 +188,8 @@ pub struct PgStore {
     channel: Arc<str>,
     dedupe_window_ms: i64,
     max_bytes: u64,
+    /// The partitions each delivery worker of this instance holds, and its events in flight.
+    holdings: Arc<std::sync::Mutex<std::collections::HashMap<String, parts::Holding>>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -249,6 +258,7 @@ impl PgStore {
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
             tx.batch_execute(SCHEMA).await?;
+            tx.batch_execute(parts::SCHEMA).await?;
             tx.commit().await?;
         }
         drop(client);
@@ -265,6 +275,7 @@ impl PgStore {
             channel,
             dedupe_window_ms,
             max_bytes,
+            holdings: Arc::default(),
         })
     }
 
@@ -290,9 +301,9 @@ impl PgStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Leases up to `limit` ready events (oldest first) to `owner` until `now + lease_ms`, skipping rows another
-    /// transaction is claiming (`SKIP LOCKED`) and events of the app_ids and environments `paused` names. Expired
-    /// leases are claimable.
+    /// Up to `limit` ready events (oldest first) of the partitions `owner` holds (taking or giving back
+    /// partitions for its fair share first), leaving out the events it already has in flight and those of the
+    /// app_ids and environments `paused` names. Nothing is written per event; each carries its partition's lease.
     pub async fn claim(
         &self,
         owner: &str,
@@ -302,65 +313,54 @@ impl PgStore {
         paused: Paused,
     ) -> Result<Vec<Claimed>, StoreError> {
         let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(
-                // ARRAY(…) makes the picked ids a parameter of the outer UPDATE, so it updates them through the
-                // primary key instead of joining against the whole table.
-                "UPDATE events e SET lease_owner = $1, lease_expires_at = $2, lease_token = e.lease_token + 1
-                 WHERE e.id = ANY(ARRAY(
-                     SELECT id FROM events
-                     WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $3
-                       AND (lease_expires_at IS NULL OR lease_expires_at < $3)
-                       AND NOT (app_id = ANY($5::text[])) AND NOT (environment = ANY($6::text[]))
-                     ORDER BY id LIMIT $4
-                     FOR UPDATE SKIP LOCKED))
-                 RETURNING e.id, e.event_id, e.kind, e.app_id, e.identity, e.payload, e.attempts, e.enqueued_at,
-                           e.lease_token, e.source",
-            )
-            .await?;
+        let held = self.hold_parts(&client, owner, now, lease_ms).await?;
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tokens: std::collections::HashMap<i32, i64> = held.iter().copied().collect();
+        let part_ids: Vec<i32> = tokens.keys().copied().collect();
+        let in_flight = self.in_flight(owner);
+        let sql = format!(
+            "SELECT id, event_id, kind, app_id, identity, payload, attempts, enqueued_at, source, {part}
+             FROM events
+             WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $1 AND {part} = ANY($2)
+               AND NOT (id = ANY($3)) AND NOT (app_id = ANY($4::text[])) AND NOT (environment = ANY($5::text[]))
+             ORDER BY id LIMIT $6",
+            part = parts::PART_OF_ROW
+        );
         let rows = client
-            .query(&stmt, &[&owner, &(now + lease_ms), &now, &limit, &paused.app_ids, &paused.environments])
+            .query(
+                &client.prepare_cached(&sql).await?,
+                &[&now, &part_ids, &in_flight, &paused.app_ids, &paused.environments, &limit],
+            )
             .await
             .map_err(pg_err)?;
-        let mut out: Vec<Claimed> = rows
+        let out: Vec<Claimed> = rows
             .iter()
-            .map(|r| Claimed {
-                id: r.get(0),
-                event_id: r.get(1),
-                kind: CallKind::parse(r.get::<_, &str>(2)).unwrap_or(CallKind::Track),
-                app_id: r.get(3),
-                identity: r.get(4),
-                payload: r.get::<_, Option<String>>(5).unwrap_or_default(),
-                attempts: r.get(6),
-                enqueued_at: r.get(7),
-                lease_token: r.get(8),
-                source: r.get(9),
+            .map(|r| {
+                let part: i32 = r.get(9);
+                Claimed {
+                    id: r.get(0),
+                    event_id: r.get(1),
+                    kind: CallKind::parse(r.get::<_, &str>(2)).unwrap_or(CallKind::Track),
+                    app_id: r.get(3),
+                    identity: r.get(4),
+                    payload: r.get::<_, Option<String>>(5).unwrap_or_default(),
+                    attempts: r.get(6),
+                    enqueued_at: r.get(7),
+                    source: r.get(8),
+                    lease_token: parts::lease_token(part, tokens.get(&part).copied().unwrap_or_default()),
+                }
             })
             .collect();
-        out.sort_by_key(|c| c.id);
+        self.claimed(owner, out.iter().map(|c| (c.id, parts::split_lease(c.lease_token).0)));
         Ok(out)
     }
 
-    /// Extends the leases `owner` still holds (same token) on `leases` (row id, lease token) until `until`.
-    /// Returns how many were extended; fewer than asked means another worker took some over.
+    /// Extends `owner`'s leases on the partitions of `leases` (row id, lease token) until `until`. Returns how
+    /// many of `leases` are still held; fewer than asked means another worker took some partitions over.
     pub async fn renew(&self, owner: &str, leases: Vec<(i64, i64)>, until: Millis) -> Result<usize, StoreError> {
-        let (ids, tokens): (Vec<i64>, Vec<i64>) = leases.into_iter().unzip();
-        let client = self.pool.get().await?;
-        let n = client
-            .execute(
-                &client
-                    .prepare_cached(
-                        "UPDATE events e SET lease_expires_at = $4
-                 FROM unnest($2::int8[], $3::int8[]) AS l(id, token)
-                 WHERE e.id = l.id AND e.lease_token = l.token AND e.lease_owner = $1
-                   AND e.status IN ('pending', 'retrying')",
-                    )
-                    .await?,
-                &[&owner, &ids, &tokens, &until],
-            )
-            .await
-            .map_err(pg_err)?;
-        Ok(n as usize)
+        self.renew_parts(owner, leases, until).await
     }
 
     /// Records attempts and outcomes in one transaction. Records whose lease token is stale are ignored (fencing);
@@ -397,10 +397,8 @@ impl PgStore {
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let applied = tx
-            .query(
-                &tx.prepare_cached(
-                    "UPDATE events e SET
+        let sql = format!(
+            "UPDATE events e SET
                      status = CASE WHEN r.release THEN e.status ELSE r.status END,
                      attempts = e.attempts + r.n,
                      next_attempt_at = r.next_at,
@@ -409,10 +407,17 @@ impl PgStore {
                      updated_at = CASE WHEN r.release THEN e.updated_at ELSE $8 END
                  FROM unnest($1::int8[], $2::int8[], $3::bool[], $4::text[], $5::int8[], $6::int8[], $7::text[])
                       AS r(id, token, release, status, n, next_at, err)
-                 WHERE e.id = r.id AND e.lease_token = r.token AND e.status IN ('pending', 'retrying')
+                 WHERE e.id = r.id AND e.status IN ('pending', 'retrying')
+                   AND EXISTS (SELECT 1 FROM claim_parts p
+                               WHERE p.part = r.token % {parts} AND p.token = r.token / {parts}
+                                 AND p.part = {part_of})
                  RETURNING e.id",
-                )
-                .await?,
+            parts = parts::PARTS,
+            part_of = parts::PART_OF_ROW,
+        );
+        let applied = tx
+            .query(
+                &tx.prepare_cached(&sql).await?,
                 &[&ids, &tokens, &release, &statuses, &counts, &nexts, &errors, &now],
             )
             .await
@@ -444,6 +449,7 @@ impl PgStore {
             .map_err(pg_err)?;
         }
         tx.commit().await.map_err(pg_err)?;
+        self.recorded(&ids);
         Ok(applied.len())
     }
 
@@ -465,23 +471,12 @@ impl PgStore {
         Ok(n as i64)
     }
 
-    /// Gives back every lease `owner` holds (shutdown), so other workers need not wait for them to expire.
+    /// Gives back every partition `owner` holds (shutdown), so other workers need not wait for the leases to
+    /// expire. Returns how many claimed events it had not recorded.
     pub async fn release_owner(&self, owner: &str) -> Result<usize, StoreError> {
-        let client = self.pool.get().await?;
-        let n = client
-            .execute(
-                &client
-                    .prepare_cached(
-                        "UPDATE events SET lease_owner = NULL, lease_expires_at = NULL
-                 WHERE lease_owner = $1 AND status IN ('pending', 'retrying')",
-                    )
-                    .await?,
-                &[&owner],
-            )
-            .await
-            .map_err(pg_err)?;
-        Ok(n as usize)
+        self.release_parts(owner).await
     }
+
 
     /// Deletes delivered and replaced events (with their attempts) last updated before `before`, raw bodies no event
     /// refers to any more, and rate budgets untouched since. Returns the number of events deleted.

@@ -6,7 +6,7 @@
 //! makes its own schema and drops it afterwards; a missing server fails the test with a clear message.
 
 use crate::helpers::{APP_ID, items_of, repo_templates};
-use crate::store_contract::body;
+use crate::store_contract::{body, delivered};
 use heap_relay::delivery::heap_client::HeapClient;
 use heap_relay::delivery::rate_limit::RateLimiter;
 use heap_relay::delivery::{Delivery, DeliveryConfig, Worker};
@@ -306,8 +306,15 @@ async fn a_sigkilled_instances_leased_work_is_delivered_by_the_others_after_its_
     assert!(acked.is_subset(&got), "{} acknowledged events lost", acked.difference(&got).count());
     assert!(in_flight.is_subset(&got), "the victim's in-flight events are delivered by the others");
     let listed: Vec<String> = in_flight.iter().map(|k| format!("'{k}'")).collect();
-    let sql = format!("SELECT min(lease_token) FROM events WHERE idempotency_key IN ({})", listed.join(","));
-    assert!(schema.query_i64(&sql).await >= 2, "the victim's events were claimed again after its lease expired");
+    let sql = format!(
+        "SELECT count(*) FROM events WHERE idempotency_key IN ({}) AND status = 'delivered'",
+        listed.join(",")
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while schema.query_i64(&sql).await < in_flight.len() as i64 {
+        assert!(Instant::now() < deadline, "the victim's in-flight events are recorded delivered by their new holder");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(killed_at.elapsed() < Duration::from_secs(60));
 }
 
@@ -372,6 +379,43 @@ async fn two_workers_racing_for_the_same_rows_never_both_deliver_one() {
     assert_eq!(keys.len(), 5_000);
     let twice: Vec<_> = keys.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(twice.is_empty(), "delivered by both: {twice:?}");
+}
+
+#[tokio::test]
+async fn a_claim_writes_no_event_row_and_two_workers_settle_on_half_the_partitions_each() {
+    let schema = TestSchema::create().await;
+    let (s1, s2) = (pg_store(&schema).await, pg_store(&schema).await);
+    let spread = |tag: &str| {
+        let mut b = body(tag, 200);
+        for (i, e) in b.events.iter_mut().enumerate() {
+            e.identity = format!("{tag}-{i}");
+        }
+        b
+    };
+    s1.append(spread("one")).await.expect("append");
+    let before = schema.query_i64("SELECT max(xmin::text::bigint) FROM events").await;
+    let t = now_ms();
+    let first = s1.claim("a", t, 60_000, 1_000, Default::default()).await.expect("claim");
+    assert_eq!(first.len(), 200, "alone, one worker holds every partition");
+    let touched = format!("SELECT count(*) FROM events WHERE xmin::text::bigint > {before}");
+    assert_eq!(schema.query_i64(&touched).await, 0, "the claim wrote no event row");
+    s1.record(first.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.expect("record");
+
+    s1.append(spread("two")).await.expect("append");
+    let t = now_ms();
+    let none = s2.claim("b", t + 1, 60_000, 1_000, Default::default()).await.expect("claim");
+    assert!(none.is_empty(), "every partition is a's until a sees b: {}", none.len());
+    let a = s1.claim("a", t + 2, 60_000, 1_000, Default::default()).await.expect("claim");
+    let b = s2.claim("b", t + 3, 60_000, 1_000, Default::default()).await.expect("claim");
+    let (ids_a, ids_b): (HashSet<i64>, HashSet<i64>) =
+        (a.iter().map(|c| c.id).collect(), b.iter().map(|c| c.id).collect());
+    assert!(ids_a.is_disjoint(&ids_b), "no event is claimed by both");
+    assert_eq!(ids_a.len() + ids_b.len(), 200, "between them they claim the whole backlog");
+    assert!(!a.is_empty() && !b.is_empty(), "each claims a share: {} and {}", a.len(), b.len());
+    for owner in ["a", "b"] {
+        let held = schema.query_i64(&format!("SELECT count(*) FROM claim_parts WHERE owner = '{owner}'")).await;
+        assert_eq!(held, 32, "{owner} holds half of the 64 partitions");
+    }
 }
 
 #[tokio::test]
