@@ -68,7 +68,10 @@ CREATE TABLE IF NOT EXISTS events (
 ALTER TABLE events ADD COLUMN IF NOT EXISTS environment TEXT NOT NULL DEFAULT '';
 ALTER TABLE events ADD COLUMN IF NOT EXISTS template_version TEXT;
 -- How a body's derived idempotency keys hash its items (KeyScheme); NULL: stored before schemes existed (1).
-ALTER TABLE raw_bodies ADD COLUMN IF NOT EXISTS key_scheme SMALLINT; -- room on each page, so claims and renewals (no indexed column changes) update in place
+ALTER TABLE raw_bodies ADD COLUMN IF NOT EXISTS key_scheme SMALLINT;
+-- A body's rows until they are written as event rows (off the ingest commit, `writer::expand`); NULL once written.
+ALTER TABLE raw_bodies ADD COLUMN IF NOT EXISTS items BYTEA;
+CREATE INDEX IF NOT EXISTS raw_bodies_unexpanded ON raw_bodies (id) WHERE items IS NOT NULL; -- room on each page, so claims and renewals (no indexed column changes) update in place
 -- Claims scan waiting rows in id order (acceptance order); the partial index keeps delivered rows out of the way.
 CREATE INDEX IF NOT EXISTS events_ready_id ON events (id) WHERE status IN ('pending', 'retrying');
 CREATE INDEX IF NOT EXISTS events_status_time ON events (status, received_at);
@@ -110,7 +113,8 @@ CREATE TABLE IF NOT EXISTS rate_budget (
 
 /// Every table and index SCHEMA creates: when all exist, start-up runs no DDL at all. (`CREATE INDEX IF NOT EXISTS`
 /// takes a SHARE lock on its table before it finds the index there, which would queue every writer behind it.)
-const RELATIONS: [&str; 22] = [
+const RELATIONS: [&str; 23] = [
+    "raw_bodies_unexpanded",
     "claim_parts",
     "claim_parts_pkey",
     "claim_owners",
@@ -150,16 +154,19 @@ async fn migrated(client: &tokio_postgres::Client) -> Result<bool, tokio_postgre
             "SELECT count(*) FROM information_schema.columns
              WHERE table_schema = current_schema()
                AND ((table_name = 'events' AND column_name IN ('environment', 'template_version'))
-                    OR (table_name = 'raw_bodies' AND column_name = 'key_scheme'))",
+                    OR (table_name = 'raw_bodies' AND column_name IN ('key_scheme', 'items')))",
             &[],
         )
         .await?
         .get(0);
-    Ok(found == RELATIONS.len() as i64 && columns == 3)
+    Ok(found == RELATIONS.len() as i64 && columns == 4)
 }
 
 /// Serialises migrations of instances starting together (`CREATE … IF NOT EXISTS` alone can race in PostgreSQL).
 const MIGRATION_LOCK: i64 = 0x6865_6170_5f72_656c; // "heap_rel"
+
+/// Transactions of `writer::EXPAND_BATCH` bodies one catch-up writes at most.
+const CATCH_UP_BATCHES: usize = 16;
 
 /// Rows deleted per prune call, so one prune never holds locks for long.
 const PRUNE_CHUNK: i64 = 5000;
@@ -301,6 +308,23 @@ impl PgStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Writes the rows of stored bodies that are not event rows yet (the ingest commit leaves them to this), at
+    /// most `CATCH_UP_BATCHES` transactions of them: every read of the queue and the views starts here, so they
+    /// see what was appended (bodies another transaction is writing at that moment are skipped, and seen a moment
+    /// later).
+    pub(crate) async fn caught_up(&self) -> Result<(), StoreError> {
+        let mut client = self.pool.get().await?;
+        for _ in 0..CATCH_UP_BATCHES {
+            let tx = client.transaction().await?;
+            let n = writer::expand(&tx, None).await.map_err(pg_err)?;
+            tx.commit().await.map_err(pg_err)?;
+            if n < writer::EXPAND_BATCH as usize {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Up to `limit` ready events (oldest first) of the partitions `owner` holds (taking or giving back
     /// partitions for its fair share first), leaving out the events it already has in flight and those of the
     /// app_ids and environments `paused` names. Nothing is written per event; each carries its partition's lease.
@@ -312,6 +336,7 @@ impl PgStore {
         limit: i64,
         paused: Paused,
     ) -> Result<Vec<Claimed>, StoreError> {
+        self.caught_up().await?;
         let client = self.pool.get().await?;
         let held = self.hold_parts(&client, owner, now, lease_ms).await?;
         if held.is_empty() {
@@ -455,6 +480,7 @@ impl PgStore {
 
     /// Puts the selected events back in the queue (status pending, due now).
     pub async fn requeue(&self, selector: Selector) -> Result<i64, StoreError> {
+        self.caught_up().await?;
         let now = now_ms();
         let (cond, mut args) = selector_sql(&selector, 2);
         let sql = format!(
@@ -481,6 +507,7 @@ impl PgStore {
     /// Deletes delivered and replaced events (with their attempts) last updated before `before`, raw bodies no event
     /// refers to any more, and rate budgets untouched since. Returns the number of events deleted.
     pub async fn prune(&self, before: Millis) -> Result<usize, StoreError> {
+        self.caught_up().await?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let ids: Vec<i64> = tx
@@ -500,7 +527,7 @@ impl PgStore {
         tx.execute(
             &tx.prepare_cached(
                 "DELETE FROM raw_bodies WHERE id IN (
-                 SELECT r.id FROM raw_bodies r WHERE r.received_at < $1
+                 SELECT r.id FROM raw_bodies r WHERE r.received_at < $1 AND r.items IS NULL
                    AND NOT EXISTS (SELECT 1 FROM events e WHERE e.raw_id = r.id) LIMIT $2)",
             )
             .await?,
@@ -517,6 +544,7 @@ impl PgStore {
     /// Deletes refused items received before `before` (their own retention), or the oldest while more than
     /// `max_items` are kept (their cap). Raw bodies no event refers to go with the next `prune`.
     pub async fn prune_refused(&self, before: Millis, max_items: i64) -> Result<usize, StoreError> {
+        self.caught_up().await?;
         let client = self.pool.get().await?;
         let kept: i64 = client.query_one("SELECT count(*) FROM events WHERE status = 'rejected'", &[]).await?.get(0);
         let mut deleted = 0;

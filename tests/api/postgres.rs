@@ -382,7 +382,7 @@ async fn two_workers_racing_for_the_same_rows_never_both_deliver_one() {
 }
 
 #[tokio::test]
-async fn a_claim_writes_no_event_row_and_two_workers_settle_on_half_the_partitions_each() {
+async fn ingest_and_claims_write_no_event_row_and_two_workers_settle_on_half_the_partitions_each() {
     let schema = TestSchema::create().await;
     let (s1, s2) = (pg_store(&schema).await, pg_store(&schema).await);
     let spread = |tag: &str| {
@@ -393,6 +393,10 @@ async fn a_claim_writes_no_event_row_and_two_workers_settle_on_half_the_partitio
         b
     };
     s1.append(spread("one")).await.expect("append");
+    // The append stores the body with its rows; the event rows are written off the ingest commit, by the next
+    // read of the store.
+    assert_eq!(schema.query_i64("SELECT count(*) FROM events").await, 0, "the ingest commit wrote no event row");
+    assert_eq!(s1.stats().await.expect("stats").ready_or_waiting, 200);
     let before = schema.query_i64("SELECT max(xmin::text::bigint) FROM events").await;
     let t = now_ms();
     let first = s1.claim("a", t, 60_000, 1_000, Default::default()).await.expect("claim");

@@ -58,6 +58,7 @@ impl PgStore {
     }
 
     pub async fn page(&self, f: EventFilter) -> Result<Page, StoreError> {
+        self.caught_up().await?;
         let (sql, args, limit) = page_sql(&f);
         let client = self.pool.get().await?;
         let rows = client.query(&sql, &params(&args)).await?;
@@ -67,6 +68,7 @@ impl PgStore {
     }
 
     pub async fn flow(&self, now: Millis) -> Result<Flow, StoreError> {
+        self.caught_up().await?;
         self.ensure_console().await?;
         let since = now - 3_600_000;
         let mut flow = Flow { since, minutes: empty_hour(now), ..Default::default() };
@@ -93,6 +95,7 @@ impl PgStore {
     }
 
     pub async fn failures(&self) -> Result<Vec<FailureGroup>, StoreError> {
+        self.caught_up().await?;
         let client = self.pool.get().await?;
         Ok(client
             .query(FAILURES, &[&(FAILURE_SCAN as i64)])
@@ -114,6 +117,7 @@ impl PgStore {
         reason: String,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
+        self.caught_up().await?;
         let client = self.pool.get().await?;
         let rows = client
             .query(
@@ -160,6 +164,7 @@ impl PgStore {
     /// Moves every waiting event of `scope` to dead letters (a lease held on one is fenced off), `PURGE_CHUNK` rows
     /// a transaction, so a large backlog never holds its row locks for long.
     pub async fn purge(&self, scope: Scope) -> Result<i64, StoreError> {
+        self.caught_up().await?;
         let (column, value) = match scope {
             Scope::AppId(a) => ("app_id", a),
             Scope::Environment(e) => ("environment", e),

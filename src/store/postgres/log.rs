@@ -10,6 +10,7 @@ use crate::store::{
 
 impl PgStore {
     pub async fn get(&self, event_id: &str) -> Result<EventView, StoreError> {
+        self.caught_up().await?;
         let client = self.pool.get().await?;
         let row = client
             .query_opt(&format!("SELECT {VIEW_COLUMNS} FROM events WHERE event_id = $1"), &[&event_id])
@@ -35,6 +36,7 @@ impl PgStore {
     }
 
     pub async fn stats(&self) -> Result<QueueStats, StoreError> {
+        self.caught_up().await?;
         let client = self.pool.get().await?;
         let r = client
             .query_one(
@@ -63,6 +65,7 @@ impl PgStore {
     /// The raw bodies behind the selected events, for a re-render.
     /// The ids of the raw bodies behind the selected events, in order.
     pub async fn raw_body_ids(&self, selector: Selector) -> Result<Vec<i64>, StoreError> {
+        self.caught_up().await?;
         let (cond, args) = selector_sql(&selector, 1);
         let sql = format!(
             "SELECT DISTINCT raw_id FROM events WHERE {cond} AND status != 'replaced' AND raw_id IS NOT NULL ORDER BY raw_id"
@@ -73,6 +76,7 @@ impl PgStore {
 
     /// One raw body by id, if it is still kept.
     pub async fn raw_body(&self, id: i64) -> Result<Option<RawBody>, StoreError> {
+        self.caught_up().await?;
         let client = self.pool.get().await?;
         let row = client
             .query_opt(

@@ -247,6 +247,8 @@ async fn append_all(
     let bodies: Vec<&Ingested> = kept.iter().map(|(b, _)| *b).collect();
     let replays: Vec<i64> = bodies.iter().filter_map(|b| b.replay_of_raw).collect();
     if !replays.is_empty() {
+        // A re-render replaces the rows of its body: they must exist first.
+        expand(&tx, Some(&replays)).await?;
         tx.execute(
             &tx.prepare_cached(
                 "UPDATE events SET status = 'replaced', updated_at = $2, lease_owner = NULL, lease_expires_at = NULL
@@ -257,116 +259,222 @@ async fn append_all(
         )
         .await?;
     }
-    let fresh: Vec<&Ingested> = bodies.iter().copied().filter(|b| b.replay_of_raw.is_none()).collect();
-    let mut raw_ids: Vec<i64> = Vec::new();
+    // Each body's rows as they will be written: events not found to be retries, refusals, held items.
+    let deferred: Vec<Deferred> = kept.iter().map(|(b, s)| Deferred::of(b, s, now)).collect();
+    let pending: usize = deferred.iter().map(Deferred::pending).sum();
+    let fresh: Vec<(&Ingested, &Deferred)> =
+        kept.iter().map(|(b, _)| *b).zip(&deferred).filter(|(b, _)| b.replay_of_raw.is_none()).collect();
     if !fresh.is_empty() {
-        raw_ids = tx
-            .query(
-                &tx.prepare_cached(
-                    "SELECT nextval(pg_get_serial_sequence('raw_bodies', 'id')) FROM generate_series(1, $1::int4)",
-                )
-                .await?,
-                &[&(fresh.len() as i32)],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let sources: Vec<&str> = fresh.iter().map(|b| b.source.as_str()).collect();
-        let templates: Vec<&str> = fresh.iter().map(|b| b.template.as_str()).collect();
-        let received: Vec<i64> = fresh.iter().map(|b| b.received_at).collect();
-        let raw: Vec<&[u8]> = fresh.iter().map(|b| b.body.as_slice()).collect();
+        // The ingest commit writes one row per body: its rows go in `items`, and become event rows (with every
+        // index the operator views need) later, off this commit (`expand`).
+        let sources: Vec<&str> = fresh.iter().map(|(b, _)| b.source.as_str()).collect();
+        let templates: Vec<&str> = fresh.iter().map(|(b, _)| b.template.as_str()).collect();
+        let received: Vec<i64> = fresh.iter().map(|(b, _)| b.received_at).collect();
+        let raw: Vec<&[u8]> = fresh.iter().map(|(b, _)| b.body.as_slice()).collect();
+        let items: Vec<Vec<u8>> = fresh.iter().map(|(_, d)| serde_json::to_vec(d).unwrap_or_default()).collect();
         tx.execute(
             &tx.prepare_cached(
-                "INSERT INTO raw_bodies (id, source, template, received_at, body, key_scheme)
-             SELECT *, $6::int2 FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::bytea[])",
+                "INSERT INTO raw_bodies (source, template, received_at, body, key_scheme, items)
+             SELECT u.source, u.template, u.received_at, u.body, $5::int2, u.items
+             FROM unnest($1::text[], $2::text[], $3::int8[], $4::bytea[], $6::bytea[])
+                  AS u(source, template, received_at, body, items)",
             )
             .await?,
             // A body is stored once, by the intake, which renders new bodies with the default scheme.
-            &[&raw_ids, &sources, &templates, &received, &raw, &(KeyScheme::default().as_i64() as i16)],
+            &[&sources, &templates, &received, &raw, &(KeyScheme::default().as_i64() as i16), &items],
         )
         .await?;
     }
-    let mut fresh_ids = raw_ids.into_iter();
-    // Ids for the rows of held items (a body whose template did not load), one per item.
-    let held_rows: Vec<Vec<String>> = kept
-        .iter()
-        .map(|(b, _)| (0..b.held.as_ref().map_or(0, |h| h.items)).map(|_| uuid::Uuid::now_v7().to_string()).collect())
-        .collect();
+    // A re-render's rows are written now, under the body they re-render.
     let mut cols = EventColumns::default();
-    let mut pending = 0usize;
-    for ((b, s), held_ids) in kept.iter().zip(&held_rows) {
-        let raw_id = match b.replay_of_raw {
-            Some(id) => id,
-            None => fresh_ids.next().unwrap_or_default(),
-        };
-        for (e, _) in b.events.iter().zip(&s.items).filter(|(_, first)| first.is_none()) {
-            cols.push(b, raw_id, &e.event_id, e.item_index, e.kind.as_str(), &e.app_id, &e.identity);
-            cols.key.push(e.idempotency_key.as_deref());
-            cols.payload.push(Some(e.payload.as_str()));
-            cols.status.push("pending");
-            cols.error.push(None);
-            pending += 1;
-        }
-        for r in &b.rejections {
-            cols.push(b, raw_id, &r.event_id, r.item_index, "track", "", "");
-            cols.key.push(None);
-            cols.payload.push(None);
-            cols.status.push("rejected");
-            cols.error.push(Some(format!("{}: {}", r.field, r.message)));
-        }
-        if let Some(held) = &b.held {
-            for (i, id) in held_ids.iter().take(held.items).enumerate() {
-                cols.push(b, raw_id, id, i as i64, "track", "", "");
-                cols.key.push(None);
-                cols.payload.push(None);
-                cols.status.push("held");
-                cols.error.push(Some(held.reason.clone()));
-            }
+    for (b, d) in kept.iter().map(|(b, _)| *b).zip(&deferred) {
+        if let Some(raw_id) = b.replay_of_raw {
+            cols.push_all(raw_id, &b.source, &b.template, b.received_at, d);
         }
     }
-    if !cols.event_id.is_empty() {
-        tx.execute(
-            &tx.prepare_cached(
-                "INSERT INTO events (event_id, raw_id, item_index, source, template, kind, app_id, identity,
-                                 idempotency_key, payload, status, enqueued_at, next_attempt_at, received_at,
-                                 updated_at, last_error, environment, template_version)
-             SELECT u.event_id, u.raw_id, u.item_index, u.source, u.template, u.kind, u.app_id, u.identity,
-                    u.key, u.payload, u.status, $14, $14, u.received_at, $14, u.error, u.environment, u.version
-             FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[],
-                         $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[], $15::text[],
-                         $16::text[])
-                  AS u(event_id, raw_id, item_index, source, template, kind, app_id, identity, key, payload, status,
-                       received_at, error, environment, version)",
-            )
-            .await?,
-            &[
-                &cols.event_id,
-                &cols.raw_id,
-                &cols.item_index,
-                &cols.source,
-                &cols.template,
-                &cols.kind,
-                &cols.app_id,
-                &cols.identity,
-                &cols.key,
-                &cols.payload,
-                &cols.status,
-                &cols.received_at,
-                &cols.error,
-                &now,
-                &cols.environment,
-                &cols.version,
-            ],
-        )
-        .await?;
-    }
+    insert_events(&tx, &cols, now).await?;
     if pending > 0 || !replays.is_empty() {
         // Delivered to listeners at COMMIT, and only if it commits.
         tx.execute(&tx.prepare_cached("SELECT pg_notify($1, '')").await?, &[&channel]).await?;
     }
     tx.commit().await?;
     Ok(answers)
+}
+
+/// A body's rows, kept with it by the ingest commit until they are written as event rows.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Deferred {
+    /// When the append committed: the events are queued from then, whenever their rows are written.
+    at: i64,
+    environment: String,
+    version: Option<String>,
+    rows: Vec<DeferredRow>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DeferredRow {
+    id: String,
+    index: i64,
+    kind: String,
+    app_id: String,
+    identity: String,
+    key: Option<String>,
+    payload: Option<String>,
+    status: String,
+    error: Option<String>,
+}
+
+impl Deferred {
+    fn of(b: &Ingested, s: &Seen, at: i64) -> Self {
+        let mut rows = Vec::new();
+        for (e, _) in b.events.iter().zip(&s.items).filter(|(_, first)| first.is_none()) {
+            rows.push(DeferredRow {
+                id: e.event_id.clone(),
+                index: e.item_index,
+                kind: e.kind.as_str().to_owned(),
+                app_id: e.app_id.clone(),
+                identity: e.identity.clone(),
+                key: e.idempotency_key.clone(),
+                payload: Some(e.payload.clone()),
+                status: "pending".into(),
+                error: None,
+            });
+        }
+        let bare = |id: &str, index: i64, status: &str, error: String| DeferredRow {
+            id: id.to_owned(),
+            index,
+            kind: "track".into(),
+            app_id: String::new(),
+            identity: String::new(),
+            key: None,
+            payload: None,
+            status: status.into(),
+            error: Some(error),
+        };
+        for r in &b.rejections {
+            rows.push(bare(&r.event_id, r.item_index, "rejected", format!("{}: {}", r.field, r.message)));
+        }
+        if let Some(held) = &b.held {
+            for i in 0..held.items {
+                rows.push(bare(&uuid::Uuid::now_v7().to_string(), i as i64, "held", held.reason.clone()));
+            }
+        }
+        Self { at, environment: b.environment.clone(), version: b.template_version.clone(), rows }
+    }
+
+    fn pending(&self) -> usize {
+        self.rows.iter().filter(|r| r.status == "pending").count()
+    }
+}
+
+/// Bodies expanded per transaction.
+pub(super) const EXPAND_BATCH: i64 = 256;
+
+/// Writes the deferred rows of stored bodies as event rows: those of `only`, or the oldest `EXPAND_BATCH` bodies
+/// no other transaction is expanding (`SKIP LOCKED`). Returns how many bodies it expanded.
+pub(super) async fn expand(
+    tx: &deadpool_postgres::Transaction<'_>,
+    only: Option<&[i64]>,
+) -> Result<usize, tokio_postgres::Error> {
+    let rows = match only {
+        Some(ids) => {
+            tx.query(
+                &tx.prepare_cached(
+                    "SELECT id, source, template, received_at, items FROM raw_bodies
+                     WHERE id = ANY($1) AND items IS NOT NULL ORDER BY id FOR UPDATE",
+                )
+                .await?,
+                &[&ids],
+            )
+            .await?
+        }
+        None => {
+            tx.query(
+                &tx.prepare_cached(
+                    "SELECT id, source, template, received_at, items FROM raw_bodies
+                     WHERE items IS NOT NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                )
+                .await?,
+                &[&EXPAND_BATCH],
+            )
+            .await?
+        }
+    };
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let bodies: Vec<(i64, String, String, i64, Deferred)> = rows
+        .iter()
+        .map(|r| {
+            let items: Vec<u8> = r.get(4);
+            // Written by `append_all` from the same struct; an unreadable one (never expected) expands to nothing
+            // rather than blocking every later body.
+            let d = serde_json::from_slice(&items).unwrap_or_else(|e| {
+                tracing::error!(raw_id = r.get::<_, i64>(0), error = %e, "a stored body's rows cannot be read");
+                Deferred { at: 0, environment: String::new(), version: None, rows: Vec::new() }
+            });
+            (r.get(0), r.get(1), r.get(2), r.get(3), d)
+        })
+        .collect();
+    let mut cols = EventColumns::default();
+    for (raw_id, source, template, received_at, d) in &bodies {
+        cols.push_all(*raw_id, source, template, *received_at, d);
+    }
+    insert_events(tx, &cols, now_ms()).await?;
+    let ids: Vec<i64> = bodies.iter().map(|b| b.0).collect();
+    tx.execute(
+        &tx.prepare_cached("UPDATE raw_bodies SET items = NULL WHERE id = ANY($1)").await?,
+        &[&ids],
+    )
+    .await?;
+    Ok(bodies.len())
+}
+
+async fn insert_events(
+    tx: &deadpool_postgres::Transaction<'_>,
+    cols: &EventColumns<'_>,
+    now: i64,
+) -> Result<(), tokio_postgres::Error> {
+    if cols.event_id.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        &tx.prepare_cached(
+            "INSERT INTO events (event_id, raw_id, item_index, source, template, kind, app_id, identity,
+                                 idempotency_key, payload, status, enqueued_at, next_attempt_at, received_at,
+                                 updated_at, last_error, environment, template_version)
+             SELECT u.event_id, u.raw_id, u.item_index, u.source, u.template, u.kind, u.app_id, u.identity,
+                    u.key, u.payload, u.status, u.queued, u.queued, u.received_at, $14, u.error, u.environment,
+                    u.version
+             FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], $13::text[], $15::text[],
+                         $16::text[], $17::int8[])
+                  AS u(event_id, raw_id, item_index, source, template, kind, app_id, identity, key, payload, status,
+                       received_at, error, environment, version, queued)",
+        )
+        .await?,
+        &[
+            &cols.event_id,
+            &cols.raw_id,
+            &cols.item_index,
+            &cols.source,
+            &cols.template,
+            &cols.kind,
+            &cols.app_id,
+            &cols.identity,
+            &cols.key,
+            &cols.payload,
+            &cols.status,
+            &cols.received_at,
+            &cols.error,
+            &now,
+            &cols.environment,
+            &cols.version,
+            &cols.queued,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Column arrays for one `INSERT … SELECT … FROM unnest(…)` of event rows.
@@ -384,34 +492,33 @@ struct EventColumns<'a> {
     payload: Vec<Option<&'a str>>,
     status: Vec<&'a str>,
     received_at: Vec<i64>,
-    error: Vec<Option<String>>,
+    error: Vec<Option<&'a str>>,
     environment: Vec<&'a str>,
     version: Vec<Option<&'a str>>,
+    /// Queued from (enqueued_at, next_attempt_at).
+    queued: Vec<i64>,
 }
 
 impl<'a> EventColumns<'a> {
-    #[allow(clippy::too_many_arguments)]
-    fn push(
-        &mut self,
-        b: &'a Ingested,
-        raw_id: i64,
-        event_id: &'a str,
-        item_index: i64,
-        kind: &'a str,
-        app_id: &'a str,
-        identity: &'a str,
-    ) {
-        self.event_id.push(event_id);
-        self.raw_id.push(raw_id);
-        self.item_index.push(item_index);
-        self.source.push(&b.source);
-        self.template.push(&b.template);
-        self.kind.push(kind);
-        self.app_id.push(app_id);
-        self.identity.push(identity);
-        self.received_at.push(b.received_at);
-        self.environment.push(&b.environment);
-        self.version.push(b.template_version.as_deref());
+    fn push_all(&mut self, raw_id: i64, source: &'a str, template: &'a str, received_at: i64, d: &'a Deferred) {
+        for r in &d.rows {
+            self.event_id.push(&r.id);
+            self.raw_id.push(raw_id);
+            self.item_index.push(r.index);
+            self.source.push(source);
+            self.template.push(template);
+            self.kind.push(&r.kind);
+            self.app_id.push(&r.app_id);
+            self.identity.push(&r.identity);
+            self.key.push(r.key.as_deref());
+            self.payload.push(r.payload.as_deref());
+            self.status.push(&r.status);
+            self.received_at.push(received_at);
+            self.error.push(r.error.as_deref());
+            self.environment.push(&d.environment);
+            self.version.push(d.version.as_deref());
+            self.queued.push(d.at);
+        }
     }
 }
 
