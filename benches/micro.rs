@@ -3,9 +3,7 @@
 
 use criterion::{Criterion, Throughput, black_box, criterion_group};
 use heap_relay::domain::heap_call::{BuildContext, KeySeed};
-use heap_relay::domain::{
-    AppIdPolicy, KeyScheme, Properties, PropertyLimits, Timestamp, TrackEvent, UserProperties,
-};
+use heap_relay::domain::{AppIdPolicy, KeyScheme, Properties, PropertyLimits, Timestamp, TrackEvent, UserProperties};
 use heap_relay::ingest::{Route, parse_json};
 use heap_relay::settings::Settings;
 use heap_relay::sources::{self, Parsed, Source, SourceOptions};
@@ -190,6 +188,8 @@ fn summary() {
 criterion_group!(micro, benches);
 
 fn main() {
+    // The allocator as the relay runs it.
+    heap_relay::tune_allocator();
     // `-- --fixed N`: N calls of the JSON template's render+validate and nothing else, for `perf stat` (instruction
     // counts compare changes on a busy machine, where wall time does not).
     if let Some(n) = std::env::args().skip_while(|a| a != "--fixed").nth(1).and_then(|n| n.parse::<usize>().ok()) {

@@ -3,7 +3,8 @@
 
 use crate::domain::heap_call::{BuildContext, KeySeed};
 use crate::domain::{
-    AppIdPolicy, CallKind, FieldError, HeapCall, IdentityPolicy, KeyScheme, PropertyLimits, Seed, Timestamp, TrackEvent, UserProperties,
+    AppIdPolicy, CallKind, FieldError, HeapCall, IdentityPolicy, KeyScheme, PropertyLimits, Seed, Timestamp,
+    TrackEvent, UserProperties,
 };
 use crate::json::{JsonError, JsonLimits};
 use crate::sources::{self, Shape, Source, SourceOptions};

@@ -7,8 +7,13 @@ use heap_relay::settings::{ConfigPath, Settings};
 use heap_relay::startup::Application;
 use std::path::PathBuf;
 
+fn main() {
+    heap_relay::tune_allocator();
+    run();
+}
+
 #[tokio::main]
-async fn main() {
+async fn run() {
     let cli = Cli::parse();
     let path = match cli.config {
         Some(p) => ConfigPath::Explicit(p),

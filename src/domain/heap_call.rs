@@ -3,7 +3,8 @@
 
 use super::identity::json_type;
 use super::{
-    AppId, AppIdPolicy, EventName, FieldError, IdempotencyKey, Identity, KeyScheme, Seed, Properties, PropertyLimits, Timestamp, UserId,
+    AppId, AppIdPolicy, EventName, FieldError, IdempotencyKey, Identity, KeyScheme, Properties, PropertyLimits, Seed,
+    Timestamp, UserId,
 };
 use serde_json::{Map, Value, json};
 
@@ -166,8 +167,12 @@ impl TrackEvent {
         .unwrap_or_else(|| {
             // When the body was received, too: the same content received again later is a new event to Heap (a
             // sender's retry never gets this far; the store's dedupe window answers it at the door).
-            let tail =
-                [who.as_str(), event.as_str(), sender_time.as_ref().map_or("", |t| t.as_str()), cx.received_at.as_str()];
+            let tail = [
+                who.as_str(),
+                event.as_str(),
+                sender_time.as_ref().map_or("", |t| t.as_str()),
+                cx.received_at.as_str(),
+            ];
             IdempotencyKey::derive_for(cx.key.scheme, cx.key.parts, &cx.key.seed, &tail)
         });
         let properties = Properties::flatten(obj.get("properties").unwrap_or(&Value::Null), cx.limits)
@@ -331,11 +336,13 @@ mod tests {
     use super::*;
 
     fn cx<'a>(policy: &'a AppIdPolicy, limits: &'a PropertyLimits, now: &'a Timestamp) -> BuildContext<'a> {
-        BuildContext { policy, default_app_id: Some("11"), limits, received_at: now, key: KeySeed {
-            scheme: KeyScheme::default(),
-            parts: &["test"],
-            seed: Seed::Value(&Value::Null),
-        } }
+        BuildContext {
+            policy,
+            default_app_id: Some("11"),
+            limits,
+            received_at: now,
+            key: KeySeed { scheme: KeyScheme::default(), parts: &["test"], seed: Seed::Value(&Value::Null) },
+        }
     }
 
     fn obj(v: Value) -> Map<String, Value> {

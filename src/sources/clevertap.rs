@@ -6,8 +6,8 @@
 //! `KeyValues.<key>` (campaign key_values), and `body` (the raw profile). `$D_<epoch seconds>` dates become ISO-8601.
 
 use super::{Item, Shape, SourceOptions, get_ci};
-use crate::domain::{FieldError, Seed};
 use crate::domain::timestamp::from_epoch;
+use crate::domain::{FieldError, Seed};
 use crate::templates::context::{Ctx, CtxObject, Dates, Over};
 use chrono::SecondsFormat;
 use serde_json::{Map, Value};

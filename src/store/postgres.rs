@@ -503,7 +503,6 @@ impl PgStore {
         self.release_parts(owner).await
     }
 
-
     /// Deletes delivered and replaced events (with their attempts) last updated before `before`, raw bodies no event
     /// refers to any more, and rate budgets untouched since. Returns the number of events deleted.
     pub async fn prune(&self, before: Millis) -> Result<usize, StoreError> {

@@ -306,10 +306,8 @@ async fn a_sigkilled_instances_leased_work_is_delivered_by_the_others_after_its_
     assert!(acked.is_subset(&got), "{} acknowledged events lost", acked.difference(&got).count());
     assert!(in_flight.is_subset(&got), "the victim's in-flight events are delivered by the others");
     let listed: Vec<String> = in_flight.iter().map(|k| format!("'{k}'")).collect();
-    let sql = format!(
-        "SELECT count(*) FROM events WHERE idempotency_key IN ({}) AND status = 'delivered'",
-        listed.join(",")
-    );
+    let sql =
+        format!("SELECT count(*) FROM events WHERE idempotency_key IN ({}) AND status = 'delivered'", listed.join(","));
     let deadline = Instant::now() + Duration::from_secs(10);
     while schema.query_i64(&sql).await < in_flight.len() as i64 {
         assert!(Instant::now() < deadline, "the victim's in-flight events are recorded delivered by their new holder");

@@ -279,7 +279,11 @@ async fn the_raw_body_is_kept_for_a_rerender_and_a_rerender_replaces_the_old_row
     assert_eq!(raws.len(), 1);
     let raw = raws[0].clone();
     let raw_id = raw.id;
-    assert_eq!(raw.key_scheme, heap_relay::domain::KeyScheme::default(), "a new body keeps the scheme it was keyed with");
+    assert_eq!(
+        raw.key_scheme,
+        heap_relay::domain::KeyScheme::default(),
+        "a new body keeps the scheme it was keyed with"
+    );
     assert_eq!(
         (raw.source.as_str(), raw.template.as_str(), raw.body.as_slice()),
         ("heap", "default", &b"{\"tag\":\"f\"}"[..])

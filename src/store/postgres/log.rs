@@ -4,9 +4,7 @@
 use super::writer::schema_bytes;
 use super::{PgStore, params, selector_sql};
 use crate::domain::CallKind;
-use crate::store::{
-    AttemptView, EventView, QueueStats, RawBody, Selector, Status, StoreError, iso, stored_key_scheme,
-};
+use crate::store::{AttemptView, EventView, QueueStats, RawBody, Selector, Status, StoreError, iso, stored_key_scheme};
 
 impl PgStore {
     pub async fn get(&self, event_id: &str) -> Result<EventView, StoreError> {

@@ -97,9 +97,7 @@ impl PgStore {
             let rows = client
                 .query(
                     &client
-                        .prepare_cached(
-                            "UPDATE claim_parts SET expires = $2 WHERE owner = $1 RETURNING part, token",
-                        )
+                        .prepare_cached("UPDATE claim_parts SET expires = $2 WHERE owner = $1 RETURNING part, token")
                         .await?,
                     &[&owner, &(now + lease_ms)],
                 )

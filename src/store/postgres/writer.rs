@@ -422,11 +422,7 @@ pub(super) async fn expand(
     }
     insert_events(tx, &cols, now_ms()).await?;
     let ids: Vec<i64> = bodies.iter().map(|b| b.0).collect();
-    tx.execute(
-        &tx.prepare_cached("UPDATE raw_bodies SET items = NULL WHERE id = ANY($1)").await?,
-        &[&ids],
-    )
-    .await?;
+    tx.execute(&tx.prepare_cached("UPDATE raw_bodies SET items = NULL WHERE id = ANY($1)").await?, &[&ids]).await?;
     Ok(bodies.len())
 }
 

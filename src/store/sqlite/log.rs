@@ -44,9 +44,8 @@ CREATE INDEX IF NOT EXISTS log_replays ON log (replay_of) WHERE replay_of IS NOT
 
 /// A log written before bodies kept their key scheme gets the column; its entries read as scheme 1 (NULL).
 pub fn add_key_scheme(c: &Connection) -> Result<(), StoreError> {
-    let has: bool = c.query_row("SELECT count(*) > 0 FROM pragma_table_info('log') WHERE name = 'key_scheme'", [], |r| {
-        r.get(0)
-    })?;
+    let has: bool =
+        c.query_row("SELECT count(*) > 0 FROM pragma_table_info('log') WHERE name = 'key_scheme'", [], |r| r.get(0))?;
     if !has {
         c.execute_batch("ALTER TABLE log ADD COLUMN key_scheme INTEGER")?;
     }
