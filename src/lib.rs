@@ -25,25 +25,20 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's options as `heap-relay` runs: freed memory goes back to the system at once (`purge_delay` 0) and
-/// arenas made from now on are committed as they are used (`arena_eager_commit` 0), unless the environment sets
-/// them (`MIMALLOC_PURGE_DELAY`, `MIMALLOC_ARENA_EAGER_COMMIT`, read when the process starts, which also covers the
-/// first arena). Same run, 2-profile CleverTap bodies: glibc's malloc 9,463 req/s at 61 MB peak RSS, this
-/// 12,216 at 105 MB; mimalloc's own defaults had reached 149 MB (README, "Benchmarks"). Call it first in `main`,
-/// before other threads start (mimalloc's option setter is not thread-safe).
+/// mimalloc's options as `heap-relay` runs: freed memory goes back to the system at once (`purge_delay` 0, unless
+/// `MIMALLOC_PURGE_DELAY` sets it), from arenas committed as they are used (`MI_DEFAULT_ARENA_EAGER_COMMIT=0` at
+/// build time, `.cargo/config.toml`: arenas are made before `main` runs). Call it first in `main`, before other
+/// threads start (mimalloc's option setter is not thread-safe). Figures: README, "Benchmarks".
 pub fn tune_allocator() {
-    for (option, variable) in
-        [(ARENA_EAGER_COMMIT, "MIMALLOC_ARENA_EAGER_COMMIT"), (PURGE_DELAY, "MIMALLOC_PURGE_DELAY")]
-    {
-        if std::env::var_os(variable).is_none() {
-            // SAFETY: sets one of mimalloc's option words; called before any other thread exists.
-            unsafe { libmimalloc_sys::mi_option_set(option, 0) };
-        }
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one of mimalloc's option words; called before any other thread exists.
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) };
     }
 }
 
 /// `mi_option_arena_eager_commit` and `mi_option_purge_delay`: their places in mimalloc.h's `mi_option_e` (the sys
-/// crate names neither; `allocator_options_are_the_ones_meant` checks them against their defaults).
+/// crate names neither; `allocator_options_are_the_ones_meant` checks them).
+#[cfg(test)]
 const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
@@ -58,8 +53,9 @@ mod allocator_tests {
                 libmimalloc_sys::mi_option_get(super::PURGE_DELAY),
             )
         };
-        // mimalloc v3's defaults: arena_eager_commit 2 ("only where the OS overcommits"), purge_delay 1000 ms.
-        assert_eq!((arena, purge), (2, 1000));
+        // Arenas committed as used (the build flag; mimalloc's default is 2, "where the OS overcommits"), and
+        // mimalloc v3's purge delay of 1000 ms before `tune_allocator`.
+        assert_eq!((arena, purge), (0, 1000));
     }
 }
 
