@@ -47,8 +47,8 @@ impl IdempotencyKey {
         Self(format!("{DERIVED}{}", hex::encode(&digest[..16])))
     }
 
-    /// The key of an item the sender gave no id: `parts` (source, template, identity, event, times) and the item's
-    /// own content (`seed`), under the scheme its body was stored with.
+    /// The key of an item the sender gave no id: `head` (source and template), the item's own content (`seed`) and
+    /// `tail` (identity, event, the sender's time, the receipt time), under the scheme its body was stored with.
     pub fn derive_for(scheme: KeyScheme, head: &[&str], seed: &Seed<'_>, tail: &[&str]) -> Self {
         match scheme {
             KeyScheme::Text => {
