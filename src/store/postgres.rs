@@ -378,7 +378,7 @@ impl PgStore {
                 }
             })
             .collect();
-        self.claimed(owner, out.iter().map(|c| (c.id, parts::split_lease(c.lease_token).0)));
+        self.claimed(owner, now, out.iter().map(|c| (c.id, parts::split_lease(c.lease_token).0)));
         Ok(out)
     }
 

@@ -56,6 +56,7 @@ both!(
     appended_events_are_claimed_in_order_by_one_owner_and_recorded_with_their_attempts,
     a_claim_is_exclusive_until_its_lease_expires_and_then_another_owner_takes_it_over,
     a_worker_whose_lease_was_taken_over_cannot_record_a_result,
+    events_a_worker_claimed_and_never_recorded_are_claimable_again_once_the_lease_is_over,
     a_release_puts_events_back_without_counting_an_attempt_and_release_owner_frees_leases,
     requeue_sends_delivered_and_dead_events_again_and_prune_deletes_old_delivered_ones,
     the_raw_body_is_kept_for_a_rerender_and_a_rerender_replaces_the_old_rows,
@@ -197,6 +198,20 @@ async fn a_worker_whose_lease_was_taken_over_cannot_record_a_result(store: Store
     let ev = store.get(&fresh[0].event_id).await.unwrap();
     assert_eq!(ev.status, "dead");
     assert_eq!(ev.last_error.as_deref(), Some("400"));
+}
+
+/// A round whose record failed (the store was unreachable) leaves its events pending: the same worker claims them
+/// again after the lease, not never.
+async fn events_a_worker_claimed_and_never_recorded_are_claimable_again_once_the_lease_is_over(store: Store) {
+    store.append(body("r", 2)).await.unwrap();
+    let t = now_ms();
+    let first = store.claim("w", t, 1_000, 10, Default::default(), None).await.unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(store.claim("w", t + 500, 1_000, 10, Default::default(), None).await.unwrap().is_empty(), "in flight");
+    let again = store.claim("w", t + 1_001, 1_000, 10, Default::default(), None).await.unwrap();
+    assert_eq!(again.len(), 2, "claimable again after the lease");
+    let applied = store.record(again.iter().map(|c| delivered(c.id, c.lease_token)).collect()).await.unwrap();
+    assert_eq!(applied, 2, "and recorded by the claim that holds them");
 }
 
 async fn a_release_puts_events_back_without_counting_an_attempt_and_release_owner_frees_leases(store: Store) {

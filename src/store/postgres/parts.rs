@@ -52,8 +52,10 @@ pub struct Holding {
     parts: HashMap<i32, i64>,
     /// When the heartbeat and the leases were last written.
     maintained_at: Option<Millis>,
-    /// Events claimed and not yet recorded, and their partition: not claimed again by the same worker.
-    pub in_flight: HashMap<i64, i32>,
+    /// Events claimed and not yet recorded, with their partition and when they were claimed: not claimed again by
+    /// the same worker for a lease (after that, as a row lease would, they may be: a round whose record failed
+    /// leaves them pending).
+    pub in_flight: HashMap<i64, (i32, Millis)>,
 }
 
 impl PgStore {
@@ -70,7 +72,8 @@ impl PgStore {
             let mut holdings = self.holdings.lock().unwrap_or_else(|p| p.into_inner());
             let h = holdings.entry(owner.to_owned()).or_default();
             let due = h.parts.is_empty() || h.maintained_at.is_none_or(|at| now - at >= lease_ms / 3);
-            let busy: HashSet<i32> = h.in_flight.values().copied().collect();
+            h.in_flight.retain(|_, (_, at)| now - *at < lease_ms);
+            let busy: HashSet<i32> = h.in_flight.values().map(|(p, _)| *p).collect();
             (h.parts.clone(), due, busy)
         };
         if due {
@@ -155,7 +158,7 @@ impl PgStore {
         let mut holdings = self.holdings.lock().unwrap_or_else(|p| p.into_inner());
         let h = holdings.entry(owner.to_owned()).or_default();
         // Events of a partition that is no longer ours are the new holder's: forget them here.
-        h.in_flight.retain(|_, p| parts.contains_key(p));
+        h.in_flight.retain(|_, (p, _)| parts.contains_key(p));
         h.parts = parts;
         if due {
             h.maintained_at = Some(now);
@@ -211,10 +214,11 @@ impl PgStore {
         Ok(holdings.remove(owner).map_or(0, |h| h.in_flight.len()))
     }
 
-    /// Notes claimed events as in flight for `owner`.
-    pub(super) fn claimed(&self, owner: &str, events: impl Iterator<Item = (i64, i32)>) {
+    /// Notes claimed events (id, partition) as in flight for `owner` since `now`.
+    pub(super) fn claimed(&self, owner: &str, now: Millis, events: impl Iterator<Item = (i64, i32)>) {
         let mut holdings = self.holdings.lock().unwrap_or_else(|p| p.into_inner());
-        holdings.entry(owner.to_owned()).or_default().in_flight.extend(events);
+        let h = holdings.entry(owner.to_owned()).or_default();
+        h.in_flight.extend(events.map(|(id, part)| (id, (part, now))));
     }
 
     /// Events `owner` claimed and has not recorded.
