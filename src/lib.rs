@@ -11,7 +11,8 @@
 //!   template, every output escaped for its JSON context) → `domain` (types that only hold values Heap accepts). `json` parses bodies strictly (depth, duplicate keys,
 //!   NULs, surrogates, number ranges), each refusal with its own error.
 //! - `store`: the queue and delivery log: SQLite by default (an append-only ingest log, and delivery's books in a
-//!   second file), PostgreSQL for several instances (a row per event, leases).
+//!   second file), PostgreSQL for several instances (a row per body on the ingest commit, a row per
+//!   event written off it, claims by partition lease).
 //! - `delivery`: workers that batch, send, classify (`policy`) and rate-limit.
 //! - `replay`: re-send or re-render stored events.
 //! - `console`: the operator console at /console (server-rendered pages over the same store and replay functions).

@@ -2,7 +2,10 @@
 //!
 //! - Appends go through one writer task per instance. It takes every append waiting in its channel and writes them
 //!   in one transaction with array inserts (`INSERT … SELECT … FROM unnest(…)`), answering each caller only after
-//!   COMMIT (group commit). If a group fails, each append is retried alone so one bad body fails only itself.
+//!   COMMIT (group commit). If a group fails, each append is retried alone so one bad body fails only itself. The
+//!   ingest commit writes a row per body (its event rows in `items`) and the dedupe keys; the event rows, with the
+//!   indexes of the queue and the operator views, are written off it (`writer::expand`, from `caught_up`, which
+//!   every claim and read of the store runs first).
 //! - Claims by partition (`parts`): each delivery worker of every instance leases a fair share of the queue's
 //!   partitions (by app_id and identity) under a fencing token, and reads the ready events of its partitions
 //!   without writing anything per event. Results are recorded only while the event's partition still carries the
