@@ -44,7 +44,7 @@ fn ingested(n: usize, bodies: usize, now: i64) -> Ingested {
             dedupe_key: None,
         })
         .collect();
-    let rejections = if n % 100 == 0 {
+    let rejections = if n.is_multiple_of(100) {
         vec![NewRejection {
             event_id: String::new(),
             item_index: PER_BODY as i64,
@@ -55,8 +55,8 @@ fn ingested(n: usize, bodies: usize, now: i64) -> Ingested {
         Vec::new()
     };
     Ingested {
-        source: if n % 3 == 0 { "clevertap" } else { "segment" }.into(),
-        environment: if n % 5 == 0 { "dev" } else { "" }.into(),
+        source: if n.is_multiple_of(3) { "clevertap" } else { "segment" }.into(),
+        environment: if n.is_multiple_of(5) { "dev" } else { "" }.into(),
         template: "default".into(),
         body: br#"{"bench": true}"#.to_vec(),
         received_at,

@@ -125,9 +125,11 @@ pub fn sanitize(body: &[u8]) -> Option<(Vec<u8>, Vec<Sanitized>, usize)> {
                     }
                 }
                 // Built only where it is used: an object's key, or a string that changed.
-                let text = (is_key || !changes.is_empty())
-                    .then(|| String::from_utf8_lossy(&out[start + 1..out.len().saturating_sub(1)]).into_owned())
-                    .unwrap_or_default();
+                let text = if is_key || !changes.is_empty() {
+                    String::from_utf8_lossy(&out[start + 1..out.len().saturating_sub(1)]).into_owned()
+                } else {
+                    String::new()
+                };
                 if !changes.is_empty() {
                     total += changes.len();
                     if listed.len() >= MAX_LISTED {

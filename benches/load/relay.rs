@@ -191,7 +191,6 @@ impl Sampler {
     pub fn finish(self) -> Vec<(Duration, u64)> {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.thread.join();
-        let v = self.samples.lock().expect("samples").clone();
-        v
+        self.samples.lock().expect("samples").clone()
     }
 }

@@ -281,10 +281,10 @@ impl Jobs {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let job = Arc::new(Mutex::new(Job { label, started: now_ms(), ..Default::default() }));
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        if jobs.len() >= KEPT_JOBS {
-            if let Some(oldest) = jobs.keys().min().copied() {
-                jobs.remove(&oldest);
-            }
+        if jobs.len() >= KEPT_JOBS
+            && let Some(oldest) = jobs.keys().min().copied()
+        {
+            jobs.remove(&oldest);
         }
         jobs.insert(id, job.clone());
         (id, job)
