@@ -98,7 +98,7 @@ pub(crate) fn stored_key_scheme(n: i64) -> Result<KeyScheme, StoreError> {
     KeyScheme::from_i64(n).ok_or_else(|| {
         StoreError::Config(format!(
             "a stored body names key scheme {n}, which this version of heap-relay does not know; \
-             a newer version wrote it (see README, \"Upgrading\")"
+             a newer version wrote it (see README, \"Upgrade notes\")"
         ))
     })
 }

@@ -82,7 +82,7 @@ fn refuse_old_schema(c: &Connection, path: &Path) -> Result<(), StoreError> {
             "{} holds a queue in the format of heap-relay before the ingest log (tables raw_bodies, events, \
              attempts), which this version does not read. Back the file up, then either let the previous version \
              drain it (until `heap-relay deliveries --status pending` and `--status retrying` show nothing) and \
-             move it aside, or point store.path at a new file. See README, \"Upgrading\".",
+             move it aside, or point store.path at a new file. See README, \"Upgrade notes\".",
             path.display()
         )));
     }
