@@ -10,11 +10,12 @@ use super::books::State;
 use super::codec::{self, pack, unpack};
 use super::finder::{Kind, hash};
 use super::views::{
-    self, LogEntry, ORDER_SLACK_MS, SCAN_ENTRIES, matches_query, own_rows, page_between, page_desc, read_entry,
+    self, LogEntry, ORDER_SLACK_MS, OwnRow, SCAN_ENTRIES, matches_query, own_rows, page_between, page_desc, read_entry,
 };
 use crate::store::queries::*;
 use crate::store::{Millis, Scope, Status, StoreError};
 use rusqlite::{Connection, params};
+use std::collections::HashMap;
 
 /// Log entries the last-hour view decodes at most.
 const FLOW_SCAN: usize = 50_000;
@@ -414,7 +415,8 @@ fn indexed_page(st: &State, f: &EventFilter, kind: Kind, value: &str) -> Result<
         _ => before,
     };
     let mut rows = 0;
-    let mut entry: Option<LogEntry> = None;
+    // The entry of the ids being looked at, with its own rows (read once per entry, not per id).
+    let mut entry: Option<(LogEntry, HashMap<i64, OwnRow>)> = None;
     while rows < SCAN_ENTRIES {
         let ids: Vec<i64> = st
             .conn
@@ -426,11 +428,14 @@ fn indexed_page(st: &State, f: &EventFilter, kind: Kind, value: &str) -> Result<
         rows += ids.len();
         for id in ids {
             let (seq, pos) = unpack(id);
-            if entry.as_ref().is_none_or(|e| e.seq != seq) {
-                entry = read_entry(&st.log, seq)?;
+            if entry.as_ref().is_none_or(|(e, _)| e.seq != seq) {
+                entry = match read_entry(&st.log, seq)? {
+                    Some(e) if e.seq == seq => Some((e, own_rows(&st.conn, seq)?)),
+                    _ => None,
+                };
             }
-            // Gone (retention), or another entry's: nothing here.
-            let Some(e) = entry.as_ref().filter(|e| e.seq == seq) else { continue };
+            // Gone (retention): nothing here.
+            let Some((e, own)) = entry.as_ref() else { continue };
             if too_old(e) {
                 return done(out, None, false);
             }
@@ -445,19 +450,8 @@ fn indexed_page(st: &State, f: &EventFilter, kind: Kind, value: &str) -> Result<
                 continue;
             }
             last_seen = Some(id);
-            if pos >= e.items.len() {
-                continue;
-            }
-            let own = own_rows(&st.conn, seq)?;
-            if f.query.status.is_some_and(|s| s != views::status_of(st, id, &e.items[pos], own.get(&id))) {
-                continue;
-            }
-            let v = views::view(st, e, pos, own.get(&id), false)?;
-            if f.keeps(&v) {
-                out.push(v);
-                if out.len() >= limit {
-                    return done(out, None, false);
-                }
+            if pos < e.items.len() && pick(st, f, e, pos, own, limit, &mut out)? {
+                return done(out, None, false);
             }
         }
     }
@@ -477,20 +471,34 @@ fn pick_from_entry(
 ) -> Result<bool, StoreError> {
     let own = own_rows(&st.conn, e.seq)?;
     for pos in (0..top).rev() {
-        let id = pack(e.seq, pos);
-        *last_seen = Some(id);
-        if f.query.status.is_some_and(|s| s != views::status_of(st, id, &e.items[pos], own.get(&id))) {
-            continue;
-        }
-        let v = views::view(st, e, pos, own.get(&id), false)?;
-        if f.keeps(&v) {
-            out.push(v);
-            if out.len() >= limit {
-                return Ok(true);
-            }
+        *last_seen = Some(pack(e.seq, pos));
+        if pick(st, f, e, pos, &own, limit, out)? {
+            return Ok(true);
         }
     }
     Ok(false)
+}
+
+/// Adds item `pos` of `e` to the page if it passes the filters; true once the page is full.
+fn pick(
+    st: &State,
+    f: &EventFilter,
+    e: &LogEntry,
+    pos: usize,
+    own: &HashMap<i64, OwnRow>,
+    limit: usize,
+    out: &mut Vec<crate::store::EventView>,
+) -> Result<bool, StoreError> {
+    let id = pack(e.seq, pos);
+    if f.query.status.is_some_and(|s| s != views::status_of(st, id, &e.items[pos], own.get(&id))) {
+        return Ok(false);
+    }
+    let v = views::view(st, e, pos, own.get(&id), false)?;
+    if !f.keeps(&v) {
+        return Ok(false);
+    }
+    out.push(v);
+    Ok(out.len() >= limit)
 }
 
 fn flow(st: &State, now: Millis) -> Result<Flow, StoreError> {
