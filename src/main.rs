@@ -3,6 +3,7 @@
 use clap::Parser;
 use heap_relay::cli::{Cli, Command};
 use heap_relay::commands::{self, CommandError};
+use heap_relay::filters::FilterParams;
 use heap_relay::settings::{ConfigPath, Settings};
 use heap_relay::startup::Application;
 use std::path::PathBuf;
@@ -35,8 +36,8 @@ async fn run() {
         Command::Check => commands::check::run(&settings),
         Command::Test { bless } => commands::test::run(&settings, bless),
         Command::Deliveries { status, source, environment, since, until, limit, json } => {
-            let filters = commands::deliveries::Filters { status, source, environment, since, until, limit, json };
-            commands::deliveries::run(&settings, filters).await
+            let filters = FilterParams { status, source, environment, since, until, ..FilterParams::default() };
+            commands::deliveries::run(&settings, filters, limit, json).await
         }
         Command::Replay { id, status, since, until, stale_template, rerender } => {
             let selection = commands::replay::Selection { id, status, since, until, stale_template };

@@ -7,31 +7,13 @@ use crate::settings::Settings;
 use crate::startup::open_store;
 use anyhow::Context;
 
-pub struct Filters {
-    pub status: Option<String>,
-    pub source: Option<String>,
-    pub environment: Option<String>,
-    pub since: Option<String>,
-    pub until: Option<String>,
-    pub limit: i64,
-    pub json: bool,
-}
-
-pub async fn run(settings: &Settings, f: Filters) -> Result<i32, CommandError> {
+/// Prints up to `limit` events of the log that pass `params`, as a table or (`json`) as JSON.
+pub async fn run(settings: &Settings, params: FilterParams, limit: i64, json: bool) -> Result<i32, CommandError> {
     // The same filters, read the same way, as /admin/deliveries and the console's Deliveries page.
-    let params = FilterParams {
-        status: f.status,
-        source: f.source,
-        environment: f.environment,
-        since: f.since,
-        until: f.until,
-        limit: Some(f.limit),
-        ..FilterParams::default()
-    };
-    let filter = params.parse(f.limit, i64::MAX).map_err(|e| CommandError::Usage(e.to_string()))?;
+    let filter = params.parse(limit, i64::MAX).map_err(|e| CommandError::Usage(e.to_string()))?;
     let store = open_store(settings).await?;
     let events = store.page(filter).await.context("listing")?.events;
-    if f.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&events).context("printing")?);
         return Ok(0);
     }
