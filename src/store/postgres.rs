@@ -236,6 +236,19 @@ fn channel_for(schema: &str) -> String {
     c
 }
 
+/// Writes the event rows of stored bodies not expanded yet, at most `CATCH_UP_BATCHES` transactions of them.
+async fn catch_up(client: &mut deadpool_postgres::Client) -> Result<(), StoreError> {
+    for _ in 0..CATCH_UP_BATCHES {
+        let tx = client.transaction().await?;
+        let n = writer::expand(&tx, None).await.map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        if n < writer::EXPAND_BATCH as usize {
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     if e.code() == Some(&SqlState::DISK_FULL) {
         return StoreError::Full("the PostgreSQL disk is full".into());
@@ -316,16 +329,7 @@ impl PgStore {
     /// see what was appended (bodies another transaction is writing at that moment are skipped, and seen a moment
     /// later).
     pub(crate) async fn caught_up(&self) -> Result<(), StoreError> {
-        let mut client = self.pool.get().await?;
-        for _ in 0..CATCH_UP_BATCHES {
-            let tx = client.transaction().await?;
-            let n = writer::expand(&tx, None).await.map_err(pg_err)?;
-            tx.commit().await.map_err(pg_err)?;
-            if n < writer::EXPAND_BATCH as usize {
-                break;
-            }
-        }
-        Ok(())
+        catch_up(&mut self.pool.get().await?).await
     }
 
     /// Up to `limit` ready events (oldest first) of the partitions `owner` holds (taking or giving back
@@ -339,8 +343,8 @@ impl PgStore {
         limit: i64,
         paused: Paused,
     ) -> Result<Vec<Claimed>, StoreError> {
-        self.caught_up().await?;
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        catch_up(&mut client).await?;
         let held = self.hold_parts(&client, owner, now, lease_ms).await?;
         if held.is_empty() {
             return Ok(Vec::new());
