@@ -241,8 +241,19 @@ impl Worker {
         let lease_ms = d.config.lease.as_millis() as i64;
         let mut paused = d.paused_now(now);
         if let Store::Postgres(pg) = &d.store {
-            // The shared budgets live in the database: app_ids whose budget is spent are not claimed at all.
-            paused.app_ids.extend(pg.spent_apps(app_rate, now).await?);
+            // The shared budgets live in the database: an app_id's claim takes at most what its budget holds now,
+            // and one whose budget is spent is not claimed at all.
+            if app_rate > 0 {
+                // An app_id with no bucket yet has a full one.
+                paused.app_cap_others = Some(i64::from(app_rate));
+            }
+            for (app_id, allowance) in pg.app_allowances(app_rate, now).await? {
+                if allowance < 1 {
+                    paused.app_ids.push(app_id);
+                } else {
+                    paused.app_caps.push((app_id, allowance));
+                }
+            }
         }
         let claimed = d.store.claim(&self.owner, now, lease_ms, limit, paused, admission).await?;
         let mut out = RoundOutcome { claimed: claimed.len(), ..Default::default() };

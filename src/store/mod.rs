@@ -238,16 +238,21 @@ impl Scope {
 }
 
 /// What a claim skips: events of these app_ids (an operator's pause, a 429, a spent shared budget) and of these
-/// environments (an operator's pause).
+/// environments (an operator's pause); and, on PostgreSQL, how many events of an app_id it takes at most (what its
+/// shared budget holds now, so that nothing is claimed that the budget will not let go).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Paused {
     pub app_ids: Vec<String>,
     pub environments: Vec<String>,
+    /// (app_id, events): at most that many of the app_id's events.
+    pub app_caps: Vec<(String, i64)>,
+    /// At most this many events of an app_id not in `app_caps` (a full bucket); None: not capped.
+    pub app_cap_others: Option<i64>,
 }
 
 impl Paused {
     pub fn apps(app_ids: Vec<String>) -> Self {
-        Self { app_ids, environments: Vec::new() }
+        Self { app_ids, ..Self::default() }
     }
 
     /// Whether an event of `app_id` in `environment` waits.

@@ -352,18 +352,38 @@ impl PgStore {
         let tokens: std::collections::HashMap<i32, i64> = held.iter().copied().collect();
         let part_ids: Vec<i32> = tokens.keys().copied().collect();
         let in_flight = self.in_flight(owner);
+        // The first `limit` ready events, then of each capped app_id no more than its cap (what its shared budget
+        // holds now): nothing is claimed that the app budget will not let go.
         let sql = format!(
-            "SELECT id, event_id, kind, app_id, identity, payload, attempts, enqueued_at, source, {part}
-             FROM events
-             WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $1 AND {part} = ANY($2)
-               AND NOT (id = ANY($3)) AND NOT (app_id = ANY($4::text[])) AND NOT (environment = ANY($5::text[]))
-             ORDER BY id LIMIT $6",
+            "WITH ready AS (
+                 SELECT id, event_id, kind, app_id, identity, payload, attempts, enqueued_at, source, {part} AS part
+                 FROM events
+                 WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $1 AND {part} = ANY($2)
+                   AND NOT (id = ANY($3)) AND NOT (app_id = ANY($4::text[])) AND NOT (environment = ANY($5::text[]))
+                 ORDER BY id LIMIT $6)
+             SELECT r.id, r.event_id, r.kind, r.app_id, r.identity, r.payload, r.attempts, r.enqueued_at, r.source,
+                    r.part
+             FROM (SELECT ready.*, row_number() OVER (PARTITION BY app_id ORDER BY id) AS rn FROM ready) r
+                  LEFT JOIN unnest($7::text[], $8::int8[]) AS c(app, n) ON c.app = r.app_id
+             WHERE r.rn <= coalesce(c.n, $9)
+             ORDER BY r.id",
             part = parts::PART_OF_ROW
         );
+        let (cap_apps, caps): (Vec<&str>, Vec<i64>) = paused.app_caps.iter().map(|(a, n)| (a.as_str(), *n)).unzip();
         let rows = client
             .query(
                 &client.prepare_cached(&sql).await?,
-                &[&now, &part_ids, &in_flight, &paused.app_ids, &paused.environments, &limit],
+                &[
+                    &now,
+                    &part_ids,
+                    &in_flight,
+                    &paused.app_ids,
+                    &paused.environments,
+                    &limit,
+                    &cap_apps,
+                    &caps,
+                    &paused.app_cap_others.unwrap_or(i64::MAX),
+                ],
             )
             .await
             .map_err(pg_err)?;
@@ -398,8 +418,21 @@ impl PgStore {
     /// Records attempts and outcomes in one transaction. Records whose lease token is stale are ignored (fencing);
     /// returns how many applied.
     pub async fn record(&self, records: Vec<AttemptRecord>) -> Result<usize, StoreError> {
+        // Events the budgets held back were claimed with no write and are released with none: their worker does
+        // not claim them again before their time (`hold_back`), and nothing else about them changed.
+        let (released, records): (Vec<AttemptRecord>, Vec<AttemptRecord>) = records
+            .into_iter()
+            .partition(|r| matches!(r.resolution, Resolution::Release { .. }) && r.attempts.is_empty());
+        let held: Vec<(i64, Millis)> = released
+            .iter()
+            .filter_map(|r| match r.resolution {
+                Resolution::Release { at } => Some((r.id, at)),
+                _ => None,
+            })
+            .collect();
+        let held = self.hold_back(&held);
         if records.is_empty() {
-            return Ok(0);
+            return Ok(held);
         }
         let now = now_ms();
         let n = records.len();
@@ -482,7 +515,7 @@ impl PgStore {
         }
         tx.commit().await.map_err(pg_err)?;
         self.recorded(&ids);
-        Ok(applied.len())
+        Ok(applied.len() + held)
     }
 
     /// Puts the selected events back in the queue (status pending, due now).

@@ -420,6 +420,77 @@ async fn ingest_and_claims_write_no_event_row_and_two_workers_settle_on_half_the
     }
 }
 
+/// Budgets before claims on PostgreSQL: a round claims no more of an app_id than its shared budget holds, and what
+/// an identity's budget holds back is released without writing its rows.
+#[tokio::test]
+async fn under_the_shared_budgets_a_claim_takes_only_what_the_app_budget_holds_and_a_hold_writes_no_event_row() {
+    let schema = TestSchema::create().await;
+    let heap = heap_answering(200, Duration::ZERO).await;
+    let s = pg_store(&schema).await;
+    s.append(body("budget", 2_000)).await.expect("append");
+    assert_eq!(s.stats().await.expect("stats").ready_or_waiting, 2_000, "the event rows are written");
+    let before = schema.query_i64("SELECT max(xmin::text::bigint) FROM events").await;
+    let touched = format!("SELECT count(*) FROM events WHERE xmin::text::bigint > {before}");
+    let clock = heap_relay::clock::Clock::default();
+    let config = DeliveryConfig { linger: Duration::ZERO, max_batch: 1_000, ..DeliveryConfig::default() };
+    // 600 a minute for the app_id, 60 a minute for each of the body's 7 identities.
+    let delivery = Arc::new(Delivery::new(
+        Store::Postgres(s),
+        HeapClient::new(&heap.uri(), Duration::from_secs(30)).expect("client"),
+        config,
+        RateLimiter::new(600, 60),
+        Arc::new(Metrics::new()),
+        clock.clone(),
+    ));
+    let worker = Worker::new(delivery, "w-0".into());
+    let started = Instant::now();
+
+    let first = worker.try_deliver_once().await.expect("round");
+    assert_eq!(first.claimed, 600, "the app budget's full bucket, not the 4,000 a round may take");
+    assert_eq!(first.delivered, 7 * 60, "each identity's bucket");
+    assert_eq!(first.held, 600 - 7 * 60);
+    assert_eq!(schema.query_i64(&touched).await, 7 * 60, "only the delivered events' rows were written");
+
+    let second = worker.try_deliver_once().await.expect("round");
+    assert_eq!(second.delivered, 0, "every identity's budget is spent");
+    assert_eq!(second.held, second.claimed, "what the app budget let it claim, the identity budgets held back");
+    let left = 180.0 + 600.0 / 60.0 * started.elapsed().as_secs_f64();
+    assert!(second.claimed as f64 <= left, "no more than the app budget had left: {}", second.claimed);
+    assert_eq!(schema.query_i64(&touched).await, 7 * 60, "holding back wrote no event row");
+
+    // A minute later every bucket is full again: the app_id's 600 go, held events first.
+    clock.advance(Duration::from_secs(60));
+    let third = worker.try_deliver_once().await.expect("round");
+    let refill = 600.0 / 60.0 * started.elapsed().as_secs_f64();
+    assert!(third.claimed as f64 <= 600.0 + refill, "a full bucket and what refilled since: {}", third.claimed);
+    assert_eq!(third.delivered, 7 * 60, "each identity's full bucket");
+    let events = received_keys(&heap).await.values().sum::<usize>();
+    assert_eq!(events, 2 * 7 * 60, "Heap got what the budgets let go, each event once");
+}
+
+#[tokio::test]
+async fn a_stored_body_whose_rows_cannot_be_read_is_held_for_a_rerender_not_lost() {
+    let schema = TestSchema::create().await;
+    let s = pg_store(&schema).await;
+    s.append(body("kept", 3)).await.expect("append");
+    s.append(body("broken", 3)).await.expect("append");
+    let broken = schema.query_i64("SELECT max(id) FROM raw_bodies").await;
+    schema.execute(&format!("UPDATE raw_bodies SET items = '\\x00ff'::bytea WHERE id = {broken}")).await;
+    let stats = s.stats().await.expect("stats");
+    assert_eq!(stats.ready_or_waiting, 3, "the readable body's events are queued");
+    let held = schema
+        .query_i64(&format!(
+            "SELECT count(*) FROM events WHERE raw_id = {broken} AND status = 'held'
+             AND last_error LIKE '%cannot be read%replay --status held --rerender%'"
+        ))
+        .await;
+    assert_eq!(held, 1, "the unreadable body stands as one held event that says what to do");
+    let ids = s.raw_body_ids(heap_relay::store::Selector::Status(heap_relay::store::Status::Held)).await.expect("ids");
+    assert_eq!(ids, vec![broken], "a re-render of the held events renders that body again");
+    let body_kept = schema.query_i64(&format!("SELECT count(*) FROM raw_bodies WHERE id = {broken}")).await;
+    assert_eq!(body_kept, 1, "its raw body is kept");
+}
+
 #[tokio::test]
 async fn a_lease_is_renewed_while_a_slow_send_is_in_flight_so_no_other_instance_takes_it_over() {
     let schema = TestSchema::create().await;

@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 impl PgStore {
-    /// The app_ids whose shared budget holds less than one event's worth at `now` (read, not taken): a claim skips
-    /// them, so a backlog held back by the app budget is not claimed and released row by row.
-    pub async fn spent_apps(&self, app_per_min: u32, now: Millis) -> Result<Vec<String>, StoreError> {
+    /// What the shared app budgets hold at `now` (read, not taken), in whole events: a claim takes no more of an
+    /// app_id than that and skips an app_id that holds less than one, so a backlog held back by the app budget is
+    /// neither claimed nor released row by row. App_ids with no bucket yet are not listed (their bucket is full).
+    pub async fn app_allowances(&self, app_per_min: u32, now: Millis) -> Result<Vec<(String, i64)>, StoreError> {
         if app_per_min == 0 {
             return Ok(Vec::new());
         }
@@ -22,11 +23,11 @@ impl PgStore {
         let rate = app_per_min as f64 / 60_000.0;
         Ok(rows
             .iter()
-            .filter(|r| {
+            .map(|r| {
                 let (tokens, at): (f64, i64) = (r.get(1), r.get(2));
-                (tokens + (now - at).max(0) as f64 * rate).min(app_per_min as f64) < 1.0
+                let now_holds = (tokens + (now - at).max(0) as f64 * rate).min(app_per_min as f64);
+                (r.get(0), now_holds.floor() as i64)
             })
-            .map(|r| r.get(0))
             .collect())
     }
 

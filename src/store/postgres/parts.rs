@@ -56,6 +56,10 @@ pub struct Holding {
     /// the same worker for a lease (after that, as a row lease would, they may be: a round whose record failed
     /// leaves them pending).
     pub in_flight: HashMap<i64, (i32, Millis)>,
+    /// Events the rate budgets held back (released unattempted), with their partition and until when: not claimed
+    /// again by this worker before then. Kept here rather than written to their rows: a budget's hold writes
+    /// nothing per event. Forgotten with the partition, or on a restart (the shared budget holds them again).
+    pub held: HashMap<i64, (i32, Millis)>,
 }
 
 impl PgStore {
@@ -73,6 +77,7 @@ impl PgStore {
             let h = holdings.entry(owner.to_owned()).or_default();
             let due = h.parts.is_empty() || h.maintained_at.is_none_or(|at| now - at >= lease_ms / 3);
             h.in_flight.retain(|_, (_, at)| now - *at < lease_ms);
+            h.held.retain(|_, (_, until)| *until > now);
             let busy: HashSet<i32> = h.in_flight.values().map(|(p, _)| *p).collect();
             (h.parts.clone(), due, busy)
         };
@@ -159,6 +164,7 @@ impl PgStore {
         let h = holdings.entry(owner.to_owned()).or_default();
         // Events of a partition that is no longer ours are the new holder's: forget them here.
         h.in_flight.retain(|_, (p, _)| parts.contains_key(p));
+        h.held.retain(|_, (p, _)| parts.contains_key(p));
         h.parts = parts;
         if due {
             h.maintained_at = Some(now);
@@ -221,10 +227,26 @@ impl PgStore {
         h.in_flight.extend(events.map(|(id, part)| (id, (part, now))));
     }
 
-    /// Events `owner` claimed and has not recorded.
+    /// Events `owner` does not claim now: those it claimed and has not recorded, and those the budgets hold back.
     pub(super) fn in_flight(&self, owner: &str) -> Vec<i64> {
         let holdings = self.holdings.lock().unwrap_or_else(|p| p.into_inner());
-        holdings.get(owner).map(|h| h.in_flight.keys().copied().collect()).unwrap_or_default()
+        holdings.get(owner).map(|h| h.in_flight.keys().chain(h.held.keys()).copied().collect()).unwrap_or_default()
+    }
+
+    /// Events released unattempted (the budgets held them back) until `until`: out of flight, and not claimed by
+    /// their worker before then. Returns how many were in flight.
+    pub(super) fn hold_back(&self, released: &[(i64, Millis)]) -> usize {
+        let mut holdings = self.holdings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for h in holdings.values_mut() {
+            for &(id, until) in released {
+                if let Some((part, _)) = h.in_flight.remove(&id) {
+                    h.held.insert(id, (part, until));
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     /// Recorded events are no longer in flight for anyone.

@@ -362,6 +362,25 @@ impl Deferred {
         Self { at, environment: b.environment.clone(), version: b.template_version.clone(), rows }
     }
 
+    /// What stands for a body whose deferred rows cannot be decoded: one held row saying so.
+    fn unreadable(e: &serde_json::Error, received_at: i64) -> Self {
+        let row = DeferredRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            index: 0,
+            kind: "track".into(),
+            app_id: String::new(),
+            identity: String::new(),
+            key: None,
+            payload: None,
+            status: "held".into(),
+            error: Some(format!(
+                "the rows stored with this body cannot be read ({e}); render it again: \
+                 heap-relay replay --status held --rerender"
+            )),
+        };
+        Self { at: received_at, environment: String::new(), version: None, rows: vec![row] }
+    }
+
     fn pending(&self) -> usize {
         self.rows.iter().filter(|r| r.status == "pending").count()
     }
@@ -407,11 +426,12 @@ pub(super) async fn expand(
         .iter()
         .map(|r| {
             let items: Vec<u8> = r.get(4);
-            // Written by `append_all` from the same struct; an unreadable one (never expected) expands to nothing
-            // rather than blocking every later body.
+            // Written by `append_all` from the same struct. An unreadable one (never expected) must neither block
+            // every later body nor vanish: it becomes one held row, which `replay --status held --rerender`
+            // renders again from the stored raw body.
             let d = serde_json::from_slice(&items).unwrap_or_else(|e| {
                 tracing::error!(raw_id = r.get::<_, i64>(0), error = %e, "a stored body's rows cannot be read");
-                Deferred { at: 0, environment: String::new(), version: None, rows: Vec::new() }
+                Deferred::unreadable(&e, r.get(3))
             });
             (r.get(0), r.get(1), r.get(2), r.get(3), d)
         })
