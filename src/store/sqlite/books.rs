@@ -135,6 +135,7 @@ impl State {
     pub fn open(conn: Connection, log: Connection) -> Result<Self, StoreError> {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(super::finder::SCHEMA)?;
+        super::finder::migrate(&conn)?;
         let cursor: i64 = conn.query_row("SELECT cursor FROM progress WHERE id = 0", [], |r| r.get(0))?;
         let mut delivered_above = HashSet::new();
         {

@@ -8,7 +8,7 @@
 use super::SqliteStore;
 use super::books::State;
 use super::codec::{self, pack, unpack};
-use super::finder::{Kind, hash};
+use super::finder::{self, Kind, hash};
 use super::views::{
     self, LogEntry, ORDER_SLACK_MS, OwnRow, SCAN_ENTRIES, matches_query, own_rows, page_between, page_desc, read_entry,
 };
@@ -29,15 +29,18 @@ const DEAD_GROUPS: &str = "SELECT coalesce(last_error, ''), count(*), max(id), m
      WHERE status = 'dead' GROUP BY 1";
 const DEAD_MEMBERS: &str =
     "SELECT id FROM own WHERE status = 'dead' AND coalesce(last_error, '') = ?1 ORDER BY id DESC LIMIT ?2";
-const FINDER_PAGE: &str = "SELECT id FROM finder WHERE h = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3";
+const FINDER_PAGE: &str =
+    "SELECT id FROM finder_by_span WHERE span = ?1 AND h = ?2 AND id < ?3 ORDER BY id DESC LIMIT ?4";
+const FINDER_SPAN_BELOW: &str = "SELECT max(span) FROM finder_by_span WHERE span < ?1";
 const REFUSED_PAGE: &str = "SELECT seq FROM log WHERE n_rejected > 0 AND seq < ?1 ORDER BY seq DESC LIMIT ?2";
 
 /// The statements behind the overview, a filtered page and the failures page, with the connection each runs on
 /// (`log` or `books`), for EXPLAIN QUERY PLAN.
-const PLANS: [(&str, &str, &str); 7] = [
+const PLANS: [(&str, &str, &str); 8] = [
     ("log", "page, overview", "SELECT seq, received_at, items FROM log WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"),
     ("books", "page by status", OWN_BY_STATUS),
     ("books", "page by identity, key or template", FINDER_PAGE),
+    ("books", "page by identity, key or template", FINDER_SPAN_BELOW),
     ("books", "overview", DELIVERED_PER_MINUTE),
     ("books", "overview", LAST_CALL),
     ("books", "failures", DEAD_GROUPS),
@@ -415,15 +418,28 @@ fn indexed_page(st: &State, f: &EventFilter, kind: Kind, value: &str) -> Result<
         _ => before,
     };
     let mut rows = 0;
+    // The span the rows below the cursor start in (the newest indexed one for the first page).
+    let mut span = if below == i64::MAX { upto >> finder::SPAN_BITS } else { finder::span_of(below) };
     // The entry of the ids being looked at, with its own rows (read once per entry, not per id).
     let mut entry: Option<(LogEntry, HashMap<i64, OwnRow>)> = None;
     while rows < SCAN_ENTRIES {
         let ids: Vec<i64> = st
             .conn
             .prepare_cached(FINDER_PAGE)?
-            .query_map(params![h, below, PAGE], |r| r.get(0))?
+            .query_map(params![span, h, below, PAGE], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        let Some(last) = ids.last() else { return done(out, None, false) };
+        let Some(last) = ids.last() else {
+            // This span has no more: the next older span that has rows, if any.
+            let older: Option<i64> =
+                st.conn.prepare_cached(FINDER_SPAN_BELOW)?.query_row(params![span], |r| r.get(0))?;
+            match older {
+                Some(s) => {
+                    span = s;
+                    continue;
+                }
+                None => return done(out, None, false),
+            }
+        };
         below = *last;
         rows += ids.len();
         for id in ids {

@@ -2,10 +2,15 @@
 //! in delivery's books file so that the ingest commit writes nothing for it (the ingest commit appends, and nothing
 //! else writes to what it waits on).
 //!
-//! A row is `(hash of the value, event number)`: the value hashed with its kind (FNV-1a, 64 bits, stable across
-//! builds), so a rare identity's events are an index range read newest first instead of a walk of the log. A
+//! A row is `(span, hash of the value, event number)`: the value hashed with its kind (FNV-1a, 64 bits, stable
+//! across builds), so a rare identity's events are an index range read newest first instead of a walk of the log. A
 //! template is indexed once per log entry (at its first event number). A hash can collide: every event found is
 //! checked against the filter itself.
+//!
+//! The span (`seq >> SPAN_BITS`, 16,384 log entries) leads the key so that the follower's inserts land in the
+//! newest span's small subtree: keyed by the hash alone, every step touched pages all over an index that grows with
+//! the backlog (a million held events made it rewrite most of the index each step: about 8 KB written per event). A
+//! lookup reads the value's range in each span, newest first (`max(span) … WHERE span < ?` jumps over empty ones).
 //!
 //! The follower (`SqliteStore`'s `log-follower` thread) reads the log past `finder_progress.upto` in bounded steps
 //! under the books' lock, as delivery's other writes are made; so operator views through it may trail ingest by
@@ -13,15 +18,16 @@
 //! Retention deletes an entry's rows with the entry (`forget`).
 
 use super::books::State;
-use super::codec::{self, pack};
+use super::codec::{self, pack, unpack};
 use crate::store::StoreError;
 use rusqlite::params;
 
 pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS finder (
-    h  INTEGER NOT NULL,
-    id INTEGER NOT NULL,
-    PRIMARY KEY (h, id)
+CREATE TABLE IF NOT EXISTS finder_by_span (
+    span INTEGER NOT NULL,
+    h    INTEGER NOT NULL,
+    id   INTEGER NOT NULL,
+    PRIMARY KEY (span, h, id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS finder_progress (
     id   INTEGER PRIMARY KEY CHECK (id = 0),
@@ -29,6 +35,28 @@ CREATE TABLE IF NOT EXISTS finder_progress (
 );
 INSERT OR IGNORE INTO finder_progress (id, upto) VALUES (0, 0);
 ";
+
+/// A span is 2^SPAN_BITS log entries.
+pub const SPAN_BITS: u32 = 14;
+
+/// The span of an event number.
+pub fn span_of(id: i64) -> i64 {
+    unpack(id).0 >> SPAN_BITS
+}
+
+/// A books file from before spans has its index keyed by the hash alone (`finder`): it is dropped and the follower
+/// rebuilds the index from the log (derived data; operator views read the log itself past it meanwhile).
+pub fn migrate(conn: &rusqlite::Connection) -> Result<(), StoreError> {
+    let old: bool =
+        conn.query_row("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'finder'", [], |r| {
+            r.get(0)
+        })?;
+    if old {
+        tracing::info!("rebuilding the follower index of the delivery log in its new layout, in the background");
+        conn.execute_batch("BEGIN; DROP TABLE finder; UPDATE finder_progress SET upto = 0 WHERE id = 0; COMMIT;")?;
+    }
+    Ok(())
+}
 
 /// Log entries one step reads at most.
 const STEP_ENTRIES: i64 = 1024;
@@ -60,14 +88,15 @@ pub fn hash(kind: Kind, value: &str) -> i64 {
     h as i64
 }
 
-/// The rows of one log entry: its template once, then each event's identity and key.
-fn rows(seq: i64, template: &str, items: &[codec::StoredItem]) -> Vec<(i64, i64)> {
-    let mut out = vec![(hash(Kind::Template, template), pack(seq, 0))];
+/// The rows of one log entry (span, hash, event number): its template once, then each event's identity and key.
+fn rows(seq: i64, template: &str, items: &[codec::StoredItem]) -> Vec<(i64, i64, i64)> {
+    let span = seq >> SPAN_BITS;
+    let mut out = vec![(span, hash(Kind::Template, template), pack(seq, 0))];
     for (pos, item) in items.iter().enumerate() {
         if let Some(ev) = &item.event {
-            out.push((hash(Kind::Identity, &ev.identity), pack(seq, pos)));
+            out.push((span, hash(Kind::Identity, &ev.identity), pack(seq, pos)));
             if let Some(k) = &ev.idempotency_key {
-                out.push((hash(Kind::Key, k), pack(seq, pos)));
+                out.push((span, hash(Kind::Key, k), pack(seq, pos)));
             }
         }
     }
@@ -104,7 +133,7 @@ impl State {
         for (seq, template, items) in &entries {
             all.extend(rows(*seq, template, &codec::decode_items(items)?));
         }
-        // In key order: the hashes scatter over the table, and sorted inserts touch each page once.
+        // In key order: within a span the hashes scatter, and sorted inserts touch each page once.
         all.sort_unstable();
         // The index is derived from the log, and its progress row commits with its rows: this commit need not wait
         // for its own fsync (the next `synchronous=FULL` commit of the books syncs the WAL frames before it too; a
@@ -119,12 +148,13 @@ impl State {
         Ok(entries.len())
     }
 
-    fn index_step(&mut self, all: Vec<(i64, i64)>, last: i64) -> Result<(), StoreError> {
+    fn index_step(&mut self, all: Vec<(i64, i64, i64)>, last: i64) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
-            let mut ins = tx.prepare_cached("INSERT OR IGNORE INTO finder (h, id) VALUES (?1, ?2)")?;
-            for (h, id) in all {
-                ins.execute(params![h, id])?;
+            let mut ins =
+                tx.prepare_cached("INSERT OR IGNORE INTO finder_by_span (span, h, id) VALUES (?1, ?2, ?3)")?;
+            for (span, h, id) in all {
+                ins.execute(params![span, h, id])?;
             }
             tx.prepare_cached("UPDATE finder_progress SET upto = ?1 WHERE id = 0")?.execute(params![last])?;
         }
@@ -136,10 +166,10 @@ impl State {
     pub fn forget(&mut self, entries: &[(i64, String, Vec<codec::StoredItem>)]) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
-            let mut del = tx.prepare_cached("DELETE FROM finder WHERE h = ?1 AND id = ?2")?;
+            let mut del = tx.prepare_cached("DELETE FROM finder_by_span WHERE span = ?1 AND h = ?2 AND id = ?3")?;
             for (seq, template, items) in entries {
-                for (h, id) in rows(*seq, template, items) {
-                    del.execute(params![h, id])?;
+                for (span, h, id) in rows(*seq, template, items) {
+                    del.execute(params![span, h, id])?;
                 }
             }
         }
@@ -152,6 +182,25 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_index_keyed_by_hash_alone_is_dropped_and_rebuilt_from_the_start_of_the_log() {
+        let c = rusqlite::Connection::open_in_memory().expect("db");
+        c.execute_batch(
+            "CREATE TABLE finder (h INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (h, id)) WITHOUT ROWID;
+             INSERT INTO finder VALUES (1, 2);",
+        )
+        .expect("old layout");
+        c.execute_batch(SCHEMA).expect("schema");
+        c.execute("UPDATE finder_progress SET upto = 42", []).expect("progress");
+        migrate(&c).expect("migrates");
+        let old: i64 =
+            c.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'finder'", [], |r| r.get(0)).expect("q");
+        assert_eq!(old, 0, "the old table is gone");
+        let upto: i64 = c.query_row("SELECT upto FROM finder_progress", [], |r| r.get(0)).expect("q");
+        assert_eq!(upto, 0, "the follower starts again from the first entry");
+        migrate(&c).expect("a second start changes nothing");
+    }
 
     #[test]
     fn a_value_hashes_the_same_every_time_and_differently_by_kind() {
