@@ -12,7 +12,7 @@
 //! the backlog (a million held events made it rewrite most of the index each step: about 8 KB written per event). A
 //! lookup reads the value's range in each span, newest first (`max(span) … WHERE span < ?` jumps over empty ones).
 //!
-//! The follower (`SqliteStore`'s `log-follower` thread) reads the log past `finder_progress.upto` in bounded steps
+//! The follower (`SqliteStore`'s `log-follower` thread) reads the log past `finder_span_progress.upto` in bounded steps
 //! under the books' lock, as delivery's other writes are made; so operator views through it may trail ingest by
 //! about a second. A page reads the entries past `upto` from the log itself, so nothing recent is missed.
 //! Retention deletes an entry's rows with the entry (`forget`).
@@ -29,11 +29,13 @@ CREATE TABLE IF NOT EXISTS finder_by_span (
     id   INTEGER NOT NULL,
     PRIMARY KEY (span, h, id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS finder_progress (
+-- Where the follower has read the log to. Its own table: the previous layout's `finder_progress` must not say
+-- its (dropped) index is built, should that version run on this file again.
+CREATE TABLE IF NOT EXISTS finder_span_progress (
     id   INTEGER PRIMARY KEY CHECK (id = 0),
     upto INTEGER NOT NULL
 );
-INSERT OR IGNORE INTO finder_progress (id, upto) VALUES (0, 0);
+INSERT OR IGNORE INTO finder_span_progress (id, upto) VALUES (0, 0);
 ";
 
 /// A span is 2^SPAN_BITS log entries.
@@ -44,8 +46,11 @@ pub fn span_of(id: i64) -> i64 {
     unpack(id).0 >> SPAN_BITS
 }
 
-/// A books file from before spans has its index keyed by the hash alone (`finder`): it is dropped and the follower
-/// rebuilds the index from the log (derived data; operator views read the log itself past it meanwhile).
+/// A books file last opened by a version before spans has its index keyed by the hash alone (`finder`): it is
+/// dropped, with its progress set back to the start (so that version, run again, rebuilds it rather than trusting
+/// an empty table), and the follower rebuilds this index from the log (derived data; operator views read the log
+/// itself past it meanwhile). Whatever this layout held from an earlier run is dropped too: that version may have
+/// appended and pruned entries since, without it.
 pub fn migrate(conn: &rusqlite::Connection) -> Result<(), StoreError> {
     let old: bool =
         conn.query_row("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'finder'", [], |r| {
@@ -53,7 +58,14 @@ pub fn migrate(conn: &rusqlite::Connection) -> Result<(), StoreError> {
         })?;
     if old {
         tracing::info!("rebuilding the follower index of the delivery log in its new layout, in the background");
-        conn.execute_batch("BEGIN; DROP TABLE finder; UPDATE finder_progress SET upto = 0 WHERE id = 0; COMMIT;")?;
+        conn.execute_batch(
+            "BEGIN;
+             DROP TABLE finder;
+             UPDATE finder_progress SET upto = 0 WHERE id = 0;
+             DELETE FROM finder_by_span;
+             UPDATE finder_span_progress SET upto = 0 WHERE id = 0;
+             COMMIT;",
+        )?;
     }
     Ok(())
 }
@@ -106,7 +118,7 @@ fn rows(seq: i64, template: &str, items: &[codec::StoredItem]) -> Vec<(i64, i64,
 impl State {
     /// Where the follower has read the log to (every entry at or below is indexed).
     pub fn finder_upto(&self) -> Result<i64, StoreError> {
-        Ok(self.conn.query_row("SELECT upto FROM finder_progress WHERE id = 0", [], |r| r.get(0))?)
+        Ok(self.conn.query_row("SELECT upto FROM finder_span_progress WHERE id = 0", [], |r| r.get(0))?)
     }
 
     /// One step of the follower: indexes the log entries past `upto` (a bounded number), in one transaction of the
@@ -156,7 +168,7 @@ impl State {
             for (span, h, id) in all {
                 ins.execute(params![span, h, id])?;
             }
-            tx.prepare_cached("UPDATE finder_progress SET upto = ?1 WHERE id = 0")?.execute(params![last])?;
+            tx.prepare_cached("UPDATE finder_span_progress SET upto = ?1 WHERE id = 0")?.execute(params![last])?;
         }
         tx.commit()?;
         Ok(())
@@ -184,22 +196,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_index_keyed_by_hash_alone_is_dropped_and_rebuilt_from_the_start_of_the_log() {
+    fn an_index_keyed_by_hash_alone_is_dropped_and_both_layouts_start_again_from_the_first_entry() {
         let c = rusqlite::Connection::open_in_memory().expect("db");
+        // A books file the previous version wrote: its index and its progress.
         c.execute_batch(
             "CREATE TABLE finder (h INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (h, id)) WITHOUT ROWID;
-             INSERT INTO finder VALUES (1, 2);",
+             INSERT INTO finder VALUES (1, 2);
+             CREATE TABLE finder_progress (id INTEGER PRIMARY KEY CHECK (id = 0), upto INTEGER NOT NULL);
+             INSERT INTO finder_progress VALUES (0, 42);",
         )
         .expect("old layout");
         c.execute_batch(SCHEMA).expect("schema");
-        c.execute("UPDATE finder_progress SET upto = 42", []).expect("progress");
+        // As if this version had run on it before (and the previous one again since).
+        c.execute_batch("INSERT INTO finder_by_span VALUES (0, 1, 2); UPDATE finder_span_progress SET upto = 40;")
+            .expect("an earlier run of this layout");
         migrate(&c).expect("migrates");
-        let old: i64 =
-            c.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'finder'", [], |r| r.get(0)).expect("q");
-        assert_eq!(old, 0, "the old table is gone");
-        let upto: i64 = c.query_row("SELECT upto FROM finder_progress", [], |r| r.get(0)).expect("q");
-        assert_eq!(upto, 0, "the follower starts again from the first entry");
+        let q = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).expect(sql);
+        assert_eq!(q("SELECT count(*) FROM sqlite_master WHERE name = 'finder'"), 0, "the old table is gone");
+        assert_eq!(q("SELECT upto FROM finder_span_progress"), 0, "the follower starts again from the first entry");
+        assert_eq!(q("SELECT count(*) FROM finder_by_span"), 0, "and from an empty index");
+        assert_eq!(q("SELECT upto FROM finder_progress"), 0, "the previous version, run again, rebuilds its own");
+        c.execute_batch("INSERT INTO finder_by_span VALUES (0, 1, 2)").expect("a row");
         migrate(&c).expect("a second start changes nothing");
+        assert_eq!(q("SELECT count(*) FROM finder_by_span"), 1);
     }
 
     #[test]
