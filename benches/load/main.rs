@@ -171,6 +171,7 @@ fn args() -> Args {
 
 fn main() {
     let a = args();
+    check_cpu_time();
     // The client runs on one thread, like `wrk -t1`; the servers under test get the rest of the machine.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
     let heap = Arc::new(HeapCounters::default());
@@ -451,6 +452,19 @@ fn backlog(rt: &tokio::runtime::Runtime, heap: &Arc<HeapCounters>, heap_port: u1
     );
     println!("| store MB per 1M events | {:.0} | - | - |", store as f64 / 1048576.0 * 1e6 / accepted.max(1) as f64);
     println!("| relay peak RSS MB | {:.1} | - | - |", mb(hwm));
+}
+
+/// The CPU figures read `/proc/<pid>/stat`; a parse that picks the wrong fields reads system time alone and makes
+/// the relay look several times cheaper than it is. Spinning 300 ms on this thread must show as about that much.
+fn check_cpu_time() {
+    let before = cpu_time(std::process::id());
+    let spin = Instant::now();
+    let mut x = 0u64;
+    while spin.elapsed() < Duration::from_millis(300) {
+        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+    }
+    let used = cpu_time(std::process::id()).saturating_sub(before);
+    assert!(used >= Duration::from_millis(200), "cpu_time reads {used:?} for 300 ms of spinning: fix its parse");
 }
 
 fn cpus() -> usize {

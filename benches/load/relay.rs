@@ -141,10 +141,13 @@ pub fn rss_kb(pid: u32) -> (u64, u64) {
 /// CPU time (user + system) a process has used so far, from /proc/<pid>/stat.
 pub fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces): utime is the 12th, stime 13th.
+    // Fields after the command name (which is in parentheses and may hold spaces), counted from the state (0):
+    // utime is the 11th, stime the 12th. Every field counts, so none may be dropped: tpgid is -1 for a process with
+    // no terminal (a filter on what parses as u64 once dropped it and read stime and cutime instead).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(11) + field(12);
     // USER_HZ is 100 on Linux.
     Duration::from_millis(ticks * 10)
 }
