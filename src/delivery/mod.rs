@@ -165,6 +165,10 @@ impl Delivery {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RoundOutcome {
     pub claimed: usize,
+    /// The round spent an app budget (this instance's, SQLite): how long until it holds a batch again. The worker
+    /// waits that long, so that a backlog held by the budget goes in one call a second or so, not in a call of a
+    /// few events every round.
+    pub budget_wait: Option<Duration>,
     pub delivered: usize,
     pub retrying: usize,
     pub dead: usize,
@@ -187,15 +191,26 @@ impl Worker {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let cfg = self.shared.config.clone();
         while !*shutdown.borrow() {
-            let claimed = match self.try_deliver_once().await {
-                Ok(r) => r.claimed,
+            let (claimed, budget_wait) = match self.try_deliver_once().await {
+                Ok(r) => (r.claimed, r.budget_wait),
                 Err(e) => {
                     tracing::error!(error = %e, worker = %self.owner, "delivery round failed");
-                    0
+                    (0, None)
                 }
             };
             if claimed >= cfg.max_batch {
                 continue; // a backlog: go on at once
+            }
+            if let Some(wait) = budget_wait {
+                // The app budget is what holds the backlog: wait until it holds a batch (new events do not help).
+                let stop = tokio::select! {
+                    _ = tokio::time::sleep(wait.max(cfg.linger)) => false,
+                    changed = shutdown.changed() => changed.is_err(),
+                };
+                if stop {
+                    break;
+                }
+                continue;
             }
             if claimed == 0 {
                 // Idle: wait for ingest to wake us, or for due retries at the next poll.
@@ -259,6 +274,12 @@ impl Worker {
         let mut out = RoundOutcome { claimed: claimed.len(), ..Default::default() };
         if claimed.is_empty() {
             return Ok(out);
+        }
+        if in_claim && app_rate > 0 && (claimed.len() as i64) < limit {
+            // A second's worth, or a full call's, whichever is less.
+            let want = (d.config.max_batch as f64).min(f64::from(app_rate) / 60.0).max(1.0);
+            let apps: std::collections::HashSet<&str> = claimed.iter().map(|c| c.app_id.as_str()).collect();
+            out.budget_wait = apps.into_iter().filter_map(|a| d.limiter.app_refill_wait(a, want, now)).min();
         }
         let mut records = Vec::with_capacity(claimed.len());
         let mut go = Vec::with_capacity(claimed.len());

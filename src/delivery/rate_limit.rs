@@ -56,6 +56,23 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// When the app_id's budget is spent at `now` (less than one event's worth), how long until it holds `want`
+    /// events' worth (at most a full bucket); None while it still lets one go, or with the app budget off.
+    pub fn app_refill_wait(&self, app_id: &str, want: f64, now: Millis) -> Option<Duration> {
+        if self.app_per_min == 0 {
+            return None;
+        }
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if shared_wait(&mut b, (app_id, ""), self.app_per_min, now).is_zero() {
+            return None;
+        }
+        let cap = self.app_per_min as f64;
+        let tokens = b.get(&(app_id.to_owned(), String::new())).map_or(cap, |bucket| bucket.tokens);
+        Some(Duration::from_secs_f64((want.min(cap) - tokens).max(0.0) * 60.0 / cap))
+    }
+}
+
 impl Admission for RateLimiter {
     fn admit(&self, app_id: &str, identity: &str, now: Millis) -> Result<(), Held> {
         self.try_take(app_id, identity, now)
@@ -124,6 +141,20 @@ fn shared_wait(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spent_app_budget_says_how_long_until_it_holds_a_batch() {
+        let rl = RateLimiter::new(600, 0);
+        let t = 1_000_000;
+        assert_eq!(rl.app_refill_wait("1", 10.0, t), None, "a full bucket lets events go");
+        for _ in 0..600 {
+            assert!(rl.try_take("1", "a", t).is_ok());
+        }
+        let wait = rl.app_refill_wait("1", 10.0, t).expect("spent");
+        assert_eq!(wait.as_millis(), 1_000, "ten events at ten a second");
+        assert_eq!(rl.app_refill_wait("1", 10.0, t + 100), None, "one event's worth came back");
+        assert_eq!(rl.app_refill_wait("2", 10.0, t), None, "another app_id has its own bucket");
+    }
 
     #[test]
     fn an_identity_over_its_budget_waits_while_others_go_on() {
