@@ -421,7 +421,8 @@ fn main() {
     rt.block_on(async {
         let base =
             std::env::var("HEAP_RELAY_BENCH_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let base = Some(base.as_str());
+        let pg_url = base.as_str();
+        let base = Some(pg_url);
         let secs = env_or("BENCH_SECS", 5);
         let conns = env_or("BENCH_CONNECTIONS", 32) as usize;
         let backlog_events = env_or("BENCH_BACKLOG", 40_000) as usize;
@@ -431,7 +432,7 @@ fn main() {
         bare_handle.stop(true).await;
         let mut ingest =
             vec![IngestRow { name: "bare actix-web, answers 202".to_owned(), load: baseline, wal_bytes: None }];
-        ingest.push(minimal_pg_row(base.expect("a PostgreSQL URL"), conns, secs).await);
+        ingest.push(minimal_pg_row(pg_url, conns, secs).await);
         for (b, n) in [(None, 1), (base, 1), (base, 3)] {
             ingest.push(ingest_row(b, n, conns, secs).await);
         }

@@ -54,9 +54,7 @@ impl RateLimiter {
         }
         Ok(())
     }
-}
 
-impl RateLimiter {
     /// When the app_id's budget is spent at `now` (less than one event's worth), how long until it holds `want`
     /// events' worth (at most a full bucket); None while it still lets one go, or with the app budget off.
     pub fn app_refill_wait(&self, app_id: &str, want: f64, now: Millis) -> Option<Duration> {

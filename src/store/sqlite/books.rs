@@ -296,8 +296,7 @@ impl State {
         self.fill()?;
         self.held.retain(|_, until| *until > now);
         let limit = limit.max(0) as usize;
-        let mut gate =
-            Gate { blocked_apps: paused.app_ids.iter().cloned().collect(), ordered: HashSet::new(), admission, now };
+        let mut gate = Gate { blocked_apps: paused.app_ids.to_vec(), ordered: HashSet::new(), admission, now };
         let mut out = Vec::new();
 
         // Retries and replays first: they are the oldest events.
