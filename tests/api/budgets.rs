@@ -17,11 +17,7 @@ fn bulk(identity: impl Fn(usize) -> String, from: usize, n: usize) -> String {
 
 #[tokio::test]
 async fn a_backlog_held_by_the_app_budget_costs_one_commit_per_heap_call_none_on_ingest_and_never_exceeds_the_budget() {
-    let app = spawn_app_with(|s| {
-        s.delivery.app_events_per_minute = 600;
-        s.delivery.identity_events_per_minute = 0;
-    })
-    .await;
+    let app = app_budget_only(600).await;
     let clock = app.app.intake.clock.clone();
     let start = clock.now_ms();
     for part in 0..2 {
@@ -63,11 +59,7 @@ async fn a_backlog_held_by_the_app_budget_costs_one_commit_per_heap_call_none_on
 /// no CPU, and one books commit a second.
 #[tokio::test]
 async fn a_backlog_held_by_the_app_budget_goes_in_about_one_call_a_second() {
-    let app = spawn_app_with(|s| {
-        s.delivery.app_events_per_minute = 600;
-        s.delivery.identity_events_per_minute = 0;
-    })
-    .await;
+    let app = app_budget_only(600).await;
     let resp = app.post("/api/track", bulk(|i| format!("user-{i}"), 0, 2_000)).await;
     assert!(resp.status().is_success(), "{}", resp.text().await.unwrap_or_default());
     // The bucket starts full: 600 go at once; then it refills at ten events a second.
@@ -77,6 +69,15 @@ async fn a_backlog_held_by_the_app_budget_goes_in_about_one_call_a_second() {
     let elapsed = started.elapsed().as_secs_f64();
     let calls = app.heap_calls().await.len() - calls_before;
     assert!(calls as f64 <= elapsed + 2.0, "{calls} Heap calls in {elapsed:.1} s for the next 30 events");
+}
+
+/// A relay whose only rate budget is the app_id's, `per_min` events a minute.
+async fn app_budget_only(per_min: u32) -> TestApp {
+    spawn_app_with(|s| {
+        s.delivery.app_events_per_minute = per_min;
+        s.delivery.identity_events_per_minute = 0;
+    })
+    .await
 }
 
 /// The store's stats once delivery has recorded every event Heap has received (20,000 were sent in).
