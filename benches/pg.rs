@@ -256,14 +256,10 @@ async fn minimal_pg_row(base: &str, conns: usize, secs: u64) -> IngestRow {
     IngestRow { name: "minimal durable PostgreSQL writer (whole body, group commit)".into(), load, wal_bytes }
 }
 
-/// One body waiting for the minimal PostgreSQL writer's commit.
-type PgPending = (actix_web::web::Bytes, tokio::sync::oneshot::Sender<bool>);
-
-/// Actix reads the body and hands it to one writer task, which appends every body waiting in one transaction and
-/// answers each after the commit; 202 then, 503 if the commit failed.
+/// One connection appends every body waiting in one transaction and answers each after the commit; the HTTP side is
+/// the SQLite reference's (`servers::spawn_commit_front`).
 fn spawn_minimal_pg_writer(workers: usize, url: &str) -> (String, ServerHandle) {
-    use actix_web::{App, HttpResponse, HttpServer, web};
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<PgPending>(4096);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<servers::Pending>(4096);
     let url = url.to_owned();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -275,7 +271,8 @@ fn spawn_minimal_pg_writer(workers: usize, url: &str) -> (String, ServerHandle) 
                 .await
                 .expect("table");
             let insert = client.prepare("INSERT INTO bodies (body) SELECT unnest($1::bytea[])").await.expect("prepare");
-            while let Some(first) = rx.recv().await {
+            // Blocking on the channel is fine here: nothing else runs on this thread while no query is in flight.
+            while let Ok(first) = rx.recv() {
                 let mut group = vec![first];
                 while let Ok(p) = rx.try_recv() {
                     group.push(p);
@@ -288,36 +285,7 @@ fn spawn_minimal_pg_writer(workers: usize, url: &str) -> (String, ServerHandle) 
             }
         })
     });
-    let (ptx, prx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        actix_web::rt::System::new().block_on(async move {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-            let port = listener.local_addr().expect("local addr").port();
-            let data = web::Data::new(tx);
-            let server = HttpServer::new(move || {
-                App::new().app_data(data.clone()).app_data(web::PayloadConfig::new(5 << 20)).default_service(web::to(
-                    |body: web::Bytes, w: web::Data<tokio::sync::mpsc::Sender<PgPending>>| async move {
-                        let (reply, done) = tokio::sync::oneshot::channel();
-                        if w.send((body, reply)).await.is_err() {
-                            return HttpResponse::ServiceUnavailable().finish();
-                        }
-                        match done.await {
-                            Ok(true) => HttpResponse::Accepted().finish(),
-                            _ => HttpResponse::ServiceUnavailable().finish(),
-                        }
-                    },
-                ))
-            })
-            .workers(workers)
-            .disable_signals()
-            .listen(listener)
-            .expect("listen")
-            .run();
-            ptx.send((port, server.handle())).expect("report port");
-            let _ = server.await;
-        })
-    });
-    let (port, handle) = prx.recv().expect("server thread started");
+    let (port, handle) = servers::spawn_commit_front(workers, tx);
     (format!("http://127.0.0.1:{port}"), handle)
 }
 

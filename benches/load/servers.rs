@@ -92,8 +92,8 @@ pub fn spawn_actix(workers: usize, counters: Option<Arc<HeapCounters>>) -> (u16,
     rx.recv().expect("server thread started")
 }
 
-/// One request body waiting for the minimal writer's commit.
-type Pending = (web::Bytes, tokio::sync::oneshot::Sender<bool>);
+/// One request body waiting for a minimal writer's commit.
+pub type Pending = (web::Bytes, tokio::sync::oneshot::Sender<bool>);
 
 /// The durable reference: actix reads the body, one SQLite writer thread (WAL, `synchronous=FULL`) appends every
 /// waiting body to one table in one transaction (group commit), and the 202 follows the commit. What any durable
@@ -125,6 +125,15 @@ pub fn spawn_minimal_writer(workers: usize, dir: &std::path::Path) -> (u16, acti
             }
         }
     });
+    spawn_commit_front(workers, tx)
+}
+
+/// The HTTP side of a durable reference server: reads each body, hands it to the writer behind `tx` with a reply
+/// channel, and answers 202 once the writer says its commit holds the body (503 if it failed or is gone).
+pub fn spawn_commit_front(
+    workers: usize,
+    tx: std::sync::mpsc::SyncSender<Pending>,
+) -> (u16, actix_web::dev::ServerHandle) {
     let (ptx, prx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
