@@ -183,6 +183,23 @@ fn summary() {
         println!("  {label:<32} {:>12.0} events/s", eps);
     }
     println!("  text / JSON template            {:>12.2}x", rows[1].1 / rows[0].1);
+
+    // What one request of the load table's main scenario costs before the store and without HTTP.
+    let two = serde_json::to_vec(&clevertap_with(2)).expect("serialises");
+    let per_request = events_per_sec(1, || {
+        black_box(intake_rows(&pipeline, &two));
+    });
+    println!("\nCleverTap 2-profile body, parse + render + validate + rows to store, one core (best of 5 x 300 ms):");
+    println!("  {:<32} {:>12.0} requests/s ({:.1} us each)", "intake_clevertap_2", per_request, 1e6 / per_request);
+}
+
+/// The intake's work on one body up to the store: the pipeline, then the rows the store is given.
+fn intake_rows(pipeline: &heap_relay::ingest::Pipeline, body: &[u8]) -> usize {
+    let route = Route::Hook { source: Source::CleverTap, template: None };
+    let out = pipeline.ingest(&route, body, &Timestamp::now()).expect("ingests");
+    let (rows, _) = heap_relay::intake::to_rows("clevertap", out, body.to_vec(), 0, None);
+    assert_eq!(rows.events.len(), 2, "one event per profile");
+    rows.events.len()
 }
 
 criterion_group!(micro, benches);
@@ -200,6 +217,17 @@ fn main() {
         let received_at = Timestamp::now();
         for _ in 0..n {
             black_box(pipeline.ingest_value(route, &body, &received_at).expect("ingests"));
+        }
+        return;
+    }
+    // `-- --fixed-intake N`: N calls of `intake_rows` on the 2-profile body, for `perf stat` in the same way.
+    if let Some(n) = std::env::args().skip_while(|a| a != "--fixed-intake").nth(1).and_then(|n| n.parse::<usize>().ok())
+    {
+        let settings = settings();
+        let pipeline = build_pipeline(&settings, load_templates(&settings).expect("templates load"));
+        let two = serde_json::to_vec(&clevertap_with(2)).expect("serialises");
+        for _ in 0..n {
+            black_box(intake_rows(&pipeline, &two));
         }
         return;
     }

@@ -193,7 +193,7 @@ pub fn to_rows(
             app_id: a.call.app_id().as_str().to_owned(),
             identity: a.call.identity().to_owned(),
             idempotency_key: a.call.idempotency_key().map(|k| k.as_str().to_owned()),
-            payload: a.call.bulk_item().to_string(),
+            payload: a.call.bulk_item_text(),
             dedupe_key: a
                 .call
                 .idempotency_key()

@@ -145,6 +145,11 @@ fn scan(bytes: &[u8], limits: &JsonLimits) -> Result<(), JsonError> {
 fn scan_string(bytes: &[u8], mut i: usize) -> Result<usize, JsonError> {
     let at = |i: usize| line_column(bytes, i);
     while i < bytes.len() {
+        // Ordinary characters are skipped a vector at a time; only these three need a look.
+        match memchr::memchr3(b'"', b'\\', 0, &bytes[i..]) {
+            Some(skip) => i += skip,
+            None => return Ok(bytes.len()),
+        }
         match bytes[i] {
             b'"' => return Ok(i + 1),
             0 => {
@@ -302,15 +307,19 @@ impl<'de> Visitor<'de> for StrictValue<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            if out.contains_key(&key) {
-                return Err(A::Error::custom(format!("{DUPLICATE_MARK}{key}")));
-            }
+            // One search of the map per key: the entry both refuses a duplicate and takes the value.
+            let slot = match out.entry(key) {
+                serde_json::map::Entry::Occupied(o) => {
+                    return Err(A::Error::custom(format!("{DUPLICATE_MARK}{}", o.key())));
+                }
+                serde_json::map::Entry::Vacant(slot) => slot,
+            };
             match map.next_value_seed(StrictValue { path: self.path }) {
                 Ok(v) => {
-                    out.insert(key, v);
+                    slot.insert(v);
                 }
                 Err(e) => {
-                    self.path.borrow_mut().push(Segment::Key(key));
+                    self.path.borrow_mut().push(Segment::Key(slot.key().clone()));
                     return Err(e);
                 }
             }

@@ -281,6 +281,34 @@ impl HeapCall {
         }
     }
 
+    /// `bulk_item` as JSON text, written straight from the call's parts: the store keeps this text, once per
+    /// event on the ingest path, where building the `Value` and printing it cost twice as much (profiled). The
+    /// keys come in the order `bulk_item`'s map prints them, so both give the same text.
+    pub fn bulk_item_text(&self) -> String {
+        let text = match self {
+            HeapCall::Track(t) => {
+                let (identity, user_id) = match &t.who {
+                    Who::Identity(i) => (Some(i), None),
+                    Who::UserId(u) => (None, Some(u)),
+                };
+                serde_json::to_string(&TrackItem {
+                    event: &t.event,
+                    idempotency_key: &t.idempotency_key,
+                    identity,
+                    properties: (!t.properties.is_empty()).then_some(&t.properties),
+                    session_id: t.session_id.as_deref(),
+                    timestamp: &t.timestamp,
+                    user_id,
+                })
+            }
+            HeapCall::UserProperties(u) => {
+                serde_json::to_string(&UserItem { identity: &u.identity, properties: &u.properties })
+            }
+        };
+        // Plain structs of strings and a map with string keys: serialising them to a String cannot fail.
+        text.unwrap_or_else(|_| self.bulk_item().to_string())
+    }
+
     /// The single-call body (Heap's non-bulk form), as `heap-relay render` prints it.
     pub fn single_body(&self) -> Value {
         let mut item = self.bulk_item();
@@ -289,6 +317,28 @@ impl HeapCall {
         }
         item
     }
+}
+
+/// `TrackEvent::bulk_item`'s keys, in the order a `serde_json::Map` prints them (sorted).
+#[derive(serde::Serialize)]
+struct TrackItem<'a> {
+    event: &'a EventName,
+    idempotency_key: &'a IdempotencyKey,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity: Option<&'a Identity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    properties: Option<&'a Properties>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_id: Option<&'a str>,
+    timestamp: &'a Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a UserId>,
+}
+
+#[derive(serde::Serialize)]
+struct UserItem<'a> {
+    identity: &'a Identity,
+    properties: &'a Properties,
 }
 
 /// A key counts as present when it holds something other than null or an empty string: a template leaf that
@@ -347,6 +397,54 @@ mod tests {
 
     fn obj(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap()
+    }
+
+    proptest::proptest! {
+        /// The text the store keeps is exactly what printing `bulk_item` gives, whatever the values hold.
+        #[test]
+        fn bulk_item_text_is_bulk_item_printed(
+            who in "[a-zA-Z0-9][a-zA-Z0-9\"\\\\ é☃\u{1}]{0,11}",
+            by_user_id in proptest::bool::ANY,
+            event in "[a-zA-Z0-9\" é☃<>]{1,12}",
+            session in proptest::option::of("[a-z0-9\"]{1,8}"),
+            props in proptest::collection::btree_map("[a-z\"é.]{1,6}", "[a-z\"\\\\ ☃\u{7f}]{0,8}", 0..4),
+            number in proptest::option::of(-1.0e12f64..1.0e12),
+            user_props in proptest::bool::ANY,
+        ) {
+            let (p, l, now) = (AppIdPolicy::default(), PropertyLimits::default(), Timestamp::now());
+            let c = cx(&p, &l, &now);
+            let mut properties: Map<String, Value> = props.into_iter().map(|(k, v)| (k, json!(v))).collect();
+            if let Some(n) = number {
+                properties.insert("n".into(), json!(n));
+            }
+            properties.insert("nested".into(), json!({"a": [1, "two"], "b": {"c": true}}));
+            let call = if user_props {
+                HeapCall::UserProperties(
+                    UserProperties::build(&obj(json!({"identity": who, "properties": properties})), &c).unwrap(),
+                )
+            } else {
+                let mut body = json!({"event": event, "properties": properties});
+                body[if by_user_id { "user_id" } else { "identity" }] = json!(who);
+                if let Some(s) = session {
+                    body["session_id"] = json!(s);
+                }
+                match TrackEvent::build(&obj(body), &c) {
+                    Ok(t) => HeapCall::Track(t),
+                    // A value the validation refuses (a user_id that is not a number) has no bulk item.
+                    Err(_) => return Ok(()),
+                }
+            };
+            proptest::prop_assert_eq!(call.bulk_item_text(), call.bulk_item().to_string());
+        }
+    }
+
+    #[test]
+    fn bulk_item_text_of_an_event_without_properties_leaves_the_key_out_as_bulk_item_does() {
+        let (p, l, now) = (AppIdPolicy::default(), PropertyLimits::default(), Timestamp::now());
+        let t = TrackEvent::build(&obj(json!({"identity": "u", "event": "E"})), &cx(&p, &l, &now)).unwrap();
+        let call = HeapCall::Track(t);
+        assert!(!call.bulk_item_text().contains("properties"));
+        assert_eq!(call.bulk_item_text(), call.bulk_item().to_string());
     }
 
     #[test]
