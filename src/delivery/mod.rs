@@ -255,6 +255,9 @@ impl Worker {
             (in_claim && (app_rate > 0 || identity_rate > 0)).then(|| d.limiter.clone() as Arc<dyn Admission>);
         let lease_ms = d.config.lease.as_millis() as i64;
         let mut paused = d.paused_now(now);
+        // What each app_id's shared budget held before this claim (PostgreSQL): where the claim took all of it, the
+        // budget is what holds the rest back.
+        let mut pg_caps: Option<(Vec<(String, i64)>, Option<i64>)> = None;
         if let Store::Postgres(pg) = &d.store {
             // The shared budgets live in the database: an app_id's claim takes at most what its budget holds now,
             // and one whose budget is spent is not claimed at all.
@@ -270,6 +273,9 @@ impl Worker {
                 }
             }
         }
+        if matches!(d.store, Store::Postgres(_)) && app_rate > 0 {
+            pg_caps = Some((paused.app_caps.clone(), paused.app_cap_others));
+        }
         let claimed = d.store.claim(&self.owner, now, lease_ms, limit, paused, admission).await?;
         let mut out = RoundOutcome { claimed: claimed.len(), ..Default::default() };
         if claimed.is_empty() {
@@ -280,6 +286,11 @@ impl Worker {
             let want = (d.config.max_batch as f64).min(f64::from(app_rate) / 60.0).max(1.0);
             let apps: std::collections::HashSet<&str> = claimed.iter().map(|c| c.app_id.as_str()).collect();
             out.budget_wait = apps.into_iter().filter_map(|a| d.limiter.app_refill_wait(a, want, now)).min();
+        }
+        if let Some((caps, others)) = &pg_caps
+            && (claimed.len() as i64) < limit
+        {
+            out.budget_wait = shared_budget_wait(&claimed, caps, *others, app_rate, d.config.max_batch);
         }
         let mut records = Vec::with_capacity(claimed.len());
         let mut go = Vec::with_capacity(claimed.len());
@@ -506,5 +517,71 @@ fn decision_name(d: &Decision) -> &'static str {
         Decision::Split { .. } => "split",
         Decision::DeadLetter { .. } => "dead",
         Decision::Throttled { .. } => "throttled",
+    }
+}
+
+/// How long a worker on PostgreSQL waits after a claim that the shared app budgets bound: until an app_id whose
+/// claim took all its budget held holds a batch again (a second's worth, or a full call's, whichever is less), so
+/// a backlog held by the budget goes in about one call a second instead of a few events every round. `None` when
+/// no app_id's budget bound the claim (its queue ran dry first). Other instances take from the same buckets, so
+/// this is the earliest the budget can hold a batch; the next round reads the buckets again.
+fn shared_budget_wait(
+    claimed: &[Claimed],
+    caps: &[(String, i64)],
+    others: Option<i64>,
+    app_per_min: u32,
+    max_batch: usize,
+) -> Option<Duration> {
+    if app_per_min == 0 {
+        return None;
+    }
+    let mut per_app: HashMap<&str, i64> = HashMap::new();
+    for c in claimed {
+        *per_app.entry(c.app_id.as_str()).or_insert(0) += 1;
+    }
+    let bound = per_app.iter().any(|(app, n)| {
+        let cap = caps.iter().find(|(a, _)| a == app).map(|(_, cap)| *cap).or(others);
+        cap.is_some_and(|cap| *n >= cap)
+    });
+    let want = (max_batch as f64).min(f64::from(app_per_min) / 60.0).max(1.0);
+    bound.then(|| Duration::from_secs_f64(want * 60.0 / f64::from(app_per_min)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claimed(app_ids: &[&str]) -> Vec<Claimed> {
+        app_ids
+            .iter()
+            .enumerate()
+            .map(|(i, app)| Claimed {
+                id: i as i64,
+                event_id: format!("e{i}"),
+                source: "heap".into(),
+                kind: crate::domain::CallKind::Track,
+                app_id: (*app).into(),
+                identity: "u".into(),
+                payload: "{}".into(),
+                attempts: 0,
+                enqueued_at: 0,
+                lease_token: 1,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_claim_that_took_all_an_app_budget_held_waits_for_a_batch_and_one_that_ran_dry_does_not() {
+        let caps = vec![("1".to_owned(), 3)];
+        // 600 a minute: a second's worth (10 events) refills in one second.
+        let bound = shared_budget_wait(&claimed(&["1", "1", "1"]), &caps, Some(600), 600, 1_000);
+        assert_eq!(bound, Some(Duration::from_secs(1)));
+        assert_eq!(shared_budget_wait(&claimed(&["1", "1"]), &caps, Some(600), 600, 1_000), None, "the queue ran dry");
+        // An app_id with no bucket yet had a full one; a claim of all of it is bound too.
+        assert_eq!(shared_budget_wait(&claimed(&["2"; 600]), &caps, Some(600), 600, 1_000), bound);
+        assert_eq!(shared_budget_wait(&claimed(&["1"; 3]), &caps, None, 0, 1_000), None, "no app budget");
+        // A full call's worth when that is less than a second's: 60,000 a minute, batches of 100, 0.1 s.
+        let fast = shared_budget_wait(&claimed(&["1"; 3]), &caps, None, 60_000, 100);
+        assert_eq!(fast, Some(Duration::from_millis(100)));
     }
 }

@@ -468,6 +468,40 @@ async fn under_the_shared_budgets_a_claim_takes_only_what_the_app_budget_holds_a
     assert_eq!(events, 2 * 7 * 60, "Heap got what the budgets let go, each event once");
 }
 
+/// As on SQLite: while the shared app budget holds a backlog back, a worker waits until the budget holds a batch
+/// and sends it in one call, about once a second, rather than a call of an event or two every round (each round
+/// is a budget read, a claim and the books' writes on the shared database).
+#[tokio::test]
+async fn under_a_binding_shared_app_budget_a_backlog_goes_in_about_one_call_a_second() {
+    let schema = TestSchema::create().await;
+    let heap = heap_answering(200, Duration::ZERO).await;
+    let s = pg_store(&schema).await;
+    s.append(body("budget", 2_000)).await.expect("append");
+    let delivery = Arc::new(Delivery::new(
+        Store::Postgres(s),
+        HeapClient::new(&heap.uri(), Duration::from_secs(30)).expect("client"),
+        DeliveryConfig::default(),
+        RateLimiter::new(600, 0),
+        Arc::new(Metrics::new()),
+        Default::default(),
+    ));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(Worker::new(delivery, "w-0".into()).run(stopped));
+    // The bucket starts full: 600 go at once; then it refills at ten events a second.
+    wait_for_distinct_keys(&heap, 600, Duration::from_secs(30)).await;
+    let calls = || async { heap.received_requests().await.unwrap_or_default().len() };
+    let (calls_before, started) = (calls().await, Instant::now());
+    wait_for_distinct_keys(&heap, 630, Duration::from_secs(30)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let made = calls().await - calls_before;
+    assert!(made as f64 <= elapsed + 2.0, "{made} Heap calls in {elapsed:.1} s for the next 30 events");
+    let sent: usize = received_keys(&heap).await.values().sum();
+    let allowed = 600.0 + 10.0 * (elapsed + 1.0);
+    assert!(sent as f64 <= allowed, "{sent} events sent; the budget allowed about {allowed:.0}");
+    stop.send(true).expect("the worker listens");
+    worker.await.expect("the worker stops");
+}
+
 #[tokio::test]
 async fn a_stored_body_whose_rows_cannot_be_read_is_held_for_a_rerender_not_lost() {
     let schema = TestSchema::create().await;
