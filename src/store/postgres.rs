@@ -74,6 +74,9 @@ ALTER TABLE events ADD COLUMN IF NOT EXISTS template_version TEXT;
 ALTER TABLE raw_bodies ADD COLUMN IF NOT EXISTS key_scheme SMALLINT;
 -- A body's rows until they are written as event rows (off the ingest commit, `writer::expand`); NULL once written.
 ALTER TABLE raw_bodies ADD COLUMN IF NOT EXISTS items BYTEA;
+-- The environment the body came in for, beside `items` (which also holds it), so that a body whose items cannot be
+-- read is still re-rendered for its own environment. NULL: stored before this column (its environment is in items).
+ALTER TABLE raw_bodies ADD COLUMN IF NOT EXISTS environment TEXT;
 CREATE INDEX IF NOT EXISTS raw_bodies_unexpanded ON raw_bodies (id) WHERE items IS NOT NULL; -- room on each page, so claims and renewals (no indexed column changes) update in place
 -- Claims scan waiting rows in id order (acceptance order); the partial index keeps delivered rows out of the way.
 CREATE INDEX IF NOT EXISTS events_ready_id ON events (id) WHERE status IN ('pending', 'retrying');
@@ -157,12 +160,12 @@ async fn migrated(client: &tokio_postgres::Client) -> Result<bool, tokio_postgre
             "SELECT count(*) FROM information_schema.columns
              WHERE table_schema = current_schema()
                AND ((table_name = 'events' AND column_name IN ('environment', 'template_version'))
-                    OR (table_name = 'raw_bodies' AND column_name IN ('key_scheme', 'items')))",
+                    OR (table_name = 'raw_bodies' AND column_name IN ('key_scheme', 'items', 'environment')))",
             &[],
         )
         .await?
         .get(0);
-    Ok(found == RELATIONS.len() as i64 && columns == 4)
+    Ok(found == RELATIONS.len() as i64 && columns == 5)
 }
 
 /// Serialises migrations of instances starting together (`CREATE … IF NOT EXISTS` alone can race in PostgreSQL).

@@ -507,18 +507,20 @@ async fn a_stored_body_whose_rows_cannot_be_read_is_held_for_a_rerender_not_lost
     let schema = TestSchema::create().await;
     let s = pg_store(&schema).await;
     s.append(body("kept", 3)).await.expect("append");
-    s.append(body("broken", 3)).await.expect("append");
+    let mut for_dev = body("broken", 3);
+    for_dev.environment = "dev".into();
+    s.append(for_dev).await.expect("append");
     let broken = schema.query_i64("SELECT max(id) FROM raw_bodies").await;
     schema.execute(&format!("UPDATE raw_bodies SET items = '\\x00ff'::bytea WHERE id = {broken}")).await;
     let stats = s.stats().await.expect("stats");
     assert_eq!(stats.ready_or_waiting, 3, "the readable body's events are queued");
     let held = schema
         .query_i64(&format!(
-            "SELECT count(*) FROM events WHERE raw_id = {broken} AND status = 'held'
+            "SELECT count(*) FROM events WHERE raw_id = {broken} AND status = 'held' AND environment = 'dev'
              AND last_error LIKE '%cannot be read%replay --status held --rerender%'"
         ))
         .await;
-    assert_eq!(held, 1, "the unreadable body stands as one held event that says what to do");
+    assert_eq!(held, 1, "the unreadable body stands as one held event of its environment that says what to do");
     let ids = s.raw_body_ids(heap_relay::store::Selector::Status(heap_relay::store::Status::Held)).await.expect("ids");
     assert_eq!(ids, vec![broken], "a re-render of the held events renders that body again");
     let body_kept = schema.query_i64(&format!("SELECT count(*) FROM raw_bodies WHERE id = {broken}")).await;

@@ -272,16 +272,17 @@ async fn append_all(
         let received: Vec<i64> = fresh.iter().map(|(b, _)| b.received_at).collect();
         let raw: Vec<&[u8]> = fresh.iter().map(|(b, _)| b.body.as_slice()).collect();
         let items: Vec<Vec<u8>> = fresh.iter().map(|(_, d)| serde_json::to_vec(d).unwrap_or_default()).collect();
+        let environments: Vec<&str> = fresh.iter().map(|(b, _)| b.environment.as_str()).collect();
         tx.execute(
             &tx.prepare_cached(
-                "INSERT INTO raw_bodies (source, template, received_at, body, key_scheme, items)
-             SELECT u.source, u.template, u.received_at, u.body, $5::int2, u.items
-             FROM unnest($1::text[], $2::text[], $3::int8[], $4::bytea[], $6::bytea[])
-                  AS u(source, template, received_at, body, items)",
+                "INSERT INTO raw_bodies (source, template, received_at, body, key_scheme, items, environment)
+             SELECT u.source, u.template, u.received_at, u.body, $5::int2, u.items, u.environment
+             FROM unnest($1::text[], $2::text[], $3::int8[], $4::bytea[], $6::bytea[], $7::text[])
+                  AS u(source, template, received_at, body, items, environment)",
             )
             .await?,
             // A body is stored once, by the intake, which renders new bodies with the default scheme.
-            &[&sources, &templates, &received, &raw, &(KeyScheme::default().as_i64() as i16), &items],
+            &[&sources, &templates, &received, &raw, &(KeyScheme::default().as_i64() as i16), &items, &environments],
         )
         .await?;
     }
@@ -362,8 +363,9 @@ impl Deferred {
         Self { at, environment: b.environment.clone(), version: b.template_version.clone(), rows }
     }
 
-    /// What stands for a body whose deferred rows cannot be decoded: one held row saying so.
-    fn unreadable(e: &serde_json::Error, received_at: i64) -> Self {
+    /// What stands for a body whose deferred rows cannot be decoded: one held row saying so, in the body's
+    /// environment (`raw_bodies.environment`; the default one for a body stored before that column).
+    fn unreadable(e: &serde_json::Error, received_at: i64, environment: Option<String>) -> Self {
         let row = DeferredRow {
             id: uuid::Uuid::now_v7().to_string(),
             index: 0,
@@ -378,7 +380,7 @@ impl Deferred {
                  heap-relay replay --status held --rerender"
             )),
         };
-        Self { at: received_at, environment: String::new(), version: None, rows: vec![row] }
+        Self { at: received_at, environment: environment.unwrap_or_default(), version: None, rows: vec![row] }
     }
 
     fn pending(&self) -> usize {
@@ -399,7 +401,7 @@ pub(super) async fn expand(
         Some(ids) => {
             tx.query(
                 &tx.prepare_cached(
-                    "SELECT id, source, template, received_at, items FROM raw_bodies
+                    "SELECT id, source, template, received_at, items, environment FROM raw_bodies
                      WHERE id = ANY($1) AND items IS NOT NULL ORDER BY id FOR UPDATE",
                 )
                 .await?,
@@ -410,7 +412,7 @@ pub(super) async fn expand(
         None => {
             tx.query(
                 &tx.prepare_cached(
-                    "SELECT id, source, template, received_at, items FROM raw_bodies
+                    "SELECT id, source, template, received_at, items, environment FROM raw_bodies
                      WHERE items IS NOT NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 )
                 .await?,
@@ -431,7 +433,7 @@ pub(super) async fn expand(
             // renders again from the stored raw body.
             let d = serde_json::from_slice(&items).unwrap_or_else(|e| {
                 tracing::error!(raw_id = r.get::<_, i64>(0), error = %e, "a stored body's rows cannot be read");
-                Deferred::unreadable(&e, r.get(3))
+                Deferred::unreadable(&e, r.get(3), r.get(5))
             });
             (r.get(0), r.get(1), r.get(2), r.get(3), d)
         })
