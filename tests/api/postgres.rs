@@ -566,6 +566,33 @@ async fn the_rate_budget_is_shared_so_two_instances_together_keep_to_one_app_bud
     assert_eq!(held.iter().filter(|v| v.is_none()).count(), 3, "the identity budget holds too: {held:?}");
 }
 
+/// A new identity's bucket is written once, with what is left in it; when two instances meet on the same new
+/// bucket, the one that finds it created under it takes again from what the other left. Either way the two
+/// together grant no more than one bucket.
+#[tokio::test]
+async fn instances_racing_to_create_the_same_identity_budget_together_grant_one_bucket() {
+    let schema = TestSchema::create().await;
+    let (s1, s2) = (pg_store(&schema).await, pg_store(&schema).await);
+    let now = now_ms();
+    for round in 0..5 {
+        let who = format!("new-{round}");
+        let takes = (0..12).map(|k| {
+            let store = if k % 2 == 0 { s1.clone() } else { s2.clone() };
+            let who = who.clone();
+            tokio::spawn(async move { store.take_budget(&[(APP_ID, &who), (APP_ID, &who)], 0, 10, now).await })
+        });
+        let mut granted = 0;
+        for verdicts in futures_util::future::join_all(takes).await {
+            granted += verdicts.expect("task").expect("take").iter().filter(|v| v.is_none()).count();
+        }
+        assert_eq!(granted, 10, "24 events of {who} asked for a bucket of 10");
+    }
+    let left = schema.query_i64("SELECT count(*) FROM rate_budget WHERE tokens <> 0").await;
+    assert_eq!(left, 0, "every bucket was spent, once");
+    let rows = schema.query_i64("SELECT count(*) FROM rate_budget").await;
+    assert_eq!(rows, 5, "one bucket per identity");
+}
+
 #[tokio::test]
 async fn an_append_on_one_instance_wakes_the_idle_workers_of_another_through_listen_notify() {
     let schema = TestSchema::create().await;

@@ -34,6 +34,12 @@ impl PgStore {
     /// Takes one event's worth from the shared budgets of each `(app_id, identity)` in `wants`, in order, and says
     /// for each whether it may go now (`None`) or how long until it may. Every instance on this database takes from
     /// the same rows, under row locks, so together they keep to one budget. A rate of 0 turns that budget off.
+    ///
+    /// One transaction: lock the buckets that exist (in key order, so takers never deadlock), take from them and
+    /// from full buckets for the keys that have none yet, write the existing ones back and insert the new ones with
+    /// what is left in them. A new identity (most of them, in a campaign) so costs one row insert, not an insert, a
+    /// lock and an update. If another instance created one of those buckets meanwhile, this round's transaction is
+    /// rolled back and taken again with every bucket created first and locked (`take_locking_all`): exact either way.
     pub async fn take_budget(
         &self,
         wants: &[(&str, &str)],
@@ -41,69 +47,153 @@ impl PgStore {
         identity_per_min: u32,
         now: Millis,
     ) -> Result<Vec<Option<Duration>>, StoreError> {
-        let mut keys: Vec<(&str, &str)> = Vec::new();
-        for &(app, who) in wants {
-            if app_per_min > 0 {
-                keys.push((app, ""));
-            }
-            if identity_per_min > 0 {
-                keys.push((app, who));
-            }
-        }
-        keys.sort_unstable();
-        keys.dedup();
+        let keys = bucket_keys(wants, app_per_min, identity_per_min);
         if keys.is_empty() {
             return Ok(vec![None; wants.len()]);
         }
         let (apps, whos): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        // Missing buckets start full; rows are created and then locked in key order, so takers never deadlock.
-        tx.execute(&tx.prepare_cached("INSERT INTO rate_budget (app_id, identity, tokens, at)
-             SELECT a, i, CASE WHEN i = '' THEN $3::float8 ELSE $4::float8 END, $5::int8 FROM unnest($1::text[], $2::text[]) AS k(a, i)
-             ORDER BY a, i
-             ON CONFLICT DO NOTHING").await?,
-            &[&apps, &whos, &(app_per_min as f64), &(identity_per_min as f64), &now],
-        )
-        .await
-        .map_err(pg_err)?;
-        let rows = tx
-            .query(
-                &tx.prepare_cached(
-                    "SELECT b.app_id, b.identity, b.tokens, b.at FROM rate_budget b
-                 JOIN unnest($1::text[], $2::text[]) AS k(a, i) ON b.app_id = k.a AND b.identity = k.i
-                 ORDER BY b.app_id, b.identity
-                 FOR UPDATE OF b",
-                )
-                .await?,
-                &[&apps, &whos],
-            )
-            .await
-            .map_err(pg_err)?;
-        let mut buckets: HashMap<(String, String), SharedBucket> =
-            rows.iter().map(|r| ((r.get(0), r.get(1)), SharedBucket { tokens: r.get(2), at: r.get(3) })).collect();
+        let mut buckets = locked_buckets(&tx, &apps, &whos).await?;
+        let existing: std::collections::HashSet<(String, String)> = buckets.keys().cloned().collect();
         let verdicts = take_shared(&mut buckets, wants, app_per_min, identity_per_min, now);
-        let mut sorted: Vec<_> = buckets.into_iter().collect();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        let (mut a, mut i, mut t, mut at) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for ((app, who), b) in sorted {
-            a.push(app);
-            i.push(who);
-            t.push(b.tokens);
-            at.push(b.at);
+        let (old, new): (Vec<_>, Vec<_>) = sorted(buckets).into_iter().partition(|(k, _)| existing.contains(k));
+        if !new.is_empty() {
+            let (a, i, t, at) = columns(new.clone());
+            let inserted = tx
+                .execute(
+                    &tx.prepare_cached(
+                        "INSERT INTO rate_budget (app_id, identity, tokens, at)
+                         SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::int8[]) AS k(a, i, t, at)
+                         ORDER BY a, i
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .await?,
+                    &[&a, &i, &t, &at],
+                )
+                .await
+                .map_err(pg_err)?;
+            if inserted < new.len() as u64 {
+                // Created by another instance since the lock: take again from what it left.
+                tx.rollback().await.map_err(pg_err)?;
+                return take_locking_all(&mut client, wants, &keys, app_per_min, identity_per_min, now).await;
+            }
         }
-        tx.execute(
-            &tx.prepare_cached(
-                "UPDATE rate_budget b SET tokens = k.t, at = k.at
-             FROM unnest($1::text[], $2::text[], $3::float8[], $4::int8[]) AS k(a, i, t, at)
-             WHERE b.app_id = k.a AND b.identity = k.i",
-            )
-            .await?,
-            &[&a, &i, &t, &at],
-        )
-        .await
-        .map_err(pg_err)?;
+        write_back(&tx, old).await?;
         tx.commit().await.map_err(pg_err)?;
         Ok(verdicts)
     }
+}
+
+/// The buckets `wants` takes from, sorted and without repeats: `(app_id, "")` for the app budget, `(app_id,
+/// identity)` for the identity budget, each only when its rate is on.
+fn bucket_keys<'a>(wants: &[(&'a str, &'a str)], app_per_min: u32, identity_per_min: u32) -> Vec<(&'a str, &'a str)> {
+    let mut keys: Vec<(&str, &str)> = Vec::new();
+    for &(app, who) in wants {
+        if app_per_min > 0 {
+            keys.push((app, ""));
+        }
+        if identity_per_min > 0 {
+            keys.push((app, who));
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+type Buckets = HashMap<(String, String), SharedBucket>;
+
+/// The existing buckets among `(apps[k], whos[k])`, locked in key order.
+async fn locked_buckets(
+    tx: &deadpool_postgres::Transaction<'_>,
+    apps: &[&str],
+    whos: &[&str],
+) -> Result<Buckets, StoreError> {
+    let rows = tx
+        .query(
+            &tx.prepare_cached(
+                "SELECT b.app_id, b.identity, b.tokens, b.at FROM rate_budget b
+                 JOIN unnest($1::text[], $2::text[]) AS k(a, i) ON b.app_id = k.a AND b.identity = k.i
+                 ORDER BY b.app_id, b.identity
+                 FOR UPDATE OF b",
+            )
+            .await?,
+            &[&apps, &whos],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(rows.iter().map(|r| ((r.get(0), r.get(1)), SharedBucket { tokens: r.get(2), at: r.get(3) })).collect())
+}
+
+fn sorted(buckets: Buckets) -> Vec<((String, String), SharedBucket)> {
+    let mut sorted: Vec<_> = buckets.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    sorted
+}
+
+fn columns(buckets: Vec<((String, String), SharedBucket)>) -> (Vec<String>, Vec<String>, Vec<f64>, Vec<i64>) {
+    let (mut a, mut i, mut t, mut at) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((app, who), b) in buckets {
+        a.push(app);
+        i.push(who);
+        t.push(b.tokens);
+        at.push(b.at);
+    }
+    (a, i, t, at)
+}
+
+/// Writes locked buckets back.
+async fn write_back(
+    tx: &deadpool_postgres::Transaction<'_>,
+    buckets: Vec<((String, String), SharedBucket)>,
+) -> Result<(), StoreError> {
+    if buckets.is_empty() {
+        return Ok(());
+    }
+    let (a, i, t, at) = columns(buckets);
+    tx.execute(
+        &tx.prepare_cached(
+            "UPDATE rate_budget b SET tokens = k.t, at = k.at
+             FROM unnest($1::text[], $2::text[], $3::float8[], $4::int8[]) AS k(a, i, t, at)
+             WHERE b.app_id = k.a AND b.identity = k.i",
+        )
+        .await?,
+        &[&a, &i, &t, &at],
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(())
+}
+
+/// The take when a bucket appeared under a round: every missing bucket is created full first (`ON CONFLICT DO
+/// NOTHING`, in key order), then all are locked in key order, taken from and written back.
+async fn take_locking_all(
+    client: &mut deadpool_postgres::Client,
+    wants: &[(&str, &str)],
+    keys: &[(&str, &str)],
+    app_per_min: u32,
+    identity_per_min: u32,
+    now: Millis,
+) -> Result<Vec<Option<Duration>>, StoreError> {
+    let (apps, whos): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+    let tx = client.transaction().await?;
+    tx.execute(
+        &tx.prepare_cached(
+            "INSERT INTO rate_budget (app_id, identity, tokens, at)
+             SELECT a, i, CASE WHEN i = '' THEN $3::float8 ELSE $4::float8 END, $5::int8
+             FROM unnest($1::text[], $2::text[]) AS k(a, i)
+             ORDER BY a, i
+             ON CONFLICT DO NOTHING",
+        )
+        .await?,
+        &[&apps, &whos, &(app_per_min as f64), &(identity_per_min as f64), &now],
+    )
+    .await
+    .map_err(pg_err)?;
+    let mut buckets = locked_buckets(&tx, &apps, &whos).await?;
+    let verdicts = take_shared(&mut buckets, wants, app_per_min, identity_per_min, now);
+    write_back(&tx, sorted(buckets)).await?;
+    tx.commit().await.map_err(pg_err)?;
+    Ok(verdicts)
 }
