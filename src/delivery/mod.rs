@@ -257,7 +257,7 @@ impl Worker {
         let mut paused = d.paused_now(now);
         // What each app_id's shared budget held before this claim (PostgreSQL): where the claim took all of it, the
         // budget is what holds the rest back.
-        let mut pg_caps: Option<(Vec<(String, i64)>, Option<i64>)> = None;
+        let mut pg_caps: Option<SharedCaps> = None;
         if let Store::Postgres(pg) = &d.store {
             // The shared budgets live in the database: an app_id's claim takes at most what its budget holds now,
             // and one whose budget is spent is not claimed at all.
@@ -272,9 +272,9 @@ impl Worker {
                     paused.app_caps.push((app_id, allowance));
                 }
             }
-        }
-        if matches!(d.store, Store::Postgres(_)) && app_rate > 0 {
-            pg_caps = Some((paused.app_caps.clone(), paused.app_cap_others));
+            if app_rate > 0 {
+                pg_caps = Some(SharedCaps { caps: paused.app_caps.clone(), others: paused.app_cap_others });
+            }
         }
         let claimed = d.store.claim(&self.owner, now, lease_ms, limit, paused, admission).await?;
         let mut out = RoundOutcome { claimed: claimed.len(), ..Default::default() };
@@ -287,10 +287,10 @@ impl Worker {
             let apps: std::collections::HashSet<&str> = claimed.iter().map(|c| c.app_id.as_str()).collect();
             out.budget_wait = apps.into_iter().filter_map(|a| d.limiter.app_refill_wait(a, want, now)).min();
         }
-        if let Some((caps, others)) = &pg_caps
+        if let Some(caps) = &pg_caps
             && (claimed.len() as i64) < limit
         {
-            out.budget_wait = shared_budget_wait(&claimed, caps, *others, app_rate, d.config.max_batch);
+            out.budget_wait = shared_budget_wait(&claimed, caps, app_rate, d.config.max_batch);
         }
         let mut records = Vec::with_capacity(claimed.len());
         let mut go = Vec::with_capacity(claimed.len());
@@ -520,18 +520,18 @@ fn decision_name(d: &Decision) -> &'static str {
     }
 }
 
+/// What the shared app budgets held when a claim was made: per app_id, and for an app_id with no bucket yet.
+struct SharedCaps {
+    caps: Vec<(String, i64)>,
+    others: Option<i64>,
+}
+
 /// How long a worker on PostgreSQL waits after a claim that the shared app budgets bound: until an app_id whose
 /// claim took all its budget held holds a batch again (a second's worth, or a full call's, whichever is less), so
 /// a backlog held by the budget goes in about one call a second instead of a few events every round. `None` when
 /// no app_id's budget bound the claim (its queue ran dry first). Other instances take from the same buckets, so
 /// this is the earliest the budget can hold a batch; the next round reads the buckets again.
-fn shared_budget_wait(
-    claimed: &[Claimed],
-    caps: &[(String, i64)],
-    others: Option<i64>,
-    app_per_min: u32,
-    max_batch: usize,
-) -> Option<Duration> {
+fn shared_budget_wait(claimed: &[Claimed], held: &SharedCaps, app_per_min: u32, max_batch: usize) -> Option<Duration> {
     if app_per_min == 0 {
         return None;
     }
@@ -540,7 +540,7 @@ fn shared_budget_wait(
         *per_app.entry(c.app_id.as_str()).or_insert(0) += 1;
     }
     let bound = per_app.iter().any(|(app, n)| {
-        let cap = caps.iter().find(|(a, _)| a == app).map(|(_, cap)| *cap).or(others);
+        let cap = held.caps.iter().find(|(a, _)| a == app).map(|(_, cap)| *cap).or(held.others);
         cap.is_some_and(|cap| *n >= cap)
     });
     let want = (max_batch as f64).min(f64::from(app_per_min) / 60.0).max(1.0);
@@ -572,16 +572,16 @@ mod tests {
 
     #[test]
     fn a_claim_that_took_all_an_app_budget_held_waits_for_a_batch_and_one_that_ran_dry_does_not() {
-        let caps = vec![("1".to_owned(), 3)];
+        let held = SharedCaps { caps: vec![("1".to_owned(), 3)], others: Some(600) };
         // 600 a minute: a second's worth (10 events) refills in one second.
-        let bound = shared_budget_wait(&claimed(&["1", "1", "1"]), &caps, Some(600), 600, 1_000);
+        let bound = shared_budget_wait(&claimed(&["1", "1", "1"]), &held, 600, 1_000);
         assert_eq!(bound, Some(Duration::from_secs(1)));
-        assert_eq!(shared_budget_wait(&claimed(&["1", "1"]), &caps, Some(600), 600, 1_000), None, "the queue ran dry");
+        assert_eq!(shared_budget_wait(&claimed(&["1", "1"]), &held, 600, 1_000), None, "the queue ran dry");
         // An app_id with no bucket yet had a full one; a claim of all of it is bound too.
-        assert_eq!(shared_budget_wait(&claimed(&["2"; 600]), &caps, Some(600), 600, 1_000), bound);
-        assert_eq!(shared_budget_wait(&claimed(&["1"; 3]), &caps, None, 0, 1_000), None, "no app budget");
+        assert_eq!(shared_budget_wait(&claimed(&["2"; 600]), &held, 600, 1_000), bound);
+        assert_eq!(shared_budget_wait(&claimed(&["1"; 3]), &held, 0, 1_000), None, "no app budget");
         // A full call's worth when that is less than a second's: 60,000 a minute, batches of 100, 0.1 s.
-        let fast = shared_budget_wait(&claimed(&["1"; 3]), &caps, None, 60_000, 100);
+        let fast = shared_budget_wait(&claimed(&["1"; 3]), &held, 60_000, 100);
         assert_eq!(fast, Some(Duration::from_millis(100)));
     }
 }

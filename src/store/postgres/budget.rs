@@ -35,11 +35,12 @@ impl PgStore {
     /// for each whether it may go now (`None`) or how long until it may. Every instance on this database takes from
     /// the same rows, under row locks, so together they keep to one budget. A rate of 0 turns that budget off.
     ///
-    /// One transaction: lock the buckets that exist (in key order, so takers never deadlock), take from them and
-    /// from full buckets for the keys that have none yet, write the existing ones back and insert the new ones with
-    /// what is left in them. A new identity (most of them, in a campaign) so costs one row insert, not an insert, a
-    /// lock and an update. If another instance created one of those buckets meanwhile, this round's transaction is
-    /// rolled back and taken again with every bucket created first and locked (`take_locking_all`): exact either way.
+    /// One transaction (`take_once`): lock the buckets that exist, in key order; take from them, and from full
+    /// buckets for the keys that have none yet; write the existing ones back and insert the new ones, in key order,
+    /// with what is left in them. A new identity (most of them, in a campaign) so costs one row insert, not an
+    /// insert, a lock and an update. Every taker locks before it inserts, each in key order, so takers never
+    /// deadlock. If another instance created one of the new buckets meanwhile, the transaction is rolled back and
+    /// taken again, now with that bucket locked: exact either way.
     pub async fn take_budget(
         &self,
         wants: &[(&str, &str)],
@@ -51,38 +52,62 @@ impl PgStore {
         if keys.is_empty() {
             return Ok(vec![None; wants.len()]);
         }
-        let (apps, whos): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
         let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let mut buckets = locked_buckets(&tx, &apps, &whos).await?;
-        let existing: std::collections::HashSet<(String, String)> = buckets.keys().cloned().collect();
-        let verdicts = take_shared(&mut buckets, wants, app_per_min, identity_per_min, now);
-        let (old, new): (Vec<_>, Vec<_>) = sorted(buckets).into_iter().partition(|(k, _)| existing.contains(k));
-        if !new.is_empty() {
-            let (a, i, t, at) = columns(new.clone());
-            let inserted = tx
-                .execute(
-                    &tx.prepare_cached(
-                        "INSERT INTO rate_budget (app_id, identity, tokens, at)
-                         SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::int8[]) AS k(a, i, t, at)
-                         ORDER BY a, i
-                         ON CONFLICT DO NOTHING",
-                    )
-                    .await?,
-                    &[&a, &i, &t, &at],
-                )
-                .await
-                .map_err(pg_err)?;
-            if inserted < new.len() as u64 {
-                // Created by another instance since the lock: take again from what it left.
-                tx.rollback().await.map_err(pg_err)?;
-                return take_locking_all(&mut client, wants, &keys, app_per_min, identity_per_min, now).await;
+        for _ in 0..TAKE_ATTEMPTS {
+            if let Some(verdicts) = take_once(&mut client, wants, &keys, app_per_min, identity_per_min, now).await? {
+                return Ok(verdicts);
             }
         }
-        write_back(&tx, old).await?;
-        tx.commit().await.map_err(pg_err)?;
-        Ok(verdicts)
+        // Each attempt found a bucket created under it by another instance: the round fails and is tried again.
+        Err(StoreError::Io(std::io::Error::other(format!(
+            "rate budget buckets were created by other instances under {TAKE_ATTEMPTS} takes in a row"
+        ))))
     }
+}
+
+/// Takes a round may make before it gives up (each retry follows another instance creating a bucket it wanted).
+const TAKE_ATTEMPTS: usize = 8;
+
+/// One attempt of `PgStore::take_budget`; `None` when a bucket it meant to create was created by another instance
+/// under it (the transaction is rolled back, nothing taken).
+async fn take_once(
+    client: &mut deadpool_postgres::Client,
+    wants: &[(&str, &str)],
+    keys: &[(&str, &str)],
+    app_per_min: u32,
+    identity_per_min: u32,
+    now: Millis,
+) -> Result<Option<Vec<Option<Duration>>>, StoreError> {
+    let (apps, whos): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+    let tx = client.transaction().await?;
+    let mut buckets = locked_buckets(&tx, &apps, &whos).await?;
+    let existing: std::collections::HashSet<(String, String)> = buckets.keys().cloned().collect();
+    let verdicts = take_shared(&mut buckets, wants, app_per_min, identity_per_min, now);
+    let (old, new): (Vec<_>, Vec<_>) = sorted(buckets).into_iter().partition(|(k, _)| existing.contains(k));
+    if !new.is_empty() {
+        let wanted = new.len() as u64;
+        let (a, i, t, at) = columns(new);
+        let inserted = tx
+            .execute(
+                &tx.prepare_cached(
+                    "INSERT INTO rate_budget (app_id, identity, tokens, at)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::int8[]) AS k(a, i, t, at)
+                     ORDER BY a, i
+                     ON CONFLICT DO NOTHING",
+                )
+                .await?,
+                &[&a, &i, &t, &at],
+            )
+            .await
+            .map_err(pg_err)?;
+        if inserted < wanted {
+            tx.rollback().await.map_err(pg_err)?;
+            return Ok(None);
+        }
+    }
+    write_back(&tx, old).await?;
+    tx.commit().await.map_err(pg_err)?;
+    Ok(Some(verdicts))
 }
 
 /// The buckets `wants` takes from, sorted and without repeats: `(app_id, "")` for the app budget, `(app_id,
@@ -164,36 +189,4 @@ async fn write_back(
     .await
     .map_err(pg_err)?;
     Ok(())
-}
-
-/// The take when a bucket appeared under a round: every missing bucket is created full first (`ON CONFLICT DO
-/// NOTHING`, in key order), then all are locked in key order, taken from and written back.
-async fn take_locking_all(
-    client: &mut deadpool_postgres::Client,
-    wants: &[(&str, &str)],
-    keys: &[(&str, &str)],
-    app_per_min: u32,
-    identity_per_min: u32,
-    now: Millis,
-) -> Result<Vec<Option<Duration>>, StoreError> {
-    let (apps, whos): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
-    let tx = client.transaction().await?;
-    tx.execute(
-        &tx.prepare_cached(
-            "INSERT INTO rate_budget (app_id, identity, tokens, at)
-             SELECT a, i, CASE WHEN i = '' THEN $3::float8 ELSE $4::float8 END, $5::int8
-             FROM unnest($1::text[], $2::text[]) AS k(a, i)
-             ORDER BY a, i
-             ON CONFLICT DO NOTHING",
-        )
-        .await?,
-        &[&apps, &whos, &(app_per_min as f64), &(identity_per_min as f64), &now],
-    )
-    .await
-    .map_err(pg_err)?;
-    let mut buckets = locked_buckets(&tx, &apps, &whos).await?;
-    let verdicts = take_shared(&mut buckets, wants, app_per_min, identity_per_min, now);
-    write_back(&tx, sorted(buckets)).await?;
-    tx.commit().await.map_err(pg_err)?;
-    Ok(verdicts)
 }
