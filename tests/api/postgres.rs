@@ -317,17 +317,21 @@ async fn a_sigkilled_instances_leased_work_is_delivered_by_the_others_after_its_
 }
 
 fn delivery_on(store: PgStore, heap: &str, lease: Duration) -> Arc<Delivery> {
-    let client = HeapClient::new(heap, Duration::from_secs(30)).expect("client");
     // Small claims (4 × max_batch), so racing workers keep colliding on the oldest rows.
     let config = DeliveryConfig { linger: Duration::ZERO, lease, max_batch: 50, ..DeliveryConfig::default() };
-    Arc::new(Delivery::new(
-        Store::Postgres(store),
-        client,
-        config,
-        RateLimiter::new(0, 0),
-        Arc::new(Metrics::new()),
-        Default::default(),
-    ))
+    delivery_with(store, heap, config, RateLimiter::new(0, 0), Default::default())
+}
+
+/// Delivery on `store` to the mock Heap at `heap`, with these settings, budgets and clock.
+fn delivery_with(
+    store: PgStore,
+    heap: &str,
+    config: DeliveryConfig,
+    budgets: RateLimiter,
+    clock: heap_relay::clock::Clock,
+) -> Arc<Delivery> {
+    let client = HeapClient::new(heap, Duration::from_secs(30)).expect("client");
+    Arc::new(Delivery::new(Store::Postgres(store), client, config, budgets, Arc::new(Metrics::new()), clock))
 }
 
 async fn pg_store(schema: &TestSchema) -> PgStore {
@@ -434,14 +438,7 @@ async fn under_the_shared_budgets_a_claim_takes_only_what_the_app_budget_holds_a
     let clock = heap_relay::clock::Clock::default();
     let config = DeliveryConfig { linger: Duration::ZERO, max_batch: 1_000, ..DeliveryConfig::default() };
     // 600 a minute for the app_id, 60 a minute for each of the body's 7 identities.
-    let delivery = Arc::new(Delivery::new(
-        Store::Postgres(s),
-        HeapClient::new(&heap.uri(), Duration::from_secs(30)).expect("client"),
-        config,
-        RateLimiter::new(600, 60),
-        Arc::new(Metrics::new()),
-        clock.clone(),
-    ));
+    let delivery = delivery_with(s, &heap.uri(), config, RateLimiter::new(600, 60), clock.clone());
     let worker = Worker::new(delivery, "w-0".into());
     let started = Instant::now();
 
@@ -477,14 +474,8 @@ async fn under_a_binding_shared_app_budget_a_backlog_goes_in_about_one_call_a_se
     let heap = heap_answering(200, Duration::ZERO).await;
     let s = pg_store(&schema).await;
     s.append(body("budget", 2_000)).await.expect("append");
-    let delivery = Arc::new(Delivery::new(
-        Store::Postgres(s),
-        HeapClient::new(&heap.uri(), Duration::from_secs(30)).expect("client"),
-        DeliveryConfig::default(),
-        RateLimiter::new(600, 0),
-        Arc::new(Metrics::new()),
-        Default::default(),
-    ));
+    let delivery =
+        delivery_with(s, &heap.uri(), DeliveryConfig::default(), RateLimiter::new(600, 0), Default::default());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(Worker::new(delivery, "w-0".into()).run(stopped));
     // The bucket starts full: 600 go at once; then it refills at ten events a second.
