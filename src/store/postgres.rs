@@ -26,6 +26,8 @@ mod log;
 mod parts;
 pub mod tls;
 mod writer;
+/// The advisory lock an expanding transaction holds shared (for tests that stand in for one).
+pub use writer::EXPANDING_LOCK;
 
 use super::*;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -329,10 +331,23 @@ impl PgStore {
 
     /// Writes the rows of stored bodies that are not event rows yet (the ingest commit leaves them to this), at
     /// most `CATCH_UP_BATCHES` transactions of them: every read of the queue and the views starts here, so they
-    /// see what was appended (bodies another transaction is writing at that moment are skipped, and seen a moment
-    /// later).
+    /// see what was appended. Bodies another transaction is writing at that moment are waited for (a read right
+    /// after an append would otherwise miss its events while a claim on another connection writes them), and
+    /// written here if that transaction gave them back unwritten.
     pub(crate) async fn caught_up(&self) -> Result<(), StoreError> {
-        catch_up(&mut self.pool.get().await?).await
+        let mut client = self.pool.get().await?;
+        catch_up(&mut client).await?;
+        // Every expanding transaction holds the schema's expansion lock shared (`writer::expand`): taking it
+        // exclusively waits for those in flight. Then write what they gave back unwritten, if anything.
+        let tx = client.transaction().await?;
+        tx.execute(
+            &tx.prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))").await?,
+            &[&writer::EXPANDING_LOCK],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.commit().await.map_err(pg_err)?;
+        catch_up(&mut client).await
     }
 
     /// Up to `limit` ready events (oldest first) of the partitions `owner` holds (taking or giving back

@@ -518,6 +518,32 @@ async fn a_stored_body_whose_rows_cannot_be_read_is_held_for_a_rerender_not_lost
     assert_eq!(body_kept, 1, "its raw body is kept");
 }
 
+/// A read right after an append sees its events even while another connection (a claim) is writing them: it waits
+/// for that transaction, and writes them itself if it gave them back unwritten.
+#[tokio::test]
+async fn a_read_waits_for_the_rows_another_connection_is_writing_instead_of_missing_them() {
+    let schema = TestSchema::create().await;
+    let s = pg_store(&schema).await;
+    s.append(body("busy", 1)).await.expect("append");
+    let expander = connect().await;
+    expander
+        .batch_execute(&format!(
+            "SET search_path = {}; BEGIN; SELECT pg_advisory_xact_lock_shared({}, hashtext(current_schema()));
+             SELECT id FROM raw_bodies WHERE items IS NOT NULL FOR UPDATE",
+            schema.name,
+            heap_relay::store::postgres::EXPANDING_LOCK
+        ))
+        .await
+        .expect("lock the body as an expanding claim does");
+    let reader = s.clone();
+    let mut stats = tokio::spawn(async move { reader.stats().await.expect("stats") });
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut stats).await;
+    assert!(early.is_err(), "the read answered while the body's rows were being written: {early:?}");
+    expander.batch_execute("ROLLBACK").await.expect("give the body back unwritten");
+    let stats = tokio::time::timeout(Duration::from_secs(10), stats).await.expect("the read goes on").expect("task");
+    assert_eq!(stats.ready_or_waiting, 1, "the read wrote the rows the other connection gave back");
+}
+
 #[tokio::test]
 async fn a_lease_is_renewed_while_a_slow_send_is_in_flight_so_no_other_instance_takes_it_over() {
     let schema = TestSchema::create().await;

@@ -391,12 +391,21 @@ impl Deferred {
 /// Bodies expanded per transaction.
 pub(super) const EXPAND_BATCH: i64 = 256;
 
+/// First key of the advisory lock each expanding transaction holds shared (the second is the schema's name hashed),
+/// so that a read can wait for the expansions in flight (`PgStore::caught_up`) without locking any row.
+pub const EXPANDING_LOCK: i32 = 0x6872_6578; // "hrex"
+
 /// Writes the deferred rows of stored bodies as event rows: those of `only`, or the oldest `EXPAND_BATCH` bodies
 /// no other transaction is expanding (`SKIP LOCKED`). Returns how many bodies it expanded.
 pub(super) async fn expand(
     tx: &deadpool_postgres::Transaction<'_>,
     only: Option<&[i64]>,
 ) -> Result<usize, tokio_postgres::Error> {
+    tx.execute(
+        &tx.prepare_cached("SELECT pg_advisory_xact_lock_shared($1, hashtext(current_schema()))").await?,
+        &[&EXPANDING_LOCK],
+    )
+    .await?;
     let rows = match only {
         Some(ids) => {
             tx.query(
