@@ -281,16 +281,17 @@ impl Worker {
         if claimed.is_empty() {
             return Ok(out);
         }
-        if in_claim && app_rate > 0 && (claimed.len() as i64) < limit {
-            // A second's worth, or a full call's, whichever is less.
-            let want = (d.config.max_batch as f64).min(f64::from(app_rate) / 60.0).max(1.0);
-            let apps: std::collections::HashSet<&str> = claimed.iter().map(|c| c.app_id.as_str()).collect();
-            out.budget_wait = apps.into_iter().filter_map(|a| d.limiter.app_refill_wait(a, want, now)).min();
-        }
-        if let Some(caps) = &pg_caps
-            && (claimed.len() as i64) < limit
-        {
-            out.budget_wait = shared_budget_wait(&claimed, caps, app_rate, d.config.max_batch);
+        if app_rate > 0 && (claimed.len() as i64) < limit {
+            // The claim ran short: if an app budget is what cut it, wait until that budget holds a batch.
+            let want = batch_worth(d.config.max_batch, app_rate);
+            out.budget_wait = match &pg_caps {
+                Some(caps) => shared_budget_wait(&claimed, caps, want, app_rate),
+                None if in_claim => {
+                    let apps: std::collections::HashSet<&str> = claimed.iter().map(|c| c.app_id.as_str()).collect();
+                    apps.into_iter().filter_map(|a| d.limiter.app_refill_wait(a, want, now)).min()
+                }
+                None => None,
+            };
         }
         let mut records = Vec::with_capacity(claimed.len());
         let mut go = Vec::with_capacity(claimed.len());
@@ -526,12 +527,18 @@ struct SharedCaps {
     others: Option<i64>,
 }
 
-/// How long a worker on PostgreSQL waits after a claim that the shared app budgets bound: until an app_id whose
-/// claim took all its budget held holds a batch again (a second's worth, or a full call's, whichever is less), so
-/// a backlog held by the budget goes in about one call a second instead of a few events every round. `None` when
-/// no app_id's budget bound the claim (its queue ran dry first). Other instances take from the same buckets, so
-/// this is the earliest the budget can hold a batch; the next round reads the buckets again.
-fn shared_budget_wait(claimed: &[Claimed], held: &SharedCaps, app_per_min: u32, max_batch: usize) -> Option<Duration> {
+/// The batch a worker waits for once an app budget has cut its claim short: a second's worth of the budget, or a
+/// full call's, whichever is less.
+fn batch_worth(max_batch: usize, app_per_min: u32) -> f64 {
+    (max_batch as f64).min(f64::from(app_per_min) / 60.0).max(1.0)
+}
+
+/// How long a worker on PostgreSQL waits after a claim that the shared app budgets bound: until `want` events'
+/// worth have come back to a bucket whose claim took all it held, so a backlog held by the budget goes in about one
+/// call a second instead of a few events every round. `None` when no app_id's budget bound the claim (its queue ran
+/// dry first). Other instances take from the same buckets, so this is the earliest the budget can hold a batch; the
+/// next round reads the buckets again.
+fn shared_budget_wait(claimed: &[Claimed], held: &SharedCaps, want: f64, app_per_min: u32) -> Option<Duration> {
     if app_per_min == 0 {
         return None;
     }
@@ -543,7 +550,6 @@ fn shared_budget_wait(claimed: &[Claimed], held: &SharedCaps, app_per_min: u32, 
         let cap = held.caps.iter().find(|(a, _)| a == app).map(|(_, cap)| *cap).or(held.others);
         cap.is_some_and(|cap| *n >= cap)
     });
-    let want = (max_batch as f64).min(f64::from(app_per_min) / 60.0).max(1.0);
     bound.then(|| Duration::from_secs_f64(want * 60.0 / f64::from(app_per_min)))
 }
 
@@ -574,14 +580,15 @@ mod tests {
     fn a_claim_that_took_all_an_app_budget_held_waits_for_a_batch_and_one_that_ran_dry_does_not() {
         let held = SharedCaps { caps: vec![("1".to_owned(), 3)], others: Some(600) };
         // 600 a minute: a second's worth (10 events) refills in one second.
-        let bound = shared_budget_wait(&claimed(&["1", "1", "1"]), &held, 600, 1_000);
+        let second = batch_worth(1_000, 600);
+        let bound = shared_budget_wait(&claimed(&["1", "1", "1"]), &held, second, 600);
         assert_eq!(bound, Some(Duration::from_secs(1)));
-        assert_eq!(shared_budget_wait(&claimed(&["1", "1"]), &held, 600, 1_000), None, "the queue ran dry");
+        assert_eq!(shared_budget_wait(&claimed(&["1", "1"]), &held, second, 600), None, "the queue ran dry");
         // An app_id with no bucket yet had a full one; a claim of all of it is bound too.
-        assert_eq!(shared_budget_wait(&claimed(&["2"; 600]), &held, 600, 1_000), bound);
-        assert_eq!(shared_budget_wait(&claimed(&["1"; 3]), &held, 0, 1_000), None, "no app budget");
+        assert_eq!(shared_budget_wait(&claimed(&["2"; 600]), &held, second, 600), bound);
+        assert_eq!(shared_budget_wait(&claimed(&["1"; 3]), &held, batch_worth(1_000, 0), 0), None, "no app budget");
         // A full call's worth when that is less than a second's: 60,000 a minute, batches of 100, 0.1 s.
-        let fast = shared_budget_wait(&claimed(&["1"; 3]), &held, 60_000, 100);
+        let fast = shared_budget_wait(&claimed(&["1"; 3]), &held, batch_worth(100, 60_000), 60_000);
         assert_eq!(fast, Some(Duration::from_millis(100)));
     }
 }
