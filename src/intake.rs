@@ -168,9 +168,7 @@ fn retry_key(route: &Route, body: &[u8]) -> Option<String> {
 
 /// Puts the store's answer into the summary: the final event ids, and what was a retry.
 fn answer_with(summary: &mut Summary, appended: Appended) {
-    if appended.event_ids.len() == summary.event_ids.len() {
-        summary.event_ids = appended.event_ids;
-    }
+    summary.event_ids = appended.event_ids;
     summary.duplicate = appended.duplicate;
     summary.duplicates = appended.duplicates;
 }
@@ -187,7 +185,8 @@ pub fn to_rows(
         .accepted
         .iter()
         .map(|a| NewEvent {
-            event_id: uuid::Uuid::now_v7().to_string(),
+            // Assigned by the store (SQLite derives it from the log entry, PostgreSQL makes a uuid).
+            event_id: String::new(),
             item_index: a.index as i64,
             kind: a.call.kind(),
             app_id: a.call.app_id().as_str().to_owned(),
@@ -214,7 +213,7 @@ pub fn to_rows(
         .rejected
         .iter()
         .map(|r| NewRejection {
-            event_id: uuid::Uuid::now_v7().to_string(),
+            event_id: String::new(),
             item_index: r.index as i64,
             field: r.field.clone(),
             message: r.message.clone(),
@@ -223,7 +222,8 @@ pub fn to_rows(
     let summary = Summary {
         items: outcome.items,
         accepted: events.len(),
-        event_ids: events.iter().map(|e| e.event_id.clone()).collect(),
+        // The store's answer fills them in (`answer_with`).
+        event_ids: Vec::new(),
         rejected: outcome.rejected,
         ignored: outcome.ignored,
         template: outcome.template.clone(),

@@ -72,6 +72,8 @@ impl Status {
 /// One event to store, already validated and serialised as the element of Heap's bulk array.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
+    /// The id operators and the 202 see; empty: the store assigns it (SQLite from the log entry, PostgreSQL a uuid
+    /// v7), and `Appended::event_ids` says it.
     pub event_id: String,
     pub item_index: i64,
     pub kind: CallKind,
@@ -87,6 +89,7 @@ pub struct NewEvent {
 /// An item refused at ingest, logged so the operator can find it and a re-render can repair it.
 #[derive(Debug, Clone)]
 pub struct NewRejection {
+    /// As `NewEvent::event_id`.
     pub event_id: String,
     pub item_index: i64,
     pub field: String,

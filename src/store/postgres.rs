@@ -323,7 +323,12 @@ impl PgStore {
     }
 
     /// Writes a body and everything rendered from it, durably, in one transaction (shared with concurrent appends).
-    pub async fn append(&self, ingested: Ingested) -> Result<Appended, StoreError> {
+    pub async fn append(&self, mut ingested: Ingested) -> Result<Appended, StoreError> {
+        // Ids this store makes: uuid v7 (time-ordered, so the unique index on them is appended to, not scattered).
+        let ids = ingested.events.iter_mut().map(|e| &mut e.event_id);
+        for id in ids.chain(ingested.rejections.iter_mut().map(|r| &mut r.event_id)).filter(|id| id.is_empty()) {
+            *id = uuid::Uuid::now_v7().to_string();
+        }
         let (reply, rx) = oneshot::channel();
         self.appends.send(PendingAppend { ingested, reply }).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
