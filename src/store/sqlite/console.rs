@@ -419,7 +419,7 @@ fn indexed_page(st: &State, f: &EventFilter, kind: Kind, value: &str) -> Result<
     };
     let mut rows = 0;
     // The span the rows below the cursor start in (the newest indexed one for the first page).
-    let mut span = if below == i64::MAX { upto >> finder::SPAN_BITS } else { finder::span_of(below) };
+    let mut span = if below == i64::MAX { finder::span_of_entry(upto) } else { finder::span_of(below) };
     // The entry of the ids being looked at, with its own rows (read once per entry, not per id).
     let mut entry: Option<(LogEntry, HashMap<i64, OwnRow>)> = None;
     while rows < SCAN_ENTRIES {

@@ -39,11 +39,16 @@ INSERT OR IGNORE INTO finder_span_progress (id, upto) VALUES (0, 0);
 ";
 
 /// A span is 2^SPAN_BITS log entries.
-pub const SPAN_BITS: u32 = 14;
+const SPAN_BITS: u32 = 14;
+
+/// The span of a log entry.
+pub fn span_of_entry(seq: i64) -> i64 {
+    seq >> SPAN_BITS
+}
 
 /// The span of an event number.
 pub fn span_of(id: i64) -> i64 {
-    unpack(id).0 >> SPAN_BITS
+    span_of_entry(unpack(id).0)
 }
 
 /// A books file last opened by a version before spans has its index keyed by the hash alone (`finder`): it is
@@ -102,7 +107,7 @@ pub fn hash(kind: Kind, value: &str) -> i64 {
 
 /// The rows of one log entry (span, hash, event number): its template once, then each event's identity and key.
 fn rows(seq: i64, template: &str, items: &[codec::StoredItem]) -> Vec<(i64, i64, i64)> {
-    let span = seq >> SPAN_BITS;
+    let span = span_of_entry(seq);
     let mut out = vec![(span, hash(Kind::Template, template), pack(seq, 0))];
     for (pos, item) in items.iter().enumerate() {
         if let Some(ev) = &item.event {
