@@ -285,7 +285,7 @@ fn spawn_minimal_pg_writer(workers: usize, url: &str) -> (String, ServerHandle) 
             }
         })
     });
-    let (port, handle) = servers::spawn_commit_front(workers, tx);
+    let (port, handle) = servers::spawn_commit_front(workers, tx, false);
     (format!("http://127.0.0.1:{port}"), handle)
 }
 

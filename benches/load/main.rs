@@ -8,7 +8,8 @@
 //! Run: `cargo bench --bench load` (see docs/benchmarks.md). Options after `--`: `--secs N` (measured seconds per
 //! phase, default 10), `--scenario NAME` (run one), `--compare PATH` (also measure another relay binary, e.g. an
 //! older build, against the same baseline), `--drain-secs N` (longest wait for delivery after the load, default
-//! 240), `--soak`, `--soak-events N` (default 1,000,000). The relay inherits this process's environment, so
+//! 240), `--soak`, `--soak-events N` (default 1,000,000), `--floor` (bare actix, the minimal durable writer with the whole
+//! body and with 300 bytes, and the relay, twice, interleaved: what durable ingest can reach on this machine). The relay inherits this process's environment, so
 //! `HEAP_RELAY__...` variables set for the bench reach it (the harness's own settings win).
 
 mod bodies;
@@ -19,7 +20,7 @@ mod servers;
 use bodies::{Scenario, clevertap_with, scenarios};
 use client::{Load, LoadResult, drive, probe, wait_for_heap};
 use relay::{Relay, Sampler, cpu_time, mb, rss_kb, write_bytes};
-use servers::{HeapCounters, spawn_actix, spawn_minimal_writer};
+use servers::{HeapCounters, Stored, spawn_actix, spawn_minimal_writer, spawn_minimal_writer_storing};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -113,6 +114,8 @@ struct Args {
     soak_events: u64,
     backlog: bool,
     backlog_events: u64,
+    /// The floors: bare actix, the minimal durable writer with the whole body and with 300 bytes, and the relay.
+    floor: bool,
     /// Another relay binary (an older build) measured in the same run, against the same baseline.
     compare: Option<PathBuf>,
     /// Longest wait for Heap to receive everything after a scenario's load.
@@ -127,6 +130,7 @@ fn args() -> Args {
         soak_events: 1_000_000,
         backlog: false,
         backlog_events: 1_000_000,
+        floor: false,
         compare: None,
         drain_secs: DRAIN_DEADLINE_SECS,
     };
@@ -157,6 +161,7 @@ fn args() -> Args {
             }
             "--soak" => a.soak = true,
             "--backlog" => a.backlog = true,
+            "--floor" => a.floor = true,
             "--backlog-events" => {
                 a.backlog_events = next.and_then(|v| v.parse().ok()).expect("--backlog-events N");
                 i += 1;
@@ -183,7 +188,9 @@ fn main() {
         cpus,
         env!("CARGO_BIN_EXE_heap-relay")
     );
-    if a.backlog {
+    if a.floor {
+        floor(&rt, heap_port, Duration::from_secs(a.secs));
+    } else if a.backlog {
         backlog(&rt, &heap, heap_port, Duration::from_secs(a.secs), a.backlog_events);
     } else if a.soak {
         // The shipped config first (its rate budgets deliver 250 events/s, so the drain is cut short and what is left
@@ -289,6 +296,78 @@ fn within_budget(heap: &HeapCounters, since: Instant) -> bool {
 
 /// Ingest and idle cost with a backlog held back by the shipped budgets, then delivery of it with the budgets off.
 /// Every figure is printed beside its same-run reference.
+/// What durable ingest can reach on this machine at all, in one run: bare actix, the minimal durable writer storing
+/// the whole 2-profile body and storing 300 bytes of it (the two references), then the relay, each driven
+/// the same way. Each is measured twice, interleaved, so that a drift of the machine shows as a spread.
+fn floor(rt: &tokio::runtime::Runtime, heap_port: u16, secs: Duration) {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_heap-relay"));
+    let small = serde_json::to_vec(&clevertap_with(2)).expect("serialises");
+    let load = Load { duration: secs, max_requests: MAX_REQUESTS_PER_PHASE, per_connection_interval: None };
+    let warm = Load { duration: WARMUP, ..load };
+    let drive_url = |url: &str| {
+        rt.block_on(async {
+            drive(url, &small, 202, warm).await;
+            drive(url, &small, 202, load).await
+        })
+    };
+    let names = [
+        "bare actix, answers 202",
+        "minimal durable writer, whole body",
+        "minimal durable writer, 300 bytes of the body",
+        "minimal durable writer, body parsed and stored zstd-compressed (the relay's raw body, nothing rendered)",
+        "heap-relay, shipped config",
+    ];
+    let mut results: Vec<Vec<LoadResult>> = vec![Vec::new(); names.len()];
+    for round in 0..2 {
+        for (i, name) in names.iter().enumerate() {
+            eprintln!("[floor] {name}, round {} ({} s) ...", round + 1, secs.as_secs());
+            let scratch = tempfile::Builder::new()
+                .prefix("minimal-writer-")
+                .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+                .expect("temp dir");
+            let r = match i {
+                0 => {
+                    let (port, handle) = spawn_actix(cpus(), None);
+                    let r = drive_url(&format!("http://127.0.0.1:{port}/hooks/clevertap"));
+                    rt.block_on(handle.stop(false));
+                    r
+                }
+                1..=3 => {
+                    let stored = [Stored::Whole, Stored::First(300), Stored::ParsedCompressed][i - 1];
+                    let (port, handle) = spawn_minimal_writer_storing(cpus(), scratch.path(), stored);
+                    let r = drive_url(&format!("http://127.0.0.1:{port}/hooks/clevertap"));
+                    rt.block_on(handle.stop(false));
+                    r
+                }
+                _ => {
+                    let relay = Relay::start(&bin, heap_port, &[]);
+                    let r = drive_url(&relay.url("/hooks/clevertap"));
+                    relay.stop();
+                    r
+                }
+            };
+            results[i].push(r);
+        }
+    }
+    println!();
+    println!(
+        "| server (2-profile CleverTap body, fresh identities) | req/s, round 1 / 2 | p99 ms, round 1 / 2 | ratio to bare actix of the same round |"
+    );
+    println!("|---|---|---|---|");
+    for (i, name) in names.iter().enumerate() {
+        let r = &results[i];
+        println!(
+            "| {name} | {:.0} / {:.0} | {:.1} / {:.1} | {:.3} / {:.3} |",
+            r[0].rps(),
+            r[1].rps(),
+            r[0].ms(0.99),
+            r[1].ms(0.99),
+            r[0].rps() / results[0][0].rps(),
+            r[1].rps() / results[0][1].rps()
+        );
+    }
+}
+
 fn backlog(rt: &tokio::runtime::Runtime, heap: &Arc<HeapCounters>, heap_port: u16, secs: Duration, events: u64) {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_heap-relay"));
     let small = serde_json::to_vec(&clevertap_with(2)).expect("serialises");

@@ -99,6 +99,27 @@ pub type Pending = (web::Bytes, tokio::sync::oneshot::Sender<bool>);
 /// waiting body to one table in one transaction (group commit), and the 202 follows the commit. What any durable
 /// relay on this machine's disk costs at least; the relay does this plus parsing, rendering and validation.
 pub fn spawn_minimal_writer(workers: usize, dir: &std::path::Path) -> (u16, actix_web::dev::ServerHandle) {
+    spawn_minimal_writer_storing(workers, dir, Stored::Whole)
+}
+
+/// What a minimal writer stores of each body.
+#[derive(Clone, Copy, Debug)]
+pub enum Stored {
+    /// The body as received.
+    Whole,
+    /// Only its first bytes: the "300 bytes instead of the whole body" reference, the floor for a durable
+    /// writer that stores next to nothing per request.
+    First(usize),
+    /// The body parsed as JSON (answered 400 when it is not) and stored zstd-compressed at the relay's level, on
+    /// the HTTP workers: the least a relay that keeps each raw body compressed does, before any rendering.
+    ParsedCompressed,
+}
+
+pub fn spawn_minimal_writer_storing(
+    workers: usize,
+    dir: &std::path::Path,
+    stored: Stored,
+) -> (u16, actix_web::dev::ServerHandle) {
     let conn = rusqlite::Connection::open(dir.join("minimal.db")).expect("open");
     conn.pragma_update(None, "journal_mode", "WAL").expect("wal");
     conn.pragma_update(None, "synchronous", "FULL").expect("full");
@@ -116,7 +137,11 @@ pub fn spawn_minimal_writer(workers: usize, dir: &std::path::Path) -> (u16, acti
             {
                 let mut ins = t.prepare_cached("INSERT INTO bodies (body) VALUES (?1)").expect("prepare");
                 for (body, _) in &group {
-                    ins.execute([body.as_ref()]).expect("insert");
+                    let keep = match stored {
+                        Stored::First(n) => n.min(body.len()),
+                        Stored::Whole | Stored::ParsedCompressed => body.len(),
+                    };
+                    ins.execute([&body[..keep]]).expect("insert");
                 }
             }
             let ok = t.commit().is_ok();
@@ -125,14 +150,17 @@ pub fn spawn_minimal_writer(workers: usize, dir: &std::path::Path) -> (u16, acti
             }
         }
     });
-    spawn_commit_front(workers, tx)
+    spawn_commit_front(workers, tx, matches!(stored, Stored::ParsedCompressed))
 }
 
 /// The HTTP side of a durable reference server: reads each body, hands it to the writer behind `tx` with a reply
 /// channel, and answers 202 once the writer says its commit holds the body (503 if it failed or is gone).
+/// With `parse_and_compress`, each body is parsed as JSON (400 when it is not) and handed to the writer
+/// zstd-compressed, that work done on the HTTP workers as the relay does it.
 pub fn spawn_commit_front(
     workers: usize,
     tx: std::sync::mpsc::SyncSender<Pending>,
+    parse_and_compress: bool,
 ) -> (u16, actix_web::dev::ServerHandle) {
     let (ptx, prx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -142,7 +170,18 @@ pub fn spawn_commit_front(
             let data = web::Data::new(tx);
             let server = HttpServer::new(move || {
                 App::new().app_data(data.clone()).app_data(web::PayloadConfig::new(5 << 20)).default_service(web::to(
-                    |body: web::Bytes, w: web::Data<std::sync::mpsc::SyncSender<Pending>>| async move {
+                    move |body: web::Bytes, w: web::Data<std::sync::mpsc::SyncSender<Pending>>| async move {
+                        let body = if parse_and_compress {
+                            if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+                                return HttpResponse::BadRequest().finish();
+                            }
+                            match zstd::bulk::compress(&body, -1) {
+                                Ok(z) => web::Bytes::from(z),
+                                Err(_) => return HttpResponse::InternalServerError().finish(),
+                            }
+                        } else {
+                            body
+                        };
                         let (reply, done) = tokio::sync::oneshot::channel();
                         if w.send((body, reply)).is_err() {
                             return HttpResponse::ServiceUnavailable().finish();
