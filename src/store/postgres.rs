@@ -167,7 +167,25 @@ async fn migrated(client: &tokio_postgres::Client) -> Result<bool, tokio_postgre
         )
         .await?
         .get(0);
-    Ok(found == RELATIONS.len() as i64 && columns == 5 && lz4_pending(client).await?.is_empty())
+    Ok(found == RELATIONS.len() as i64 && columns == 5)
+}
+
+/// Sets lz4 on the columns `lz4_pending` names. Best effort: a role that does not own the tables, or a lock held
+/// by a long transaction (the ALTER waits at most `lock_timeout`), leaves them on pglz with a warning, and the next
+/// start tries again; the relay works the same either way, only PostgreSQL spends more CPU.
+async fn use_lz4(client: &deadpool_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    for (table, column) in lz4_pending(&***client).await? {
+        let sql = format!(
+            "SET lock_timeout = '2s'; ALTER TABLE {table} ALTER COLUMN {column} SET COMPRESSION lz4; RESET lock_timeout"
+        );
+        if let Err(e) = client.batch_execute(&sql).await {
+            let _ = client.batch_execute("RESET lock_timeout").await;
+            tracing::warn!(table, column, error = %e,
+                "cannot set lz4 compression (PostgreSQL keeps pglz, which costs more CPU); the next start tries again");
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// The columns whose values PostgreSQL compresses itself (TOAST, above about 2 KB a row) and that should use lz4 but
@@ -315,18 +333,20 @@ impl PgStore {
         let schema: Option<String> =
             client.query_one(&client.prepare_cached("SELECT current_schema()::text").await?, &[]).await?.get(0);
         let schema = schema.ok_or_else(|| {
-            StoreError::Config("the connection's search_path names no existing schema; create it first".into())
+            StoreError::Config(
+                "the connection's search_path names no existing schema this role may use: create it first, or grant \
+                 the role USAGE on it (GRANT USAGE ON SCHEMA <schema> TO <role>)"
+                    .into(),
+            )
         })?;
         if !migrated(&client).await? {
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
             tx.batch_execute(SCHEMA).await?;
             tx.batch_execute(parts::SCHEMA).await?;
-            for (table, column) in lz4_pending(&*tx).await? {
-                tx.batch_execute(&format!("ALTER TABLE {table} ALTER COLUMN {column} SET COMPRESSION lz4")).await?;
-            }
             tx.commit().await?;
         }
+        use_lz4(&client).await?;
         drop(client);
         let channel: Arc<str> = channel_for(&schema).into();
         let (appends, rx) = mpsc::channel(4096);

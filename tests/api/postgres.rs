@@ -734,6 +734,48 @@ async fn stored_bodies_are_compressed_by_postgresql_with_lz4_not_pglz() {
     assert_eq!(stats.ready_or_waiting, 4, "the rows kept with the bodies read back");
 }
 
+/// Setting lz4 needs the tables' owner. A role that may only read and write them (a schema a DBA migrated) still
+/// starts, and its bodies are stored and queued; PostgreSQL keeps pglz for them.
+#[tokio::test]
+async fn a_role_that_does_not_own_the_tables_still_starts_when_it_cannot_set_lz4() {
+    let schema = TestSchema::create().await;
+    drop(pg_store(&schema).await);
+    schema.execute("ALTER TABLE raw_bodies ALTER COLUMN body SET COMPRESSION pglz").await;
+    let role = format!("r_{}", uuid::Uuid::now_v7().simple());
+    let admin = connect().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA {s} TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {role};
+             GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {s} TO {role}",
+            s = schema.name
+        ))
+        .await
+        .expect("a role with rights on the rows only");
+    let url = schema.url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let opened = PgStore::open(&url, PgOptions { max_bytes: 0, pool_size: 2, dedupe_window_ms: 60_000 }).await;
+    let result = match opened {
+        Ok(s) => {
+            let appended = s.append(body("not-owner", 2)).await;
+            let stats = s.stats().await;
+            drop(s);
+            Ok((appended.is_ok(), stats.map(|st| st.ready_or_waiting)))
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    admin.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.expect("drop the role");
+    let (appended, queued) = result.expect("a role that cannot set lz4 still opens the store");
+    assert!(appended, "its bodies are stored");
+    assert_eq!(queued.expect("stats"), 2, "and their events queued");
+    let pglz = schema
+        .query_i64(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'raw_bodies'::regclass AND attname = 'body'
+             AND attcompression = 'p'",
+        )
+        .await;
+    assert_eq!(pglz, 1, "the column it could not change keeps pglz");
+}
+
 #[tokio::test]
 async fn an_instance_or_cli_opening_a_busy_schema_does_not_queue_behind_open_write_transactions() {
     let schema = TestSchema::create().await;
