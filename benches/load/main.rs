@@ -8,8 +8,9 @@
 //! Run: `cargo bench --bench load` (see docs/benchmarks.md). Options after `--`: `--secs N` (measured seconds per
 //! phase, default 10), `--scenario NAME` (run one), `--compare PATH` (also measure another relay binary, e.g. an
 //! older build, against the same baseline), `--drain-secs N` (longest wait for delivery after the load, default
-//! 240), `--soak`, `--soak-events N` (default 1,000,000), `--floor` (bare actix, the minimal durable writer with the whole
-//! body and with 300 bytes, and the relay, twice, interleaved: what durable ingest can reach on this machine). The relay inherits this process's environment, so
+//! 240), `--soak`, `--soak-events N` (default 1,000,000), `--floor` (what durable ingest can reach on this machine:
+//! bare actix, the minimal durable writer storing the whole body, 300 bytes of it, and the body parsed and
+//! compressed, then the relay; twice, interleaved). The relay inherits this process's environment, so
 //! `HEAP_RELAY__...` variables set for the bench reach it (the harness's own settings win).
 
 mod bodies;
@@ -114,7 +115,7 @@ struct Args {
     soak_events: u64,
     backlog: bool,
     backlog_events: u64,
-    /// The floors: bare actix, the minimal durable writer with the whole body and with 300 bytes, and the relay.
+    /// The floors: bare actix and three minimal durable writers beside the relay (`floor`).
     floor: bool,
     /// Another relay binary (an older build) measured in the same run, against the same baseline.
     compare: Option<PathBuf>,
@@ -294,11 +295,10 @@ fn within_budget(heap: &HeapCounters, since: Instant) -> bool {
     heap.events.load(Ordering::SeqCst) as f64 <= allowed
 }
 
-/// Ingest and idle cost with a backlog held back by the shipped budgets, then delivery of it with the budgets off.
-/// Every figure is printed beside its same-run reference.
-/// What durable ingest can reach on this machine at all, in one run: bare actix, the minimal durable writer storing
-/// the whole 2-profile body and storing 300 bytes of it (the two references), then the relay, each driven
-/// the same way. Each is measured twice, interleaved, so that a drift of the machine shows as a spread.
+/// What durable ingest can reach on this machine at all, in one run: bare actix; the minimal durable writer storing
+/// the whole 2-profile body, 300 bytes of it (the two references), and the body parsed and zstd-compressed
+/// (the least the ingest log stores); then the relay, each driven the same way. Each is measured twice,
+/// interleaved, so that a drift of the machine shows as a spread.
 fn floor(rt: &tokio::runtime::Runtime, heap_port: u16, secs: Duration) {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_heap-relay"));
     let small = serde_json::to_vec(&clevertap_with(2)).expect("serialises");
@@ -321,10 +321,6 @@ fn floor(rt: &tokio::runtime::Runtime, heap_port: u16, secs: Duration) {
     for round in 0..2 {
         for (i, name) in names.iter().enumerate() {
             eprintln!("[floor] {name}, round {} ({} s) ...", round + 1, secs.as_secs());
-            let scratch = tempfile::Builder::new()
-                .prefix("minimal-writer-")
-                .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-                .expect("temp dir");
             let r = match i {
                 0 => {
                     let (port, handle) = spawn_actix(cpus(), None);
@@ -333,6 +329,10 @@ fn floor(rt: &tokio::runtime::Runtime, heap_port: u16, secs: Duration) {
                     r
                 }
                 1..=3 => {
+                    let scratch = tempfile::Builder::new()
+                        .prefix("minimal-writer-")
+                        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+                        .expect("temp dir");
                     let stored = [Stored::Whole, Stored::First(300), Stored::ParsedCompressed][i - 1];
                     let (port, handle) = spawn_minimal_writer_storing(cpus(), scratch.path(), stored);
                     let r = drive_url(&format!("http://127.0.0.1:{port}/hooks/clevertap"));
@@ -368,6 +368,8 @@ fn floor(rt: &tokio::runtime::Runtime, heap_port: u16, secs: Duration) {
     }
 }
 
+/// Ingest and idle cost with a backlog held back by the shipped budgets, then delivery of it with the budgets off.
+/// Every figure is printed beside its same-run reference.
 fn backlog(rt: &tokio::runtime::Runtime, heap: &Arc<HeapCounters>, heap_port: u16, secs: Duration, events: u64) {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_heap-relay"));
     let small = serde_json::to_vec(&clevertap_with(2)).expect("serialises");

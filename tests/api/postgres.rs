@@ -697,8 +697,8 @@ async fn the_admin_api_and_the_cli_list_and_replay_events_on_postgres_as_on_sqli
 
 /// PostgreSQL compresses the raw body and the rows kept with it (a 2-profile CleverTap body makes a row above its
 /// 2 KB TOAST threshold) with lz4, not with pglz, its default (14% of the server's CPU under ingest). A schema
-/// migrated before this gets lz4 at the next start. Skipped in substance only where the server has no lz4 (it is in
-/// every PostgreSQL 14+ package on Debian; the test server here has it, and the test says so if not).
+/// migrated before this gets lz4 at the next start. The test server must have lz4 (every PostgreSQL 14+ package on
+/// Debian does); the test says so if it has not.
 #[tokio::test]
 async fn stored_bodies_are_compressed_by_postgresql_with_lz4_not_pglz() {
     let schema = TestSchema::create().await;
@@ -723,13 +723,13 @@ async fn stored_bodies_are_compressed_by_postgresql_with_lz4_not_pglz() {
     let s = pg_store(&schema).await;
     s.append(long_body("second")).await.expect("append");
     assert_eq!(schema.query_i64(&compressed("body")).await, 2, "the next start sets lz4 again");
-    let pglz = schema
+    let lz4_columns = schema
         .query_i64(
             "SELECT count(*) FROM pg_attribute WHERE attrelid = 'raw_bodies'::regclass
              AND attname IN ('body', 'items') AND attcompression = 'l'",
         )
         .await;
-    assert_eq!(pglz, 2, "both columns use lz4");
+    assert_eq!(lz4_columns, 2, "both columns use lz4");
     let stats = s.stats().await.expect("stats");
     assert_eq!(stats.ready_or_waiting, 4, "the rows kept with the bodies read back");
 }
