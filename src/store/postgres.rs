@@ -173,8 +173,8 @@ async fn migrated(client: &tokio_postgres::Client) -> Result<bool, tokio_postgre
 /// Sets lz4 on the columns `lz4_pending` names. Best effort: a role that does not own the tables, or a lock held
 /// by a long transaction (the ALTER waits at most `lock_timeout`), leaves them on pglz with a warning, and the next
 /// start tries again; the relay works the same either way, only PostgreSQL spends more CPU.
-async fn use_lz4(client: &deadpool_postgres::Client) -> Result<(), tokio_postgres::Error> {
-    for (table, column) in lz4_pending(&***client).await? {
+async fn use_lz4(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    for (table, column) in lz4_pending(client).await? {
         let sql = format!(
             "SET lock_timeout = '2s'; ALTER TABLE {table} ALTER COLUMN {column} SET COMPRESSION lz4; RESET lock_timeout"
         );
@@ -193,9 +193,7 @@ async fn use_lz4(client: &deadpool_postgres::Client) -> Result<(), tokio_postgre
 /// under ingest (`perf record -a`); lz4 does the same job for a fraction of it. Empty when the server cannot (before
 /// PostgreSQL 14, or built without lz4): then the columns keep the default. Only new values are written with it;
 /// PostgreSQL reads either kind transparently, so an older relay reads a database this one wrote.
-async fn lz4_pending(
-    client: &impl tokio_postgres::GenericClient,
-) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+async fn lz4_pending(client: &tokio_postgres::Client) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
     let supported: bool = client
         .query_one(
             "SELECT coalesce((SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'),

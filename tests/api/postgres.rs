@@ -335,9 +335,12 @@ fn delivery_with(
 }
 
 async fn pg_store(schema: &TestSchema) -> PgStore {
-    PgStore::open(&schema.url, PgOptions { max_bytes: 0, pool_size: 4, dedupe_window_ms: 60_000 })
-        .await
-        .expect("postgres opens")
+    pg_store_at(&schema.url).await.expect("postgres opens")
+}
+
+/// A store on `url` with the tests' options.
+async fn pg_store_at(url: &str) -> Result<PgStore, heap_relay::store::StoreError> {
+    PgStore::open(url, PgOptions { max_bytes: 0, pool_size: 4, dedupe_window_ms: 60_000 }).await
 }
 
 #[tokio::test]
@@ -753,7 +756,7 @@ async fn a_role_that_does_not_own_the_tables_still_starts_when_it_cannot_set_lz4
         .await
         .expect("a role with rights on the rows only");
     let url = schema.url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
-    let opened = PgStore::open(&url, PgOptions { max_bytes: 0, pool_size: 2, dedupe_window_ms: 60_000 }).await;
+    let opened = pg_store_at(&url).await;
     let result = match opened {
         Ok(s) => {
             let appended = s.append(body("not-owner", 2)).await;
@@ -774,6 +777,34 @@ async fn a_role_that_does_not_own_the_tables_still_starts_when_it_cannot_set_lz4
         )
         .await;
     assert_eq!(pglz, 1, "the column it could not change keeps pglz");
+}
+
+/// Setting lz4 takes a lock on the table; a start that cannot get it (a long transaction reads the table) waits at
+/// most 2 s, then starts on pglz, so an upgrade never hangs behind an open transaction.
+#[tokio::test]
+async fn a_start_that_cannot_lock_a_table_for_lz4_within_two_seconds_starts_on_pglz() {
+    let schema = TestSchema::create().await;
+    drop(pg_store(&schema).await);
+    schema.execute("ALTER TABLE raw_bodies ALTER COLUMN body SET COMPRESSION pglz").await;
+    let reader = connect().await;
+    reader
+        .batch_execute(&format!("SET search_path = {}; BEGIN; SELECT count(*) FROM raw_bodies", schema.name))
+        .await
+        .expect("a transaction that holds a lock on raw_bodies");
+    let started = Instant::now();
+    let opened = tokio::time::timeout(Duration::from_secs(10), pg_store_at(&schema.url)).await;
+    let waited = started.elapsed();
+    reader.batch_execute("ROLLBACK").await.expect("rollback");
+    let store = opened.expect("the start does not wait for the transaction").expect("postgres opens");
+    assert!(waited < Duration::from_secs(8), "it waited {waited:?} for the lock");
+    let pglz = schema
+        .query_i64(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'raw_bodies'::regclass AND attname = 'body'
+             AND attcompression = 'p'",
+        )
+        .await;
+    assert_eq!(pglz, 1, "the column it could not lock keeps pglz until a later start");
+    store.append(body("after", 1)).await.expect("the store works");
 }
 
 #[tokio::test]
